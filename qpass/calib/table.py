@@ -1,0 +1,64 @@
+"""CalibrationTable: tensor name -> observed range, JSON-serialisable so runs can be reproduced."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import CalibrationDataError
+
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class TensorRange:
+    min: float
+    max: float
+    method: str = "minmax"
+    samples: int = 0
+
+    def to_dict(self) -> dict:
+        return {"min": self.min, "max": self.max, "method": self.method, "samples": self.samples}
+
+
+class CalibrationTable:
+    def __init__(self, ranges: dict[str, TensorRange] | None = None, *, samples: int = 0, synthetic: bool = False):
+        self.ranges: dict[str, TensorRange] = dict(ranges or {})
+        self.samples = samples
+        self.synthetic = synthetic
+
+    def get(self, name: str) -> TensorRange | None:
+        return self.ranges.get(name)
+
+    def __len__(self) -> int:
+        return len(self.ranges)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.ranges
+
+    def to_json(self) -> str:
+        return json.dumps({"schema_version": SCHEMA_VERSION, "samples": self.samples, "synthetic": self.synthetic,
+                           "ranges": {k: v.to_dict() for k, v in self.ranges.items()}}, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str, *, source: str = "calibration table") -> "CalibrationTable":
+        try:
+            data = json.loads(text)
+            ranges = {k: TensorRange(float(v["min"]), float(v["max"]), str(v.get("method", "minmax")),
+                                     int(v.get("samples", 0))) for k, v in data["ranges"].items()}
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise CalibrationDataError(f"not a qpass calibration table ({exc})", subject=source) from None
+        return cls(ranges, samples=int(data.get("samples", 0)), synthetic=bool(data.get("synthetic", False)))
+
+    def save(self, path: str | Path) -> None:
+        from ..io import write_text_atomic
+
+        write_text_atomic(path, self.to_json())
+
+    @classmethod
+    def load(cls, path: str | Path) -> "CalibrationTable":
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise CalibrationDataError(f"cannot read ({exc})", subject=str(path)) from None
+        return cls.from_json(text, source=str(path))

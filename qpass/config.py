@@ -1,0 +1,163 @@
+"""QuantConfig: the frozen, validated description of one quantization run, loadable from TOML."""
+from __future__ import annotations
+
+import dataclasses
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 only
+    import tomli as tomllib
+
+FORMATS = ("qdq",)
+METHODS = ("minmax",)
+ACTIVATION_TYPES = ("uint8", "int8")
+WEIGHT_TYPES = ("int8",)
+COMPUTE_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
+#: the lowest opset whose DequantizeLinear has the ``axis`` attribute (per-channel)
+PER_CHANNEL_MIN_OPSET = 13
+#: the lowest opset with QuantizeLinear / DequantizeLinear at all
+QDQ_MIN_OPSET = 10
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Everything that decides what a run writes. Invalid values raise :class:`ConfigError`.
+
+    Attributes:
+        format: output form; ``"qdq"`` writes standard QuantizeLinear/DequantizeLinear pairs.
+        method: calibration method for activation ranges.
+        activation_type: ``"uint8"`` (asymmetric, zero point from the range) or ``"int8"``
+            (symmetric, zero point 0).
+        weight_type: integer type of weights, always symmetric.
+        per_channel: weights get one scale per output channel (needs opset >= 13).
+        op_types: the compute ops whose inputs and weights are quantized.
+        exclude_nodes: node names, or regular expressions matched in full, never quantized.
+        target_opset: upgrade the model to this opset (onnx.version_converter) first.
+        val_fraction: share of the calibration samples held out for validation when no
+            separate validation data is given.
+        max_calib_samples: use at most this many calibration samples.
+        synthetic_calib: allow random calibration data (loudly reported).
+        synthetic_samples: how many random samples to draw then.
+        seed: seed of everything random (synthetic data).
+        min_cosine: if set, a validated output cosine below this fails the run (exit 1).
+        max_val_samples: hold out at most this many samples for validation.
+        external_data: write the weights to a ``.data`` file beside the model.
+        allow_empty: a run that quantizes nothing is not an error.
+    """
+
+    format: str = "qdq"
+    method: str = "minmax"
+    activation_type: str = "uint8"
+    weight_type: str = "int8"
+    per_channel: bool = True
+    op_types: tuple[str, ...] = COMPUTE_OPS
+    exclude_nodes: tuple[str, ...] = ()
+    target_opset: int | None = None
+    val_fraction: float = 0.2
+    max_val_samples: int = 64
+    max_calib_samples: int | None = None
+    synthetic_calib: bool = False
+    synthetic_samples: int = 8
+    seed: int = 0
+    min_cosine: float | None = None
+    external_data: bool = False
+    allow_empty: bool = False
+    _exclude_patterns: tuple[re.Pattern, ...] = field(default=(), repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        def bad(name: str, value: Any, allowed: str) -> ConfigError:
+            return ConfigError(f"invalid value {value!r}", subject=f"config '{name}'", hint=f"use {allowed}")
+
+        if self.format not in FORMATS:
+            raise bad("format", self.format, " or ".join(FORMATS))
+        if self.method not in METHODS:
+            raise bad("method", self.method, " or ".join(METHODS))
+        if self.activation_type not in ACTIVATION_TYPES:
+            raise bad("activation_type", self.activation_type, " or ".join(ACTIVATION_TYPES))
+        if self.weight_type not in WEIGHT_TYPES:
+            raise bad("weight_type", self.weight_type, " or ".join(WEIGHT_TYPES))
+        if not isinstance(self.per_channel, bool):
+            raise bad("per_channel", self.per_channel, "true or false")
+        ops = tuple(self.op_types)
+        unknown = [op for op in ops if op not in COMPUTE_OPS]
+        if unknown or not ops:
+            raise bad("op_types", list(ops), f"a non-empty subset of {list(COMPUTE_OPS)}")
+        object.__setattr__(self, "op_types", ops)
+        object.__setattr__(self, "exclude_nodes", tuple(self.exclude_nodes))
+        patterns = []
+        for text in self.exclude_nodes:
+            try:
+                patterns.append(re.compile(text))
+            except re.error as exc:
+                raise bad("exclude_nodes", text, f"a node name or a valid regular expression ({exc})") from None
+        object.__setattr__(self, "_exclude_patterns", tuple(patterns))
+        if self.target_opset is not None and not (
+            isinstance(self.target_opset, int) and QDQ_MIN_OPSET <= self.target_opset <= 25
+        ):
+            raise bad("target_opset", self.target_opset, f"an integer from {QDQ_MIN_OPSET} to 25")
+        if not (isinstance(self.val_fraction, (int, float)) and 0.0 <= self.val_fraction < 1.0):
+            raise bad("val_fraction", self.val_fraction, "a number in [0, 1)")
+        if self.max_calib_samples is not None and (
+            not isinstance(self.max_calib_samples, int) or self.max_calib_samples < 1
+        ):
+            raise bad("max_calib_samples", self.max_calib_samples, "a positive integer")
+        if not isinstance(self.max_val_samples, int) or self.max_val_samples < 1:
+            raise bad("max_val_samples", self.max_val_samples, "a positive integer")
+        if not isinstance(self.synthetic_samples, int) or self.synthetic_samples < 1:
+            raise bad("synthetic_samples", self.synthetic_samples, "a positive integer")
+        if self.min_cosine is not None and not (-1.0 <= float(self.min_cosine) <= 1.0):
+            raise bad("min_cosine", self.min_cosine, "a number in [-1, 1]")
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def activation_symmetric(self) -> bool:
+        return self.activation_type == "int8"
+
+    def is_excluded(self, node_name: str) -> bool:
+        return any(p.fullmatch(node_name) for p in self._exclude_patterns)
+
+    def replace(self, **changes: Any) -> "QuantConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: (list(v) if isinstance(v, tuple) else v)
+                for f in dataclasses.fields(self) if not f.name.startswith("_")
+                for v in [getattr(self, f.name)]}
+
+    @classmethod
+    def field_names(cls) -> set[str]:
+        return {f.name for f in dataclasses.fields(cls) if not f.name.startswith("_")}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], *, source: str = "config") -> "QuantConfig":
+        unknown = sorted(set(values) - cls.field_names())
+        if unknown:
+            raise ConfigError(f"unknown key(s) {unknown}", subject=source,
+                              hint=f"known keys: {sorted(cls.field_names())}")
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+        return cls(**values)
+
+    @classmethod
+    def from_toml(cls, path: str | Path, **overrides: Any) -> "QuantConfig":
+        """Load ``[qpass]`` (or top-level keys) from a TOML file; ``overrides`` win."""
+        path = Path(path)
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError("config file not found", subject=str(path)) from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read config file ({exc})", subject=str(path)) from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"not valid TOML: {exc}", subject=str(path)) from None
+        section = data.get("qpass", data)
+        if not isinstance(section, dict):
+            raise ConfigError("[qpass] must be a table", subject=str(path))
+        section = {**section, **{k: v for k, v in overrides.items() if v is not None}}
+        return cls.from_dict(section, source=str(path))

@@ -1,0 +1,80 @@
+"""The working IR: onnx-graphsurgeon import/export with model metadata kept, and small graph helpers."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from .io import ModelMeta
+
+QUANT_OPS = frozenset({
+    "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul",
+    "MatMulInteger", "ConvInteger", "QLinearAdd", "QLinearMul", "QGemm", "MatMulIntegerToFloat",
+    "DynamicQuantizeMatMul", "QAttention", "QLinearSigmoid", "QLinearLeakyRelu", "QLinearConcat",
+    "QLinearGlobalAveragePool", "QLinearAveragePool", "QLinearSoftmax",
+})
+
+
+class WorkingGraph:
+    """Pairs a gs.Graph with the model-level metadata needed to export it faithfully."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.meta = ModelMeta.of(model)
+        self.graph = gs.import_onnx(model)
+
+    def export(self, graph: gs.Graph | None = None) -> onnx.ModelProto:
+        graph = graph or self.graph
+        model = gs.export_onnx(graph, do_type_check=True)
+        return self.meta.restore(model, opset=graph.opset)
+
+
+def node_label(node: gs.Node) -> str:
+    return node.name or f"{node.op}({node.outputs[0].name if node.outputs else '?'})"
+
+
+def producer(tensor: gs.Tensor) -> gs.Node | None:
+    return tensor.inputs[0] if isinstance(tensor, gs.Variable) and tensor.inputs else None
+
+
+def is_float32(tensor: gs.Tensor) -> bool:
+    dtype = tensor.dtype
+    if dtype is None:
+        return False
+    try:
+        return np.dtype(dtype) == np.float32
+    except TypeError:
+        return dtype == onnx.TensorProto.FLOAT
+
+
+def used_quant_ops(model: onnx.ModelProto) -> set[str]:
+    """Quantization op types already present (any graph, subgraphs included)."""
+    found: set[str] = set()
+
+    def walk(g: onnx.GraphProto) -> None:
+        for n in g.node:
+            if n.op_type in QUANT_OPS:
+                found.add(n.op_type)
+            for a in n.attribute:
+                if a.type == onnx.AttributeProto.GRAPH:
+                    walk(a.g)
+                elif a.type == onnx.AttributeProto.GRAPHS:
+                    for sub in a.graphs:
+                        walk(sub)
+
+    walk(model.graph)
+    return found
+
+
+class NameAllocator:
+    """Hands out tensor/node names not yet used in the graph."""
+
+    def __init__(self, graph: gs.Graph):
+        self.used = set(graph.tensors().keys()) | {n.name for n in graph.nodes if n.name}
+
+    def __call__(self, base: str) -> str:
+        name, i = base, 1
+        while name in self.used:
+            name = f"{base}_{i}"
+            i += 1
+        self.used.add(name)
+        return name

@@ -1,0 +1,235 @@
+"""Model load and save: external data, >2 GB, atomic writes, and the metadata a graphsurgeon trip drops.
+
+Raw protobuf lives here and at the pass-manager edge only. The input path is never written.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx
+from google.protobuf.message import DecodeError
+
+from .errors import ModelLoadError, ModelSaveError
+
+#: protobuf's hard limit for one serialized message
+PROTOBUF_LIMIT = 2**31 - 1
+#: leave headroom: write external data well before the hard limit
+EXTERNAL_DATA_THRESHOLD = 2**31 - 2**26
+
+
+@dataclass
+class ModelMeta:
+    """The model-level fields that onnx-graphsurgeon's import/export does not carry."""
+
+    ir_version: int = 0
+    producer_name: str = ""
+    producer_version: str = ""
+    domain: str = ""
+    model_version: int = 0
+    doc_string: str = ""
+    metadata_props: list[tuple[str, str]] = field(default_factory=list)
+    opset_imports: dict[str, int] = field(default_factory=dict)
+    functions: list = field(default_factory=list)
+
+    @classmethod
+    def of(cls, model: onnx.ModelProto) -> "ModelMeta":
+        return cls(
+            ir_version=model.ir_version,
+            producer_name=model.producer_name,
+            producer_version=model.producer_version,
+            domain=model.domain,
+            model_version=model.model_version,
+            doc_string=model.doc_string,
+            metadata_props=[(p.key, p.value) for p in model.metadata_props],
+            opset_imports={op.domain: op.version for op in model.opset_import},
+            functions=[f for f in model.functions],
+        )
+
+    def restore(self, model: onnx.ModelProto, *, opset: int | None = None) -> onnx.ModelProto:
+        """Write these fields back into ``model`` (in place) and return it.
+
+        The default-domain opset is ``opset`` when given (after an explicit upgrade), and every
+        other domain the original imported is kept even when no node uses it.
+        """
+        model.ir_version = max(model.ir_version, self.ir_version)
+        model.producer_name = self.producer_name
+        model.producer_version = self.producer_version
+        model.domain = self.domain
+        model.model_version = self.model_version
+        model.doc_string = self.doc_string
+        del model.metadata_props[:]
+        for key, value in self.metadata_props:
+            model.metadata_props.add(key=key, value=value)
+        wanted = dict(self.opset_imports)
+        for op in model.opset_import:  # keep domains the rewrite added
+            wanted.setdefault(op.domain, op.version)
+        if opset is not None:
+            wanted[""] = opset
+        del model.opset_import[:]
+        for domain, version in sorted(wanted.items()):
+            model.opset_import.add(domain=domain, version=version)
+        if self.functions and not model.functions:
+            model.functions.extend(self.functions)
+        return model
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    for op in model.opset_import:
+        if op.domain in ("", "ai.onnx"):
+            return op.version
+    return 0
+
+
+def load_model(source: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
+    """Load and fully check a model from a path (external data beside it included) or a ModelProto.
+
+    Returns a ModelProto the caller may modify (a ModelProto argument is copied, never mutated).
+    Raises :class:`ModelLoadError` naming the file for anything that is not a valid ONNX model.
+    """
+    if isinstance(source, onnx.ModelProto):
+        model = onnx.ModelProto()
+        model.CopyFrom(source)
+        _check(model, "<ModelProto>")
+        return model
+    if not isinstance(source, (str, os.PathLike)):
+        raise ModelLoadError(f"expected a path or an onnx.ModelProto, got {type(source).__name__}",
+                             subject="model")
+    path = Path(source)
+    name = str(path)
+    if not path.exists():
+        raise ModelLoadError("file not found", subject=name)
+    if path.is_dir():
+        raise ModelLoadError("is a directory, not an .onnx file", subject=name)
+    try:
+        model = onnx.load(name, load_external_data=True)
+    except DecodeError as exc:
+        raise ModelLoadError(f"not an ONNX model (protobuf decode failed: {exc})", subject=name,
+                             hint="is the file truncated or not a .onnx file?") from None
+    except FileNotFoundError as exc:
+        raise ModelLoadError(f"external data file missing: {exc.filename or exc}", subject=name,
+                             hint="keep the model's .data files beside it") from None
+    except (OSError, ValueError, RuntimeError, onnx.checker.ValidationError) as exc:
+        raise ModelLoadError(f"cannot load: {exc}", subject=name) from None
+    _check(model, name, path=path)
+    return model
+
+
+def _check(model: onnx.ModelProto, name: str, path: Path | None = None) -> None:
+    if model.ir_version <= 0 or not model.HasField("graph") or not model.graph.node:
+        raise ModelLoadError("not an ONNX model (no IR version or empty graph)", subject=name,
+                             hint="is the file truncated or not a .onnx file?")
+    check_proto(model, ModelLoadError, name=name, path=path)
+
+
+def check_proto(model: onnx.ModelProto, error: type = ModelLoadError, *, name: str = "model",
+                path: Path | None = None) -> None:
+    """Run the full ONNX checker (with strict shape inference); raise ``error`` with its first line."""
+    try:
+        if path is not None:
+            onnx.checker.check_model(str(path), full_check=True)
+        elif _too_big(model):
+            with tempfile.TemporaryDirectory(prefix="qpass-check-") as tmp:
+                tmp_path = Path(tmp) / "model.onnx"
+                _write_model(model, tmp_path, external_data=True)
+                onnx.checker.check_model(str(tmp_path), full_check=True)
+        else:
+            onnx.checker.check_model(model, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise error(f"invalid ONNX model: {first}", subject=name,
+                    hint="the ONNX checker rejects it") from None
+
+
+def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Shape-inferred copy of ``model`` for analysis (value_info filled in; the input is untouched)."""
+    if _too_big(model):
+        with tempfile.TemporaryDirectory(prefix="qpass-infer-") as tmp:
+            src = Path(tmp) / "in.onnx"
+            dst = Path(tmp) / "out.onnx"
+            _write_model(model, src, external_data=True)
+            onnx.shape_inference.infer_shapes_path(str(src), str(dst))
+            return onnx.load(str(dst))
+    try:
+        return onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
+    except Exception:  # noqa: BLE001 - inference is a best-effort analysis aid
+        return model
+
+
+def _too_big(model: onnx.ModelProto) -> bool:
+    size = sum(len(t.raw_data) for t in model.graph.initializer)
+    return size >= EXTERNAL_DATA_THRESHOLD or (size > 2**30 and model.ByteSize() >= EXTERNAL_DATA_THRESHOLD)
+
+
+def _write_model(model: onnx.ModelProto, path: Path, *, external_data: bool, data_name: str | None = None) -> None:
+    if external_data:
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data_name or (path.name + ".data"), size_threshold=1024)
+    else:
+        onnx.save_model(model, str(path))
+
+
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    pa, pb = Path(a), Path(b)
+    if pa.exists() and pb.exists():
+        return os.path.samefile(pa, pb)
+    return pa.resolve() == pb.resolve()
+
+
+def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, input_path: str | os.PathLike | None = None,
+               external_data: bool = False) -> Path:
+    """Write ``model`` to ``path`` atomically: a temporary file in the same directory, then a rename.
+
+    Weights go to ``<name>.data`` beside it when ``external_data`` is set or the model is too large
+    for one protobuf. Refuses to write over ``input_path``. Returns the written path.
+    """
+    out = Path(path)
+    if input_path is not None and same_file(out, input_path):
+        raise ModelSaveError("output path is the input model", subject=str(out),
+                             hint="qpass never writes its input; choose another -o path")
+    out_dir = out.parent if str(out.parent) else Path(".")
+    if not out_dir.is_dir():
+        raise ModelSaveError("output directory does not exist", subject=str(out_dir))
+    if out.is_dir():
+        raise ModelSaveError("output path is a directory", subject=str(out))
+    if not os.access(out_dir, os.W_OK):
+        raise ModelSaveError("output directory is not writable", subject=str(out_dir))
+    use_external = external_data or _too_big(model)
+    data_name = out.name + ".data"
+    try:
+        tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out_dir))
+    except OSError as exc:
+        raise ModelSaveError(f"cannot write in output directory ({exc.strerror})", subject=str(out_dir)) from None
+    try:
+        tmp_model = tmp_dir / out.name
+        to_write = model
+        if use_external:
+            to_write = onnx.ModelProto()
+            to_write.CopyFrom(model)  # save_as_external_data mutates its argument
+        _write_model(to_write, tmp_model, external_data=use_external, data_name=data_name)
+        if use_external:
+            os.replace(tmp_dir / data_name, out_dir / data_name)
+        os.replace(tmp_model, out)
+    except OSError as exc:
+        raise ModelSaveError(f"cannot write output ({exc})", subject=str(out)) from None
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    return out
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write a text file (reports) atomically beside its final name."""
+    out = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent if str(out.parent) else ".")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, out)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+    return out

@@ -1,0 +1,59 @@
+"""Constant(value=W) -> initializer W, for Constant nodes (and Identity chains of constants) feeding a compute op's weight or bias.
+
+Exporters often hold weights in ``Constant`` nodes or pass initializers through ``Identity``;
+both hide a weight behind a Variable. Only weight/bias slots of the configured compute ops are
+touched; shape constants and everything else stay as they are.
+"""
+from __future__ import annotations
+
+from collections import Counter
+
+import onnx_graphsurgeon as gs
+
+from ..graph import NameAllocator
+from ..pass_manager import Pass, PassContext, PassResult
+
+WEIGHT_SLOTS = {"Conv": (1, 2), "ConvTranspose": (1, 2), "MatMul": (0, 1), "Gemm": (1, 2)}
+
+
+def _constant_value(t: gs.Tensor):
+    """The constant behind ``t`` if it is produced by a Constant node or an Identity of a constant."""
+    if isinstance(t, gs.Constant):
+        return t
+    if not isinstance(t, gs.Variable) or len(t.inputs) != 1:
+        return None
+    node = t.inputs[0]
+    if node.op == "Constant" and isinstance(node.attrs.get("value"), gs.Constant):
+        return node.attrs["value"]
+    if node.op == "Identity" and node.inputs:
+        return _constant_value(node.inputs[0])
+    return None
+
+
+class ConstantsToInitializers(Pass):
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        outputs = {t.name for t in graph.outputs}
+        done: Counter = Counter()
+        made: dict[str, gs.Constant] = {}
+        new_name = NameAllocator(graph)
+        for node in graph.nodes:
+            slots = WEIGHT_SLOTS.get(node.op)
+            if not slots or node.op not in ctx.config.op_types:
+                continue
+            for i in slots:
+                if i >= len(node.inputs):
+                    continue
+                t = node.inputs[i]
+                if isinstance(t, gs.Constant) or not isinstance(t, gs.Variable) or t.name in outputs:
+                    continue
+                const = _constant_value(t)
+                if const is None:
+                    continue
+                # a fresh initializer only for this consumer slot; the old chain is removed by cleanup if unused
+                if t.name not in made:
+                    made[t.name] = gs.Constant(new_name(f"{t.name}_const"), const.values)
+                node.inputs[i] = made[t.name]
+                done[node.op] += 1
+        if done:
+            graph.cleanup()
+        return PassResult(modified=bool(done), stats=dict(done))

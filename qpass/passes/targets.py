@@ -1,0 +1,135 @@
+"""Analysis (not a pass): which compute nodes get quantized, on which inputs and axes, or why not.
+
+Shared by calibration planning (which activations need ranges) and :mod:`insert_qdq`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import onnx_graphsurgeon as gs
+
+from ..config import QuantConfig
+from ..graph import is_float32, node_label, producer
+from ..pass_manager import Skip
+
+
+@dataclass
+class Target:
+    """A compute node and the roles of its inputs (indices into ``node.inputs``)."""
+
+    node: gs.Node
+    activations: list[int] = field(default_factory=list)
+    weight: int | None = None
+    weight_axis: int | None = None
+    bias: int | None = None
+    bias_axis: int | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def _from_dq(t: gs.Tensor) -> bool:
+    p = producer(t)
+    return p is not None and p.op == "DequantizeLinear"
+
+
+def _is_weight(t: gs.Tensor) -> bool:
+    return isinstance(t, gs.Constant) and is_float32(t)
+
+
+def _is_activation(t: gs.Tensor) -> bool:
+    return isinstance(t, gs.Variable) and is_float32(t) and not _from_dq(t)
+
+
+def find_targets(graph: gs.Graph, config: QuantConfig) -> tuple[list[Target], list[Skip]]:
+    """Targets in the top-level graph, and the candidates skipped with a reason.
+
+    A node whose inputs are all already behind DequantizeLinear is neither (it is done).
+    """
+    targets: list[Target] = []
+    skips: list[Skip] = []
+    for node in graph.nodes:
+        if node.op not in config.op_types:
+            continue
+        label = node_label(node)
+
+        def skip(reason: str) -> None:
+            skips.append(Skip(label, node.op, reason))
+
+        if config.is_excluded(node.name or ""):
+            skip("excluded by configuration")
+            continue
+        ins = node.inputs
+        if len(ins) < 2:
+            skip("fewer than two inputs")
+            continue
+        x, w = ins[0], ins[1]
+        if _from_dq(w) and (_from_dq(x) or not _is_activation(x)):
+            continue  # already quantized
+        if not _is_weight(w):
+            if _from_dq(w):
+                pass
+            elif isinstance(w, gs.Constant):
+                skip(f"weight '{w.name}' is {w.dtype}, not float32")
+                continue
+            elif node.op == "MatMul":
+                skip("no constant weight (activation x activation MatMul) kept in float")
+                continue
+            else:
+                skip(f"{node.op} with dynamic weight '{w.name}' kept in float")
+                continue
+        t = Target(node)
+        if _is_activation(x):
+            t.activations.append(0)
+        elif not _from_dq(x):
+            skip(f"input '{x.name}' is not a float32 activation")
+            continue
+        if _is_weight(w):
+            t.weight = 1
+            t.weight_axis = _weight_axis(node, w, config, t)
+        if len(ins) > 2 and node.op in ("Conv", "ConvTranspose", "Gemm") and ins[2] is not None and ins[2].name:
+            b = ins[2]
+            if _is_weight(b):
+                t.bias = 2
+                t.bias_axis = _bias_axis(node, b, w, t)
+            elif not _from_dq(b):
+                t.notes.append(f"bias '{b.name}' is not a float32 constant; kept as is")
+        targets.append(t)
+    return targets, skips
+
+
+def _weight_axis(node: gs.Node, w: gs.Constant, config: QuantConfig, t: Target) -> int | None:
+    if not config.per_channel:
+        return None
+    rank = len(w.shape)
+    if node.op == "Conv":
+        return 0
+    if node.op == "ConvTranspose":
+        if int(node.attrs.get("group", 1)) != 1:
+            t.notes.append("grouped ConvTranspose: per-tensor weight scale (output channels span axes 0 and 1)")
+            return None
+        return 1
+    if node.op == "Gemm":
+        return 0 if int(node.attrs.get("transB", 0)) else 1
+    if node.op == "MatMul":
+        return rank - 1 if rank >= 2 else None
+    return None
+
+
+def _bias_axis(node: gs.Node, b: gs.Constant, w: gs.Tensor, t: Target) -> int | None:
+    shape = tuple(b.shape)
+    if len(shape) == 1:
+        return 0
+    if node.op == "Gemm" and len(shape) == 2 and shape[0] == 1:
+        return 1
+    if len(shape) == 0:
+        return None
+    t.notes.append(f"bias '{b.name}' of shape {list(shape)} kept in float (not one value per output channel)")
+    return -1  # sentinel: do not quantize
+
+
+def activation_tensors(targets: list[Target]) -> list[str]:
+    """Names of the activation tensors that need calibration ranges, in graph order, unique."""
+    names: dict[str, None] = {}
+    for t in targets:
+        for i in t.activations:
+            names.setdefault(t.node.inputs[i].name, None)
+    return list(names)

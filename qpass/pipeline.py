@@ -1,0 +1,254 @@
+"""quantize(): load -> opset check -> prepare passes -> streaming calibration -> quantize passes -> validate -> save.
+
+The pipelines are the literal lists below; there is no registry.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+import onnx
+
+from .calib.collect import collect_ranges
+from .calib.data import input_specs, open_samples, split_holdout, synthetic_samples
+from .calib.table import CalibrationTable
+from .config import PER_CHANNEL_MIN_OPSET, QDQ_MIN_OPSET, QuantConfig
+from .errors import CalibrationDataError, NothingQuantizedError, OpsetError, UnsupportedModelError
+from .graph import WorkingGraph, used_quant_ops
+from .io import default_opset, infer_shapes, load_model, save_model
+from .pass_manager import PassContext, PassManager
+from .passes.cleanup import Cleanup
+from .passes.constants_to_initializers import ConstantsToInitializers
+from .passes.insert_qdq import InsertQDQ
+from .passes.targets import activation_tensors, find_targets
+from .report import Report, count_quantized
+from .validate import validate
+from .verify import verify_model
+
+#: Progress hook: called with a label and a total (or None); returns a callable advanced once per sample.
+ProgressFactory = Callable[[str, "int | None"], Callable[[], None]]
+
+
+def prepare_passes():
+    return [ConstantsToInitializers(), Cleanup()]
+
+
+def quantize_passes():
+    return [InsertQDQ(), Cleanup()]
+
+
+@dataclass
+class QuantizeResult:
+    model: onnx.ModelProto
+    report: Report
+    output_path: Path | None = None
+    report_path: Path | None = None
+
+    @property
+    def passed(self) -> bool:
+        v = self.report.validation
+        return v is None or v.get("passed", True)
+
+
+def default_output_path(model_path: str | os.PathLike) -> Path:
+    p = Path(model_path)
+    stem = p.name[:-5] if p.name.endswith(".onnx") else p.name
+    return p.with_name(f"{stem}.qpass.onnx")
+
+
+def report_path_for(output: str | os.PathLike) -> Path:
+    p = Path(output)
+    stem = p.name[:-5] if p.name.endswith(".onnx") else p.name
+    return p.with_name(f"{stem}.report.json")
+
+
+def quantize(model: str | os.PathLike | onnx.ModelProto, calib: str | os.PathLike | Iterable[Mapping[str, Any]] | None = None,
+             *, config: QuantConfig | None = None, output: str | os.PathLike | None = None,
+             val: str | os.PathLike | Iterable[Mapping[str, Any]] | None = None,
+             load_calib: str | os.PathLike | None = None, save_calib: str | os.PathLike | None = None,
+             dump_dir: str | os.PathLike | None = None, progress: ProgressFactory | None = None,
+             **overrides: Any) -> QuantizeResult:
+    """Quantize an fp32 ONNX model to int8 (QDQ) and validate it against the original.
+
+    Args:
+        model: a path to an ``.onnx`` file or an ``onnx.ModelProto`` (never modified, never written).
+        calib: calibration data: a ``.npz`` file, a folder of ``.npz`` files (one sample each), a
+            model-zoo ``test_data_set_*`` folder, or any iterable of feed dicts (name -> array).
+        config: a :class:`QuantConfig`; keyword ``overrides`` replace its fields.
+        output: where to write the model (atomically); its report goes beside it as ``*.report.json``.
+        val: validation data in the same forms; by default a held-out split of ``calib``.
+        load_calib / save_calib: read or write the calibration table as JSON.
+        dump_dir: on a failing pass, the model from just before it is written here.
+    Returns:
+        :class:`QuantizeResult` with the quantized ``ModelProto`` and the :class:`Report`.
+    Raises:
+        QpassError subclasses for bad input, each naming the file, node or tensor.
+    """
+    cfg = (config or QuantConfig()).replace(**overrides) if overrides else (config or QuantConfig())
+    times: dict[str, float] = {}
+    t0 = time.perf_counter()
+    model_name = str(model) if not isinstance(model, onnx.ModelProto) else "<ModelProto>"
+    original = load_model(model)
+    times["load"] = time.perf_counter() - t0
+    report = Report(model=model_name, config=cfg.to_dict())
+
+    present = used_quant_ops(original)
+    if present:
+        raise UnsupportedModelError(f"already quantized: it contains {sorted(present)}", subject=model_name,
+                                    hint="qpass quantizes float models; give it the original fp32 model")
+
+    working_model = _apply_opset(original, cfg, model_name, report)
+    t = time.perf_counter()
+    wg = WorkingGraph(infer_shapes(working_model))
+    manager_kw = dict(export=wg.export, verify=verify_model, dump_dir=dump_dir)
+    ctx = PassContext(cfg)
+    records = PassManager(prepare_passes(), **manager_kw).run(wg.graph, ctx)
+    times["prepare"] = time.perf_counter() - t
+
+    # ----------------------------------------------------------------- calibration
+    targets, _ = find_targets(wg.graph, cfg)
+    tensors = activation_tensors(targets)
+    specs = input_specs(working_model)
+    held: list = []
+    t = time.perf_counter()
+    if load_calib is not None:
+        table = CalibrationTable.load(load_calib)
+        missing = [n for n in tensors if n not in table]
+        if missing:
+            raise CalibrationDataError(f"has no range for {len(missing)} tensor(s), e.g. '{missing[0]}'",
+                                       subject=str(load_calib), hint="the table was made for another model or config")
+        if val is None and calib is None:
+            report.warnings.append("no validation data: pass calib or val data to validate")
+    else:
+        if calib is None:
+            if not cfg.synthetic_calib:
+                raise CalibrationDataError("no calibration data given", subject=model_name,
+                                           hint="pass --calib PATH (or --synthetic-calib for a smoke run on random data)")
+            samples = [(f, None) for f in synthetic_samples(specs, cfg.synthetic_samples, cfg.seed)]
+            report.warnings.append("CALIBRATION USED RANDOM DATA (--synthetic-calib): the ranges, and the accuracy "
+                                   "of this model, mean nothing for real inputs")
+            source_desc, total = "synthetic", len(samples)
+        else:
+            source = open_samples(calib, specs)
+            samples, source_desc = source, source.description
+            total = len(source) or None
+        stream: Iterable = samples
+        if val is None and cfg.val_fraction > 0:
+            stream, held = split_holdout(samples, cfg.val_fraction, cfg.max_val_samples)
+            if total:
+                total = total - min(cfg.max_val_samples, total // max(2, round(1 / cfg.val_fraction)))
+        if cfg.max_calib_samples is not None:
+            stream = _take(stream, cfg.max_calib_samples)
+            total = min(total, cfg.max_calib_samples) if total else cfg.max_calib_samples
+        tick = progress("calibrating", total) if progress else None
+        table = collect_ranges(working_model_for_calib(wg), tensors, stream, synthetic=calib is None, on_sample=tick)
+        report.calibration = {"source": source_desc, "samples": table.samples, "tensors": len(table),
+                              "method": cfg.method, "synthetic": table.synthetic,
+                              "ignored_keys": sorted(getattr(samples, "ignored_keys", set()))}
+        if save_calib is not None:
+            table.save(save_calib)
+    if load_calib is not None:
+        report.calibration = {"source": str(load_calib), "samples": table.samples, "tensors": len(table),
+                              "method": cfg.method, "synthetic": table.synthetic}
+    times["calibrate"] = time.perf_counter() - t
+
+    # ----------------------------------------------------------------- rewrite
+    t = time.perf_counter()
+    ctx = PassContext(cfg, table)
+    records += PassManager(quantize_passes(), **manager_kw).run(wg.graph, ctx)
+    quantized = wg.export()
+    times["quantize"] = time.perf_counter() - t
+    report.passes = records
+    report.quantized_nodes = count_quantized(records, "insert_qdq")
+    if not report.quantized_nodes and not cfg.allow_empty:
+        reasons = "; ".join(f"{s['node']}: {s['reason']}" for s in report.skipped[:3]) or "no Conv/ConvTranspose/MatMul/Gemm with float weights"
+        raise NothingQuantizedError(f"nothing was quantized ({reasons})", subject=model_name,
+                                    hint="pass allow_empty / --allow-empty to accept an unchanged model")
+    report.sizes = {"input_bytes": _size(model, original), "output_bytes": quantized.ByteSize()}
+
+    # ----------------------------------------------------------------- validate
+    t = time.perf_counter()
+    val_samples: Iterable | None
+    if val is not None:
+        val_samples = open_samples(val, specs, what="validation data")
+        val_desc = val_samples.description
+    elif calib is None and load_calib is None:
+        val_samples = [(f, None) for f in synthetic_samples(specs, cfg.synthetic_samples, cfg.seed + 1)]
+        val_desc = "synthetic"
+    elif held:
+        val_samples, val_desc = held, f"{len(held)} held-out calibration samples"
+    else:
+        val_samples, val_desc = None, None
+        report.warnings.append("not validated: no held-out samples (give --val PATH or more calibration samples)")
+    if val_samples is not None:
+        report.validation = validate(working_model, quantized, val_samples)
+        report.validation["data"] = val_desc
+        if cfg.min_cosine is not None:
+            worst = min((o["cosine_mean"] for o in report.validation["outputs"]), default=1.0)
+            report.validation["passed"] = worst >= cfg.min_cosine
+            report.validation["min_cosine"] = cfg.min_cosine
+    times["validate"] = time.perf_counter() - t
+
+    # ----------------------------------------------------------------- write
+    result = QuantizeResult(quantized, report)
+    if output is not None:
+        t = time.perf_counter()
+        src_path = None if isinstance(model, onnx.ModelProto) else model
+        report.output = str(output)
+        result.output_path = save_model(quantized, output, input_path=src_path, external_data=cfg.external_data)
+        times["save"] = time.perf_counter() - t
+        report.seconds = times
+        result.report_path = report.save(report_path_for(output))
+    report.seconds = times
+    return result
+
+
+def working_model_for_calib(wg: WorkingGraph) -> onnx.ModelProto:
+    return wg.export()
+
+
+def _take(it: Iterable, n: int):
+    for i, x in enumerate(it):
+        if i >= n:
+            return
+        yield x
+
+
+def _size(source: Any, model: onnx.ModelProto) -> int:
+    if isinstance(source, (str, os.PathLike)):
+        return Path(source).stat().st_size
+    return model.ByteSize()
+
+
+def _apply_opset(model: onnx.ModelProto, cfg: QuantConfig, name: str, report: Report) -> onnx.ModelProto:
+    opset = default_opset(model)
+    report.opset = {"input": opset, "output": opset}
+    hint_up = f"rerun with --target-opset {PER_CHANNEL_MIN_OPSET} to upgrade it with onnx.version_converter"
+    if cfg.target_opset is not None:
+        if cfg.target_opset < opset:
+            raise OpsetError(f"model has opset {opset}; downgrading to {cfg.target_opset} is not supported",
+                             subject=name, hint=f"use --target-opset {opset} or higher, or leave it out")
+        if cfg.target_opset > opset:
+            from onnx import version_converter
+
+            try:
+                converted = version_converter.convert_version(model, cfg.target_opset)
+                onnx.checker.check_model(converted, full_check=True)
+            except Exception as exc:  # noqa: BLE001 - the converter raises assorted types
+                raise OpsetError(f"onnx.version_converter could not upgrade opset {opset} -> {cfg.target_opset}: "
+                                 f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", subject=name) from None
+            report.opset["output"] = cfg.target_opset
+            report.warnings.append(f"opset upgraded {opset} -> {cfg.target_opset} as asked (--target-opset)")
+            return converted
+        return model
+    if opset < QDQ_MIN_OPSET:
+        raise OpsetError(f"opset {opset} has no QuantizeLinear/DequantizeLinear (needs >= {QDQ_MIN_OPSET})",
+                         subject=name, hint=hint_up)
+    if cfg.per_channel and opset < PER_CHANNEL_MIN_OPSET:
+        raise OpsetError(f"opset {opset} is below {PER_CHANNEL_MIN_OPSET}, which per-channel DequantizeLinear needs; "
+                         "qpass never changes the opset silently", subject=name,
+                         hint=f"{hint_up}, or use --per-tensor")
+    return model

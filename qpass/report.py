@@ -1,0 +1,73 @@
+"""The Report of one run: what was quantized, what was skipped and why, timings, sizes, validation; JSON on disk."""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .pass_manager import PassRecord
+
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class Report:
+    model: str
+    output: str | None = None
+    config: dict = field(default_factory=dict)
+    opset: dict = field(default_factory=dict)
+    calibration: dict = field(default_factory=dict)
+    passes: list[PassRecord] = field(default_factory=list)
+    quantized_nodes: dict[str, int] = field(default_factory=dict)
+    sizes: dict[str, int] = field(default_factory=dict)
+    validation: dict | None = None
+    warnings: list[str] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def skipped(self) -> list[dict]:
+        return [s.to_dict() for r in self.passes for s in r.skipped]
+
+    @property
+    def synthetic_calibration(self) -> bool:
+        return bool(self.calibration.get("synthetic"))
+
+    def to_dict(self) -> dict[str, Any]:
+        from . import __version__
+
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "qpass_version": __version__,
+            "model": self.model,
+            "output": self.output,
+            "synthetic_calibration": self.synthetic_calibration,
+            "config": self.config,
+            "opset": self.opset,
+            "calibration": self.calibration,
+            "quantized_nodes": self.quantized_nodes,
+            "quantized_total": sum(self.quantized_nodes.values()),
+            "skipped": self.skipped,
+            "passes": [r.to_dict() for r in self.passes],
+            "sizes": self.sizes,
+            "validation": self.validation,
+            "warnings": self.warnings,
+            "seconds": {k: round(v, 4) for k, v in self.seconds.items()},
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, default=str)
+
+    def save(self, path: str | Path) -> Path:
+        from .io import write_text_atomic
+
+        return write_text_atomic(path, self.to_json() + "\n")
+
+
+def count_quantized(records: list[PassRecord], pass_name: str) -> dict[str, int]:
+    total: Counter = Counter()
+    for r in records:
+        if r.name == pass_name:
+            total.update(r.stats)
+    return dict(total)

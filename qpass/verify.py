@@ -1,0 +1,97 @@
+"""Structural invariants checked after every pass: ONNX checker, DAG, unique names, well-formed Q/DQ."""
+from __future__ import annotations
+
+import networkx as nx
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from .errors import VerificationError
+from .io import check_proto
+
+_QDQ = {"QuantizeLinear", "DequantizeLinear"}
+_INT_TYPES = {onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT16, onnx.TensorProto.UINT16,
+              onnx.TensorProto.INT32}
+
+
+def node_graph(graph: onnx.GraphProto) -> nx.DiGraph:
+    """Read-only networkx view: one vertex per node (by index), an edge per produced->consumed tensor."""
+    g = nx.DiGraph()
+    producer: dict[str, int] = {}
+    for i, node in enumerate(graph.node):
+        g.add_node(i, op_type=node.op_type, name=node.name)
+        for out in node.output:
+            if out:
+                producer[out] = i
+    for i, node in enumerate(graph.node):
+        for inp in node.input:
+            if inp in producer:
+                g.add_edge(producer[inp], i, tensor=inp)
+    return g
+
+
+def verify_model(model: onnx.ModelProto) -> None:
+    """Raise :class:`VerificationError` naming the node or tensor that breaks an invariant."""
+    graph = model.graph
+    check_proto(model, VerificationError)
+    if not nx.is_directed_acyclic_graph(node_graph(graph)):
+        cycle = nx.find_cycle(node_graph(graph))
+        raise VerificationError(f"graph has a cycle through nodes {[graph.node[a].name for a, _ in cycle]}",
+                                subject="graph")
+    seen: set[str] = set()
+    for node in graph.node:
+        if node.name:
+            if node.name in seen:
+                raise VerificationError("duplicate node name", subject=f"node '{node.name}'")
+            seen.add(node.name)
+    produced: set[str] = set()
+    for node in graph.node:
+        for out in node.output:
+            if out and out in produced:
+                raise VerificationError("tensor produced twice", subject=f"tensor '{out}'")
+            produced.add(out)
+    _verify_qdq(graph)
+
+
+def _verify_qdq(graph: onnx.GraphProto) -> None:
+    inits = {t.name: t for t in graph.initializer}
+    ranks = {}
+    for vi in list(graph.value_info) + list(graph.input) + list(graph.output):
+        if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
+            ranks[vi.name] = len(vi.type.tensor_type.shape.dim)
+    for t in inits.values():
+        ranks[t.name] = len(t.dims)
+    for node in graph.node:
+        if node.op_type not in _QDQ:
+            continue
+        where = f"node '{node.name or node.output[0]}'"
+        if len(node.input) < 2 or node.input[1] not in inits:
+            raise VerificationError("scale must be a constant initializer", subject=where)
+        scale = inits[node.input[1]]
+        if scale.data_type != onnx.TensorProto.FLOAT:
+            raise VerificationError("scale must be float32", subject=where)
+        scale_arr = numpy_helper.to_array(scale)
+        if not np.all(np.isfinite(scale_arr)) or np.any(scale_arr <= 0):
+            raise VerificationError("scale must be finite and > 0", subject=where)
+        zp = None
+        if len(node.input) > 2 and node.input[2]:
+            if node.input[2] not in inits:
+                raise VerificationError("zero point must be a constant initializer", subject=where)
+            zp = inits[node.input[2]]
+            if zp.data_type not in _INT_TYPES:
+                raise VerificationError("zero point must be an integer type", subject=where)
+            if tuple(zp.dims) != tuple(scale.dims):
+                raise VerificationError(f"zero point shape {list(zp.dims)} != scale shape {list(scale.dims)}",
+                                        subject=where)
+        if node.op_type == "DequantizeLinear" and node.input[0] in inits and zp is not None:
+            if inits[node.input[0]].data_type != zp.data_type:
+                raise VerificationError("quantized input and zero point differ in type", subject=where)
+        if len(scale.dims) == 1 and scale.dims[0] > 1:
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+            rank = ranks.get(node.input[0])
+            if rank is not None and not (-rank <= axis < rank):
+                raise VerificationError(f"axis {axis} out of range for rank {rank}", subject=where)
+            shape = list(inits[node.input[0]].dims) if node.input[0] in inits else None
+            if shape is not None and shape[axis] != scale.dims[0]:
+                raise VerificationError(f"per-axis scale has {scale.dims[0]} values for axis of size {shape[axis]}",
+                                        subject=where)
