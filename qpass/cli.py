@@ -1,0 +1,181 @@
+"""The `qpass` command: argument parsing and printing only; every command calls the public API."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from . import __version__
+from .config import ACTIVATION_TYPES, QuantConfig
+from .errors import QpassError
+
+EXAMPLES = """\
+examples:
+  qpass run models/digits_cnn.onnx --calib models/digits/calib.npz
+  qpass run model.onnx --calib samples/ -o model.int8.onnx      # a folder of .npz, one sample each
+  qpass run model.onnx --calib calib.npz --val test.npz --min-cosine 0.99
+  qpass run old_opset11.onnx --calib calib/ --target-opset 13   # explicit upgrade for per-channel
+  qpass run model.onnx --synthetic-calib                        # smoke run on random data (loudly marked)
+
+exit codes: 0 success, 1 validation below --min-cosine, 2 bad input (one line names the file/node/tensor)
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qpass", description="ONNX post-training int8 quantizer (QDQ), validated on onnxruntime.",
+                                     epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"qpass {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    run = sub.add_parser("run", help="quantize a model and validate the result", epilog=EXAMPLES,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    run.add_argument("model", help="fp32 .onnx model (never written)")
+    run.add_argument("-o", "--output", help="output model (default: <stem>.qpass.onnx beside the input)")
+    run.add_argument("--calib", metavar="PATH", help=".npz of samples, a folder of .npz (one sample each), or a test_data_set_* folder")
+    run.add_argument("--val", metavar="PATH", help="validation data (default: a held-out split of --calib)")
+    run.add_argument("--config", metavar="FILE", help="TOML file with QuantConfig keys (under [qpass] or top level)")
+    run.add_argument("--dump-dir", metavar="DIR", help="on a failing pass, write the model from just before it here")
+    run.add_argument("--target-opset", type=int, metavar="N", help="upgrade the model to opset N first (onnx.version_converter)")
+    run.add_argument("--per-tensor", action="store_true", help="one weight scale per tensor (default: per output channel)")
+    run.add_argument("--activation-type", choices=ACTIVATION_TYPES, help="uint8 asymmetric (default) or int8 symmetric")
+    run.add_argument("--exclude", action="append", metavar="NAME", help="node name or regex never quantized (repeatable)")
+    run.add_argument("--max-calib-samples", type=int, metavar="N")
+    run.add_argument("--synthetic-calib", action="store_true", help="calibrate on random data (smoke runs only)")
+    run.add_argument("--load-calib", metavar="JSON", help="use a saved calibration table instead of running calibration")
+    run.add_argument("--save-calib", metavar="JSON", help="save the calibration table")
+    run.add_argument("--min-cosine", type=float, metavar="C", help="exit 1 if an output's mean cosine to fp32 is below C")
+    run.add_argument("--external-data", action="store_true", help="write weights to <output>.data")
+    run.add_argument("--allow-empty", action="store_true", help="accept a run that quantizes nothing")
+    run.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
+    run.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    return parser
+
+
+def _config_from_args(args: argparse.Namespace) -> QuantConfig:
+    overrides = {
+        "target_opset": args.target_opset,
+        "per_channel": False if args.per_tensor else None,
+        "activation_type": args.activation_type,
+        "exclude_nodes": tuple(args.exclude) if args.exclude else None,
+        "max_calib_samples": args.max_calib_samples,
+        "synthetic_calib": True if args.synthetic_calib else None,
+        "min_cosine": args.min_cosine,
+        "external_data": True if args.external_data else None,
+        "allow_empty": True if args.allow_empty else None,
+    }
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if args.config:
+        return QuantConfig.from_toml(args.config, **overrides)
+    return QuantConfig(**overrides)
+
+
+def _progress_factory(console: Console, stack: list) -> Callable:
+    def factory(label: str, total: int | None) -> Callable[[], None]:
+        progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TimeElapsedColumn(), console=console, transient=True)
+        progress.start()
+        stack.append(progress)
+        task = progress.add_task(label, total=total)
+        return lambda: progress.advance(task)
+
+    return factory
+
+
+def cmd_run(args: argparse.Namespace, out: Console, err: Console) -> int:
+    from .pipeline import default_output_path, quantize
+
+    config = _config_from_args(args)
+    output = Path(args.output) if args.output else default_output_path(args.model)
+    bars: list = []
+    try:
+        result = quantize(args.model, args.calib, config=config, output=output, val=args.val, load_calib=args.load_calib,
+                          save_calib=args.save_calib, dump_dir=args.dump_dir,
+                          progress=None if args.quiet else _progress_factory(err, bars))
+    finally:
+        for bar in bars:
+            bar.stop()
+    report = result.report
+    for w in report.warnings:
+        err.print(f"[bold red]warning:[/] {w}", highlight=False)
+    if not args.quiet:
+        print_summary(out, report.to_dict())
+    out.print(f"wrote {result.output_path} and {result.report_path}", highlight=False, soft_wrap=True)
+    if not result.passed:
+        err.print(f"[bold red]validation failed:[/] an output's mean cosine is below {config.min_cosine}")
+        return 1
+    return 0
+
+
+def print_summary(console: Console, r: dict) -> None:
+    if r["synthetic_calibration"]:
+        console.print("[bold red]RANGES FROM RANDOM DATA (--synthetic-calib): not for deployment[/]")
+    t = Table(title="quantized nodes", show_edge=False)
+    t.add_column("op type")
+    t.add_column("count", justify="right")
+    for op, n in sorted(r["quantized_nodes"].items()):
+        t.add_row(op, str(n))
+    console.print(t)
+    if r["skipped"]:
+        s = Table(title=f"skipped ({len(r['skipped'])})", show_edge=False)
+        s.add_column("node")
+        s.add_column("op")
+        s.add_column("reason")
+        for row in r["skipped"][:20]:
+            s.add_row(row["node"], row["op_type"], row["reason"])
+        if len(r["skipped"]) > 20:
+            s.add_row("…", "", f"{len(r['skipped']) - 20} more in the report")
+        console.print(s)
+    p = Table(title="passes", show_edge=False)
+    p.add_column("pass")
+    p.add_column("ms", justify="right")
+    p.add_column("modified")
+    for rec in r["passes"]:
+        p.add_row(rec["name"], f"{rec['seconds'] * 1000:.1f}", "yes" if rec["modified"] else "no")
+    console.print(p)
+    sizes = r["sizes"]
+    console.print(f"size: {sizes['input_bytes']:,} -> {sizes['output_bytes']:,} bytes "
+                  f"({sizes['output_bytes'] / max(sizes['input_bytes'], 1):.2f}x)   "
+                  f"calibration: {r['calibration'].get('samples')} samples, {r['calibration'].get('tensors')} tensors",
+                  highlight=False)
+    v = r.get("validation")
+    if v:
+        vt = Table(title=f"validation on {v['data']} ({v['samples']} samples, {v['provider']})", show_edge=False)
+        for col in ("output", "SQNR dB", "cosine mean", "cosine min", "max abs err", "top-1 agree", "accuracy fp32 -> int8"):
+            vt.add_column(col)
+        for o in v["outputs"]:
+            acc = f"{o['accuracy_fp32']:.4f} -> {o['accuracy_quantized']:.4f}" if "accuracy_fp32" in o else "-"
+            sq = o["sqnr_db"]
+            vt.add_row(o["output"], f"{sq:.1f}" if isinstance(sq, float) else str(sq), f"{o['cosine_mean']:.5f}",
+                       f"{o['cosine_min']:.5f}", f"{o['max_abs_error']:.4g}",
+                       f"{o['top1_agreement']:.4f}" if "top1_agreement" in o else "-", acc)
+        console.print(vt)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    out = Console(highlight=False)
+    err = Console(stderr=True, highlight=False)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        if args.command == "run":
+            return cmd_run(args, out, err)
+    except QpassError as exc:
+        if getattr(args, "debug", False):
+            raise
+        err.print(f"qpass: error: {exc.one_line()}", highlight=False, markup=False, soft_wrap=True)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        err.print("qpass: interrupted; no output written", highlight=False)
+        return 130
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

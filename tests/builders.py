@@ -1,0 +1,90 @@
+"""Tiny models built in code for the tests (real models live in models/ and ../shared/models)."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+SHARED_MODELS = REPO.parent / "shared" / "models"
+DIGITS_MODEL = REPO / "models" / "digits_cnn.onnx"
+DIGITS_CALIB = REPO / "models" / "digits" / "calib.npz"
+DIGITS_TEST = REPO / "models" / "digits" / "test.npz"
+
+
+def _model(nodes, inputs, outputs, inits, opset=13, **kw) -> onnx.ModelProto:
+    graph = helper.make_graph(nodes, "test", inputs, outputs, initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], **kw)
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def conv_model(opset: int = 13, *, bias: bool = True, seed: int = 0, weight_as_constant_node: bool = False) -> onnx.ModelProto:
+    """x[N,3,8,8] -> Conv(4, 3x3, pad 1, bias) -> Relu -> y."""
+    rng = np.random.default_rng(seed)
+    w = rng.normal(0, 0.3, (4, 3, 3, 3)).astype(np.float32)
+    b = rng.normal(0, 0.1, (4,)).astype(np.float32)
+    inits = [] if weight_as_constant_node else [numpy_helper.from_array(w, "W")]
+    nodes = []
+    if weight_as_constant_node:
+        nodes.append(helper.make_node("Constant", [], ["W"], name="W_const", value=numpy_helper.from_array(w, "Wv")))
+    conv_in = ["x", "W"]
+    if bias:
+        inits.append(numpy_helper.from_array(b, "B"))
+        conv_in.append("B")
+    nodes += [helper.make_node("Conv", conv_in, ["c"], name="conv", pads=[1, 1, 1, 1]),
+              helper.make_node("Relu", ["c"], ["y"], name="relu")]
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 8, 8])], inits, opset)
+
+
+def matmul_model(seed: int = 0, *, act_x_act: bool = False) -> onnx.ModelProto:
+    """x[N,16] -> MatMul(W[16,8]) -> Add(B) -> y; optionally a second activation x activation MatMul."""
+    rng = np.random.default_rng(seed)
+    w = rng.normal(0, 0.3, (16, 8)).astype(np.float32)
+    b = rng.normal(0, 0.1, (8,)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["m"], name="matmul"),
+             helper.make_node("Add", ["m", "B"], ["y"], name="add")]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])]
+    if act_x_act:
+        nodes.append(helper.make_node("Transpose", ["y"], ["yt"], name="transpose"))
+        nodes.append(helper.make_node("MatMul", ["y", "yt"], ["z"], name="matmul_act"))
+        outputs = [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["N", "N"])]
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])], outputs,
+                  [numpy_helper.from_array(w, "W"), numpy_helper.from_array(b, "B")])
+
+
+def gemm_model(seed: int = 0, *, trans_b: int = 1, bias_shape=(8,)) -> onnx.ModelProto:
+    """x[N,16] -> Gemm(W, C, transB) -> y[N,8]."""
+    rng = np.random.default_rng(seed)
+    w = rng.normal(0, 0.3, (8, 16) if trans_b else (16, 8)).astype(np.float32)
+    c = rng.normal(0, 0.1, bias_shape).astype(np.float32)
+    nodes = [helper.make_node("Gemm", ["x", "W", "C"], ["y"], name="gemm", transB=trans_b)]
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])],
+                  [numpy_helper.from_array(w, "W"), numpy_helper.from_array(c, "C")])
+
+
+def conv_transpose_model(seed: int = 0) -> onnx.ModelProto:
+    """x[N,4,5,5] -> ConvTranspose(W[4,6,2,2], stride 2, bias) -> y[N,6,10,10]."""
+    rng = np.random.default_rng(seed)
+    w = rng.normal(0, 0.3, (4, 6, 2, 2)).astype(np.float32)
+    b = rng.normal(0, 0.1, (6,)).astype(np.float32)
+    nodes = [helper.make_node("ConvTranspose", ["x", "W", "B"], ["y"], name="deconv", strides=[2, 2])]
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 5, 5])],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 6, 10, 10])],
+                  [numpy_helper.from_array(w, "W"), numpy_helper.from_array(b, "B")])
+
+
+def feeds(model: onnx.ModelProto, n: int = 8, seed: int = 1, batch: int = 2) -> list[dict[str, np.ndarray]]:
+    """Random float feeds for the model's inputs (dynamic dims -> ``batch``)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        feed = {}
+        for vi in model.graph.input:
+            dims = [d.dim_value if d.HasField("dim_value") else batch for d in vi.type.tensor_type.shape.dim]
+            feed[vi.name] = rng.normal(0, 1, dims).astype(np.float32)
+        out.append(feed)
+    return out
