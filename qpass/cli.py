@@ -100,7 +100,7 @@ def cmd_run(args: argparse.Namespace, out: Console, err: Console) -> int:
             bar.stop()
     report = result.report
     for w in report.warnings:
-        err.print(f"[bold red]warning:[/] {w}", highlight=False)
+        err.print(f"[bold red]warning:[/] {w}", highlight=False, soft_wrap=True)
     if not args.quiet:
         print_summary(out, report.to_dict())
     out.print(f"wrote {result.output_path} and {result.report_path}", highlight=False, soft_wrap=True)

@@ -200,6 +200,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, input_path: s
         raise ModelSaveError("output directory is not writable", subject=str(out_dir))
     use_external = external_data or _too_big(model)
     data_name = out.name + ".data"
+    out_data = out_dir / data_name
     try:
         tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out_dir))
     except OSError as exc:
@@ -211,9 +212,24 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, input_path: s
             to_write = onnx.ModelProto()
             to_write.CopyFrom(model)  # save_as_external_data mutates its argument
         _write_model(to_write, tmp_model, external_data=use_external, data_name=data_name)
-        if use_external:
-            os.replace(tmp_dir / data_name, out_dir / data_name)
-        os.replace(tmp_model, out)
+        # onnx writes no .data file when no tensor reaches size_threshold
+        new_data = tmp_dir / data_name if use_external and (tmp_dir / data_name).exists() else None
+        backup = None
+        if new_data is not None and out_data.exists():
+            backup = tmp_dir / (data_name + ".old")
+            os.link(out_data, backup)  # keep the old weights until the new model is in place
+        try:
+            if new_data is not None:
+                os.replace(new_data, out_data)
+            os.replace(tmp_model, out)
+        except OSError:
+            if new_data is not None:  # put the old pair back (or remove the new, unpaired .data)
+                with contextlib.suppress(OSError):
+                    if backup is not None:
+                        os.replace(backup, out_data)
+                    elif not new_data.exists():
+                        os.unlink(out_data)
+            raise
     except OSError as exc:
         raise ModelSaveError(f"cannot write output ({exc})", subject=str(out)) from None
     finally:
@@ -221,11 +237,21 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, input_path: s
     return out
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     """Write a text file (reports) atomically beside its final name."""
     out = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent if str(out.parent) else ".")
     try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give reports the mode open() would
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
         os.replace(tmp, out)

@@ -16,9 +16,9 @@ from .calib.collect import collect_ranges
 from .calib.data import input_specs, open_samples, split_holdout, synthetic_samples
 from .calib.table import CalibrationTable
 from .config import PER_CHANNEL_MIN_OPSET, QDQ_MIN_OPSET, QuantConfig
-from .errors import CalibrationDataError, NothingQuantizedError, OpsetError, UnsupportedModelError
+from .errors import CalibrationDataError, ModelSaveError, NothingQuantizedError, OpsetError, UnsupportedModelError
 from .graph import WorkingGraph, used_quant_ops
-from .io import default_opset, infer_shapes, load_model, save_model
+from .io import default_opset, infer_shapes, load_model, same_file, save_model
 from .pass_manager import PassContext, PassManager
 from .passes.cleanup import Cleanup
 from .passes.constants_to_initializers import ConstantsToInitializers
@@ -93,6 +93,13 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, calib: str | os.PathLik
     model_name = str(model) if not isinstance(model, onnx.ModelProto) else "<ModelProto>"
     original = load_model(model)
     times["load"] = time.perf_counter() - t0
+    if not isinstance(model, onnx.ModelProto):  # every file this run writes, checked before any work
+        writes = [("output", output), ("report", report_path_for(output) if output is not None else None),
+                  ("save_calib", save_calib)]
+        for what, path in writes:
+            if path is not None and same_file(path, model):
+                raise ModelSaveError(f"{what} path is the input model", subject=str(path),
+                                     hint="qpass never writes its input; choose another path")
     report = Report(model=model_name, config=cfg.to_dict())
 
     present = used_quant_ops(original)
@@ -120,8 +127,6 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, calib: str | os.PathLik
         if missing:
             raise CalibrationDataError(f"has no range for {len(missing)} tensor(s), e.g. '{missing[0]}'",
                                        subject=str(load_calib), hint="the table was made for another model or config")
-        if val is None and calib is None:
-            report.warnings.append("no validation data: pass calib or val data to validate")
     else:
         if calib is None:
             if not cfg.synthetic_calib:
@@ -180,6 +185,9 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, calib: str | os.PathLik
         val_desc = "synthetic"
     elif held:
         val_samples, val_desc = held, f"{len(held)} held-out calibration samples"
+    elif load_calib is not None and calib is not None:
+        val_samples = _take(open_samples(calib, specs), cfg.max_val_samples)
+        val_desc = f"up to {cfg.max_val_samples} samples of {calib} (the loaded table's data is unknown)"
     else:
         val_samples, val_desc = None, None
         report.warnings.append("not validated: no held-out samples (give --val PATH or more calibration samples)")

@@ -42,7 +42,7 @@ class OutputStats:
             self.top1_total += r.size
             if label is not None:
                 lab = np.asarray(label).ravel()
-                if lab.size == r.size:
+                if lab.size == r.size and lab.dtype.kind in "iu":
                     self.correct_ref += int(np.sum(r == lab))
                     self.correct_q += int(np.sum(q == lab))
                     self.labelled += r.size

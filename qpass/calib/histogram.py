@@ -1,0 +1,124 @@
+"""A streaming histogram on an exact power-of-two grid anchored at 0, so merging and regrowing never approximate.
+
+Bins are ``[k*w, (k+1)*w)`` for integer ``k`` and a bin width ``w`` that is a power of two. When a batch
+falls outside the window of ``bins`` bins, ``w`` doubles (pairs of bins merge exactly, because every
+edge of the coarser grid is an edge of the finer one) until the whole observed range fits, and the
+window is re-anchored at ``floor(min / w)``. The state after a set of batches is therefore the same
+whatever their order or size: the width is the smallest power of two at which the global range fits,
+and each bin holds the exact count of its interval. Memory is O(bins) per tensor. At least half of
+the bins span the observed range.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+class StreamingHistogram:
+    def __init__(self, bins: int = 2048):
+        if bins < 16:
+            raise ValueError("bins must be >= 16")
+        self.bins = int(bins)
+        self.counts = np.zeros(self.bins, dtype=np.int64)
+        self.exp: int | None = None  # bin width is 2**exp
+        self.k0 = 0  # absolute index of the first bin
+        self.min = math.inf
+        self.max = -math.inf
+        self.count = 0
+
+    # ------------------------------------------------------------------ grid
+    @property
+    def width(self) -> float:
+        return math.ldexp(1.0, self.exp) if self.exp is not None else 0.0
+
+    def edges(self) -> np.ndarray:
+        return (np.arange(self.bins + 1, dtype=np.float64) + self.k0) * self.width
+
+    def _fits(self, exp: int, lo: float, hi: float) -> bool:
+        w = math.ldexp(1.0, exp)
+        return math.floor(hi / w) - math.floor(lo / w) < self.bins
+
+    def _smallest_exp(self, lo: float, hi: float) -> int:
+        span = hi - lo
+        if span <= 0:
+            mag = max(abs(lo), abs(hi))
+            # a constant: any width works; pick one well below its magnitude (or a tiny one for 0)
+            return (math.frexp(mag)[1] - 24) if mag > 0 else -126
+        exp = math.frexp(span / self.bins)[1]  # 2**exp > span / bins
+        while not self._fits(exp, lo, hi):
+            exp += 1
+        while self._fits(exp - 1, lo, hi) and exp > -1074:
+            exp -= 1
+        return exp
+
+    def _regrid(self, new_exp: int, lo: float) -> None:
+        """Coarsen to width 2**new_exp (>= current) and re-anchor the window at floor(lo / w)."""
+        w = math.ldexp(1.0, new_exp)
+        new_k0 = math.floor(lo / w)
+        if self.exp is not None and self.counts.any():
+            shift = new_exp - self.exp
+            old_k = np.arange(self.bins, dtype=np.int64) + self.k0
+            idx = (old_k >> shift) - new_k0  # floor division by 2**shift, exact on integers
+            nz = self.counts != 0
+            self.counts = np.bincount(idx[nz], weights=self.counts[nz], minlength=self.bins)[: self.bins].astype(np.int64)
+        else:
+            self.counts = np.zeros(self.bins, dtype=np.int64)
+        self.exp, self.k0 = new_exp, new_k0
+
+    # ------------------------------------------------------------------ accumulate
+    def update(self, x: np.ndarray) -> None:
+        x = np.asarray(x)
+        if x.size == 0:
+            return
+        x = x.astype(np.float64, copy=False).ravel()
+        lo, hi = float(x.min()), float(x.max())
+        new_min, new_max = min(self.min, lo), max(self.max, hi)
+        self._grow(new_min, new_max)
+        k = np.floor(x / self.width).astype(np.int64) - self.k0
+        np.clip(k, 0, self.bins - 1, out=k)  # only the top edge itself (x == max on an edge) can land on bins
+        self.counts += np.bincount(k, minlength=self.bins)[: self.bins]
+        self.count += x.size
+
+    def _grow(self, new_min: float, new_max: float) -> None:
+        if self.exp is None:
+            self._regrid(self._smallest_exp(new_min, new_max), new_min)
+        else:
+            exp = self.exp
+            while not self._fits(exp, new_min, new_max):
+                exp += 1
+            if exp != self.exp or math.floor(new_min / math.ldexp(1.0, exp)) != self.k0:
+                self._regrid(exp, new_min)
+        self.min, self.max = new_min, new_max
+
+    def merge(self, other: "StreamingHistogram") -> "StreamingHistogram":
+        """A new histogram equal to observing both inputs' data."""
+        if other.bins != self.bins:
+            raise ValueError("cannot merge histograms with different bin counts")
+        out = StreamingHistogram(self.bins)
+        for h in (self, other):
+            if h.exp is None:
+                continue
+            if out.exp is None:
+                out.exp, out.k0, out.counts = h.exp, h.k0, h.counts.copy()
+                out.min, out.max, out.count = h.min, h.max, h.count
+                continue
+            lo, hi = min(out.min, h.min), max(out.max, h.max)
+            exp = max(out.exp, h.exp)
+            while not out._fits(exp, lo, hi):
+                exp += 1
+            out._regrid(exp, lo)
+            other_h = StreamingHistogram(self.bins)
+            other_h.exp, other_h.k0, other_h.counts = h.exp, h.k0, h.counts.copy()
+            other_h._regrid(exp, lo)
+            out.counts += other_h.counts
+            out.min, out.max, out.count = lo, hi, out.count + h.count
+        return out
+
+    # ------------------------------------------------------------------ views
+    def folded(self) -> tuple[np.ndarray, float]:
+        """Histogram of |x| on the same grid: counts for [j*w, (j+1)*w), j = 0.., and w. Exact, because 0 is an edge."""
+        k = np.arange(self.bins, dtype=np.int64) + self.k0
+        j = np.where(k >= 0, k, -k - 1)
+        n = int(j.max()) + 1 if self.counts.any() else 1
+        return np.bincount(j, weights=self.counts, minlength=n).astype(np.int64), self.width

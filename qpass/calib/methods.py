@@ -1,0 +1,133 @@
+"""Clipping ranges from a streaming histogram: percentile, MSE and entropy (KL), all vectorised in numpy.
+
+Each function returns ``(lo, hi)`` inside the observed ``[min, max]``; :mod:`qpass.qparams` then widens
+it to include 0 and turns it into scale and zero point. ``symmetric`` methods work on the exact
+histogram of ``|x|`` (0 is a bin edge) and clip both sides at one threshold.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..qparams import qrange
+from .histogram import StreamingHistogram
+
+METHODS = ("minmax", "percentile", "mse", "entropy")
+
+
+def _clamp(h: StreamingHistogram, lo: float, hi: float) -> tuple[float, float]:
+    lo, hi = max(float(lo), h.min), min(float(hi), h.max)
+    return (lo, hi) if lo <= hi else (h.min, h.max)
+
+
+def _quantile(counts: np.ndarray, edges: np.ndarray, q: float) -> float:
+    """Value below which a fraction ``q`` of the counts lies, interpolating linearly inside a bin."""
+    cum = np.cumsum(counts, dtype=np.float64)
+    total = cum[-1]
+    target = q * total
+    k = int(np.searchsorted(cum, target, side="left"))
+    k = min(k, len(counts) - 1)
+    before = cum[k - 1] if k > 0 else 0.0
+    frac = 0.0 if counts[k] == 0 else (target - before) / counts[k]
+    return float(edges[k] + np.clip(frac, 0.0, 1.0) * (edges[k + 1] - edges[k]))
+
+
+def percentile_range(h: StreamingHistogram, percentile: float = 99.99, *, symmetric: bool = False) -> tuple[float, float]:
+    """Two-tailed: the (100-p)th and p-th percentiles. Symmetric: the p-th percentile t of |x|, range [-t, t]."""
+    q = percentile / 100.0
+    if symmetric:
+        folded, w = h.folded()
+        t = _quantile(folded, np.arange(len(folded) + 1) * w, q)
+        return _clamp(h, -t, t)
+    edges = h.edges()
+    return _clamp(h, _quantile(h.counts, edges, 1.0 - q), _quantile(h.counts, edges, q))
+
+
+def _subsample(idx: np.ndarray, n: int) -> np.ndarray:
+    if len(idx) <= n:
+        return idx
+    return np.unique(np.concatenate([idx[np.linspace(0, len(idx) - 1, n).astype(int)], idx[-1:]]))
+
+
+def mse_range(h: StreamingHistogram, qtype: str = "uint8", *, symmetric: bool = False, candidates: int = 256) -> tuple[float, float]:
+    """The clipping range minimising expected squared error: clipped mass (x - edge)^2 plus step^2/12 inside.
+
+    Bin contents sit at bin centres. Every candidate is O(1) through prefix sums of count, count*x and
+    count*x^2, so the search over up to ``candidates`` x ``candidates`` (lo, hi) pairs is one numpy expression.
+    """
+    qmin, qmax = qrange(qtype, symmetric=symmetric)
+    steps = float(qmax - qmin)
+    if symmetric:
+        f, w = h.folded()
+        centres = (np.arange(len(f)) + 0.5) * w
+        c = f.astype(np.float64)
+        # suffix sums from bin j upwards
+        s0, s1, s2 = (np.cumsum((c * centres**p)[::-1])[::-1] for p in (0, 1, 2))
+        s0, s1, s2 = (np.append(s, 0.0) for s in (s0, s1, s2))
+        j = _subsample(np.arange(1, len(f) + 1), candidates * 4)
+        t = j * w
+        clip = s2[j] - 2 * t * s1[j] + t * t * s0[j]
+        inside = c.sum() - s0[j]
+        err = clip + inside * (2 * t / steps) ** 2 / 12.0  # step = 2t / (qmax - qmin)
+        best = t[int(np.argmin(err))]
+        return _clamp(h, -best, best)
+    edges = h.edges()
+    c = h.counts.astype(np.float64)
+    centres = (edges[:-1] + edges[1:]) / 2
+    p0, p1, p2 = (np.concatenate([[0.0], np.cumsum(c * centres**p)]) for p in (0, 1, 2))  # prefix over bins < k
+    n = len(c)
+    zero = int(np.clip(np.searchsorted(edges, 0.0), 0, n))
+    lo_idx = _subsample(np.arange(0, zero + 1), candidates)  # edge indices at or below 0
+    hi_idx = _subsample(np.arange(zero, n + 1), candidates)  # edge indices at or above 0
+    lo_e, hi_e = np.minimum(edges[lo_idx], 0.0), np.maximum(edges[hi_idx], 0.0)
+    below = p2[lo_idx] - 2 * lo_e * p1[lo_idx] + lo_e**2 * p0[lo_idx]
+    t0, t1, t2 = p0[-1] - p0[hi_idx], p1[-1] - p1[hi_idx], p2[-1] - p2[hi_idx]
+    above = t2 - 2 * hi_e * t1 + hi_e**2 * t0
+    inside = p0[-1] - p0[lo_idx][:, None] - t0[None, :]
+    step = (hi_e[None, :] - lo_e[:, None]) / steps
+    err = below[:, None] + above[None, :] + np.maximum(inside, 0.0) * step**2 / 12.0
+    a, b = np.unravel_index(int(np.argmin(err)), err.shape)
+    return _clamp(h, lo_e[a], hi_e[b])
+
+
+def entropy_threshold(folded: np.ndarray, levels: int = 128, max_candidates: int = 256) -> int:
+    """TensorRT's KL threshold search on a histogram of |x|: the bin count i minimising KL(P_i || Q_i).
+
+    P_i is the first i bins with the mass beyond folded into bin i-1; Q_i quantizes the first i bins
+    into ``levels`` groups and spreads each group's mass evenly over its non-empty bins. All
+    candidates (every k-th i from ``levels`` to the end) are evaluated at once.
+    """
+    f = folded.astype(np.float64)
+    n = len(f)
+    if n <= levels:
+        return n
+    stride = max(1, (n - levels) // max_candidates)
+    cand = np.unique(np.append(np.arange(levels, n + 1, stride), n))
+    j = np.arange(n)
+    inside = j[None, :] < cand[:, None]  # (m, n)
+    total = f.sum()
+    tail = total - np.concatenate([[0.0], np.cumsum(f)])[cand]  # mass at or beyond bin i
+    P = np.where(inside, f[None, :], 0.0)
+    P[np.arange(len(cand)), cand - 1] += tail
+    group = (j[None, :] * levels) // cand[:, None]  # (m, n), valid where inside
+    row = np.arange(len(cand))[:, None] * levels
+    flat = np.where(inside, row + group, -1)
+    keep = flat >= 0
+    gsum = np.bincount(flat[keep], weights=np.broadcast_to(f, flat.shape)[keep], minlength=len(cand) * levels)
+    nz = (P > 0) & inside
+    gcnt = np.bincount(flat[keep], weights=nz[keep].astype(np.float64), minlength=len(cand) * levels)
+    gi = np.where(keep, flat, 0)
+    Q = np.where(nz, gsum[gi] / np.maximum(gcnt[gi], 1.0), 0.0)
+    eps = 1e-12
+    Q = np.where(nz & (Q <= 0), eps, Q)
+    Psum, Qsum = P.sum(1, keepdims=True), Q.sum(1, keepdims=True)
+    Pn, Qn = P / np.maximum(Psum, eps), Q / np.maximum(Qsum, eps)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        kl = np.where(nz, Pn * np.log(Pn / Qn), 0.0).sum(1)
+    return int(cand[int(np.argmin(kl))])
+
+
+def entropy_range(h: StreamingHistogram, levels: int = 128, *, symmetric: bool = False) -> tuple[float, float]:
+    """Threshold t from the KL search on |x|; range [-t, t] intersected with the observed range."""
+    folded, w = h.folded()
+    t = entropy_threshold(folded, levels) * w
+    return _clamp(h, -t, t)
