@@ -20,6 +20,7 @@ examples:
   qpass run model.onnx --calib samples/ -o model.int8.onnx      # a folder of .npz, one sample each
   qpass run model.onnx --calib calib.npz --val test.npz --min-cosine 0.99
   qpass run old_opset11.onnx --calib calib/ --target-opset 13   # explicit upgrade for per-channel
+  qpass run model.onnx --calib calib/ --method entropy --save-calib table.json
   qpass run model.onnx --synthetic-calib                        # smoke run on random data (loudly marked)
 
 exit codes: 0 success, 1 validation below --min-cosine, 2 bad input (one line names the file/node/tensor)
@@ -40,6 +41,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--config", metavar="FILE", help="TOML file with QuantConfig keys (under [qpass] or top level)")
     run.add_argument("--dump-dir", metavar="DIR", help="on a failing pass, write the model from just before it here")
     run.add_argument("--target-opset", type=int, metavar="N", help="upgrade the model to opset N first (onnx.version_converter)")
+    run.add_argument("--method", choices=("minmax", "percentile", "mse", "entropy"),
+                     help="activation calibration method (default: minmax)")
+    run.add_argument("--percentile", type=float, metavar="P", help="percentile kept by --method percentile (default 99.99)")
+    run.add_argument("--bins", type=int, metavar="N", help="histogram bins for percentile/mse/entropy (default 2048)")
+    run.add_argument("--kl-levels", type=int, metavar="N", help="quantized levels of the entropy search (default 128)")
+    run.add_argument("--calib-batch-size", type=int, metavar="N", help="samples per onnxruntime run when shapes agree")
+    run.add_argument("--calib-ep", choices=("cpu", "cuda"), help="execution provider for calibration (default cpu)")
     run.add_argument("--per-tensor", action="store_true", help="one weight scale per tensor (default: per output channel)")
     run.add_argument("--activation-type", choices=ACTIVATION_TYPES, help="uint8 asymmetric (default) or int8 symmetric")
     run.add_argument("--exclude", action="append", metavar="NAME", help="node name or regex never quantized (repeatable)")
@@ -57,6 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _config_from_args(args: argparse.Namespace) -> QuantConfig:
     overrides = {
+        "method": args.method,
+        "percentile": args.percentile,
+        "bins": args.bins,
+        "kl_levels": args.kl_levels,
+        "calib_batch_size": args.calib_batch_size,
+        "calib_ep": args.calib_ep,
         "target_opset": args.target_opset,
         "per_channel": False if args.per_tensor else None,
         "activation_type": args.activation_type,

@@ -16,8 +16,11 @@ else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
 FORMATS = ("qdq",)
-METHODS = ("minmax",)
-ACTIVATION_TYPES = ("uint8", "int8")
+METHODS = ("minmax", "percentile", "mse", "entropy")
+ACTIVATION_TYPES = ("uint8", "int8", "uint16", "int16")
+#: the lowest opset whose QuantizeLinear / DequantizeLinear take 16-bit integers
+INT16_MIN_OPSET = 21
+CALIB_EPS = ("cpu", "cuda")
 WEIGHT_TYPES = ("int8",)
 COMPUTE_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 #: the lowest opset whose DequantizeLinear has the ``axis`` attribute (per-channel)
@@ -32,7 +35,14 @@ class QuantConfig:
 
     Attributes:
         format: output form; ``"qdq"`` writes standard QuantizeLinear/DequantizeLinear pairs.
-        method: calibration method for activation ranges.
+        method: calibration method for activation ranges: minmax, percentile, mse or entropy.
+        percentile: the percentile kept by ``percentile`` (two-tailed; one threshold on |x| when symmetric).
+        bins: bins of the streaming histogram behind percentile, mse and entropy.
+        kl_levels: quantized levels the entropy (KL) search compares against (128 for int8 magnitudes).
+        tensor_methods: method per activation tensor, keyed by name or full-match regex (wins over op_methods).
+        op_methods: method per consuming op type (e.g. {"MatMul": "percentile"}).
+        calib_batch_size: samples of equal shape concatenated into one onnxruntime run (results do not change).
+        calib_ep: execution provider for calibration, "cpu" or "cuda" (falls back to the CPU with a warning).
         activation_type: ``"uint8"`` (asymmetric, zero point from the range) or ``"int8"``
             (symmetric, zero point 0).
         weight_type: integer type of weights, always symmetric.
@@ -57,6 +67,13 @@ class QuantConfig:
     activation_type: str = "uint8"
     weight_type: str = "int8"
     per_channel: bool = True
+    percentile: float = 99.99
+    bins: int = 2048
+    kl_levels: int = 128
+    tensor_methods: dict = field(default_factory=dict)
+    op_methods: dict = field(default_factory=dict)
+    calib_batch_size: int = 1
+    calib_ep: str = "cpu"
     op_types: tuple[str, ...] = COMPUTE_OPS
     exclude_nodes: tuple[str, ...] = ()
     target_opset: int | None = None
@@ -83,6 +100,27 @@ class QuantConfig:
             raise bad("activation_type", self.activation_type, " or ".join(ACTIVATION_TYPES))
         if self.weight_type not in WEIGHT_TYPES:
             raise bad("weight_type", self.weight_type, " or ".join(WEIGHT_TYPES))
+        for name, table in (("tensor_methods", self.tensor_methods), ("op_methods", self.op_methods)):
+            if not isinstance(table, dict) or any(m not in METHODS for m in table.values()):
+                raise bad(name, table, f"a table of name -> one of {list(METHODS)}")
+        for key in self.op_methods:
+            if key not in COMPUTE_OPS:
+                raise bad("op_methods", key, f"an op type in {list(COMPUTE_OPS)}")
+        for key in self.tensor_methods:
+            try:
+                re.compile(key)
+            except re.error as exc:
+                raise bad("tensor_methods", key, f"a tensor name or a valid regular expression ({exc})") from None
+        if not (isinstance(self.percentile, (int, float)) and 50.0 < float(self.percentile) <= 100.0):
+            raise bad("percentile", self.percentile, "a number in (50, 100]")
+        if not isinstance(self.bins, int) or not 128 <= self.bins <= 2**20:
+            raise bad("bins", self.bins, "an integer from 128 to 1048576")
+        if not isinstance(self.kl_levels, int) or not 16 <= self.kl_levels <= self.bins:
+            raise bad("kl_levels", self.kl_levels, "an integer from 16 to bins")
+        if not isinstance(self.calib_batch_size, int) or self.calib_batch_size < 1:
+            raise bad("calib_batch_size", self.calib_batch_size, "a positive integer")
+        if self.calib_ep not in CALIB_EPS:
+            raise bad("calib_ep", self.calib_ep, " or ".join(CALIB_EPS))
         if not isinstance(self.per_channel, bool):
             raise bad("per_channel", self.per_channel, "true or false")
         ops = tuple(self.op_types)
@@ -118,7 +156,17 @@ class QuantConfig:
     # ------------------------------------------------------------------ helpers
     @property
     def activation_symmetric(self) -> bool:
-        return self.activation_type == "int8"
+        return self.activation_type in ("int8", "int16")
+
+    def method_for(self, tensor: str, consumer_ops: set[str] | frozenset[str] = frozenset()) -> str:
+        """The calibration method for one activation: by tensor name, then by consuming op type, then the default."""
+        for key, method in self.tensor_methods.items():
+            if key == tensor or re.fullmatch(key, tensor):
+                return method
+        for op in sorted(consumer_ops):
+            if op in self.op_methods:
+                return self.op_methods[op]
+        return self.method
 
     def is_excluded(self, node_name: str) -> bool:
         return any(p.fullmatch(node_name) for p in self._exclude_patterns)
@@ -127,7 +175,7 @@ class QuantConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: (list(v) if isinstance(v, tuple) else v)
+        return {f.name: (list(v) if isinstance(v, tuple) else dict(v) if isinstance(v, dict) else v)
                 for f in dataclasses.fields(self) if not f.name.startswith("_")
                 for v in [getattr(self, f.name)]}
 

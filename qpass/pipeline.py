@@ -6,16 +6,17 @@ from __future__ import annotations
 
 import os
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 import onnx
 
-from .calib.collect import collect_ranges
+from .calib.collect import RangeOptions, collect_ranges, pick_providers
 from .calib.data import input_specs, open_samples, split_holdout, synthetic_samples
 from .calib.table import CalibrationTable
-from .config import PER_CHANNEL_MIN_OPSET, QDQ_MIN_OPSET, QuantConfig
+from .config import INT16_MIN_OPSET, PER_CHANNEL_MIN_OPSET, QDQ_MIN_OPSET, QuantConfig
 from .errors import CalibrationDataError, ModelSaveError, NothingQuantizedError, OpsetError, UnsupportedModelError
 from .graph import WorkingGraph, used_quant_ops
 from .io import default_opset, infer_shapes, load_model, same_file, save_model
@@ -149,9 +150,21 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, calib: str | os.PathLik
             stream = _take(stream, cfg.max_calib_samples)
             total = min(total, cfg.max_calib_samples) if total else cfg.max_calib_samples
         tick = progress("calibrating", total) if progress else None
-        table = collect_ranges(working_model_for_calib(wg), tensors, stream, synthetic=calib is None, on_sample=tick)
+        providers, ep_note = pick_providers(cfg.calib_ep)
+        if ep_note:
+            report.warnings.append(ep_note)
+        consumers: dict[str, set[str]] = {}
+        for tg in targets:
+            for i in tg.activations:
+                consumers.setdefault(tg.node.inputs[i].name, set()).add(tg.node.op)
+        methods = {name: cfg.method_for(name, consumers.get(name, set())) for name in tensors}
+        options = RangeOptions(cfg.percentile, cfg.bins, cfg.kl_levels, cfg.activation_type, cfg.activation_symmetric)
+        table = collect_ranges(working_model_for_calib(wg), tensors, stream, methods=methods, options=options,
+                               providers=providers, batch_size=cfg.calib_batch_size, specs=specs,
+                               synthetic=calib is None, on_sample=tick)
         report.calibration = {"source": source_desc, "samples": table.samples, "tensors": len(table),
-                              "method": cfg.method, "synthetic": table.synthetic,
+                              "method": cfg.method, "methods_used": dict(Counter(methods.values())),
+                              "provider": providers[0], "synthetic": table.synthetic,
                               "ignored_keys": sorted(getattr(samples, "ignored_keys", set()))}
         if save_calib is not None:
             table.save(save_calib)
@@ -235,6 +248,11 @@ def _apply_opset(model: onnx.ModelProto, cfg: QuantConfig, name: str, report: Re
     opset = default_opset(model)
     report.opset = {"input": opset, "output": opset}
     hint_up = f"rerun with --target-opset {PER_CHANNEL_MIN_OPSET} to upgrade it with onnx.version_converter"
+    final = cfg.target_opset or opset
+    if cfg.activation_type in ("int16", "uint16") and final < INT16_MIN_OPSET:
+        raise OpsetError(f"{cfg.activation_type} activations need QuantizeLinear from opset {INT16_MIN_OPSET}; "
+                         f"the model would have {final}", subject=name,
+                         hint=f"use --target-opset {INT16_MIN_OPSET} or an 8-bit --activation-type")
     if cfg.target_opset is not None:
         if cfg.target_opset < opset:
             raise OpsetError(f"model has opset {opset}; downgrading to {cfg.target_opset} is not supported",

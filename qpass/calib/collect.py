@@ -1,19 +1,36 @@
-"""Streaming collection: run onnxruntime once per sample with the wanted tensors as extra outputs, update observers, drop the activations.
+"""Streaming collection: run onnxruntime with the wanted tensors as extra outputs, update one observer per tensor, drop the activations.
 
-Memory holds one sample's requested tensors at a time, whatever the number of samples.
+Memory holds one run's requested tensors at a time, whatever the number of samples. Samples of
+equal shape may be concatenated into one run (``batch_size``); the statistics are exact either way,
+so the ranges do not depend on it.
 """
 from __future__ import annotations
 
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import onnx
 
 from ..errors import CalibrationDataError, QpassError
+from .data import InputSpec
+from .histogram import StreamingHistogram
+from .methods import entropy_range, mse_range, percentile_range
 from .observers import MinMaxObserver
 from .table import CalibrationTable, TensorRange
+
+
+@dataclass(frozen=True)
+class RangeOptions:
+    """What turns an observer into a range: the method's knobs and the target integer type."""
+
+    percentile: float = 99.99
+    bins: int = 2048
+    kl_levels: int = 128
+    qtype: str = "uint8"
+    symmetric: bool = False
 
 
 def augmented_model(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
@@ -33,13 +50,15 @@ def augmented_model(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelPro
     return out
 
 
-def make_session(model: onnx.ModelProto, providers: list[str] | None = None, *, what: str = "model"):
+def make_session(model: onnx.ModelProto, providers: list[str] | None = None, *, what: str = "model",
+                 optimize: bool = True):
     """An onnxruntime session for an in-memory model (through a temporary file when it is over 2 GB)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_BASIC if optimize
+                                     else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     providers = providers or ["CPUExecutionProvider"]
     try:
         if model.ByteSize() < 2**31 - 2**26:
@@ -52,16 +71,81 @@ def make_session(model: onnx.ModelProto, providers: list[str] | None = None, *, 
         raise QpassError(f"onnxruntime cannot load the {what}: {str(exc).splitlines()[0]}", subject=what) from None
 
 
+def pick_providers(ep: str) -> tuple[list[str], str | None]:
+    """Execution providers for ``ep`` ("cpu" or "cuda"), and a message when CUDA had to fall back."""
+    import onnxruntime as ort
+
+    if ep == "cuda":
+        if "CUDAExecutionProvider" in ort.get_available_providers():
+            return ["CUDAExecutionProvider", "CPUExecutionProvider"], None
+        return ["CPUExecutionProvider"], "CUDAExecutionProvider is not available in this onnxruntime; calibrating on the CPU"
+    return ["CPUExecutionProvider"], None
+
+
+def batchable(specs: list[InputSpec]) -> bool:
+    """Samples can be concatenated when every input has a dynamic first (batch) axis."""
+    return bool(specs) and all(s.rank >= 1 and not isinstance(s.shape[0], int) for s in specs)
+
+
+def batches(samples: Iterable[tuple[dict, Any]], size: int, can_batch: bool) -> Iterator[tuple[dict, int]]:
+    """Consecutive samples of equal shapes concatenated on axis 0, at most ``size`` per batch."""
+    if size <= 1 or not can_batch:
+        for feed, _ in samples:
+            yield feed, 1
+        return
+    pending: list[dict] = []
+
+    def flush() -> tuple[dict, int]:
+        feed = {k: np.concatenate([p[k] for p in pending], axis=0) for k in pending[0]}
+        return feed, len(pending)
+
+    for feed, _ in samples:
+        if pending and (len(pending) >= size or any(feed[k].shape != pending[0][k].shape for k in feed)):
+            yield flush()
+            pending = []
+        pending.append(feed)
+    if pending:
+        yield flush()
+
+
+class _Observer:
+    """A min-max observer, plus a histogram when the tensor's method needs one."""
+
+    def __init__(self, method: str, bins: int):
+        self.method = method
+        self.minmax = MinMaxObserver()
+        self.hist = StreamingHistogram(bins) if method != "minmax" else None
+
+    def update(self, x: np.ndarray) -> None:
+        self.minmax.update(x)
+        if self.hist is not None:
+            self.hist.update(x)
+
+    def range(self, opt: RangeOptions) -> tuple[float, float]:
+        if self.hist is None or self.hist.count == 0:
+            return self.minmax.range()
+        if self.method == "percentile":
+            return percentile_range(self.hist, opt.percentile, symmetric=opt.symmetric)
+        if self.method == "mse":
+            return mse_range(self.hist, opt.qtype, symmetric=opt.symmetric)
+        if self.method == "entropy":
+            return entropy_range(self.hist, opt.kl_levels, symmetric=opt.symmetric)
+        raise ValueError(f"unknown calibration method {self.method!r}")
+
+
 def collect_ranges(model: onnx.ModelProto, tensors: list[str], samples: Iterable[tuple[dict, Any]], *,
-                   providers: list[str] | None = None, synthetic: bool = False,
-                   on_sample: Callable[[], None] | None = None) -> CalibrationTable:
-    """Min-max range of each tensor in ``tensors`` over all ``samples`` (one onnxruntime run each)."""
+                   methods: dict[str, str] | str = "minmax", options: RangeOptions = RangeOptions(),
+                   providers: list[str] | None = None, batch_size: int = 1, specs: list[InputSpec] | None = None,
+                   synthetic: bool = False, on_sample: Callable[[], None] | None = None) -> CalibrationTable:
+    """The range of each tensor in ``tensors`` over all ``samples``, by each tensor's method."""
     if not tensors:
         return CalibrationTable({}, samples=0, synthetic=synthetic)
+    if isinstance(methods, str):
+        methods = {t: methods for t in tensors}
     session = make_session(augmented_model(model, tensors), providers, what="calibration model")
-    observers = {name: MinMaxObserver() for name in tensors}
+    observers = {name: _Observer(methods.get(name, "minmax"), options.bins) for name in tensors}
     n = 0
-    for feed, _label in samples:
+    for feed, count in batches(samples, batch_size, batchable(specs) if specs is not None else False):
         try:
             values = session.run(tensors, feed)
         except Exception as exc:  # noqa: BLE001
@@ -75,11 +159,18 @@ def collect_ranges(model: onnx.ModelProto, tensors: list[str], samples: Iterable
                 raise CalibrationDataError(f"activation is NaN or Inf on calibration sample {n}",
                                            subject=f"tensor '{name}'", hint="check the calibration data's values")
             observers[name].update(arr)
-        n += 1
+        del values
+        n += count
         if on_sample:
-            on_sample()
+            for _ in range(count):
+                on_sample()
     if n == 0:
         raise CalibrationDataError("no calibration samples", subject="calibration data",
                                    hint="give at least one sample (and more than one when validating on a held-out split)")
-    ranges = {name: TensorRange(obs.min, obs.max, obs.method, obs.count) for name, obs in observers.items() if obs.seen}
+    ranges = {}
+    for name, obs in observers.items():
+        if not obs.minmax.seen:
+            continue
+        lo, hi = obs.range(options)
+        ranges[name] = TensorRange(lo, hi, obs.method, n, obs.minmax.min, obs.minmax.max)
     return CalibrationTable(ranges, samples=n, synthetic=synthetic)

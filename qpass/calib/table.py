@@ -16,9 +16,18 @@ class TensorRange:
     max: float
     method: str = "minmax"
     samples: int = 0
+    observed_min: float | None = None
+    observed_max: float | None = None
 
     def to_dict(self) -> dict:
-        return {"min": self.min, "max": self.max, "method": self.method, "samples": self.samples}
+        d = {"min": self.min, "max": self.max, "method": self.method, "samples": self.samples}
+        if self.observed_min is not None:
+            d["observed_min"], d["observed_max"] = self.observed_min, self.observed_max
+        return d
+
+
+def _opt(x) -> float | None:
+    return None if x is None else float(x)
 
 
 class CalibrationTable:
@@ -45,7 +54,8 @@ class CalibrationTable:
         try:
             data = json.loads(text)
             ranges = {k: TensorRange(float(v["min"]), float(v["max"]), str(v.get("method", "minmax")),
-                                     int(v.get("samples", 0))) for k, v in data["ranges"].items()}
+                                     int(v.get("samples", 0)), _opt(v.get("observed_min")), _opt(v.get("observed_max")))
+                      for k, v in data["ranges"].items()}
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise CalibrationDataError(f"not a qpass calibration table ({exc})", subject=source) from None
         return cls(ranges, samples=int(data.get("samples", 0)), synthetic=bool(data.get("synthetic", False)))
