@@ -47,6 +47,9 @@ class QuantConfig:
             (symmetric, zero point 0).
         weight_type: integer type of weights, always symmetric.
         per_channel: weights get one scale per output channel (needs opset >= 13).
+        quantize_outputs: compute op types whose outputs are quantized too (after a Relu/Clip), so runtimes fuse
+            integer kernels (DQ -> Conv -> Q). MatMul is left out by default: onnxruntime fuses DQ -> MatMul
+            without an output Q, and quantizing MatMul outputs costs transformers accuracy (measured on MiniLM).
         op_types: the compute ops whose inputs and weights are quantized.
         exclude_nodes: node names, or regular expressions matched in full, never quantized.
         target_opset: upgrade the model to this opset (onnx.version_converter) first.
@@ -67,6 +70,7 @@ class QuantConfig:
     activation_type: str = "uint8"
     weight_type: str = "int8"
     per_channel: bool = True
+    quantize_outputs: tuple[str, ...] = ("Conv", "ConvTranspose", "Gemm")
     percentile: float = 99.99
     bins: int = 2048
     kl_levels: int = 128
@@ -129,6 +133,11 @@ class QuantConfig:
             raise bad("op_types", list(ops), f"a non-empty subset of {list(COMPUTE_OPS)}")
         object.__setattr__(self, "op_types", ops)
         object.__setattr__(self, "exclude_nodes", tuple(self.exclude_nodes))
+        if isinstance(self.quantize_outputs, bool):
+            object.__setattr__(self, "quantize_outputs", COMPUTE_OPS if self.quantize_outputs else ())
+        object.__setattr__(self, "quantize_outputs", tuple(self.quantize_outputs))
+        if any(op not in COMPUTE_OPS for op in self.quantize_outputs):
+            raise bad("quantize_outputs", list(self.quantize_outputs), f"a subset of {list(COMPUTE_OPS)}, or true/false")
         patterns = []
         for text in self.exclude_nodes:
             try:

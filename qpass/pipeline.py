@@ -23,8 +23,9 @@ from .io import default_opset, infer_shapes, load_model, same_file, save_model
 from .pass_manager import PassContext, PassManager
 from .passes.cleanup import Cleanup
 from .passes.constants_to_initializers import ConstantsToInitializers
+from .passes.fold_batchnorm import FoldBatchNorm
 from .passes.insert_qdq import InsertQDQ
-from .passes.targets import activation_tensors, find_targets
+from .passes.placement import plan_quantization
 from .report import Report, count_quantized
 from .validate import validate
 from .verify import verify_model
@@ -34,7 +35,7 @@ ProgressFactory = Callable[[str, "int | None"], Callable[[], None]]
 
 
 def prepare_passes():
-    return [ConstantsToInitializers(), Cleanup()]
+    return [ConstantsToInitializers(), FoldBatchNorm(), Cleanup()]
 
 
 def quantize_passes():
@@ -117,8 +118,8 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, calib: str | os.PathLik
     times["prepare"] = time.perf_counter() - t
 
     # ----------------------------------------------------------------- calibration
-    targets, _ = find_targets(wg.graph, cfg)
-    tensors = activation_tensors(targets)
+    plan = plan_quantization(wg.graph, cfg)
+    targets, tensors = plan.targets, plan.calibrate
     specs = input_specs(working_model)
     held: list = []
     t = time.perf_counter()

@@ -19,6 +19,8 @@ INT_TYPES: dict[str, tuple[type, int, int]] = {
 
 #: smallest scale written; keeps 1/scale finite for tensors whose range is (nearly) zero
 MIN_SCALE = float(np.finfo(np.float32).tiny)
+#: largest float32: a scale, or a dequantized end of the integer grid, beyond it would be inf
+F32_MAX = float(np.finfo(np.float32).max)
 
 
 def qrange(qtype: str, *, symmetric: bool) -> tuple[int, int]:
@@ -57,11 +59,18 @@ def compute_qparams(rmin, rmax, qtype: str, *, symmetric: bool) -> tuple[np.ndar
         scale = (rmax - rmin) / float(qmax - qmin)
         zero_point = None
     scale = np.where(scale == 0.0, 1.0, scale)
-    scale = np.maximum(scale, MIN_SCALE).astype(np.float32)
+    scale = np.maximum(scale, MIN_SCALE)
+    if np.any(scale > F32_MAX):
+        raise ValueError("range is too large for a float32 scale")
+    scale = scale.astype(np.float32)
     if zero_point is None:
         zero_point = np.round(qmin - rmin / scale.astype(np.float64))
-    zero_point = np.clip(zero_point, qmin, qmax).astype(dtype)
-    return scale, zero_point
+    zero_point = np.clip(zero_point, qmin, qmax)
+    # the dequantized ends of the grid, (qmin - zp) * scale and (qmax - zp) * scale, must be finite float32
+    ends = np.maximum(np.abs(qmin - zero_point), np.abs(qmax - zero_point)) * scale.astype(np.float64)
+    if np.any(ends > F32_MAX):
+        raise ValueError("range is too large: its dequantized ends overflow float32")
+    return scale, zero_point.astype(dtype)
 
 
 def _broadcast(param: np.ndarray, x: np.ndarray, axis: int | None) -> np.ndarray:

@@ -144,7 +144,8 @@ def _open_path(path: Path, specs: list[InputSpec], what: str) -> SampleSource:
         npz = sorted(path.glob("*.npz"))
         if npz:
             return SampleSource(name, len(npz), lambda i: _read_npz(npz[i]), specs)
-        sets = sorted(p for p in path.glob("test_data_set_*") if p.is_dir())
+        sets = sorted((p for p in path.glob("test_data_set_*") if p.is_dir()),
+                      key=lambda p: (int(p.name.rsplit("_", 1)[-1]) if p.name.rsplit("_", 1)[-1].isdigit() else 0, p.name))
         if not sets and sorted(path.glob("input_*.pb")):
             sets = [path]
         if sets:
@@ -157,9 +158,17 @@ def _open_path(path: Path, specs: list[InputSpec], what: str) -> SampleSource:
 
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    """All arrays of an .npz; keys stored as pickled object arrays are skipped (they cannot be model inputs)."""
     try:
         with np.load(path, allow_pickle=False) as data:
-            return {k: data[k] for k in data.files}
+            out = {}
+            for k in data.files:
+                try:
+                    out[k] = data[k]
+                except ValueError as exc:
+                    if "allow_pickle" not in str(exc):
+                        raise
+            return out
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
         raise CalibrationDataError(f"cannot read .npz ({exc})", subject=str(path)) from None
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,9 +57,15 @@ class CalibrationTable:
             ranges = {k: TensorRange(float(v["min"]), float(v["max"]), str(v.get("method", "minmax")),
                                      int(v.get("samples", 0)), _opt(v.get("observed_min")), _opt(v.get("observed_max")))
                       for k, v in data["ranges"].items()}
+            samples = int(data.get("samples", 0))
+            synthetic = bool(data.get("synthetic", False))
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise CalibrationDataError(f"not a qpass calibration table ({exc})", subject=source) from None
-        return cls(ranges, samples=int(data.get("samples", 0)), synthetic=bool(data.get("synthetic", False)))
+        for name, r in ranges.items():
+            if not (math.isfinite(r.min) and math.isfinite(r.max) and r.min <= r.max):
+                raise CalibrationDataError(f"tensor '{name}' has an invalid range [{r.min}, {r.max}]", subject=source,
+                                           hint="ranges must be finite with min <= max")
+        return cls(ranges, samples=samples, synthetic=synthetic)
 
     def save(self, path: str | Path) -> None:
         from ..io import write_text_atomic

@@ -1,8 +1,9 @@
-"""x -> Q -> DQ -> Op for activations; W -> int8 W_q -> DQ(axis) -> Op for weights; B -> int32 B_q (scale s_x*s_w, zp 0) -> DQ -> Op.
+"""x -> Q -> DQ -> consumers for each planned activation; W -> int8 W_q -> DQ(axis) -> Op; B -> int32 B_q (scale s_x*s_w, zp 0) -> DQ -> Op.
 
-The QDQ format: only standard ONNX QuantizeLinear / DequantizeLinear. Activation ranges come from
-the calibration table; weight ranges from the constants (symmetric, per output channel when
-configured). A bias whose integer value would overflow int32 stays float, with the reason recorded.
+The QDQ format: only standard ONNX QuantizeLinear / DequantizeLinear. Which activations get a pair,
+and which consumers read it, comes from :mod:`placement`; activation ranges come from the
+calibration table; weight ranges from the constants (symmetric, per output channel when configured).
+A bias whose integer value would overflow int32 stays float, with the reason recorded.
 """
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from ..errors import PreconditionError
 from ..graph import NameAllocator, node_label
 from ..pass_manager import Pass, PassContext, PassResult, Skip
 from ..qparams import INT_TYPES, compute_qparams, quantize, weight_qparams
-from .targets import Target, find_targets
+from .placement import Plan, plan_quantization
+from .targets import Target
 
 INT32_MAX = 2**31 - 1
 
@@ -29,40 +31,70 @@ class InsertQDQ(Pass):
                                     subject="graph", hint="use --target-opset 13 or --per-tensor")
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        targets, skips = find_targets(graph, ctx.config)
+        plan = plan_quantization(graph, ctx.config)
         self._names = NameAllocator(graph)
-        self._act: dict[str, tuple[gs.Variable, np.ndarray]] = {}
-        self._weights: dict[tuple[str, int | None], tuple[gs.Variable, np.ndarray]] = {}
         self._graph = graph
+        self._weights: dict[tuple[str, int | None], tuple[gs.Variable, np.ndarray]] = {}
+        self._dq_source: dict[str, str] = {}
+        skipped = list(plan.skips)
+        act_scales = self._quantize_activations(plan, ctx, skipped)
         done: Counter = Counter()
-        skipped = list(skips)
-        for t in targets:
-            if self._quantize_target(t, ctx, skipped):
+        for t in plan.targets:
+            if self._quantize_target(t, ctx, act_scales, skipped):
                 done[t.node.op] += 1
-        if done:
+        if act_scales or done:
             graph.cleanup(remove_unused_graph_inputs=False).toposort()
-        return PassResult(modified=bool(done), skipped=tuple(skipped), stats=dict(done))
+        stats = dict(done)
+        return PassResult(modified=bool(act_scales or done), skipped=tuple(skipped), stats=stats)
 
-    # ------------------------------------------------------------------ per node
-    def _quantize_target(self, t: Target, ctx: PassContext, skipped: list[Skip]) -> bool:
+    # ------------------------------------------------------------------ activations
+    def _quantize_activations(self, plan: Plan, ctx: PassContext, skipped: list[Skip]) -> dict[str, np.ndarray]:
+        """Insert one Q/DQ pair per planned tensor and rewire its readers; returns tensor name -> scale."""
+        cfg = ctx.config
+        tensors = self._graph.tensors()
+        scales: dict[str, np.ndarray] = {}
+        for q in plan.tensors.values():
+            x = tensors[q.name]
+            rng = ctx.calib.get(q.range_of)
+            if rng is None:
+                skipped.append(Skip(q.name, "activation", f"no calibration range for '{q.range_of}'; left in float"))
+                continue
+            readers = [n for n in list(x.outputs) if q.consumers is None or id(n) in q.consumers]
+            if not readers:
+                continue
+            try:
+                scale, zp = compute_qparams(rng.min, rng.max, cfg.activation_type, symmetric=cfg.activation_symmetric)
+            except ValueError as exc:
+                skipped.append(Skip(q.name, "activation", f"range [{rng.min:.4g}, {rng.max:.4g}] unusable ({exc}); left in float"))
+                continue
+            dq = self._qdq_nodes(x, None, scale, zp, None, x.name)
+            for node in readers:
+                for i, inp in enumerate(node.inputs):
+                    if inp is x:
+                        node.inputs[i] = dq
+            scales[q.name] = scale
+            self._dq_source[dq.name] = q.name
+        return scales
+
+    # ------------------------------------------------------------------ per compute node
+    def _quantize_target(self, t: Target, ctx: PassContext, act_scales: dict[str, np.ndarray], skipped: list[Skip]) -> bool:
         node, label = t.node, node_label(t.node)
-        changed = False
         act_scale = None
         for i in t.activations:
-            x = node.inputs[i]
-            rng = ctx.calib.get(x.name)
-            if rng is None:
-                skipped.append(Skip(label, node.op, f"no calibration range for input '{x.name}'"))
-                return changed
-        for i in t.activations:
-            dq, act_scale = self._activation_dq(node.inputs[i], ctx)
-            node.inputs[i] = dq
-            changed = True
+            src = node.inputs[i]
+            name = self._dq_source.get(src.name, src.name)
+            if name not in act_scales:
+                skipped.append(Skip(label, node.op, f"input '{name}' has no calibration range; node left in float"))
+                return False
+            act_scale = act_scales[name]
         w_scale = None
         if t.weight is not None:
-            dq, w_scale = self._weight_dq(node.inputs[t.weight], t.weight_axis, ctx)
+            try:
+                dq, w_scale = self._weight_dq(node.inputs[t.weight], t.weight_axis, ctx)
+            except ValueError as exc:
+                skipped.append(Skip(label, node.op, f"weight '{node.inputs[t.weight].name}' not quantizable ({exc})"))
+                return False
             node.inputs[t.weight] = dq
-            changed = True
         for note in t.notes:
             skipped.append(Skip(label, node.op, note))
         if t.bias is not None:
@@ -74,7 +106,7 @@ class InsertQDQ(Pass):
                 reason = self._bias_dq(node, t, act_scale, w_scale)
                 if reason:
                     skipped.append(Skip(label, node.op, reason))
-        return changed
+        return True
 
     # ------------------------------------------------------------------ builders
     def _qdq_nodes(self, src: gs.Tensor, q_values: np.ndarray | None, scale: np.ndarray, zp: np.ndarray,
@@ -94,14 +126,6 @@ class InsertQDQ(Pass):
         self._graph.nodes.append(gs.Node("DequantizeLinear", self._names(f"{base}_DequantizeLinear"), attrs=attrs,
                                          inputs=[q, scale_c, zp_c], outputs=[dq]))
         return dq
-
-    def _activation_dq(self, x: gs.Variable, ctx: PassContext) -> tuple[gs.Variable, np.ndarray]:
-        if x.name not in self._act:
-            rng = ctx.calib.get(x.name)
-            cfg = ctx.config
-            scale, zp = compute_qparams(rng.min, rng.max, cfg.activation_type, symmetric=cfg.activation_symmetric)
-            self._act[x.name] = (self._qdq_nodes(x, None, scale, zp, None, x.name), scale)
-        return self._act[x.name]
 
     def _weight_dq(self, w: gs.Constant, axis: int | None, ctx: PassContext) -> tuple[gs.Variable, np.ndarray]:
         key = (w.name, axis)
@@ -134,3 +158,4 @@ class InsertQDQ(Pass):
         zp = np.zeros(scale.shape, dtype=INT_TYPES["int32"][0])
         node.inputs[t.bias] = self._qdq_nodes(b, q, scale, zp, axis, b.name)
         return None
+

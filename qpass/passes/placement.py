@@ -1,0 +1,124 @@
+"""Analysis (not a pass): which activation tensors get a Q/DQ pair, whose range each uses, and which consumers read it.
+
+The plan, from the compute targets of :mod:`targets`:
+
+* an activation input of a quantized compute op is quantized for the quantized consumers only, so
+  float neighbours (a residual Add, a LayerNorm) keep reading the exact tensor;
+* the output of a quantized compute op is quantized for all its consumers, after folding a single
+  Relu or Clip consumer into it (quantize the activation's output; onnxruntime then drops the Relu),
+  so that the runtime can fuse DQ -> op -> Q into one integer kernel;
+* a data-movement op (Reshape, Transpose, Flatten, Squeeze, Unsqueeze, Identity, MaxPool, ...) between
+  two quantized tensors reads the dequantized input and its output shares the input's range, so the
+  pair around it is lossless and removable.
+
+Calibration needs ranges only for the tensors in :attr:`Plan.calibrate`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import onnx_graphsurgeon as gs
+
+from ..config import QuantConfig
+from ..graph import is_float32
+from ..pass_manager import Skip
+from .targets import Target, find_targets
+
+#: ops that move or select values without changing them: their output may share their input's scale
+DATA_MOVEMENT = frozenset({"Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Identity", "MaxPool",
+                           "Slice", "Gather", "Resize", "SpaceToDepth", "DepthToSpace", "Expand", "Tile"})
+#: activations that only clip the producer's range: quantizing their output keeps the range tight
+RANGE_FOLDING = frozenset({"Relu", "Clip"})
+
+
+@dataclass
+class QTensor:
+    name: str
+    #: None: every consumer in the graph reads DQ; else only these nodes (by id)
+    consumers: set[int] | None = field(default_factory=set)
+    #: the tensor whose calibrated range this one uses (itself unless shared)
+    range_of: str = ""
+
+
+@dataclass
+class Plan:
+    targets: list[Target]
+    skips: list[Skip]
+    tensors: dict[str, QTensor]
+
+    @property
+    def calibrate(self) -> list[str]:
+        seen: dict[str, None] = {}
+        for q in self.tensors.values():
+            seen.setdefault(q.range_of, None)
+        return list(seen)
+
+
+def _consumed_by_q(t: gs.Tensor) -> bool:
+    return any(c.op == "QuantizeLinear" for c in t.outputs)
+
+
+def _folded_output(y: gs.Variable) -> gs.Variable:
+    """y, or the output of a single Relu/Clip that is y's only consumer."""
+    if len(y.outputs) == 1 and y.outputs[0].op in RANGE_FOLDING and y.outputs[0].inputs[0] is y:
+        act = y.outputs[0]
+        if act.op == "Clip" and any(not isinstance(t, gs.Constant) for t in act.inputs[1:] if t.name):
+            return y
+        return act.outputs[0]
+    return y
+
+
+def plan_quantization(graph: gs.Graph, config: QuantConfig) -> Plan:
+    targets, skips = find_targets(graph, config)
+    tensors: dict[str, QTensor] = {}
+    graph_outputs = {t.name for t in graph.outputs}
+
+    def want(t: gs.Tensor, consumer: gs.Node | None) -> None:
+        q = tensors.setdefault(t.name, QTensor(t.name, set(), t.name))
+        if consumer is None:
+            q.consumers = None
+        elif q.consumers is not None:
+            q.consumers.add(id(consumer))
+
+    for tg in targets:
+        for i in tg.activations:
+            want(tg.node.inputs[i], tg.node)
+    if config.quantize_outputs:
+        for tg in targets:
+            if tg.node.op not in config.quantize_outputs or len(tg.node.outputs) != 1:
+                continue
+            y = _folded_output(tg.node.outputs[0])
+            if not is_float32(y) or _consumed_by_q(y) or not y.outputs:
+                continue  # already quantized, or only a graph output: nothing downstream to run in int8
+            if y.name in graph_outputs and not y.outputs:
+                continue
+            want(y, None)
+    # data movement between quantized tensors shares the producer's range: walk back from each planned
+    # tensor through data-movement ops; if a planned tensor is reached, every tensor on the way shares its range
+    share: dict[str, str] = {}
+    by_name = graph.tensors()
+    for q in list(tensors.values()):
+        chain: list[tuple[gs.Tensor, gs.Node]] = []
+        t = by_name.get(q.name)
+        while t is not None:
+            prod = t.inputs[0] if isinstance(t, gs.Variable) and len(t.inputs) == 1 else None
+            if prod is None or prod.op not in DATA_MOVEMENT or not prod.inputs or not is_float32(prod.inputs[0]):
+                break
+            src = prod.inputs[0]
+            chain.append((src, prod))
+            if src.name in tensors and src.name != q.name:
+                break
+            t = src
+        if chain and chain[-1][0].name in tensors:
+            dst = q.name
+            for src, prod in chain:
+                want(src, prod)
+                share[dst] = src.name
+                dst = src.name
+    for q in tensors.values():
+        root, hops = q.name, 0
+        while root in share and hops <= len(share):
+            root, hops = share[root], hops + 1
+        q.range_of = root
+    return Plan(targets, skips, tensors)
+
