@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--config", metavar="FILE", help="TOML file with QuantConfig keys (under [qpass] or top level)")
     run.add_argument("--dump-dir", metavar="DIR", help="on a failing pass, write the model from just before it here")
     run.add_argument("--target-opset", type=int, metavar="N", help="upgrade the model to opset N first (onnx.version_converter)")
+    run.add_argument("--format", choices=("qdq", "qop"),
+                     help="qdq: QuantizeLinear/DequantizeLinear pairs (default); qop: integer operators (QLinearConv, ...)")
+    run.add_argument("--op-types", metavar="OPS", help="comma-separated compute ops to quantize (default Conv,ConvTranspose,MatMul,Gemm)")
     run.add_argument("--method", choices=("minmax", "percentile", "mse", "entropy"),
                      help="activation calibration method (default: minmax)")
     run.add_argument("--percentile", type=float, metavar="P", help="percentile kept by --method percentile (default 99.99)")
@@ -65,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _config_from_args(args: argparse.Namespace) -> QuantConfig:
     overrides = {
+        "format": args.format,
+        "op_types": tuple(args.op_types.split(",")) if args.op_types else None,
         "method": args.method,
         "percentile": args.percentile,
         "bins": args.bins,

@@ -15,7 +15,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
-FORMATS = ("qdq",)
+FORMATS = ("qdq", "qop")
 METHODS = ("minmax", "percentile", "mse", "entropy")
 ACTIVATION_TYPES = ("uint8", "int8", "uint16", "int16")
 #: the lowest opset whose QuantizeLinear / DequantizeLinear take 16-bit integers
@@ -34,13 +34,16 @@ class QuantConfig:
     """Everything that decides what a run writes. Invalid values raise :class:`ConfigError`.
 
     Attributes:
-        format: output form; ``"qdq"`` writes standard QuantizeLinear/DequantizeLinear pairs.
+        format: output form; ``"qdq"`` writes standard QuantizeLinear/DequantizeLinear pairs, ``"qop"`` lowers
+            them to integer operators (QLinearConv, QLinearMatMul, MatMulInteger/ConvInteger sequences).
         method: calibration method for activation ranges: minmax, percentile, mse or entropy.
         percentile: the percentile kept by ``percentile`` (two-tailed; one threshold on |x| when symmetric).
         bins: bins of the streaming histogram behind percentile, mse and entropy.
         kl_levels: quantized levels the entropy (KL) search compares against (128 for int8 magnitudes).
         tensor_methods: method per activation tensor, keyed by name or full-match regex (wins over op_methods).
         op_methods: method per consuming op type (e.g. {"MatMul": "percentile"}).
+        output_consumers: "all" quantizes such an output whatever reads it; "quantized" only when every reader
+            is a quantized compute op (or data movement leading to one), so no float op sees a quantized value.
         calib_batch_size: samples of equal shape concatenated into one onnxruntime run (results do not change).
         calib_ep: execution provider for calibration, "cpu" or "cuda" (falls back to the CPU with a warning).
         activation_type: ``"uint8"`` (asymmetric, zero point from the range) or ``"int8"``
@@ -71,6 +74,7 @@ class QuantConfig:
     weight_type: str = "int8"
     per_channel: bool = True
     quantize_outputs: tuple[str, ...] = ("Conv", "ConvTranspose", "Gemm")
+    output_consumers: str = "all"
     percentile: float = 99.99
     bins: int = 2048
     kl_levels: int = 128
@@ -123,6 +127,8 @@ class QuantConfig:
             raise bad("kl_levels", self.kl_levels, "an integer from 16 to bins")
         if not isinstance(self.calib_batch_size, int) or self.calib_batch_size < 1:
             raise bad("calib_batch_size", self.calib_batch_size, "a positive integer")
+        if self.output_consumers not in ("all", "quantized"):
+            raise bad("output_consumers", self.output_consumers, "all or quantized")
         if self.calib_ep not in CALIB_EPS:
             raise bad("calib_ep", self.calib_ep, " or ".join(CALIB_EPS))
         if not isinstance(self.per_channel, bool):

@@ -25,6 +25,7 @@ from .passes.cleanup import Cleanup
 from .passes.constants_to_initializers import ConstantsToInitializers
 from .passes.fold_batchnorm import FoldBatchNorm
 from .passes.insert_qdq import InsertQDQ
+from .passes.lower_qop import LowerToQOperator
 from .passes.placement import plan_quantization
 from .report import Report, count_quantized
 from .validate import validate
@@ -38,8 +39,11 @@ def prepare_passes():
     return [ConstantsToInitializers(), FoldBatchNorm(), Cleanup()]
 
 
-def quantize_passes():
-    return [InsertQDQ(), Cleanup()]
+def quantize_passes(config: QuantConfig):
+    passes = [InsertQDQ(), Cleanup()]
+    if config.format == "qop":
+        passes += [LowerToQOperator(), Cleanup()]
+    return passes
 
 
 @dataclass
@@ -177,7 +181,7 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, calib: str | os.PathLik
     # ----------------------------------------------------------------- rewrite
     t = time.perf_counter()
     ctx = PassContext(cfg, table)
-    records += PassManager(quantize_passes(), **manager_kw).run(wg.graph, ctx)
+    records += PassManager(quantize_passes(cfg), **manager_kw).run(wg.graph, ctx)
     quantized = wg.export()
     times["quantize"] = time.perf_counter() - t
     report.passes = records

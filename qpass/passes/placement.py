@@ -68,6 +68,19 @@ def _folded_output(y: gs.Variable) -> gs.Variable:
     return y
 
 
+def _all_quantized_readers(y: gs.Tensor, targets: list[Target], depth: int = 0) -> bool:
+    """Every reader of y is a quantized compute op, or a data-movement op whose readers all are."""
+    ids = {id(t.node) for t in targets}
+    for c in y.outputs:
+        if id(c) in ids:
+            continue
+        if c.op in DATA_MOVEMENT and depth < 8 and c.outputs and all(
+                _all_quantized_readers(o, targets, depth + 1) for o in c.outputs):
+            continue
+        return False
+    return True
+
+
 def plan_quantization(graph: gs.Graph, config: QuantConfig) -> Plan:
     targets, skips = find_targets(graph, config)
     tensors: dict[str, QTensor] = {}
@@ -90,7 +103,7 @@ def plan_quantization(graph: gs.Graph, config: QuantConfig) -> Plan:
             y = _folded_output(tg.node.outputs[0])
             if not is_float32(y) or _consumed_by_q(y) or not y.outputs:
                 continue  # already quantized, or only a graph output: nothing downstream to run in int8
-            if y.name in graph_outputs and not y.outputs:
+            if config.output_consumers == "quantized" and not _all_quantized_readers(y, targets):
                 continue
             want(y, None)
     # data movement between quantized tensors shares the producer's range: walk back from each planned

@@ -1,0 +1,78 @@
+"""Accuracy of qpass variants on the ../shared/models suite, with each model's own metric.
+
+    python -m benchmarks.accuracy [--models m1,m2] [--variants default,entropy,...] [--out results.json]
+
+Each variant is a set of QuantConfig overrides; every model is quantized with its stored calibration data
+and evaluated with :mod:`benchmarks.evaluate`. Used to choose qpass's defaults by measurement.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import qpass
+
+from .evaluate import MODELS, SHARED, evaluate
+
+#: per-model options every variant needs (the opset-11 OCR models need an explicit upgrade)
+MODEL_OPTIONS = {"ppocrv6_rec_small": {"target_opset": 13}, "ppocrv6_det_small": {"target_opset": 13}}
+
+VARIANTS: dict[str, dict] = {
+    "default": {},
+    "minmax": {"method": "minmax"},
+    "percentile": {"method": "percentile"},
+    "mse": {"method": "mse"},
+    "entropy": {"method": "entropy"},
+    "no_outputs": {"quantize_outputs": ()},
+    "int8_act": {"activation_type": "int8"},
+    "out_quantized": {"output_consumers": "quantized"},
+    "out_conv": {"quantize_outputs": ("Conv",)},
+}
+
+
+def run(models: list[str], variants: list[str], shared: Path = SHARED, log=print) -> list[dict]:
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="qpass-acc-") as tmp:
+        for name in models:
+            spec = MODELS[name]
+            for variant in variants:
+                overrides = {**MODEL_OPTIONS.get(name, {}), **VARIANTS[variant]}
+                out = Path(tmp) / f"{name}.{variant}.onnx"
+                t = time.perf_counter()
+                try:
+                    qpass.quantize(spec.model_path(shared), spec.calib_path(shared), output=out, val_fraction=0.0,
+                                   **overrides)
+                except qpass.QpassError as exc:
+                    rows.append({"model": name, "variant": variant, "error": exc.one_line()})
+                    log(f"{name:22s} {variant:12s} ERROR {exc.one_line()}")
+                    continue
+                qtime = time.perf_counter() - t
+                metrics = evaluate(name, out, shared=shared, cache_dir=Path(tmp))
+                row = {"model": name, "variant": variant, "overrides": {k: list(v) if isinstance(v, tuple) else v
+                                                                        for k, v in overrides.items()},
+                       "quantize_seconds": round(qtime, 2), **{k: metrics[k] for k in spec.metrics}}
+                rows.append(row)
+                log(f"{name:22s} {variant:12s} {spec.primary}={metrics[spec.primary]:.4f}  "
+                    + "  ".join(f"{k}={metrics[k]:.4f}" for k in spec.metrics[1:3]))
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--variants", default="default")
+    ap.add_argument("--shared", default=str(SHARED))
+    ap.add_argument("--out")
+    args = ap.parse_args(argv)
+    rows = run(args.models.split(","), args.variants.split(","), Path(args.shared), log=lambda s: print(s, flush=True))
+    if args.out:
+        Path(args.out).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
