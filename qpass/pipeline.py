@@ -24,6 +24,7 @@ from .pass_manager import PassContext, PassManager
 from .passes.cleanup import Cleanup
 from .passes.constants_to_initializers import ConstantsToInitializers
 from .passes.fold_batchnorm import FoldBatchNorm
+from .passes.fold_conv_bias_add import FoldConvBiasAdd
 from .passes.insert_qdq import InsertQDQ
 from .passes.lower_qop import LowerToQOperator
 from .passes.placement import plan_quantization
@@ -36,7 +37,7 @@ ProgressFactory = Callable[[str, "int | None"], Callable[[], None]]
 
 
 def prepare_passes():
-    return [ConstantsToInitializers(), FoldBatchNorm(), Cleanup()]
+    return [ConstantsToInitializers(), FoldBatchNorm(), FoldConvBiasAdd(), Cleanup()]
 
 
 def quantize_passes(config: QuantConfig):

@@ -3,7 +3,9 @@
 Bins are ``[k*w, (k+1)*w)`` for integer ``k`` and a bin width ``w`` that is a power of two. When a batch
 falls outside the window of ``bins`` bins, ``w`` doubles (pairs of bins merge exactly, because every
 edge of the coarser grid is an edge of the finer one) until the whole observed range fits, and the
-window is re-anchored at ``floor(min / w)``. The state after a set of batches is therefore the same
+window is re-anchored at ``floor(min(min, 0) / w)``. The grid always spans 0: quantization ranges
+always include 0, so finer resolution away from it would buy nothing, and the histogram of ``|x|``
+stays at most ``2 * bins`` long. The state after a set of batches is therefore the same
 whatever their order or size: the width is the smallest power of two at which the global range fits,
 and each bin holds the exact count of its interval. Memory is O(bins) per tensor. At least half of
 the bins span the observed range.
@@ -39,16 +41,17 @@ class StreamingHistogram:
         w = math.ldexp(1.0, exp)
         return math.floor(hi / w) - math.floor(lo / w) < self.bins
 
-    def _smallest_exp(self, lo: float, hi: float) -> int:
+    def _required_exp(self, lo: float, hi: float) -> int:
+        """The canonical width for a range that includes 0: the smallest power of two at which [lo, hi] fits in
+        ``bins`` bins. It only grows when the range grows, so it is the same for any order of batches."""
+        lo, hi = min(lo, 0.0), max(hi, 0.0)
         span = hi - lo
         if span <= 0:
-            mag = max(abs(lo), abs(hi))
-            # a constant: any width works; pick one well below its magnitude (or a tiny one for 0)
-            return (math.frexp(mag)[1] - 24) if mag > 0 else -126
+            return -1074  # all zeros so far: the finest width; the first non-zero batch regrids
         exp = math.frexp(span / self.bins)[1]  # 2**exp > span / bins
         while not self._fits(exp, lo, hi):
             exp += 1
-        while self._fits(exp - 1, lo, hi) and exp > -1074:
+        while exp > -1074 and self._fits(exp - 1, lo, hi):
             exp -= 1
         return exp
 
@@ -59,7 +62,9 @@ class StreamingHistogram:
         if self.exp is not None and self.counts.any():
             shift = new_exp - self.exp
             old_k = np.arange(self.bins, dtype=np.int64) + self.k0
-            idx = (old_k >> shift) - new_k0  # floor division by 2**shift, exact on integers
+            # floor division by 2**shift, exact on integers (|old_k| < 2**62, so a shift past 62 gives 0 or -1)
+            coarse = (old_k >> shift) if shift <= 62 else np.where(old_k >= 0, 0, -1).astype(np.int64)
+            idx = coarse - new_k0
             nz = self.counts != 0
             self.counts = np.bincount(idx[nz], weights=self.counts[nz], minlength=self.bins)[: self.bins].astype(np.int64)
         else:
@@ -81,14 +86,10 @@ class StreamingHistogram:
         self.count += x.size
 
     def _grow(self, new_min: float, new_max: float) -> None:
-        if self.exp is None:
-            self._regrid(self._smallest_exp(new_min, new_max), new_min)
-        else:
-            exp = self.exp
-            while not self._fits(exp, new_min, new_max):
-                exp += 1
-            if exp != self.exp or math.floor(new_min / math.ldexp(1.0, exp)) != self.k0:
-                self._regrid(exp, new_min)
+        exp = self._required_exp(new_min, new_max)
+        anchor = min(new_min, 0.0)
+        if self.exp is None or exp != self.exp or math.floor(anchor / math.ldexp(1.0, exp)) != self.k0:
+            self._regrid(exp, anchor)
         self.min, self.max = new_min, new_max
 
     def merge(self, other: "StreamingHistogram") -> "StreamingHistogram":
@@ -104,13 +105,11 @@ class StreamingHistogram:
                 out.min, out.max, out.count = h.min, h.max, h.count
                 continue
             lo, hi = min(out.min, h.min), max(out.max, h.max)
-            exp = max(out.exp, h.exp)
-            while not out._fits(exp, lo, hi):
-                exp += 1
-            out._regrid(exp, lo)
+            exp = out._required_exp(lo, hi)
+            out._regrid(exp, min(lo, 0.0))
             other_h = StreamingHistogram(self.bins)
             other_h.exp, other_h.k0, other_h.counts = h.exp, h.k0, h.counts.copy()
-            other_h._regrid(exp, lo)
+            other_h._regrid(exp, min(lo, 0.0))
             out.counts += other_h.counts
             out.min, out.max, out.count = lo, hi, out.count + h.count
         return out
