@@ -93,7 +93,28 @@ def find_targets(graph: gs.Graph, config: QuantConfig) -> tuple[list[Target], li
             elif not _from_dq(b):
                 t.notes.append(f"bias '{b.name}' is not a float32 constant; kept as is")
         targets.append(t)
+    skips.extend(subgraph_skips(graph, config))
     return targets, skips
+
+
+RECURRENT = frozenset({"LSTM", "GRU", "RNN"})
+
+
+def subgraph_skips(graph: gs.Graph, config: QuantConfig, where: str = "") -> list[Skip]:
+    """Compute (and recurrent) ops inside If/Loop/Scan bodies: not quantized, and said so."""
+    skips: list[Skip] = []
+    for node in graph.nodes:
+        if where and (node.op in config.op_types or node.op in RECURRENT):
+            skips.append(Skip(node_label(node), node.op, f"inside {where}: subgraph bodies are not quantized; kept in float"))
+        elif not where and node.op in RECURRENT:
+            skips.append(Skip(node_label(node), node.op, "recurrent op: not quantized; kept in float"))
+        for attr, value in node.attrs.items():
+            bodies = value if isinstance(value, (list, tuple)) else [value]
+            for body in bodies:
+                if isinstance(body, gs.Graph):
+                    inner = f"the {attr} of {node.op} '{node_label(node)}'"
+                    skips.extend(subgraph_skips(body, config, f"{where + ' > ' if where else ''}{inner}"))
+    return skips
 
 
 def _weight_axis(node: gs.Node, w: gs.Constant, config: QuantConfig, t: Target) -> int | None:

@@ -1,0 +1,114 @@
+"""FoldBatchNorm and FoldConvBiasAdd: exact wiring, unchanged numerics, idempotence, and what they refuse."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from qpass.config import QuantConfig
+from qpass.graph import WorkingGraph
+from qpass.pass_manager import PassContext
+from qpass.passes.constants_to_initializers import ConstantsToInitializers
+from qpass.passes.fold_batchnorm import FoldBatchNorm
+from qpass.passes.fold_conv_bias_add import FoldConvBiasAdd
+from qpass.verify import verify_model
+
+RNG = np.random.default_rng(0)
+
+
+def _conv_then(node_after, extra_inits, *, conv_bias=True, out="y"):
+    w = RNG.normal(0, 0.3, (4, 3, 3, 3)).astype(np.float32)
+    inits = [numpy_helper.from_array(w, "W")] + extra_inits
+    conv_in = ["x", "W"]
+    if conv_bias:
+        inits.append(numpy_helper.from_array(RNG.normal(0, 0.1, 4).astype(np.float32), "B"))
+        conv_in.append("B")
+    nodes = [helper.make_node("Conv", conv_in, ["c"], name="conv", pads=[1, 1, 1, 1]), node_after]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 6, 6])],
+                              [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    return model
+
+
+def _bn_model(**kw):
+    p = [numpy_helper.from_array(v.astype(np.float32), n) for n, v in (
+        ("s", RNG.uniform(0.5, 2, 4)), ("b", RNG.normal(0, 1, 4)), ("m", RNG.normal(0, 1, 4)), ("v", RNG.uniform(0.1, 2, 4)))]
+    bn = helper.make_node("BatchNormalization", ["c", "s", "b", "m", "v"], ["y"], name="bn", epsilon=1e-3)
+    return _conv_then(bn, p, **kw)
+
+
+def _add_model(shape):
+    c = numpy_helper.from_array(RNG.normal(0, 1, shape).astype(np.float32), "bias")
+    return _conv_then(helper.make_node("Add", ["c", "bias"], ["y"], name="add"), [c], conv_bias=False)
+
+
+def _apply(model, p):
+    wg = WorkingGraph(onnx.shape_inference.infer_shapes(model))
+    result = p.run(wg.graph, PassContext(QuantConfig()))
+    out = wg.export()
+    verify_model(out)
+    return wg, result, out
+
+
+def _run(model, x):
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+
+X = RNG.normal(0, 1, (1, 3, 6, 6)).astype(np.float32)
+
+
+@pytest.mark.parametrize("conv_bias", [True, False])
+def test_batchnorm_folds_into_the_conv(conv_bias):
+    model = _bn_model(conv_bias=conv_bias)
+    wg, result, out = _apply(model, FoldBatchNorm())
+    assert result.modified and result.stats == {"BatchNormalization": 1}
+    assert [n.op_type for n in out.graph.node] == ["Conv"]
+    conv = out.graph.node[0]
+    assert len(conv.input) == 3 and conv.output[0] == "y"  # the graph output name is kept
+    np.testing.assert_allclose(_run(out, X), _run(model, X), rtol=1e-5, atol=1e-5)
+    again = FoldBatchNorm().run(wg.graph, PassContext(QuantConfig()))
+    assert not again.modified
+
+
+def test_batchnorm_after_a_conv_read_elsewhere_is_not_folded():
+    model = _bn_model()
+    model.graph.output.append(helper.make_tensor_value_info("c", TensorProto.FLOAT, None))
+    _, result, out = _apply(model, FoldBatchNorm())
+    assert not result.modified and "read elsewhere" in result.skipped[0].reason
+    assert [n.op_type for n in out.graph.node] == ["Conv", "BatchNormalization"]
+
+
+@pytest.mark.parametrize("shape", [(1, 4, 1, 1), (4, 1, 1), (1,)])
+def test_per_channel_add_folds_into_the_conv_bias(shape):
+    model = _add_model(shape)
+    wg, result, out = _apply(model, FoldConvBiasAdd())
+    assert result.modified and [n.op_type for n in out.graph.node] == ["Conv"]
+    assert out.graph.node[0].output[0] == "y"
+    np.testing.assert_allclose(_run(out, X), _run(model, X), rtol=1e-6, atol=1e-6)
+    assert not FoldConvBiasAdd().run(wg.graph, PassContext(QuantConfig())).modified
+
+
+@pytest.mark.parametrize("shape", [(6,), (1, 4, 6, 6), (1, 1, 1, 6)])
+def test_add_that_is_not_per_channel_is_left_alone(shape):
+    # a (6,) constant broadcasts along the last (width) axis, not the channels
+    _, result, out = _apply(_add_model(shape), FoldConvBiasAdd())
+    assert not result.modified and [n.op_type for n in out.graph.node] == ["Conv", "Add"]
+
+
+def test_identity_of_an_initializer_becomes_a_weight():
+    w = numpy_helper.from_array(RNG.normal(0, 0.3, (4, 3, 3, 3)).astype(np.float32), "W")
+    nodes = [helper.make_node("Identity", ["W"], ["W_id"], name="id"),
+             helper.make_node("Conv", ["x", "W_id"], ["y"], name="conv", pads=[1, 1, 1, 1])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 6, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], initializer=[w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    wg, result, out = _apply(model, ConstantsToInitializers())
+    assert result.stats == {"Conv": 1}
+    assert [n.op_type for n in out.graph.node] == ["Conv"]
+    assert out.graph.node[0].input[1] in {t.name for t in out.graph.initializer}
+    np.testing.assert_array_equal(_run(out, X), _run(model, X))
+    assert not ConstantsToInitializers().run(wg.graph, PassContext(QuantConfig())).modified

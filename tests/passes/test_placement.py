@@ -1,0 +1,47 @@
+"""plan_quantization: which tensors get Q/DQ, who reads them, and whose range they share."""
+from __future__ import annotations
+
+import onnx
+
+from qpass.config import QuantConfig
+from qpass.graph import WorkingGraph
+from qpass.passes.placement import plan_quantization
+from tests import builders
+
+
+def _plan(model, **cfg):
+    wg = WorkingGraph(onnx.shape_inference.infer_shapes(model))
+    return plan_quantization(wg.graph, QuantConfig(**cfg))
+
+
+def _summary(plan):
+    return {q.name: ("all" if q.consumers is None else len(q.consumers), q.range_of) for q in plan.tensors.values()}
+
+
+def test_digits_cnn_plan_folds_relu_and_shares_ranges_through_maxpool_and_flatten():
+    plan = _plan(onnx.load(str(builders.DIGITS_MODEL)))
+    assert _summary(plan) == {
+        "input": (1, "input"),                                   # first Conv's input: only the Conv reads DQ
+        "/1/Relu_output_0": ("all", "/1/Relu_output_0"),         # Conv1 output, after its Relu
+        "/3/Relu_output_0": ("all", "/3/Relu_output_0"),         # Conv2 output, after its Relu
+        "/4/MaxPool_output_0": (1, "/3/Relu_output_0"),          # MaxPool and Flatten share Conv2's range
+        "/5/Flatten_output_0": (1, "/3/Relu_output_0"),
+        "/7/Relu_output_0": ("all", "/7/Relu_output_0"),         # Gemm1 output, after its Relu
+    }
+    # the last Gemm writes the graph output: nothing reads it, so it stays float
+    assert plan.calibrate == ["input", "/1/Relu_output_0", "/3/Relu_output_0", "/7/Relu_output_0"]
+
+
+def test_outputs_can_be_turned_off_or_limited_to_quantized_readers():
+    model = onnx.load(str(builders.DIGITS_MODEL))
+    assert set(_summary(_plan(model, quantize_outputs=False))) == {"input", "/1/Relu_output_0", "/5/Flatten_output_0",
+                                                                  "/7/Relu_output_0"}
+    # with 'quantized' readers only, Conv2's output (read by MaxPool -> Flatten -> Gemm) still qualifies
+    assert "/3/Relu_output_0" in _summary(_plan(model, output_consumers="quantized"))
+
+
+def test_matmul_outputs_stay_float_by_default():
+    plan = _plan(builders.matmul_model())
+    assert set(_summary(plan)) == {"x"}
+    plan = _plan(builders.matmul_model(), quantize_outputs=("MatMul",))
+    assert set(_summary(plan)) == {"x", "m"}
