@@ -7,7 +7,7 @@ __version__ = "0.1.0"
 
 from .config import QuantConfig  # noqa: E402
 from .errors import QpassError  # noqa: E402
-from .pipeline import QuantizeResult, quantize  # noqa: E402
+from .pipeline import QuantizeResult, quantize, validate_models  # noqa: E402
 from .report import Report  # noqa: E402
 
-__all__ = ["QpassError", "QuantConfig", "QuantizeResult", "Report", "__version__", "quantize"]
+__all__ = ["QpassError", "QuantConfig", "QuantizeResult", "Report", "__version__", "quantize", "validate_models"]

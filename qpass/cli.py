@@ -58,17 +58,43 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--synthetic-calib", action="store_true", help="calibrate on random data (smoke runs only)")
     run.add_argument("--load-calib", metavar="JSON", help="use a saved calibration table instead of running calibration")
     run.add_argument("--save-calib", metavar="JSON", help="save the calibration table")
-    run.add_argument("--min-cosine", type=float, metavar="C", help="exit 1 if an output's mean cosine to fp32 is below C")
+    _validation_args(run)
     run.add_argument("--external-data", action="store_true", help="write weights to <output>.data")
     run.add_argument("--allow-empty", action="store_true", help="accept a run that quantizes nothing")
     run.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     run.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    val = sub.add_parser("validate", help="compare any quantized model with its original on onnxruntime CPU (and CUDA)",
+                         epilog="example:\n  qpass validate model.onnx model.int8.onnx --val test.npz --providers cpu,cuda -o report.json",
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    val.add_argument("original", help="the fp32 model")
+    val.add_argument("quantized", help="the quantized model (from qpass or any other tool)")
+    val.add_argument("--val", metavar="PATH", help="validation data (same forms as --calib); default: random feeds")
+    val.add_argument("-o", "--output", metavar="JSON", help="report path (default: <quantized stem>.validate.json)")
+    val.add_argument("--max-samples", type=int, metavar="N", help="validate on at most N samples (default 64)")
+    _validation_args(val)
+    val.add_argument("-q", "--quiet", action="store_true")
+    val.add_argument("--debug", action="store_true")
     return parser
 
 
+def _validation_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--providers", metavar="LIST", help="comma-separated: cpu,cuda (default: cpu, and cuda when available)")
+    p.add_argument("--min-cosine", type=float, metavar="C", help="exit 1 if an output's mean cosine to fp32 is below C")
+    p.add_argument("--min-sqnr", type=float, metavar="DB", help="exit 1 if an output's SQNR is below DB")
+    p.add_argument("--min-top1", type=float, metavar="A", help="exit 1 if an output's top-1 agreement is below A")
+    p.add_argument("--no-per-layer", action="store_true", help="skip the per-layer error ranking")
+    p.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
+
+
 def _config_from_args(args: argparse.Namespace) -> QuantConfig:
+    if args.command == "validate":
+        ov = {"min_cosine": args.min_cosine, "min_sqnr": args.min_sqnr, "min_top1": args.min_top1,
+              "providers": tuple(args.providers.split(",")) if args.providers else None,
+              "per_layer": False if args.no_per_layer else None, "latency": False if args.no_latency else None,
+              "max_val_samples": args.max_samples}
+        return QuantConfig(**{k: v for k, v in ov.items() if v is not None})
     overrides = {
-        "format": args.format,
+        "format": getattr(args, "format", None),
         "op_types": tuple(args.op_types.split(",")) if args.op_types else None,
         "method": args.method,
         "percentile": args.percentile,
@@ -83,6 +109,11 @@ def _config_from_args(args: argparse.Namespace) -> QuantConfig:
         "max_calib_samples": args.max_calib_samples,
         "synthetic_calib": True if args.synthetic_calib else None,
         "min_cosine": args.min_cosine,
+        "min_sqnr": args.min_sqnr,
+        "min_top1": args.min_top1,
+        "providers": tuple(args.providers.split(",")) if args.providers else None,
+        "per_layer": False if args.no_per_layer else None,
+        "latency": False if args.no_latency else None,
         "external_data": True if args.external_data else None,
         "allow_empty": True if args.allow_empty else None,
     }
@@ -124,7 +155,27 @@ def cmd_run(args: argparse.Namespace, out: Console, err: Console) -> int:
         print_summary(out, report.to_dict())
     out.print(f"wrote {result.output_path} and {result.report_path}", highlight=False, soft_wrap=True)
     if not result.passed:
-        err.print(f"[bold red]validation failed:[/] an output's mean cosine is below {config.min_cosine}")
+        for f in report.validation.get("tolerance_failures", []):
+            err.print(f"[bold red]validation failed:[/] {f}", highlight=False, soft_wrap=True)
+        return 1
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace, out: Console, err: Console) -> int:
+    from .pipeline import validate_models
+
+    config = _config_from_args(args)
+    q = Path(args.quantized)
+    output = Path(args.output) if args.output else q.with_name((q.name[:-5] if q.name.endswith(".onnx") else q.name) + ".validate.json")
+    report = validate_models(args.original, args.quantized, args.val, config=config, output=output)
+    for w in report.warnings:
+        err.print(f"[bold red]warning:[/] {w}", highlight=False, soft_wrap=True)
+    if not args.quiet:
+        print_summary(out, report.to_dict())
+    out.print(f"wrote {output} and {output.with_suffix('.html')}", highlight=False, soft_wrap=True)
+    if not report.validation.get("passed", True):
+        for f in report.validation.get("tolerance_failures", []):
+            err.print(f"[bold red]validation failed:[/] {f}", highlight=False, soft_wrap=True)
         return 1
     return 0
 
@@ -132,12 +183,13 @@ def cmd_run(args: argparse.Namespace, out: Console, err: Console) -> int:
 def print_summary(console: Console, r: dict) -> None:
     if r["synthetic_calibration"]:
         console.print("[bold red]RANGES FROM RANDOM DATA (--synthetic-calib): not for deployment[/]")
-    t = Table(title="quantized nodes", show_edge=False)
-    t.add_column("op type")
-    t.add_column("count", justify="right")
-    for op, n in sorted(r["quantized_nodes"].items()):
-        t.add_row(op, str(n))
-    console.print(t)
+    if r["quantized_nodes"]:
+        t = Table(title="quantized nodes", show_edge=False)
+        t.add_column("op type")
+        t.add_column("count", justify="right")
+        for op, n in sorted(r["quantized_nodes"].items()):
+            t.add_row(op, str(n))
+        console.print(t)
     if r["skipped"]:
         s = Table(title=f"skipped ({len(r['skipped'])})", show_edge=False)
         s.add_column("node")
@@ -148,21 +200,36 @@ def print_summary(console: Console, r: dict) -> None:
         if len(r["skipped"]) > 20:
             s.add_row("…", "", f"{len(r['skipped']) - 20} more in the report")
         console.print(s)
-    p = Table(title="passes", show_edge=False)
-    p.add_column("pass")
-    p.add_column("ms", justify="right")
-    p.add_column("modified")
-    for rec in r["passes"]:
-        p.add_row(rec["name"], f"{rec['seconds'] * 1000:.1f}", "yes" if rec["modified"] else "no")
-    console.print(p)
+    if r["passes"]:
+        p = Table(title="passes", show_edge=False)
+        p.add_column("pass")
+        p.add_column("ms", justify="right")
+        p.add_column("modified")
+        for rec in r["passes"]:
+            p.add_row(rec["name"], f"{rec['seconds'] * 1000:.1f}", "yes" if rec["modified"] else "no")
+        console.print(p)
     sizes = r["sizes"]
-    console.print(f"size: {sizes['input_bytes']:,} -> {sizes['output_bytes']:,} bytes "
-                  f"({sizes['output_bytes'] / max(sizes['input_bytes'], 1):.2f}x)   "
-                  f"calibration: {r['calibration'].get('samples')} samples, {r['calibration'].get('tensors')} tensors",
-                  highlight=False)
+    if sizes:
+        console.print(f"size: {sizes['input_bytes']:,} -> {sizes['output_bytes']:,} bytes "
+                      f"({sizes['output_bytes'] / max(sizes['input_bytes'], 1):.2f}x)", highlight=False)
+    if r["calibration"].get("samples"):
+        console.print(f"calibration: {r['calibration'].get('samples')} samples, {r['calibration'].get('tensors')} tensors",
+                      highlight=False)
     v = r.get("validation")
     if v:
-        vt = Table(title=f"validation on {v['data']} ({v['samples']} samples, {v['provider']})", show_edge=False)
+        for prov in v.get("providers", []):
+            if not prov.get("available"):
+                console.print(f"{prov['provider']}: not available", highlight=False)
+            elif prov.get("latency"):
+                lat = prov["latency"]
+                console.print(f"{prov['provider']}: latency fp32 {lat['fp32_ms']:.3f} ms, int8 {lat['quantized_ms']:.3f} ms "
+                              f"(x{lat['ratio']:.2f})", highlight=False)
+        if v.get("per_layer"):
+            worst = v["per_layer"][0]
+            console.print(f"layer adding the most error: {worst['node']} ({worst['op_type']}), SQNR {_db(worst['sqnr_db'])} dB "
+                          f"at its output", highlight=False, soft_wrap=True)
+    if v and v.get("outputs"):
+        vt = Table(title=f"validation on {v['data']} ({v['samples']} samples, {v.get('provider')})", show_edge=False)
         for col in ("output", "SQNR dB", "cosine mean", "cosine min", "max abs err", "top-1 agree", "accuracy fp32 -> int8"):
             vt.add_column(col)
         for o in v["outputs"]:
@@ -172,6 +239,10 @@ def print_summary(console: Console, r: dict) -> None:
                        f"{o['cosine_min']:.5f}", f"{o['max_abs_error']:.4g}",
                        f"{o['top1_agreement']:.4f}" if "top1_agreement" in o else "-", acc)
         console.print(vt)
+
+
+def _db(x) -> str:
+    return f"{x:.1f}" if isinstance(x, float) else str(x)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -185,6 +256,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "run":
             return cmd_run(args, out, err)
+        if args.command == "validate":
+            return cmd_validate(args, out, err)
     except QpassError as exc:
         if getattr(args, "debug", False):
             raise

@@ -63,6 +63,11 @@ class QuantConfig:
         synthetic_samples: how many random samples to draw then.
         seed: seed of everything random (synthetic data).
         min_cosine: if set, a validated output cosine below this fails the run (exit 1).
+        min_sqnr: if set, a validated output SQNR (dB) below this fails the run (exit 1).
+        min_top1: if set, a validated output top-1 agreement below this fails the run (exit 1).
+        providers: execution providers to validate on ("cpu", "cuda"); empty: CPU, and CUDA when available.
+        per_layer: rank the layers by the error they add (one more run per validation sample).
+        latency: time fp32 and quantized on each provider (median of alternated runs).
         max_val_samples: hold out at most this many samples for validation.
         external_data: write the weights to a ``.data`` file beside the model.
         allow_empty: a run that quantizes nothing is not an error.
@@ -92,6 +97,11 @@ class QuantConfig:
     synthetic_samples: int = 8
     seed: int = 0
     min_cosine: float | None = None
+    min_sqnr: float | None = None
+    min_top1: float | None = None
+    providers: tuple[str, ...] = ()
+    per_layer: bool = True
+    latency: bool = True
     external_data: bool = False
     allow_empty: bool = False
     _exclude_patterns: tuple[re.Pattern, ...] = field(default=(), repr=False, compare=False)
@@ -167,6 +177,11 @@ class QuantConfig:
             raise bad("synthetic_samples", self.synthetic_samples, "a positive integer")
         if self.min_cosine is not None and not (-1.0 <= float(self.min_cosine) <= 1.0):
             raise bad("min_cosine", self.min_cosine, "a number in [-1, 1]")
+        if self.min_top1 is not None and not (0.0 <= float(self.min_top1) <= 1.0):
+            raise bad("min_top1", self.min_top1, "a number in [0, 1]")
+        object.__setattr__(self, "providers", tuple(self.providers))
+        if any(p not in ("cpu", "cuda") for p in self.providers):
+            raise bad("providers", list(self.providers), "a list of cpu, cuda")
 
     # ------------------------------------------------------------------ helpers
     @property

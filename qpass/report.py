@@ -60,8 +60,12 @@ class Report:
         return json.dumps(self.to_dict(), indent=2, default=str)
 
     def save(self, path: str | Path) -> Path:
+        """Write the JSON report, and the HTML page beside it (same name, ``.html``)."""
         from .io import write_text_atomic
+        from .report_html import render_html
 
+        path = Path(path)
+        write_text_atomic(path.with_suffix(".html"), render_html(self.to_dict()))
         return write_text_atomic(path, self.to_json() + "\n")
 
 

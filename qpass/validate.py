@@ -1,16 +1,41 @@
-"""Original vs quantized on onnxruntime: per output SQNR, cosine, max abs error, top-1 agreement (and accuracy with labels)."""
+"""Original vs quantized on onnxruntime execution providers: per-output metrics, per-layer error, placement, latency.
+
+``validate`` is tool-agnostic: it compares any two models with the same inputs and outputs, including
+ones quantized by other tools. A provider that is not available is reported as such; a load or run
+failure on a provider is a finding in the result, never a crash.
+"""
 from __future__ import annotations
 
+import json
 import math
+import os
+import statistics
+import tempfile
+import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 import numpy as np
 import onnx
 
-from .calib.collect import make_session
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+COMPUTE_LIKE = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm", "QLinearConv", "QLinearMatMul", "MatMulInteger",
+                          "ConvInteger", "Attention", "LSTM", "GRU"})
+_DQ_SUFFIXES = ("_dequantized", "_DequantizeLinear_Output")
 
 
+def available_providers() -> list[str]:
+    import onnxruntime as ort
+
+    return ort.get_available_providers()
+
+
+def default_providers() -> list[str]:
+    """CPU always; CUDA too when this onnxruntime has it."""
+    return ["cpu"] + (["cuda"] if PROVIDERS["cuda"] in available_providers() else [])
+
+
+# ---------------------------------------------------------------------------------------------- metrics
 @dataclass
 class OutputStats:
     name: str
@@ -24,7 +49,7 @@ class OutputStats:
     correct_q: int = 0
     labelled: int = 0
 
-    def add(self, ref: np.ndarray, out: np.ndarray, label: Any) -> None:
+    def add(self, ref: np.ndarray, out: np.ndarray, label: Any = None) -> None:
         ref = np.asarray(ref, dtype=np.float64)
         out = np.asarray(out, dtype=np.float64)
         if ref.shape != out.shape:
@@ -47,9 +72,13 @@ class OutputStats:
                     self.correct_q += int(np.sum(q == lab))
                     self.labelled += r.size
 
+    @property
+    def sqnr(self) -> float:
+        return sqnr_db(self.signal, self.noise)
+
     def to_dict(self) -> dict:
-        sqnr = math.inf if self.noise == 0 else (10 * math.log10(self.signal / self.noise) if self.signal > 0 else -math.inf)
-        d = {"output": self.name, "sqnr_db": _finite(sqnr), "cosine_mean": float(np.mean(self.cosines)) if self.cosines else None,
+        d = {"output": self.name, "sqnr_db": _json_float(self.sqnr),
+             "cosine_mean": float(np.mean(self.cosines)) if self.cosines else None,
              "cosine_min": float(np.min(self.cosines)) if self.cosines else None, "max_abs_error": self.max_abs}
         if self.top1_total:
             d["top1_agreement"] = self.top1_same / self.top1_total
@@ -60,25 +89,229 @@ class OutputStats:
         return d
 
 
-def _finite(x: float) -> float | str:
+def sqnr_db(signal: float, noise: float) -> float:
+    if noise == 0:
+        return math.inf
+    if signal <= 0:
+        return -math.inf
+    return 10 * math.log10(signal / noise)
+
+
+def _json_float(x: float) -> float | str:
     return x if math.isfinite(x) else ("inf" if x > 0 else "-inf")
 
 
-def validate(original: onnx.ModelProto, quantized: onnx.ModelProto, samples: Iterable[tuple[dict, Any]],
-             providers: list[str] | None = None) -> dict:
-    """Run both models on each sample; return per-output metrics and the sample count."""
-    providers = providers or ["CPUExecutionProvider"]
-    ref_sess = make_session(original, providers, what="original model")
-    q_sess = make_session(quantized, providers, what="quantized model")
-    names = [o.name for o in ref_sess.get_outputs()]
-    stats = {n: OutputStats(n) for n in names}
-    count = 0
-    for feed, label in samples:
-        refs = ref_sess.run(names, feed)
-        outs = q_sess.run(names, feed)
-        for n, r, q in zip(names, refs, outs):
-            if np.asarray(r).dtype.kind == "f":
-                stats[n].add(r, q, label)
-        count += 1
-    return {"provider": providers[0], "samples": count,
-            "outputs": [s.to_dict() for s in stats.values() if s.cosines]}
+# ---------------------------------------------------------------------------------------------- sessions
+def _session(model: onnx.ModelProto, provider: str, *, profile_prefix: str | None = None, outputs: list[str] | None = None):
+    import onnxruntime as ort
+
+    from .calib.collect import augmented_model
+
+    if outputs:
+        model = augmented_model(model, outputs)
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if profile_prefix:
+        opts.enable_profiling = True
+        opts.profile_file_prefix = profile_prefix
+    providers = [provider] + (["CPUExecutionProvider"] if provider != "CPUExecutionProvider" else [])
+    if model.ByteSize() < 2**31 - 2**26:
+        return ort.InferenceSession(model.SerializeToString(), opts, providers=providers)
+    with tempfile.TemporaryDirectory(prefix="qpass-val-") as tmp:
+        path = os.path.join(tmp, "m.onnx")
+        onnx.save_model(model, path, save_as_external_data=True, location="m.data")
+        return ort.InferenceSession(path, opts, providers=providers)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:500] if text else type(exc).__name__
+
+
+def _placement(profile_path: str) -> dict:
+    """Which provider ran each node, from onnxruntime's profile (kernel events carry the provider)."""
+    with open(profile_path, encoding="utf-8") as fh:
+        events = json.load(fh)
+    nodes: dict[str, tuple[str, str]] = {}
+    for e in events:
+        args = e.get("args", {})
+        if e.get("cat") == "Node" and "provider" in args and e.get("name", "").endswith("_kernel_time"):
+            nodes[e["name"][: -len("_kernel_time")]] = (args.get("op_name", "?"), args["provider"])
+    by_provider: dict[str, int] = {}
+    ops_by_provider: dict[str, dict[str, int]] = {}
+    for op, prov in nodes.values():
+        by_provider[prov] = by_provider.get(prov, 0) + 1
+        ops = ops_by_provider.setdefault(prov, {})
+        ops[op] = ops.get(op, 0) + 1
+    return {"nodes_by_provider": by_provider, "ops_by_provider": ops_by_provider,
+            "memcpy_nodes": sum(1 for op, _ in nodes.values() if op.startswith("Memcpy")),
+            "nodes": [{"node": n, "op_type": op, "provider": p} for n, (op, p) in sorted(nodes.items())]}
+
+
+def _latency(ref, q, feed: dict, repeats: int) -> dict:
+    for s in (ref, q):
+        for _ in range(3):
+            s.run(None, feed)
+    times: dict[str, list[float]] = {"fp32": [], "quantized": []}
+    for _ in range(repeats):
+        for key, s in (("fp32", ref), ("quantized", q)):
+            t = time.perf_counter()
+            s.run(None, feed)
+            times[key].append(time.perf_counter() - t)
+    f, qq = statistics.median(times["fp32"]) * 1e3, statistics.median(times["quantized"]) * 1e3
+    return {"fp32_ms": round(f, 4), "quantized_ms": round(qq, 4), "ratio": round(qq / f, 4) if f else None,
+            "repeats": repeats}
+
+
+# ---------------------------------------------------------------------------------------------- per layer
+def _matched_tensors(original: onnx.ModelProto, quantized: onnx.ModelProto) -> dict[str, str]:
+    """original tensor name -> the quantized model's float tensor holding the same value (same name, or its DQ)."""
+    q_names: set[str] = set()
+    for n in quantized.graph.node:
+        q_names.update(o for o in n.output if o)
+    out: dict[str, str] = {}
+    produced = {o for n in original.graph.node for o in n.output if o}
+    for name in q_names:
+        base = name
+        for suffix in _DQ_SUFFIXES:
+            if name.endswith(suffix):
+                base = name[: -len(suffix)]
+        if base in produced and (base == name or base not in q_names):
+            out.setdefault(base, name)
+    return out
+
+
+def per_layer_error(original: onnx.ModelProto, quantized: onnx.ModelProto, samples: list, provider: str) -> list[dict]:
+    """Accumulated SQNR at every compute node's output, and the noise each node adds, ranked.
+
+    A node's added noise is the growth of the noise-to-signal ratio from its worst input to its output
+    (both measured against the original model on the same samples); the node that adds the most comes
+    first. Graph inputs count as exact. A node whose output is folded away (a Conv whose Relu the
+    quantized model fused) is measured at the folded activation's output.
+    """
+    matched = _matched_tensors(original, quantized)
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for n in original.graph.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    measured_at: dict[int, str] = {}
+    for idx, n in enumerate(original.graph.node):
+        if n.op_type not in COMPUTE_LIKE or not n.output:
+            continue
+        y = n.output[0]
+        if y not in matched and len(readers.get(y, [])) == 1 and readers[y][0].op_type in ("Relu", "Clip"):
+            y = readers[y][0].output[0]
+        if y in matched:
+            measured_at[idx] = y
+    nodes = [(original.graph.node[i], y) for i, y in measured_at.items()]
+    wanted = sorted({t for n, y in nodes for t in list(n.input) + [y] if t in matched})
+    if not wanted:
+        return []
+    ref = _session(original, provider, outputs=wanted)
+    q = _session(quantized, provider, outputs=[matched[t] for t in wanted])
+    sig = {t: 0.0 for t in wanted}
+    noise = {t: 0.0 for t in wanted}
+    for feed, _ in samples:
+        rv = dict(zip(wanted, ref.run(wanted, feed)))
+        qv = dict(zip(wanted, q.run([matched[t] for t in wanted], feed)))
+        for t in wanted:
+            a, b = np.asarray(rv[t]), np.asarray(qv[t])
+            if a.shape != b.shape or a.dtype.kind != "f" or b.dtype.kind != "f":
+                continue
+            a, b = a.astype(np.float64), b.astype(np.float64)
+            sig[t] += float(np.sum(a * a))
+            noise[t] += float(np.sum((a - b) ** 2))
+
+    def nsr(t: str) -> float:
+        return noise[t] / sig[t] if sig.get(t, 0.0) > 0 else (0.0 if noise.get(t, 0.0) == 0 else math.inf)
+
+    graph_inputs = {i.name for i in original.graph.input}
+    constants = {t.name for t in original.graph.initializer} | {o for n in original.graph.node if n.op_type == "Constant" for o in n.output}
+    rows = []
+    for n, y in nodes:
+        ins = [nsr(t) for t in n.input if t in sig]
+        unmeasured = [t for t in n.input if t and t not in sig and t not in graph_inputs and t not in constants]
+        added = nsr(y) - (max(ins) if ins else 0.0)
+        rows.append({"node": n.name or y, "op_type": n.op_type, "tensor": y,
+                     "sqnr_db": _json_float(sqnr_db(sig[y], noise[y])),
+                     "input_sqnr_db": None if unmeasured and not ins else
+                     _json_float(-10 * math.log10(max(ins)) if ins and max(ins) > 0 else math.inf),
+                     "added_noise_db": _json_float(10 * math.log10(added) if added > 0 else -math.inf),
+                     "_added": added})
+    # an input that exists only in integer form in the quantized model cannot be measured: the node's whole
+    # accumulated noise is then attributed to it (input_sqnr_db is None)
+    rows.sort(key=lambda r: -r["_added"] if math.isfinite(r["_added"]) else -1e300)
+    for r in rows:
+        del r["_added"]
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- entry point
+def validate(original: onnx.ModelProto, quantized: onnx.ModelProto, samples: Iterable[tuple[dict, Any]], *,
+             providers: list[str] | None = None, per_layer: bool = True, latency: bool = True,
+             placement: bool = True, latency_repeats: int = 20, layer_samples: int = 4) -> dict:
+    """Compare ``quantized`` with ``original`` on ``samples`` (pairs of feed and optional label) on each provider.
+
+    Returns a JSON-ready dict: ``samples``, ``providers`` (one entry per requested provider with its
+    outputs' metrics, placement, latency, or why it could not run), ``per_layer`` (ranked), ``findings``.
+    The first available provider's per-output metrics are also under ``outputs``, for convenience.
+    """
+    samples = list(samples)
+    providers = providers or default_providers()
+    result: dict[str, Any] = {"samples": len(samples), "providers": [], "per_layer": [], "findings": []}
+    have = available_providers()
+    for key in providers:
+        prov = PROVIDERS.get(key, key)
+        entry: dict[str, Any] = {"provider": prov, "available": prov in have}
+        result["providers"].append(entry)
+        if prov not in have:
+            entry["note"] = f"{prov} is not available in this onnxruntime ({', '.join(have)})"
+            continue
+        try:
+            ref = _session(original, prov)
+        except Exception as exc:  # noqa: BLE001 - a finding, not a crash
+            entry["error"] = f"original model does not load: {_first_line(exc)}"
+            result["findings"].append(f"{prov}: {entry['error']}")
+            continue
+        with tempfile.TemporaryDirectory(prefix="qpass-prof-") as tmp:
+            try:
+                q = _session(quantized, prov, profile_prefix=os.path.join(tmp, "q") if placement else None)
+            except Exception as exc:  # noqa: BLE001
+                entry["error"] = f"quantized model does not load: {_first_line(exc)}"
+                result["findings"].append(f"{prov}: {entry['error']}")
+                continue
+            names = [o.name for o in ref.get_outputs()]
+            stats = {n: OutputStats(n) for n in names}
+            try:
+                for feed, label in samples:
+                    for n, r, o in zip(names, ref.run(names, feed), q.run(names, feed)):
+                        if np.asarray(r).dtype.kind == "f":
+                            stats[n].add(r, o, label)
+            except Exception as exc:  # noqa: BLE001
+                entry["error"] = f"run failed: {_first_line(exc)}"
+                result["findings"].append(f"{prov}: {entry['error']}")
+                continue
+            entry["outputs"] = [s.to_dict() for s in stats.values() if s.cosines]
+            if placement:
+                entry["placement"] = _placement(q.end_profiling())
+                if prov != "CPUExecutionProvider":
+                    fell_back = [n for n in entry["placement"]["nodes"] if n["provider"] != prov]
+                    entry["placement"]["fallback_nodes"] = fell_back
+                    if fell_back:
+                        ops = sorted({n["op_type"] for n in fell_back})
+                        result["findings"].append(f"{prov}: {len(fell_back)} node(s) fell back to the CPU ({', '.join(ops)}), "
+                                                  f"{entry['placement']['memcpy_nodes']} Memcpy node(s)")
+        if latency and samples:
+            entry["latency"] = _latency(ref, _session(quantized, prov), samples[0][0], latency_repeats)
+        if "outputs" not in result:
+            result["outputs"] = entry["outputs"]
+            result["provider"] = prov
+    if per_layer and samples:
+        prov = next((e["provider"] for e in result["providers"] if e.get("outputs") is not None), None)
+        if prov:
+            try:
+                result["per_layer"] = per_layer_error(original, quantized, samples[:layer_samples], prov)
+            except Exception as exc:  # noqa: BLE001 - analysis is best effort; say why it is missing
+                result["findings"].append(f"per-layer analysis failed: {_first_line(exc)}")
+    result.setdefault("outputs", [])
+    return result

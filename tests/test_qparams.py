@@ -129,7 +129,8 @@ def test_symmetric_int8_weights_use_minus127_to_127(w, data):
     assert np.all(zp == 0)
     q = quantize(w, scale, zp, axis=axis)
     assert q.min() >= -127 and q.max() <= 127
-    if axis is None and np.abs(w).max() > 0:
+    # the extreme reaches 127 unless the scale was clamped up to MIN_SCALE (ranges below 127 * float32 tiny)
+    if axis is None and np.abs(w).max() / 127 >= MIN_SCALE:
         assert np.abs(q.astype(np.int32)).max() == 127
 
 
