@@ -22,6 +22,10 @@ PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 COMPUTE_LIKE = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm", "QLinearConv", "QLinearMatMul", "MatMulInteger",
                           "ConvInteger", "Attention", "LSTM", "GRU"})
 _DQ_SUFFIXES = ("_dequantized", "_DequantizeLinear_Output")
+#: ops whose outputs are not worth ranking as layers (shapes, constants, pure data movement)
+_NOT_LAYERS = frozenset({"Constant", "Shape", "Size", "Gather", "Unsqueeze", "Squeeze", "Reshape", "Identity", "Flatten",
+                         "Transpose", "Concat", "Slice", "Cast", "ConstantOfShape", "Range", "Equal", "Where", "Not",
+                         "Expand", "QuantizeLinear", "DequantizeLinear"})
 
 
 def available_providers() -> list[str]:
@@ -182,7 +186,7 @@ def _matched_tensors(original: onnx.ModelProto, quantized: onnx.ModelProto) -> d
 
 
 def per_layer_error(original: onnx.ModelProto, quantized: onnx.ModelProto, samples: list, provider: str) -> list[dict]:
-    """Accumulated SQNR at every compute node's output, and the noise each node adds, ranked.
+    """Accumulated SQNR at every node's output (shape and data-movement ops aside), and the noise each adds, ranked.
 
     A node's added noise is the growth of the noise-to-signal ratio from its worst input to its output
     (both measured against the original model on the same samples); the node that adds the most comes
@@ -196,7 +200,7 @@ def per_layer_error(original: onnx.ModelProto, quantized: onnx.ModelProto, sampl
             readers.setdefault(i, []).append(n)
     measured_at: dict[int, str] = {}
     for idx, n in enumerate(original.graph.node):
-        if n.op_type not in COMPUTE_LIKE or not n.output:
+        if n.op_type in _NOT_LAYERS or not n.output:
             continue
         y = n.output[0]
         if y not in matched and len(readers.get(y, [])) == 1 and readers[y][0].op_type in ("Relu", "Clip"):
@@ -227,15 +231,33 @@ def per_layer_error(original: onnx.ModelProto, quantized: onnx.ModelProto, sampl
 
     graph_inputs = {i.name for i in original.graph.input}
     constants = {t.name for t in original.graph.initializer} | {o for n in original.graph.node if n.op_type == "Constant" for o in n.output}
+    producer = {o: n for n in original.graph.node for o in n.output}
+
+    def input_nsr(t: str, depth: int = 0) -> float | None:
+        """NSR of a node input: measured, exact (graph input or constant), or that of the nearest measured
+        tensors upstream when this one was folded away in the quantized model (a Conv before its BN)."""
+        if t in sig:
+            return nsr(t)
+        if not t or t in graph_inputs or t in constants:
+            return 0.0
+        p = producer.get(t)
+        if p is None or depth >= 4:
+            return None
+        vals = [input_nsr(i, depth + 1) for i in p.input]
+        known = [v for v in vals if v is not None]
+        return max(known) if known and len(known) == len(vals) else None
+
     rows = []
     for n, y in nodes:
-        ins = [nsr(t) for t in n.input if t in sig]
-        unmeasured = [t for t in n.input if t and t not in sig and t not in graph_inputs and t not in constants]
-        added = nsr(y) - (max(ins) if ins else 0.0)
+        ins = [input_nsr(t) for t in n.input]
+        if any(v is None for v in ins):
+            in_nsr = None
+        else:
+            in_nsr = max(ins, default=0.0)
+        added = nsr(y) - (in_nsr or 0.0)
         rows.append({"node": n.name or y, "op_type": n.op_type, "tensor": y,
                      "sqnr_db": _json_float(sqnr_db(sig[y], noise[y])),
-                     "input_sqnr_db": None if unmeasured and not ins else
-                     _json_float(-10 * math.log10(max(ins)) if ins and max(ins) > 0 else math.inf),
+                     "input_sqnr_db": None if in_nsr is None else _json_float(-10 * math.log10(in_nsr) if in_nsr > 0 else math.inf),
                      "added_noise_db": _json_float(10 * math.log10(added) if added > 0 else -math.inf),
                      "_added": added})
     # an input that exists only in integer form in the quantized model cannot be measured: the node's whole

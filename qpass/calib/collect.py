@@ -6,6 +6,7 @@ so the ranges do not depend on it.
 """
 from __future__ import annotations
 
+import math
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,10 +117,12 @@ class _Observer:
         self.minmax = MinMaxObserver()
         self.hist = StreamingHistogram(bins) if method != "minmax" else None
 
-    def update(self, x: np.ndarray) -> None:
-        self.minmax.update(x)
+    def update(self, x: np.ndarray, lo: float, hi: float) -> None:
+        """Add a batch whose min and max the caller already computed (one pass saved)."""
+        self.minmax.min, self.minmax.max = min(self.minmax.min, lo), max(self.minmax.max, hi)
+        self.minmax.count += 1
         if self.hist is not None:
-            self.hist.update(x)
+            self.hist.update(x, lo, hi)
 
     def range(self, opt: RangeOptions) -> tuple[float, float]:
         if self.hist is None or self.hist.count == 0:
@@ -155,10 +158,13 @@ def collect_ranges(model: onnx.ModelProto, tensors: list[str], samples: Iterable
             arr = np.asarray(arr)
             if arr.dtype.kind != "f":
                 continue
-            if not np.all(np.isfinite(arr)):
+            if arr.size == 0:
+                continue
+            lo, hi = float(np.min(arr)), float(np.max(arr))  # NaN propagates through min/max
+            if not (math.isfinite(lo) and math.isfinite(hi)):
                 raise CalibrationDataError(f"activation is NaN or Inf on calibration sample {n}",
                                            subject=f"tensor '{name}'", hint="check the calibration data's values")
-            observers[name].update(arr)
+            observers[name].update(arr, lo, hi)
         del values
         n += count
         if on_sample:

@@ -72,15 +72,24 @@ class StreamingHistogram:
         self.exp, self.k0 = new_exp, new_k0
 
     # ------------------------------------------------------------------ accumulate
-    def update(self, x: np.ndarray) -> None:
+    def update(self, x: np.ndarray, lo: float | None = None, hi: float | None = None) -> None:
+        """Add a batch (any shape). ``lo``/``hi`` may pass its known min/max to save a pass over it."""
         x = np.asarray(x)
         if x.size == 0:
             return
-        x = x.astype(np.float64, copy=False).ravel()
-        lo, hi = float(x.min()), float(x.max())
-        new_min, new_max = min(self.min, lo), max(self.max, hi)
-        self._grow(new_min, new_max)
-        k = np.floor(x / self.width).astype(np.int64) - self.k0
+        if x.dtype != np.float32:
+            x = x.astype(np.float64, copy=False)
+        x = x.ravel()
+        lo = float(x.min()) if lo is None else lo
+        hi = float(x.max()) if hi is None else hi
+        self._grow(min(self.min, lo), max(self.max, hi))
+        # w is a power of two, so x * (1/w) is exact (no overflow: the range fits in the window); a negative
+        # value that underflows to -0.0 still belongs below 0, in bin -1
+        scaled = np.ldexp(x, -self.exp)
+        k = np.floor(scaled).astype(np.int64)
+        if lo < 0:
+            k[(k >= 0) & (x < 0)] = -1
+        k -= self.k0
         np.clip(k, 0, self.bins - 1, out=k)  # only the top edge itself (x == max on an edge) can land on bins
         self.counts += np.bincount(k, minlength=self.bins)[: self.bins]
         self.count += x.size

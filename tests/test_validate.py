@@ -1,0 +1,117 @@
+"""validate(): a corrupted layer is caught and ranked first, CUDA skips cleanly, the report matches its schema,
+and the HTML page renders with its chart."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from importlib import resources
+
+import jsonschema
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+import qpass
+from qpass.validate import PROVIDERS, available_providers, validate
+from tests import builders
+
+SCHEMA = json.loads(resources.files("qpass").joinpath("report.schema.json").read_text())
+
+
+def _digits_samples(n=40):
+    x = np.load(builders.DIGITS_TEST)
+    return [({"input": x["input"][i:i + 1]}, x["label"][i:i + 1]) for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def digits_qdq():
+    return qpass.quantize(builders.DIGITS_MODEL, builders.DIGITS_CALIB).model
+
+
+def _corrupt_weight_scale(model: onnx.ModelProto, node_name: str, factor: float = 8.0) -> onnx.ModelProto:
+    """Multiply the weight scale of one compute node by ``factor``: its weights dequantize wrong."""
+    bad = onnx.ModelProto()
+    bad.CopyFrom(model)
+    producers = {o: n for n in bad.graph.node for o in n.output}
+    node = next(n for n in bad.graph.node if n.name == node_name)
+    scale_name = producers[node.input[1]].input[1]
+    init = next(t for t in bad.graph.initializer if t.name == scale_name)
+    init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * np.float32(factor), scale_name))
+    return bad
+
+
+@pytest.mark.parametrize("victim", ["/2/Conv", "/6/Gemm"])
+def test_a_wrong_scale_is_caught_and_its_layer_ranked_first(digits_qdq, victim):
+    original = onnx.load(str(builders.DIGITS_MODEL))
+    good = validate(original, digits_qdq, _digits_samples(), providers=["cpu"], latency=False, placement=False)
+    bad = validate(original, _corrupt_weight_scale(digits_qdq, victim), _digits_samples(), providers=["cpu"],
+                   latency=False, placement=False)
+    assert good["outputs"][0]["sqnr_db"] > 35
+    assert bad["outputs"][0]["sqnr_db"] < good["outputs"][0]["sqnr_db"] - 10  # the damage shows at the output
+    assert bad["per_layer"][0]["node"] == victim
+    assert good["per_layer"][0]["node"] != victim or victim == "/8/Gemm"
+
+
+def test_cuda_is_reported_not_available_without_a_gpu(digits_qdq):
+    if PROVIDERS["cuda"] in available_providers():
+        pytest.skip("this onnxruntime has CUDA; the not-available path is for CPU-only machines")
+    original = onnx.load(str(builders.DIGITS_MODEL))
+    r = validate(original, digits_qdq, _digits_samples(4), providers=["cpu", "cuda"], latency=False)
+    cuda = r["providers"][1]
+    assert cuda == {"provider": "CUDAExecutionProvider", "available": False, "note": cuda["note"]}
+    assert "not available" in cuda["note"]
+    assert r["providers"][0]["available"] and r["outputs"]
+
+
+@pytest.mark.skipif(PROVIDERS["cuda"] not in available_providers(), reason="needs onnxruntime-gpu and a GPU")
+def test_cuda_runs_and_reports_placement(digits_qdq):  # pragma: no cover - exercised on the GPU machine
+    original = onnx.load(str(builders.DIGITS_MODEL))
+    r = validate(original, digits_qdq, _digits_samples(4), providers=["cuda"])
+    assert r["providers"][0]["outputs"] and "placement" in r["providers"][0]
+
+
+def test_a_model_that_does_not_load_is_a_finding_not_a_crash(digits_qdq):
+    original = onnx.load(str(builders.DIGITS_MODEL))
+    broken = onnx.ModelProto()
+    broken.CopyFrom(digits_qdq)
+    broken.graph.node[0].op_type = "NoSuchOp"
+    r = validate(original, broken, _digits_samples(2), providers=["cpu"], latency=False)
+    assert "error" in r["providers"][0] and "does not load" in r["providers"][0]["error"]
+    assert r["findings"] and r["outputs"] == []
+
+
+def test_run_and_validate_reports_match_the_schema(tmp_path):
+    result = qpass.quantize(builders.DIGITS_MODEL, builders.DIGITS_CALIB, val=builders.DIGITS_TEST,
+                            output=tmp_path / "d.onnx", min_top1=0.99)
+    report = json.loads(result.report_path.read_text())
+    jsonschema.validate(report, SCHEMA)
+    assert report["validation"]["passed"] is True
+    other = qpass.validate_models(builders.DIGITS_MODEL, tmp_path / "d.onnx", builders.DIGITS_TEST,
+                                  output=tmp_path / "v.json")
+    jsonschema.validate(json.loads((tmp_path / "v.json").read_text()), SCHEMA)
+    assert other.validation["samples"] == 64
+    with pytest.raises(jsonschema.ValidationError):
+        broken = dict(report, schema_version=2)
+        jsonschema.validate(broken, SCHEMA)
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+@pytest.mark.skipif(_chromium() is None, reason="no headless Chromium on this machine")
+def test_html_report_renders_in_headless_chromium_with_its_chart(tmp_path):
+    result = qpass.quantize(builders.DIGITS_MODEL, builders.DIGITS_CALIB, val=builders.DIGITS_TEST,
+                            output=tmp_path / "d.onnx")
+    page = result.report_path.with_suffix(".html")
+    profile = tmp_path / "profile"
+    proc = subprocess.run([_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                           f"--user-data-dir={profile}", "--dump-dom", page.as_uri()],
+                          capture_output=True, text=True, timeout=120)
+    dom = proc.stdout
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert 'id="sqnr-chart"' in dom and dom.count('class="bar"') == len(result.report.validation["per_layer"])
+    assert "Per-layer error" in dom and "CPUExecutionProvider" in dom
