@@ -20,12 +20,51 @@ class WorkingGraph:
 
     def __init__(self, model: onnx.ModelProto):
         self.meta = ModelMeta.of(model)
+        self.outer_initializers = {t.name for t in model.graph.initializer}
         self.graph = gs.import_onnx(model)
 
     def export(self, graph: gs.Graph | None = None) -> onnx.ModelProto:
         graph = graph or self.graph
         model = gs.export_onnx(graph, do_type_check=True)
+        hoist_outer_initializers(model, self.outer_initializers)
         return self.meta.restore(model, opset=graph.opset)
+
+
+def hoist_outer_initializers(model: onnx.ModelProto, outer_names: set[str]) -> int:
+    """Move initializers that were top-level in the input model back out of the subgraphs.
+
+    onnx-graphsurgeon's export writes every outer-scope constant that a subgraph reads into that subgraph
+    (measured with 0.6.1: Silero VAD's LSTM weights, read by both If branches and by no top-level node, came
+    out once per branch, and no longer at the top level). Subgraphs resolve such names in the outer scope,
+    so one top-level copy serves them all. Returns the number of subgraph copies removed.
+    """
+    main = model.graph
+    have = {t.name for t in main.initializer}
+    removed = 0
+
+    def walk(g: onnx.GraphProto) -> None:
+        nonlocal removed
+        for node in g.node:
+            for attr in node.attribute:
+                subs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else (
+                    list(attr.graphs) if attr.type == onnx.AttributeProto.GRAPHS else [])
+                for sub in subs:
+                    keep = []
+                    for t in sub.initializer:
+                        if t.name in outer_names:
+                            if t.name not in have:
+                                main.initializer.append(t)
+                                have.add(t.name)
+                            removed += 1
+                        else:
+                            keep.append(t)
+                    if len(keep) != len(sub.initializer):
+                        del sub.initializer[:]
+                        sub.initializer.extend(keep)
+                    walk(sub)
+
+    walk(main)
+    return removed
 
 
 def node_label(node: gs.Node) -> str:

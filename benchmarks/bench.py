@@ -1,0 +1,251 @@
+"""qpass against onnxruntime.quantization on the ../shared/models suite, in one run; writes BENCHMARKS.md.
+
+    python -m benchmarks.bench [--models m1,m2] [--out BENCHMARKS.md] [--json benchmarks/results.json]
+                               [--repeats 20] [--cap-gb 16]
+
+Rows per model: fp32; onnxruntime ``quantize_static`` (QDQ, per-channel, S8 weights, U8 activations) with
+each calibration method (MinMax, Entropy, Percentile) on all op types, and the "tuned" recipe of
+shared/models/README.md (opset 13 for opset-11 models, ``quant_pre_process``, Conv/MatMul/Gemm only);
+qpass with each method (minmax, percentile, mse, entropy), default placement, format qdq, and the
+default method in format qop. Columns: the model's metrics (shared/models/README.md definitions,
+benchmarks/evaluate.py), quantization wall time and peak RSS (each quantization in a fresh process, with a
+memory cap), file size, CPU latency (median of alternated batch-1 runs after warm-up, all rows of a model
+in one process), and latency relative to fp32. A failure is a row with its reason, never a silent gap.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .accuracy import MODEL_OPTIONS
+from .calibration import _rss_mb
+from .evaluate import MODELS, SHARED, evaluate
+from .latency import first_sample, measure
+
+QPASS_ROWS = {
+    "qpass minmax": {"method": "minmax"},
+    "qpass percentile": {"method": "percentile"},
+    "qpass mse": {"method": "mse"},
+    "qpass entropy": {"method": "entropy"},
+    "qpass minmax qop": {"method": "minmax", "format": "qop"},
+}
+ORT_ROWS = {
+    "ORT MinMax": {"method": "MinMax"},
+    "ORT Entropy": {"method": "Entropy"},
+    "ORT Percentile": {"method": "Percentile"},
+    "ORT tuned": {"method": "MinMax", "tuned": True},
+}
+
+
+# ------------------------------------------------------------------------------------------ quantizers (child side)
+class _Reader:
+    def __init__(self, name: str, shared: Path):
+        import onnx
+
+        from qpass.calib.data import input_specs, open_samples
+
+        specs = input_specs(onnx.load(str(MODELS[name].model_path(shared)), load_external_data=False))
+        self.it = iter(open_samples(MODELS[name].calib_path(shared), specs))
+
+    def get_next(self):
+        item = next(self.it, None)
+        return None if item is None else item[0]
+
+
+def quantize_ort(name: str, row: str, out: Path, shared: Path) -> str:
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    opts = ORT_ROWS[row]
+    src = MODELS[name].model_path(shared)
+    note = ""
+    kwargs = dict(quant_format=QuantFormat.QDQ, per_channel=True, weight_type=QuantType.QInt8,
+                  activation_type=QuantType.QUInt8, calibrate_method=getattr(CalibrationMethod, opts["method"]))
+    with tempfile.TemporaryDirectory() as tmp:
+        model_in = str(src)
+        if opts.get("tuned"):
+            model = onnx.load(str(src))
+            if MODEL_OPTIONS.get(name, {}).get("target_opset"):
+                model = onnx.version_converter.convert_version(model, 13)
+                note += "opset 11->13; "
+            up = Path(tmp) / "up.onnx"
+            onnx.save_model(model, str(up))
+            pre = Path(tmp) / "pre.onnx"
+            try:
+                quant_pre_process(str(up), str(pre))
+            except Exception:  # noqa: BLE001 - the README's recipe: retry without symbolic shape inference
+                quant_pre_process(str(up), str(pre), skip_symbolic_shape=True)
+                note += "pre-process skip_symbolic_shape; "
+            model_in = str(pre)
+            kwargs["op_types_to_quantize"] = ["Conv", "MatMul", "Gemm"]
+        try:
+            quantize_static(model_in, str(out), _Reader(name, shared), **kwargs)
+        except ValueError as exc:
+            if "truth value of an array" not in str(exc):
+                raise
+            # Gemm [1,N] bias crash in the int32-bias scale adjustment (shared/models README, magika)
+            quantize_static(model_in, str(out), _Reader(name, shared), **kwargs,
+                            extra_options={"QDQDisableWeightAdjustForInt32Bias": True})
+            note += "crashed; retried with QDQDisableWeightAdjustForInt32Bias; "
+    return note.strip("; ")
+
+
+def quantize_qpass(name: str, row: str, out: Path, shared: Path) -> str:
+    import qpass
+
+    qpass.quantize(MODELS[name].model_path(shared), MODELS[name].calib_path(shared), output=out, val_fraction=0.0,
+                   per_layer=False, latency=False, **MODEL_OPTIONS.get(name, {}), **QPASS_ROWS[row])
+    return "--target-opset 13" if MODEL_OPTIONS.get(name) else ""
+
+
+def child(tool: str, name: str, row: str, out: str, shared: Path) -> dict:
+    t = time.perf_counter()
+    note = (quantize_qpass if tool == "qpass" else quantize_ort)(name, row, Path(out), shared)
+    return {"seconds": time.perf_counter() - t, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "note": note}
+
+
+# ------------------------------------------------------------------------------------------ parent
+def run_child(tool: str, name: str, row: str, out: Path, shared: Path, cap_gb: float) -> dict:
+    cmd = [sys.executable, "-m", "benchmarks.bench", "--child", tool, name, row, str(out), "--shared", str(shared)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=Path(__file__).resolve().parents[1])
+    peak, killed = 0.0, False
+    while proc.poll() is None:
+        rss = _rss_mb(proc.pid)
+        peak = max(peak, rss)
+        if rss > cap_gb * 1024:
+            proc.kill()
+            killed = True
+            break
+        time.sleep(0.05)
+    stdout, stderr = proc.communicate()
+    if killed:
+        return {"status": f"out of memory (> {cap_gb:g} GB)", "peak_rss_mb": peak}
+    if proc.returncode != 0:
+        lines = [x for x in stderr.strip().splitlines() if x.strip() and not x.startswith(("WARNING", "  "))]
+        return {"status": "failed: " + (lines[-1][:160] if lines else f"exit {proc.returncode}"), "peak_rss_mb": peak}
+    return {"status": "ok", **json.loads(stdout.strip().splitlines()[-1])}
+
+
+def bench_model(name: str, shared: Path, tmp: Path, cap_gb: float, repeats: int, log) -> list[dict]:
+    spec = MODELS[name]
+    rows = [{"row": "fp32", "path": str(spec.model_path(shared)), "status": "ok"}]
+    for tool, table in (("onnxruntime", ORT_ROWS), ("qpass", QPASS_ROWS)):
+        for row in table:
+            out = tmp / f"{name}.{row.replace(' ', '_')}.onnx"
+            r = run_child(tool, name, row, out, shared, cap_gb)
+            r.update(row=row, path=str(out))
+            rows.append(r)
+            log(f"{name}: {row}: {r['status']} {r.get('seconds', 0):.1f}s {r.get('peak_rss_mb', 0):.0f}MB {r.get('note', '')}")
+    for r in rows:
+        if r["status"] != "ok":
+            continue
+        r["size_bytes"] = os.path.getsize(r["path"]) + sum(
+            os.path.getsize(p) for p in Path(r["path"]).parent.glob(Path(r["path"]).name + ".data"))
+        try:
+            m = evaluate(name, r["path"], shared=shared, cache_dir=tmp)
+            r["metrics"] = {k: m[k] for k in spec.metrics}
+        except Exception as exc:  # noqa: BLE001 - a model that does not load or run is a result
+            r["status"] = f"does not run: {str(exc).splitlines()[0][:160]}"
+        log(f"{name}: {r['row']}: {r.get('metrics', r['status'])}")
+    ok = {r["row"]: Path(r["path"]) for r in rows if r["status"] == "ok"}
+    ms = measure(ok, first_sample(name, shared), repeats, threads=2)
+    for r in rows:
+        if r["row"] in ms:
+            r["latency_ms"] = ms[r["row"]]
+            r["latency_vs_fp32"] = ms[r["row"]] / ms["fp32"]
+    for r in rows:
+        r.pop("path")
+    return rows
+
+
+def _machine() -> str:
+    cpu = "?"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import onnx
+    import onnxruntime
+
+    import qpass
+
+    return (f"{cpu}, {os.cpu_count()} cores; Python {platform.python_version()}, onnxruntime {onnxruntime.__version__} "
+            f"(CPUExecutionProvider, 2 intra-op threads for latency), onnx {onnx.__version__}, numpy {np.__version__}, "
+            f"qpass {qpass.__version__}")
+
+
+def _fmt(x, digits=4):
+    return "" if x is None else (f"{x:.{digits}f}" if isinstance(x, float) else str(x))
+
+
+def render(results: dict) -> str:
+    out = ["# Benchmarks: qpass against onnxruntime.quantization", "",
+           f"Generated by `python -m benchmarks.bench` on {results['date']}: {results['machine']}.", "",
+           "Every number below comes from that one run on one machine. Quantization time and peak RSS: each "
+           "quantization in a fresh process (calibration on all stored calibration samples, one per call). Latency: "
+           "median of alternated batch-1 runs after warm-up, all rows of a model in one process. Metrics: "
+           "shared/models/README.md definitions (benchmarks/evaluate.py). ORT rows: `quantize_static`, QDQ, "
+           "per-channel, int8 weights, uint8 activations; 'tuned' is the README's recipe. qpass rows: default "
+           "placement; 'qop' is the integer-operator form.", ""]
+    for name, rows in results["models"].items():
+        spec = MODELS[name]
+        mcols = list(spec.metrics[:3])
+        out += [f"## {name}", "", "| row | " + " | ".join(mcols) + " | quantize s | peak RSS MB | size MB | latency ms | vs fp32 | note |",
+                "|---" * (len(mcols) + 7) + "|"]
+        for r in rows:
+            met = r.get("metrics", {})
+            cells = [_fmt(met.get(c)) for c in mcols] if met else [r["status"]] + [""] * (len(mcols) - 1)
+            out.append(f"| {r['row']} | " + " | ".join(cells) + f" | {_fmt(r.get('seconds'), 1)} | {_fmt(r.get('peak_rss_mb'), 0)} | "
+                       f"{_fmt(r['size_bytes'] / 1e6 if 'size_bytes' in r else None, 2)} | {_fmt(r.get('latency_ms'), 2)} | "
+                       f"{_fmt(r.get('latency_vs_fp32'), 2)} | {r.get('note', '') if r['status'] == 'ok' else ''} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--child", nargs=4, metavar=("TOOL", "MODEL", "ROW", "OUT"))
+    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--shared", default=str(SHARED))
+    ap.add_argument("--out", default="BENCHMARKS.md")
+    ap.add_argument("--json", default="benchmarks/results.json")
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--cap-gb", type=float, default=16.0)
+    args = ap.parse_args(argv)
+    shared = Path(args.shared)
+    if args.child:
+        tool, name, row, out = args.child
+        print(json.dumps(child(tool, name, row, out, shared)))
+        return 0
+    results = {"date": datetime.date.today().isoformat(), "machine": _machine(), "models": {}}
+    if Path(args.json).exists():  # keep other models' rows when re-running a subset
+        old = json.loads(Path(args.json).read_text())
+        results["models"].update({k: v for k, v in old.get("models", {}).items() if k not in args.models.split(",")})
+    with tempfile.TemporaryDirectory(prefix="qpass-bench-") as tmp:
+        for name in args.models.split(","):
+            results["models"][name] = bench_model(name, shared, Path(tmp), args.cap_gb, args.repeats,
+                                                  log=lambda s: print(s, flush=True))
+            Path(args.json).write_text(json.dumps(results, indent=1))
+            Path(args.out).write_text(render(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
