@@ -5,6 +5,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from .errors import UnsupportedModelError
 from .io import ModelMeta
 
 QUANT_OPS = frozenset({
@@ -15,10 +16,51 @@ QUANT_OPS = frozenset({
 })
 
 
+#: value types onnx-graphsurgeon cannot export (its exporter fails with an UnboundLocalError on them)
+_UNEXPORTABLE = frozenset({"optional_type", "map_type", "opaque_type"})
+_KNOWN_ELEM_TYPES = frozenset(onnx.TensorProto.DataType.values())
+
+
+def unexportable_values(model: onnx.ModelProto) -> list[str]:
+    """Values (any graph, subgraphs included) whose type the onnx-graphsurgeon round trip cannot carry."""
+    found: list[str] = []
+
+    def bad(t: onnx.TypeProto) -> str | None:
+        kind = t.WhichOneof("value")
+        if kind in _UNEXPORTABLE:
+            return kind[: -len("_type")]
+        if kind in ("tensor_type", "sparse_tensor_type"):
+            elem = getattr(t, kind).elem_type
+            # the checker lets an unknown element type through where only ops of unknown domains read the value
+            return None if elem in _KNOWN_ELEM_TYPES else f"tensor of unknown element type {elem}"
+        if kind == "sequence_type":
+            inner = bad(t.sequence_type.elem_type) if t.sequence_type.HasField("elem_type") else None
+            return f"sequence of {inner}" if inner else None
+        return None
+
+    def walk(g: onnx.GraphProto, where: str) -> None:
+        for vi in list(g.input) + list(g.output) + list(g.value_info):
+            kind = bad(vi.type)
+            if kind:
+                found.append(f"'{vi.name}' ({kind}{where})")
+        for n in g.node:
+            for a in n.attribute:
+                subs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs) if a.type == onnx.AttributeProto.GRAPHS else []
+                for sub in subs:
+                    walk(sub, f" in a {n.op_type} body")
+
+    walk(model.graph, "")
+    return found
+
+
 class WorkingGraph:
     """Pairs a gs.Graph with the model-level metadata needed to export it faithfully."""
 
     def __init__(self, model: onnx.ModelProto):
+        bad = unexportable_values(model)
+        if bad:
+            raise UnsupportedModelError(f"{len(bad)} value(s) of a type qpass cannot rewrite, e.g. {bad[0]}",
+                                        subject="model", hint="qpass handles tensor and sequence-of-tensor values only")
         self.meta = ModelMeta.of(model)
         self.outer_initializers = {t.name for t in model.graph.initializer}
         self.graph = gs.import_onnx(model)

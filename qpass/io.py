@@ -56,7 +56,6 @@ class ModelMeta:
         The default-domain opset is ``opset`` when given (after an explicit upgrade), and every
         other domain the original imported is kept even when no node uses it.
         """
-        model.ir_version = max(model.ir_version, self.ir_version)
         model.producer_name = self.producer_name
         model.producer_version = self.producer_version
         model.domain = self.domain
@@ -75,7 +74,22 @@ class ModelMeta:
             model.opset_import.add(domain=domain, version=version)
         if self.functions and not model.functions:
             model.functions.extend(self.functions)
+        model.ir_version = max(model.ir_version, self.ir_version, min_ir_version(model))
         return model
+
+
+def min_ir_version(model: onnx.ModelProto) -> int:
+    """The lowest IR version valid for ``model``'s opset imports, and never below 4.
+
+    IR 3 requires every initializer to be a graph input; onnx-graphsurgeon's export (and
+    onnx.version_converter's new initializers) do not list them, so an IR 3 model that went
+    through either is only valid once its IR version is raised.
+    """
+    try:
+        ir = onnx.helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True)
+    except Exception:  # noqa: BLE001 - an opset newer than this onnx knows
+        ir = 0
+    return max(ir, 4)
 
 
 def default_opset(model: onnx.ModelProto) -> int:
@@ -139,7 +153,9 @@ def check_proto(model: onnx.ModelProto, error: type = ModelLoadError, *, name: s
                 onnx.checker.check_model(str(tmp_path), full_check=True)
         else:
             onnx.checker.check_model(model, full_check=True)
-    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, DecodeError, ValueError) as exc:
+        # the checker also raises ValueError ("Invalid tensor data type 33.") and UnicodeDecodeError (a
+        # ValueError: a string field that is not UTF-8) on corrupted files
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise error(f"invalid ONNX model: {first}", subject=name,
                     hint="the ONNX checker rejects it") from None

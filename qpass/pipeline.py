@@ -19,7 +19,7 @@ from .calib.table import CalibrationTable
 from .config import INT16_MIN_OPSET, PER_CHANNEL_MIN_OPSET, QDQ_MIN_OPSET, QuantConfig
 from .errors import CalibrationDataError, ModelSaveError, NothingQuantizedError, OpsetError, UnsupportedModelError
 from .graph import WorkingGraph, used_quant_ops
-from .io import default_opset, infer_shapes, load_model, same_file, save_model
+from .io import default_opset, min_ir_version, infer_shapes, load_model, same_file, save_model
 from .pass_manager import PassContext, PassManager
 from .passes.cleanup import Cleanup
 from .passes.constants_to_initializers import ConstantsToInitializers
@@ -299,6 +299,35 @@ def _size(source: Any, model: onnx.ModelProto) -> int:
     return model.ByteSize()
 
 
+def _interface(model: onnx.ModelProto) -> tuple[dict, dict]:
+    """Graph inputs (not initializers) and outputs: name -> (value kind, element type, dims or None)."""
+    inits = {t.name for t in model.graph.initializer}
+
+    def sig(vi: onnx.ValueInfoProto) -> tuple:
+        t = vi.type
+        if t.HasField("tensor_type"):
+            tt = t.tensor_type
+            dims = [d.dim_value if d.HasField("dim_value") else "?" for d in tt.shape.dim] if tt.HasField("shape") else None
+            return ("tensor", onnx.TensorProto.DataType.Name(tt.elem_type) if tt.elem_type else "?", dims)
+        return (t.WhichOneof("value"), None, None)
+
+    return ({vi.name: sig(vi) for vi in model.graph.input if vi.name not in inits},
+            {vi.name: sig(vi) for vi in model.graph.output})
+
+
+def _interface_changes(before: onnx.ModelProto, after: onnx.ModelProto) -> list[str]:
+    """How the inputs and outputs of ``after`` differ from those of ``before`` (empty when they do not)."""
+    changes = []
+    for what, old, new in zip(("input", "output"), _interface(before), _interface(after)):
+        if list(old) != list(new):
+            changes.append(f"{what}s {list(old)} became {list(new)}")
+            continue
+        for n, (o, a) in ((n, (old[n], new[n])) for n in old):
+            if o[:2] != a[:2] or (o[2] is not None and a[2] is not None and o[2] != a[2]):
+                changes.append(f"{what} '{n}' {o[1]}{o[2]} became {a[1]}{a[2]}")
+    return changes
+
+
 def _apply_opset(model: onnx.ModelProto, cfg: QuantConfig, name: str, report: Report) -> onnx.ModelProto:
     opset = default_opset(model)
     report.opset = {"input": opset, "output": opset}
@@ -317,10 +346,17 @@ def _apply_opset(model: onnx.ModelProto, cfg: QuantConfig, name: str, report: Re
 
             try:
                 converted = version_converter.convert_version(model, cfg.target_opset)
+                converted.ir_version = max(converted.ir_version, min_ir_version(converted))
                 onnx.checker.check_model(converted, full_check=True)
             except Exception as exc:  # noqa: BLE001 - the converter raises assorted types
                 raise OpsetError(f"onnx.version_converter could not upgrade opset {opset} -> {cfg.target_opset}: "
                                  f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", subject=name) from None
+            changed = _interface_changes(model, converted)
+            if changed:
+                raise OpsetError(f"onnx.version_converter changed the model's interface upgrading opset {opset} -> "
+                                 f"{cfg.target_opset}: {'; '.join(changed[:3])}", subject=name,
+                                 hint="the upgraded model would not take the same inputs or give the same outputs; "
+                                      "upgrade and check it yourself, or use --per-tensor (opset >= 10)")
             report.opset["output"] = cfg.target_opset
             report.warnings.append(f"opset upgraded {opset} -> {cfg.target_opset} as asked (--target-opset)")
             return converted

@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from ..errors import CalibrationDataError
+from ..errors import CalibrationDataError, UnsupportedModelError
 
 Feed = dict[str, np.ndarray]
 LABEL_KEY = "label"
@@ -39,8 +39,18 @@ def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
     for vi in model.graph.input:
         if vi.name in inits:
             continue
+        kind = vi.type.WhichOneof("value")
+        if kind != "tensor_type":
+            what = kind[: -len("_type")] if kind else "value of no declared type"
+            raise UnsupportedModelError(f"input '{vi.name}' is a {what}, not a tensor", subject="model",
+                                        hint="qpass calibrates and validates models whose inputs are all tensors")
         tt = vi.type.tensor_type
-        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type))
+        try:
+            dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type))
+        except (KeyError, TypeError, ValueError):
+            raise UnsupportedModelError(f"input '{vi.name}' has element type "
+                                        f"{onnx.TensorProto.DataType.Name(tt.elem_type) if tt.elem_type in onnx.TensorProto.DataType.values() else tt.elem_type}, "
+                                        "which has no numpy dtype", subject="model") from None
         dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim)
         specs.append(InputSpec(vi.name, dtype, dims))
     return specs

@@ -139,6 +139,8 @@ class InsertQDQ(Pass):
     def _bias_dq(self, node: gs.Node, t: Target, act_scale: np.ndarray, w_scale: np.ndarray) -> str | None:
         b = node.inputs[t.bias]
         values = np.asarray(b.values, dtype=np.float32)
+        if not np.all(np.isfinite(values)):
+            return "bias kept in float: it holds NaN or Inf"
         scale = (np.float64(act_scale) * w_scale.astype(np.float64)).astype(np.float32)
         per_channel = scale.ndim == 1 and scale.size > 1
         axis = t.bias_axis if per_channel else None
@@ -154,7 +156,7 @@ class InsertQDQ(Pass):
             worst = int(np.unravel_index(np.argmax(np.abs(exact)), exact.shape)[axis if per_channel else 0]) \
                 if exact.ndim else 0
             return f"bias kept in float: overflows int32 at channel {worst}"
-        q = np.rint(exact).astype(np.int32)
+        q = np.asarray(np.rint(exact)).astype(np.int32)  # an ndarray also for a 0-d (scalar) bias
         zp = np.zeros(scale.shape, dtype=INT_TYPES["int32"][0])
         node.inputs[t.bias] = self._qdq_nodes(b, q, scale, zp, axis, b.name)
         return None

@@ -131,7 +131,13 @@ def _weight_axis(node: gs.Node, w: gs.Constant, config: QuantConfig, t: Target) 
     if node.op == "Gemm":
         return 0 if int(node.attrs.get("transB", 0)) else 1
     if node.op == "MatMul":
-        return rank - 1 if rank >= 2 else None
+        if rank > 2:
+            # one scale per column of a batched (rank > 2) B cannot be written in a form onnxruntime runs: its fused
+            # MatMulIntegerToFloat (DQ -> MatMul at the default optimization level) rejects a 1-D per-axis zero point
+            # for a B of rank > 2 ("b zero point is not valid")
+            t.notes.append(f"MatMul weight of rank {rank}: per-tensor weight scale (per-column scales need a 2-D weight)")
+            return None
+        return rank - 1 if rank == 2 else None
     return None
 
 
