@@ -490,3 +490,18 @@ def test_written_files_have_ordinary_permissions(tmp_path):
 def test_io_module_constants():
     assert qio.PROTOBUF_LIMIT == 2**31 - 1
     assert qio.EXTERNAL_DATA_THRESHOLD < qio.PROTOBUF_LIMIT
+
+
+def test_models_over_the_protobuf_limit_are_written_with_external_data(tmp_path, monkeypatch):
+    """A >2 GB model cannot be one protobuf; the threshold is lowered here so a small model takes that path."""
+    import qpass.io as qio
+
+    model = onnx.load(str(DIGITS_MODEL))
+    monkeypatch.setattr(qio, "EXTERNAL_DATA_THRESHOLD", 1000)
+    out = qio.save_model(model, tmp_path / "big.onnx")
+    assert (tmp_path / "big.onnx.data").is_file()
+    monkeypatch.undo()
+    back = qio.load_model(out)
+    assert [t.name for t in back.graph.initializer] == [t.name for t in model.graph.initializer]
+    for a, b in zip(back.graph.initializer, model.graph.initializer):
+        np.testing.assert_array_equal(onnx.numpy_helper.to_array(a), onnx.numpy_helper.to_array(b))
