@@ -19,7 +19,6 @@ import datetime
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -29,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from .accuracy import MODEL_OPTIONS
-from .calibration import _rss_mb
+from .calibration import _rss_mb, peak_rss_mb
 from .evaluate import MODELS, SHARED, evaluate
 from .latency import first_sample, measure
 
@@ -39,6 +38,7 @@ QPASS_ROWS = {
     "qpass mse": {"method": "mse"},
     "qpass entropy": {"method": "entropy"},
     "qpass minmax qop": {"method": "minmax", "format": "qop"},
+    "qpass conv-percentile": {"method": "minmax", "op_methods": {"Conv": "percentile", "ConvTranspose": "percentile"}},
 }
 ORT_ROWS = {
     "ORT MinMax": {"method": "MinMax"},
@@ -113,7 +113,7 @@ def quantize_qpass(name: str, row: str, out: Path, shared: Path) -> str:
 def child(tool: str, name: str, row: str, out: str, shared: Path) -> dict:
     t = time.perf_counter()
     note = (quantize_qpass if tool == "qpass" else quantize_ort)(name, row, Path(out), shared)
-    return {"seconds": time.perf_counter() - t, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    return {"seconds": time.perf_counter() - t, "peak_rss_mb": peak_rss_mb(),
             "note": note}
 
 
@@ -211,7 +211,8 @@ def render(results: dict) -> str:
                 "|---" * (len(mcols) + 7) + "|"]
         for r in rows:
             met = r.get("metrics", {})
-            cells = [_fmt(met.get(c)) for c in mcols] if met else [r["status"]] + [""] * (len(mcols) - 1)
+            status = r["status"] if len(r["status"]) <= 90 else r["status"][:87] + "..."
+            cells = [_fmt(met.get(c)) for c in mcols] if met else [status] + [""] * (len(mcols) - 1)
             out.append(f"| {r['row']} | " + " | ".join(cells) + f" | {_fmt(r.get('seconds'), 1)} | {_fmt(r.get('peak_rss_mb'), 0)} | "
                        f"{_fmt(r['size_bytes'] / 1e6 if 'size_bytes' in r else None, 2)} | {_fmt(r.get('latency_ms'), 2)} | "
                        f"{_fmt(r.get('latency_vs_fp32'), 2)} | {r.get('note', '') if r['status'] == 'ok' else ''} |")

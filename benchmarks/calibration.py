@@ -5,7 +5,7 @@
 
 Every (tool, method, model, sample count) runs in a fresh process; the parent samples its resident memory
 every 50 ms and kills it above ``--cap-gb`` (reported as out of memory). Peak RSS is the child's own
-``ru_maxrss``. qpass: load, plan, streaming collection of its planned activations, ranges. onnxruntime:
+peak resident set (VmHWM). qpass: load, plan, streaming collection of its planned activations, ranges. onnxruntime:
 ``create_calibrator`` for Conv/MatMul/Gemm, ``collect_data``, ``compute_data`` (its default options, except
 for Entropy and Percentile, which get qpass's 2048 bins so both search the same resolution; with its own
 defaults, 128 bins, the entropy search has a single candidate and returns the min-max range).
@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -90,7 +89,17 @@ def child(tool: str, method: str, name: str, n: int, shared: Path) -> dict:
             ranges = cal.compute_data()
             count = len(ranges.data) if hasattr(ranges, "data") else len(ranges)
     seconds = time.perf_counter() - t
-    return {"seconds": seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "tensors": count}
+    return {"seconds": seconds, "peak_rss_mb": peak_rss_mb(), "tensors": count}
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set (VmHWM). Not ``ru_maxrss``: Linux carries that across fork+exec, so a
+    child started by a large parent would report the parent's size."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def _rss_mb(pid: int) -> float:

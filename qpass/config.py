@@ -41,7 +41,7 @@ class QuantConfig:
         bins: bins of the streaming histogram behind percentile, mse and entropy.
         kl_levels: quantized levels the entropy (KL) search compares against (128 for int8 magnitudes).
         tensor_methods: method per activation tensor, keyed by name or full-match regex (wins over op_methods).
-        op_methods: method per consuming op type (e.g. {"MatMul": "percentile"}).
+        op_methods: method per compute op type that reads or writes the tensor (e.g. {"Conv": "percentile"}).
         output_consumers: "all" quantizes such an output whatever reads it; "quantized" only when every reader
             is a quantized compute op (or data movement leading to one), so no float op sees a quantized value.
         calib_batch_size: samples of equal shape concatenated into one onnxruntime run (results do not change).

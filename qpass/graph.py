@@ -64,12 +64,36 @@ class WorkingGraph:
         self.meta = ModelMeta.of(model)
         self.outer_initializers = {t.name for t in model.graph.initializer}
         self.graph = gs.import_onnx(model)
+        self.renamed_nodes = unique_node_names(self.graph)
 
     def export(self, graph: gs.Graph | None = None) -> onnx.ModelProto:
         graph = graph or self.graph
         model = gs.export_onnx(graph, do_type_check=True)
         hoist_outer_initializers(model, self.outer_initializers)
         return self.meta.restore(model, opset=graph.opset)
+
+
+def unique_node_names(graph: gs.Graph) -> int:
+    """Suffix every repeated node name (``conv`` -> ``conv_1``); returns how many were renamed.
+
+    The ONNX checker accepts duplicate node names, the verifier run after every pass does not; without
+    this a model with two nodes named alike fails in the first pass, which then takes the blame.
+    """
+    taken = {n.name for n in graph.nodes if n.name}
+    seen: set[str] = set()
+    renamed = 0
+    for node in graph.nodes:
+        if not node.name:
+            continue
+        if node.name in seen:
+            i = 1
+            while f"{node.name}_{i}" in taken:
+                i += 1
+            node.name = f"{node.name}_{i}"
+            taken.add(node.name)
+            renamed += 1
+        seen.add(node.name)
+    return renamed
 
 
 def hoist_outer_initializers(model: onnx.ModelProto, outer_names: set[str]) -> int:
@@ -107,6 +131,11 @@ def hoist_outer_initializers(model: onnx.ModelProto, outer_names: set[str]) -> i
 
     walk(main)
     return removed
+
+
+def is_onnx_op(node: gs.Node) -> bool:
+    """The node is an operator of the default ONNX domain (a ``Conv`` of a vendor domain is another op)."""
+    return (getattr(node, "domain", None) or "") in ("", "ai.onnx")
 
 
 def node_label(node: gs.Node) -> str:

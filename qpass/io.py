@@ -138,6 +138,36 @@ def _check(model: onnx.ModelProto, name: str, path: Path | None = None) -> None:
         raise ModelLoadError("not an ONNX model (no IR version or empty graph)", subject=name,
                              hint="is the file truncated or not a .onnx file?")
     check_proto(model, ModelLoadError, name=name, path=path)
+    bad = non_utf8_string(model)
+    if bad is not None:
+        raise ModelLoadError(f"string field {bad} is not valid UTF-8", subject=name,
+                             hint="is the file corrupted? (the ONNX checker does not look at string encodings)")
+
+
+def non_utf8_string(msg, path: str = "model") -> str | None:
+    """The first string field of ``msg`` (recursively) that is not valid UTF-8, or None.
+
+    The upb protobuf runtime hands such a proto2 ``string`` field back as ``bytes`` instead of failing
+    to parse, and the checker accepts it; the first rewrite that copies the name then raises
+    UnicodeDecodeError. Only string and message fields are visited (never raw_data or other bytes).
+    """
+    for fd in msg.DESCRIPTOR.fields:
+        repeated = fd.is_repeated if hasattr(fd, "is_repeated") else fd.label == fd.LABEL_REPEATED
+        if fd.type == fd.TYPE_STRING:
+            values = getattr(msg, fd.name) if repeated else (
+                [getattr(msg, fd.name)] if msg.HasField(fd.name) else [])
+            for v in values:
+                if isinstance(v, bytes):
+                    return f"{path}.{fd.name}"
+        elif fd.type == fd.TYPE_MESSAGE:
+            subs = getattr(msg, fd.name) if repeated else (
+                [getattr(msg, fd.name)] if msg.HasField(fd.name) else [])
+            for i, sub in enumerate(subs):
+                where = f"{path}.{fd.name}[{i}]" if repeated else f"{path}.{fd.name}"
+                bad = non_utf8_string(sub, where)
+                if bad is not None:
+                    return bad
+    return None
 
 
 def check_proto(model: onnx.ModelProto, error: type = ModelLoadError, *, name: str = "model",

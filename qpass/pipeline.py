@@ -17,7 +17,8 @@ from .calib.collect import RangeOptions, collect_ranges, pick_providers
 from .calib.data import input_specs, open_samples, split_holdout, synthetic_samples
 from .calib.table import CalibrationTable
 from .config import INT16_MIN_OPSET, PER_CHANNEL_MIN_OPSET, QDQ_MIN_OPSET, QuantConfig
-from .errors import CalibrationDataError, ModelSaveError, NothingQuantizedError, OpsetError, UnsupportedModelError
+from .errors import (CalibrationDataError, ModelSaveError, NothingQuantizedError, OpsetError, UnsupportedModelError,
+                     VerificationError)
 from .graph import WorkingGraph, used_quant_ops
 from .io import default_opset, min_ir_version, infer_shapes, load_model, same_file, save_model
 from .pass_manager import PassContext, PassManager
@@ -117,6 +118,12 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, calib: str | os.PathLik
     working_model = _apply_opset(original, cfg, model_name, report)
     t = time.perf_counter()
     wg = WorkingGraph(infer_shapes(working_model))
+    try:  # what the verifier rejects before any pass ran is the input's doing, not the first pass's
+        verify_model(wg.export())
+    except VerificationError as exc:
+        raise UnsupportedModelError(f"the model is not valid after qpass's graph import/export, before any rewrite: "
+                                    f"{exc.one_line()}", subject=model_name,
+                                    hint="the ONNX checker accepts it, qpass's verifier does not") from exc
     manager_kw = dict(export=wg.export, verify=verify_model, dump_dir=dump_dir)
     ctx = PassContext(cfg)
     records = PassManager(prepare_passes(), **manager_kw).run(wg.graph, ctx)
@@ -159,11 +166,7 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, calib: str | os.PathLik
         providers, ep_note = pick_providers(cfg.calib_ep)
         if ep_note:
             report.warnings.append(ep_note)
-        consumers: dict[str, set[str]] = {}
-        for tg in targets:
-            for i in tg.activations:
-                consumers.setdefault(tg.node.inputs[i].name, set()).add(tg.node.op)
-        methods = {name: cfg.method_for(name, consumers.get(name, set())) for name in tensors}
+        methods = {name: cfg.method_for(name, ops) for name, ops in plan.related_ops().items() if name in tensors}
         options = RangeOptions(cfg.percentile, cfg.bins, cfg.kl_levels, cfg.activation_type, cfg.activation_symmetric)
         table = collect_ranges(working_model_for_calib(wg), tensors, stream, methods=methods, options=options,
                                providers=providers, batch_size=cfg.calib_batch_size, specs=specs,

@@ -142,7 +142,17 @@ def collect_ranges(model: onnx.ModelProto, tensors: list[str], samples: Iterable
                    synthetic: bool = False, on_sample: Callable[[], None] | None = None) -> CalibrationTable:
     """The range of each tensor in ``tensors`` over all ``samples``, by each tensor's method."""
     if not tensors:
-        return CalibrationTable({}, samples=0, synthetic=synthetic)
+        # nothing to observe, but the data is still checked (names, dtypes, shapes, finite values: the source's
+        # iterator does it) and counted, as it would be if one tensor needed a range
+        n = 0
+        for _feed, count in batches(samples, 1, False):
+            n += count
+            if on_sample:
+                on_sample()
+        if n == 0:
+            raise CalibrationDataError("no calibration samples", subject="calibration data",
+                                       hint="give at least one sample (and more than one when validating on a held-out split)")
+        return CalibrationTable({}, samples=n, synthetic=synthetic)
     if isinstance(methods, str):
         methods = {t: methods for t in tensors}
     session = make_session(augmented_model(model, tensors), providers, what="calibration model")

@@ -83,14 +83,15 @@ class StreamingHistogram:
         lo = float(x.min()) if lo is None else lo
         hi = float(x.max()) if hi is None else hi
         self._grow(min(self.min, lo), max(self.max, hi))
-        # w is a power of two, so x * (1/w) is exact (no overflow: the range fits in the window); a negative
-        # value that underflows to -0.0 still belongs below 0, in bin -1
+        # w is a power of two, so x * (1/w) is exact (no overflow: the range fits in the window), and so is the
+        # shift by k0 (the results are small integers). A negative x can underflow to -0.0 only when w > 1
+        # (|x| * 2**-exp below float32's smallest subnormal needs exp > 0); it still belongs below 0.
         scaled = np.ldexp(x, -self.exp)
-        k = np.floor(scaled).astype(np.int64)
-        if lo < 0:
-            k[(k >= 0) & (x < 0)] = -1
-        k -= self.k0
-        np.clip(k, 0, self.bins - 1, out=k)  # only the top edge itself (x == max on an edge) can land on bins
+        np.floor(scaled, out=scaled)
+        scaled -= self.k0
+        k = scaled.astype(np.intp)
+        if lo < 0 and self.exp > 0:
+            k[(scaled == -self.k0) & (x < 0)] -= 1
         self.counts += np.bincount(k, minlength=self.bins)[: self.bins]
         self.count += x.size
 

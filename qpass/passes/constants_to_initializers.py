@@ -10,7 +10,7 @@ from collections import Counter
 
 import onnx_graphsurgeon as gs
 
-from ..graph import NameAllocator
+from ..graph import NameAllocator, is_onnx_op
 from ..pass_manager import Pass, PassContext, PassResult
 
 WEIGHT_SLOTS = {"Conv": (1, 2), "ConvTranspose": (1, 2), "MatMul": (0, 1), "Gemm": (1, 2)}
@@ -23,6 +23,8 @@ def _constant_value(t: gs.Tensor):
     if not isinstance(t, gs.Variable) or len(t.inputs) != 1:
         return None
     node = t.inputs[0]
+    if not is_onnx_op(node):
+        return None
     if node.op == "Constant" and isinstance(node.attrs.get("value"), gs.Constant):
         return node.attrs["value"]
     if node.op == "Identity" and node.inputs:
@@ -37,7 +39,7 @@ class ConstantsToInitializers(Pass):
         made: dict[str, gs.Constant] = {}
         new_name = NameAllocator(graph)
         for node in graph.nodes:
-            slots = WEIGHT_SLOTS.get(node.op)
+            slots = WEIGHT_SLOTS.get(node.op) if is_onnx_op(node) else None
             if not slots or node.op not in ctx.config.op_types:
                 continue
             for i in slots:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ..graph import NameAllocator, is_float32, node_label
+from ..graph import NameAllocator, is_float32, is_onnx_op, node_label
 from ..pass_manager import Pass, PassContext, PassResult, Skip
 
 
@@ -19,10 +19,10 @@ class FoldBatchNorm(Pass):
         outputs = {t.name for t in graph.outputs}
         folded = 0
         skipped: list[Skip] = []
-        for bn in [n for n in graph.nodes if n.op == "BatchNormalization"]:
+        for bn in [n for n in graph.nodes if n.op == "BatchNormalization" and is_onnx_op(n)]:
             x = bn.inputs[0]
             conv = x.inputs[0] if isinstance(x, gs.Variable) and len(x.inputs) == 1 else None
-            if conv is None or conv.op != "Conv":
+            if conv is None or conv.op != "Conv" or not is_onnx_op(conv):
                 continue
             label = node_label(bn)
             params = bn.inputs[1:5]

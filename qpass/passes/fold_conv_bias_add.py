@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ..graph import NameAllocator, is_float32
+from ..graph import NameAllocator, is_float32, is_onnx_op
 from ..pass_manager import Pass, PassContext, PassResult
 
 
@@ -31,7 +31,7 @@ class FoldConvBiasAdd(Pass):
         new_name = NameAllocator(graph)
         outputs = {t.name for t in graph.outputs}
         folded = 0
-        for conv in [n for n in graph.nodes if n.op == "Conv"]:
+        for conv in [n for n in graph.nodes if n.op == "Conv" and is_onnx_op(n)]:
             if not conv.outputs:
                 continue
             y = conv.outputs[0]
@@ -39,7 +39,7 @@ class FoldConvBiasAdd(Pass):
             if y.name in outputs or len(y.outputs) != 1 or not isinstance(w, gs.Constant) or not is_float32(w):
                 continue
             add = y.outputs[0]
-            if add.op != "Add" or len(add.inputs) != 2 or len(add.outputs) != 1:
+            if add.op != "Add" or not is_onnx_op(add) or len(add.inputs) != 2 or len(add.outputs) != 1:
                 continue
             other = add.inputs[1] if add.inputs[0] is y else add.inputs[0]
             if other is y or not isinstance(other, gs.Constant):

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import onnx_graphsurgeon as gs
 
 from ..config import QuantConfig
-from ..graph import is_float32
+from ..graph import is_float32, is_onnx_op
 from ..pass_manager import Skip
 from .targets import Target, find_targets
 
@@ -46,6 +46,21 @@ class Plan:
     skips: list[Skip]
     tensors: dict[str, QTensor]
 
+    def related_ops(self) -> dict[str, set[str]]:
+        """For each calibrated tensor, the compute op types that read it or (through a folded Relu/Clip) write it:
+        what ``op_methods`` in the config is keyed by."""
+        related: dict[str, set[str]] = {name: set() for name in self.calibrate}
+        for tg in self.targets:
+            names = [tg.node.inputs[i].name for i in tg.activations]
+            if tg.node.outputs:
+                y = _folded_output(tg.node.outputs[0])
+                names.append(y.name)
+            for n in names:
+                root = self.tensors[n].range_of if n in self.tensors else None
+                if root in related:
+                    related[root].add(tg.node.op)
+        return related
+
     @property
     def calibrate(self) -> list[str]:
         seen: dict[str, None] = {}
@@ -60,7 +75,7 @@ def _consumed_by_q(t: gs.Tensor) -> bool:
 
 def _folded_output(y: gs.Variable) -> gs.Variable:
     """y, or the output of a single Relu/Clip that is y's only consumer."""
-    if len(y.outputs) == 1 and y.outputs[0].op in RANGE_FOLDING and y.outputs[0].inputs[0] is y:
+    if len(y.outputs) == 1 and y.outputs[0].op in RANGE_FOLDING and is_onnx_op(y.outputs[0]) and y.outputs[0].inputs[0] is y:
         act = y.outputs[0]
         if act.op == "Clip" and any(not isinstance(t, gs.Constant) for t in act.inputs[1:] if t.name):
             return y
@@ -74,7 +89,7 @@ def _all_quantized_readers(y: gs.Tensor, targets: list[Target], depth: int = 0) 
     for c in y.outputs:
         if id(c) in ids:
             continue
-        if c.op in DATA_MOVEMENT and depth < 8 and c.outputs and all(
+        if c.op in DATA_MOVEMENT and is_onnx_op(c) and depth < 8 and c.outputs and all(
                 _all_quantized_readers(o, targets, depth + 1) for o in c.outputs):
             continue
         return False
@@ -115,7 +130,7 @@ def plan_quantization(graph: gs.Graph, config: QuantConfig) -> Plan:
         t = by_name.get(q.name)
         while t is not None:
             prod = t.inputs[0] if isinstance(t, gs.Variable) and len(t.inputs) == 1 else None
-            if prod is None or prod.op not in DATA_MOVEMENT or not prod.inputs or not is_float32(prod.inputs[0]):
+            if prod is None or prod.op not in DATA_MOVEMENT or not is_onnx_op(prod) or not prod.inputs or not is_float32(prod.inputs[0]):
                 break
             src = prod.inputs[0]
             chain.append((src, prod))

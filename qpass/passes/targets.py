@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import onnx_graphsurgeon as gs
 
 from ..config import QuantConfig
-from ..graph import is_float32, node_label, producer
+from ..graph import is_float32, is_onnx_op, node_label, producer
 from ..pass_manager import Skip
 
 
@@ -53,6 +53,10 @@ def find_targets(graph: gs.Graph, config: QuantConfig) -> tuple[list[Target], li
 
         def skip(reason: str) -> None:
             skips.append(Skip(label, node.op, reason))
+
+        if not is_onnx_op(node):
+            skip(f"{node.op} of domain '{node.domain}' is not the ONNX operator; left alone")
+            continue
 
         if config.is_excluded(node.name or ""):
             skip("excluded by configuration")
