@@ -44,8 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--format", choices=("qdq", "qop"),
                      help="qdq: QuantizeLinear/DequantizeLinear pairs (default); qop: integer operators (QLinearConv, ...)")
     run.add_argument("--op-types", metavar="OPS", help="comma-separated compute ops to quantize (default Conv,ConvTranspose,MatMul,Gemm)")
-    run.add_argument("--method", choices=("minmax", "percentile", "mse", "entropy"),
-                     help="activation calibration method (default: minmax)")
+    run.add_argument("--method", choices=("auto", "minmax", "percentile", "mse", "entropy"),
+                     help="activation calibration method (default auto: percentile around Conv, min-max elsewhere)")
     run.add_argument("--percentile", type=float, metavar="P", help="percentile kept by --method percentile (default 99.99)")
     run.add_argument("--bins", type=int, metavar="N", help="histogram bins for percentile/mse/entropy (default 2048)")
     run.add_argument("--kl-levels", type=int, metavar="N", help="quantized levels of the entropy search (default 128)")

@@ -17,6 +17,10 @@ else:  # pragma: no cover - exercised on 3.10 only
 
 FORMATS = ("qdq", "qop")
 METHODS = ("minmax", "percentile", "mse", "entropy")
+#: ``auto``: percentile for tensors a Conv/ConvTranspose reads or writes, min-max for the rest (chosen by
+#: measurement on the shared/models suite, see BENCHMARKS.md)
+METHOD_CHOICES = ("auto",) + METHODS
+AUTO_PERCENTILE_OPS = frozenset({"Conv", "ConvTranspose"})
 ACTIVATION_TYPES = ("uint8", "int8", "uint16", "int16")
 #: the lowest opset whose QuantizeLinear / DequantizeLinear take 16-bit integers
 INT16_MIN_OPSET = 21
@@ -36,7 +40,10 @@ class QuantConfig:
     Attributes:
         format: output form; ``"qdq"`` writes standard QuantizeLinear/DequantizeLinear pairs, ``"qop"`` lowers
             them to integer operators (QLinearConv, QLinearMatMul, MatMulInteger/ConvInteger sequences).
-        method: calibration method for activation ranges: minmax, percentile, mse or entropy.
+        method: calibration method for activation ranges: auto (default), minmax, percentile, mse or entropy.
+            ``auto`` uses percentile for tensors that a Conv/ConvTranspose reads or writes and min-max for the
+            rest: on the shared/models suite it was the most accurate overall (percentile helps the CNNs, and
+            clipping hurts the transformer's MatMul inputs).
         percentile: the percentile kept by ``percentile`` (two-tailed; one threshold on |x| when symmetric).
         bins: bins of the streaming histogram behind percentile, mse and entropy.
         kl_levels: quantized levels the entropy (KL) search compares against (128 for int8 magnitudes).
@@ -74,7 +81,7 @@ class QuantConfig:
     """
 
     format: str = "qdq"
-    method: str = "minmax"
+    method: str = "auto"
     activation_type: str = "uint8"
     weight_type: str = "int8"
     per_channel: bool = True
@@ -112,8 +119,8 @@ class QuantConfig:
 
         if self.format not in FORMATS:
             raise bad("format", self.format, " or ".join(FORMATS))
-        if self.method not in METHODS:
-            raise bad("method", self.method, " or ".join(METHODS))
+        if self.method not in METHOD_CHOICES:
+            raise bad("method", self.method, " or ".join(METHOD_CHOICES))
         if self.activation_type not in ACTIVATION_TYPES:
             raise bad("activation_type", self.activation_type, " or ".join(ACTIVATION_TYPES))
         if self.weight_type not in WEIGHT_TYPES:
@@ -196,6 +203,8 @@ class QuantConfig:
         for op in sorted(consumer_ops):
             if op in self.op_methods:
                 return self.op_methods[op]
+        if self.method == "auto":
+            return "percentile" if AUTO_PERCENTILE_OPS & set(consumer_ops) else "minmax"
         return self.method
 
     def is_excluded(self, node_name: str) -> bool:
