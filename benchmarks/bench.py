@@ -19,7 +19,6 @@ import datetime
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from .accuracy import MODEL_OPTIONS
-from .calibration import _rss_mb, peak_rss_mb
+from .calibration import peak_rss_mb, run_capped
 from .evaluate import MODELS, SHARED, evaluate
 from .latency import first_sample, measure
 
@@ -120,24 +119,7 @@ def child(tool: str, name: str, row: str, out: str, shared: Path) -> dict:
 # ------------------------------------------------------------------------------------------ parent
 def run_child(tool: str, name: str, row: str, out: Path, shared: Path, cap_gb: float) -> dict:
     cmd = [sys.executable, "-m", "benchmarks.bench", "--child", tool, name, row, str(out), "--shared", str(shared)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            cwd=Path(__file__).resolve().parents[1])
-    peak, killed = 0.0, False
-    while proc.poll() is None:
-        rss = _rss_mb(proc.pid)
-        peak = max(peak, rss)
-        if rss > cap_gb * 1024:
-            proc.kill()
-            killed = True
-            break
-        time.sleep(0.05)
-    stdout, stderr = proc.communicate()
-    if killed:
-        return {"status": f"out of memory (> {cap_gb:g} GB)", "peak_rss_mb": peak}
-    if proc.returncode != 0:
-        lines = [x for x in stderr.strip().splitlines() if x.strip() and not x.startswith(("WARNING", "  "))]
-        return {"status": "failed: " + (lines[-1][:160] if lines else f"exit {proc.returncode}"), "peak_rss_mb": peak}
-    return {"status": "ok", **json.loads(stdout.strip().splitlines()[-1])}
+    return run_capped(cmd, cap_gb)
 
 
 def bench_model(name: str, shared: Path, tmp: Path, cap_gb: float, repeats: int, log) -> list[dict]:

@@ -113,12 +113,15 @@ def _rss_mb(pid: int) -> float:
     return 0.0
 
 
-def run_one(tool: str, method: str, name: str, n: int, cap_gb: float, shared: Path) -> dict:
-    cmd = [sys.executable, "-m", "benchmarks.calibration", "--child", tool, method, name, str(n), "--shared", str(shared)]
+def run_capped(cmd: list[str], cap_gb: float) -> dict:
+    """Run ``cmd`` (a child printing one JSON line), polling its RSS every 50 ms and killing it above ``cap_gb``.
+
+    Returns ``status`` ("ok", "out of memory ...", "failed: <last stderr line>") plus the child's JSON
+    fields, or ``peak_rss_mb`` as polled when it did not finish.
+    """
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             cwd=Path(__file__).resolve().parents[1])
-    peak = 0.0
-    killed = False
+    peak, killed = 0.0, False
     while proc.poll() is None:
         rss = _rss_mb(proc.pid)
         peak = max(peak, rss)
@@ -128,15 +131,17 @@ def run_one(tool: str, method: str, name: str, n: int, cap_gb: float, shared: Pa
             break
         time.sleep(0.05)
     out, err = proc.communicate()
-    row = {"tool": tool, "method": method, "model": name, "samples": n}
     if killed:
-        row.update(status=f"out of memory (> {cap_gb:g} GB cap)", peak_rss_mb=round(peak))
-    elif proc.returncode != 0:
-        last = [line for line in err.strip().splitlines() if line.strip()][-1:] or ["?"]
-        row.update(status=f"failed: {last[0][:200]}", peak_rss_mb=round(peak))
-    else:
-        row.update(status="ok", **json.loads(out.strip().splitlines()[-1]))
-    return row
+        return {"status": f"out of memory (> {cap_gb:g} GB cap)", "peak_rss_mb": round(peak)}
+    if proc.returncode != 0:
+        lines = [x for x in err.strip().splitlines() if x.strip() and not x.startswith(("WARNING", "  "))]
+        return {"status": "failed: " + (lines[-1][:200] if lines else f"exit {proc.returncode}"), "peak_rss_mb": round(peak)}
+    return {"status": "ok", **json.loads(out.strip().splitlines()[-1])}
+
+
+def run_one(tool: str, method: str, name: str, n: int, cap_gb: float, shared: Path) -> dict:
+    cmd = [sys.executable, "-m", "benchmarks.calibration", "--child", tool, method, name, str(n), "--shared", str(shared)]
+    return {"tool": tool, "method": method, "model": name, "samples": n, **run_capped(cmd, cap_gb)}
 
 
 def main(argv=None) -> int:
@@ -146,6 +151,7 @@ def main(argv=None) -> int:
     ap.add_argument("--samples", default="64,256")
     ap.add_argument("--methods", default="minmax,entropy,percentile,mse")
     ap.add_argument("--cap-gb", type=float, default=16.0)
+    ap.add_argument("--tools", default="qpass,onnxruntime")
     ap.add_argument("--shared", default=str(SHARED))
     ap.add_argument("--out")
     args = ap.parse_args(argv)
@@ -158,7 +164,7 @@ def main(argv=None) -> int:
     for name in args.models.split(","):
         for n in (int(x) for x in args.samples.split(",")):
             for method in args.methods.split(","):
-                for tool in ("qpass", "onnxruntime"):
+                for tool in args.tools.split(","):
                     if tool == "onnxruntime" and method not in ORT_METHODS:
                         continue
                     row = run_one(tool, method, name, n, args.cap_gb, shared)
