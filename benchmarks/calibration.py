@@ -9,7 +9,8 @@ peak resident set (VmHWM). qpass: load, plan, streaming collection of its planne
 ``create_calibrator`` for Conv/MatMul/Gemm, ``collect_data``, ``compute_data`` (its default options, except
 for Entropy and Percentile, which get qpass's 2048 bins so both search the same resolution; with its own
 defaults, 128 bins, the entropy search has a single candidate and returns the min-max range).
-Samples beyond the stored calibration set are taken from the evaluation set, then repeated.
+Samples beyond the stored calibration set are taken from the evaluation set (where it holds the model's
+inputs as such; the VAD's does not), then repeated.
 """
 from __future__ import annotations
 
@@ -36,12 +37,20 @@ def samples(name: str, n: int, shared: Path = SHARED) -> list[dict]:
 
     spec = MODELS[name]
     specs = input_specs(onnx.load(str(spec.model_path(shared)), load_external_data=False))
+    from qpass.errors import CalibrationDataError
+
     out: list[dict] = []
     for path in (spec.calib_path(shared), spec.eval_path(shared)):
-        for feed, _ in open_samples(path, specs):
-            out.append(feed)
-            if len(out) == n:
-                return out
+        try:
+            for feed, _ in open_samples(path, specs):
+                out.append(feed)
+                if len(out) == n:
+                    return out
+        except CalibrationDataError:
+            if path == spec.calib_path(shared):
+                raise
+            # the VAD's eval set stores no per-chunk state (only state_init), so it cannot be fed as is
+
     base = list(out)
     while len(out) < n:
         out.append(base[len(out) % len(base)])
