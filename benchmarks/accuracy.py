@@ -30,6 +30,7 @@ VARIANTS: dict[str, dict] = {
     "no_outputs": {"quantize_outputs": ()},
     "int8_act": {"activation_type": "int8"},
     "out_quantized": {"output_consumers": "quantized"},
+    "act_matmuls": {"activation_matmuls": True},
     "conv_percentile": {"op_methods": {"Conv": "percentile", "ConvTranspose": "percentile"}},
     "out_conv": {"quantize_outputs": ("Conv",)},
 }

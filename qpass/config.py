@@ -51,6 +51,8 @@ class QuantConfig:
         op_methods: method per compute op type that reads or writes the tensor (e.g. {"Conv": "percentile"}).
         output_consumers: "all" quantizes such an output whatever reads it; "quantized" only when every reader
             is a quantized compute op (or data movement leading to one), so no float op sees a quantized value.
+        activation_matmuls: also quantize both inputs of activation x activation MatMuls (attention's Q.K^T and
+            softmax.V). Off by default.
         calib_batch_size: samples of equal shape concatenated into one onnxruntime run (results do not change).
         calib_ep: execution provider for calibration, "cpu" or "cuda" (falls back to the CPU with a warning).
         activation_type: ``"uint8"`` (asymmetric, zero point from the range) or ``"int8"``
@@ -87,6 +89,7 @@ class QuantConfig:
     per_channel: bool = True
     quantize_outputs: tuple[str, ...] = ("Conv", "ConvTranspose", "Gemm")
     output_consumers: str = "all"
+    activation_matmuls: bool = False
     percentile: float = 99.99
     bins: int = 2048
     kl_levels: int = 128

@@ -75,6 +75,9 @@ def find_targets(graph: gs.Graph, config: QuantConfig) -> tuple[list[Target], li
                 skip(f"weight '{w.name}' is {w.dtype}, not float32")
                 continue
             elif node.op == "MatMul":
+                if config.activation_matmuls and _is_activation(x) and _is_activation(w):
+                    targets.append(Target(node, activations=[0, 1]))
+                    continue
                 skip("no constant weight (activation x activation MatMul) kept in float")
                 continue
             else:

@@ -45,3 +45,13 @@ def test_matmul_outputs_stay_float_by_default():
     assert set(_summary(plan)) == {"x"}
     plan = _plan(builders.matmul_model(), quantize_outputs=("MatMul",))
     assert set(_summary(plan)) == {"x", "m"}
+
+
+def test_activation_matmuls_are_quantized_only_when_asked():
+    model = builders.matmul_model(act_x_act=True)
+    off = _plan(model)
+    assert [t.node.name for t in off.targets] == ["matmul"] and any(s.node == "matmul_act" for s in off.skips)
+    on = _plan(model, activation_matmuls=True)
+    act = next(t for t in on.targets if t.node.name == "matmul_act")
+    assert act.activations == [0, 1] and act.weight is None
+    assert {"y", "yt"} <= set(_summary(on))  # both inputs of the activation x activation MatMul get Q/DQ
