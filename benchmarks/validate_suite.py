@@ -59,6 +59,7 @@ def main(argv=None) -> int:
     ap.add_argument("--providers", default="cpu,cuda")
     ap.add_argument("--only", help="comma-separated model names")
     ap.add_argument("--formats", default="qdq,qop")
+    ap.add_argument("--bias", default="int32", help="comma-separated bias forms to try with qdq: int32,float")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -69,11 +70,13 @@ def main(argv=None) -> int:
         model = Path(args.models) / f"{name}.onnx"
         calib = next(p for p in (Path(args.calib) / name, Path(args.calib) / f"{name}.npz") if p.exists())
         val = next(p for p in (Path(args.val) / name, Path(args.val) / f"{name}.npz") if p.exists())
-        for fmt in args.formats.split(","):
-            key = f"{name}.{fmt}"
+        variants = [(fmt, "int32") for fmt in args.formats.split(",")]
+        variants += [("qdq", b) for b in args.bias.split(",") if b != "int32"]
+        for fmt, bias in variants:
+            key = f"{name}.{fmt}" + (f".bias-{bias}" if bias != "int32" else "")
             t = time.perf_counter()
             try:
-                q = qpass.quantize(model, calib, format=fmt, val_fraction=0.0, **MODEL_OPTIONS.get(name, {}))
+                q = qpass.quantize(model, calib, format=fmt, bias=bias, val_fraction=0.0, **MODEL_OPTIONS.get(name, {}))
                 report = qpass.validate_models(model, q.model, val, providers=tuple(args.providers.split(",")),
                                                output=out / f"{key}.validate.json")
                 entry = summarize(report.to_dict())

@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--kl-levels", type=int, metavar="N", help="quantized levels of the entropy search (default 128)")
     run.add_argument("--calib-batch-size", type=int, metavar="N", help="samples per onnxruntime run when shapes agree")
     run.add_argument("--calib-ep", choices=("cpu", "cuda"), help="execution provider for calibration (default cpu)")
+    run.add_argument("--bias", choices=("int32", "float"),
+                     help="int32 bias (default) or float bias (for onnxruntime's CUDA provider, which runs int32 DQ on the CPU)")
     run.add_argument("--per-tensor", action="store_true", help="one weight scale per tensor (default: per output channel)")
     run.add_argument("--activation-type", choices=ACTIVATION_TYPES, help="uint8 asymmetric (default) or int8 symmetric")
     run.add_argument("--exclude", action="append", metavar="NAME", help="node name or regex never quantized (repeatable)")
@@ -95,6 +97,7 @@ def _config_from_args(args: argparse.Namespace) -> QuantConfig:
         return QuantConfig(**{k: v for k, v in ov.items() if v is not None})
     overrides = {
         "format": getattr(args, "format", None),
+        "bias": args.bias,
         "op_types": tuple(args.op_types.split(",")) if args.op_types else None,
         "method": args.method,
         "percentile": args.percentile,

@@ -51,6 +51,9 @@ class QuantConfig:
         op_methods: method per compute op type that reads or writes the tensor (e.g. {"Conv": "percentile"}).
         output_consumers: "all" quantizes such an output whatever reads it; "quantized" only when every reader
             is a quantized compute op (or data movement leading to one), so no float op sees a quantized value.
+        bias: "int32" (scale s_x * s_w, zero point 0; what integer kernels fuse) or "float" (the bias stays a
+            float initializer: onnxruntime-gpu 1.31 has no CUDA kernel for an int32 DequantizeLinear, so each
+            int32 bias runs on the CPU with a memory copy; see docs/gpu-validation.md). "float" needs format qdq.
         activation_matmuls: also quantize both inputs of activation x activation MatMuls (attention's Q.K^T and
             softmax.V). Off by default.
         calib_batch_size: samples of equal shape concatenated into one onnxruntime run (results do not change).
@@ -90,6 +93,7 @@ class QuantConfig:
     quantize_outputs: tuple[str, ...] = ("Conv", "ConvTranspose", "Gemm")
     output_consumers: str = "all"
     activation_matmuls: bool = False
+    bias: str = "int32"
     percentile: float = 99.99
     bins: int = 2048
     kl_levels: int = 128
@@ -147,6 +151,10 @@ class QuantConfig:
             raise bad("kl_levels", self.kl_levels, "an integer from 16 to bins")
         if not isinstance(self.calib_batch_size, int) or self.calib_batch_size < 1:
             raise bad("calib_batch_size", self.calib_batch_size, "a positive integer")
+        if self.bias not in ("int32", "float"):
+            raise bad("bias", self.bias, "int32 or float")
+        if self.bias == "float" and self.format != "qdq":
+            raise bad("bias", self.bias, "int32 with format qop (QLinearConv takes an int32 bias)")
         if self.output_consumers not in ("all", "quantized"):
             raise bad("output_consumers", self.output_consumers, "all or quantized")
         if self.calib_ep not in CALIB_EPS:

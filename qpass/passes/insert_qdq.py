@@ -97,7 +97,9 @@ class InsertQDQ(Pass):
             node.inputs[t.weight] = dq
         for note in t.notes:
             skipped.append(Skip(label, node.op, note))
-        if t.bias is not None:
+        if t.bias is not None and ctx.config.bias == "float":
+            pass  # kept as the float initializer, as configured
+        elif t.bias is not None:
             if act_scale is None or w_scale is None:
                 skipped.append(Skip(label, node.op, "bias kept in float: its input or weight is not quantized here"))
             elif t.weight_axis is not None and t.bias_axis in (None, -1):

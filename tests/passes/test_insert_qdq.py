@@ -231,3 +231,14 @@ def test_weights_in_constant_nodes_are_quantized():
     assert result.report.quantized_nodes == {"Conv": 1}
     assert not any(n.op_type == "Constant" for n in result.model.graph.node)
     assert any(t.data_type == onnx.TensorProto.INT8 for t in result.model.graph.initializer)
+
+
+def test_float_bias_option_keeps_the_bias_initializer():
+    model = builders.conv_model()
+    wg, result = _run_pass(model, _table(x=(-1.0, 1.0)), QuantConfig(quantize_outputs=False, bias="float"))
+    out = wg.export()
+    conv = next(n for n in out.graph.node if n.op_type == "Conv")
+    assert conv.input[2] == "B" and result.stats == {"Conv": 1}
+    assert not any(t.data_type == onnx.TensorProto.INT32 for t in out.graph.initializer)
+    with pytest.raises(qpass.errors.ConfigError):
+        QuantConfig(bias="float", format="qop")
