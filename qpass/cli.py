@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--calib-batch-size", type=int, metavar="N", help="samples per onnxruntime run when shapes agree")
     run.add_argument("--calib-ep", choices=("cpu", "cuda"), help="execution provider for calibration (default cpu)")
     run.add_argument("--bias", choices=("int32", "float"),
-                     help="int32 bias (default) or float bias (for onnxruntime's CUDA provider, which runs int32 DQ on the CPU)")
+                     help="int32 bias (default) or float bias left for the runtime to quantize")
     run.add_argument("--per-tensor", action="store_true", help="one weight scale per tensor (default: per output channel)")
     run.add_argument("--activation-type", choices=ACTIVATION_TYPES, help="uint8 asymmetric (default) or int8 symmetric")
     run.add_argument("--exclude", action="append", metavar="NAME", help="node name or regex never quantized (repeatable)")

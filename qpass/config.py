@@ -52,8 +52,10 @@ class QuantConfig:
         output_consumers: "all" quantizes such an output whatever reads it; "quantized" only when every reader
             is a quantized compute op (or data movement leading to one), so no float op sees a quantized value.
         bias: "int32" (scale s_x * s_w, zero point 0; what integer kernels fuse) or "float" (the bias stays a
-            float initializer: onnxruntime-gpu 1.31 has no CUDA kernel for an int32 DequantizeLinear, so each
-            int32 bias runs on the CPU with a memory copy; see docs/gpu-validation.md). "float" needs format qdq.
+            float initializer in the file, for runtimes that want to quantize it themselves). Measured on
+            onnxruntime-gpu 1.31.1: "float" does not keep the bias on the GPU there, because onnxruntime's own
+            optimizer re-quantizes it (it adds ``<conv>_bias_dq`` int32 DequantizeLinear nodes), and those run on
+            the CPU like qpass's (docs/gpu-validation.md). "float" needs format qdq.
         activation_matmuls: also quantize both inputs of activation x activation MatMuls (attention's Q.K^T and
             softmax.V). Off by default.
         calib_batch_size: samples of equal shape concatenated into one onnxruntime run (results do not change).
