@@ -16,14 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 
 from .evaluate import MODELS, SHARED
 
@@ -62,7 +60,6 @@ def child(tool: str, method: str, name: str, n: int, shared: Path) -> dict:
     model_path = MODELS[name].model_path(shared)
     t = time.perf_counter()
     if tool == "qpass":
-        import onnx
 
         from qpass.calib.collect import RangeOptions, collect_ranges
         from qpass.config import QuantConfig

@@ -131,7 +131,7 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, calib: str | os.PathLik
 
     # ----------------------------------------------------------------- calibration
     plan = plan_quantization(wg.graph, cfg)
-    targets, tensors = plan.targets, plan.calibrate
+    tensors = plan.calibrate
     specs = input_specs(working_model)
     held: list = []
     t = time.perf_counter()
@@ -168,7 +168,7 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, calib: str | os.PathLik
             report.warnings.append(ep_note)
         methods = {name: cfg.method_for(name, ops) for name, ops in plan.related_ops().items() if name in tensors}
         options = RangeOptions(cfg.percentile, cfg.bins, cfg.kl_levels, cfg.activation_type, cfg.activation_symmetric)
-        table = collect_ranges(working_model_for_calib(wg), tensors, stream, methods=methods, options=options,
+        table = collect_ranges(wg.export(), tensors, stream, methods=methods, options=options,
                                providers=providers, batch_size=cfg.calib_batch_size, specs=specs,
                                synthetic=calib is None, on_sample=tick)
         report.calibration = {"source": source_desc, "samples": table.samples, "tensors": len(table),
@@ -283,10 +283,6 @@ def check_tolerance(validation: dict, cfg: QuantConfig) -> dict:
     if any(v is not None for v in (cfg.min_cosine, cfg.min_sqnr, cfg.min_top1)) and not validation.get("outputs"):
         failures.append("no provider produced outputs to check")
     return {"passed": not failures, "tolerance_failures": failures}
-
-
-def working_model_for_calib(wg: WorkingGraph) -> onnx.ModelProto:
-    return wg.export()
 
 
 def _take(it: Iterable, n: int):

@@ -19,8 +19,6 @@ import numpy as np
 import onnx
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
-COMPUTE_LIKE = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm", "QLinearConv", "QLinearMatMul", "MatMulInteger",
-                          "ConvInteger", "Attention", "LSTM", "GRU"})
 _DQ_SUFFIXES = ("_dequantized", "_DequantizeLinear_Output")
 #: ops whose outputs are not worth ranking as layers (shapes, constants, pure data movement)
 _NOT_LAYERS = frozenset({"Constant", "Shape", "Size", "Gather", "Unsqueeze", "Squeeze", "Reshape", "Identity", "Flatten",

@@ -9,7 +9,7 @@ from __future__ import annotations
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 import onnx
@@ -270,10 +270,3 @@ def split_holdout(samples: Iterable[tuple[Feed, Any]], fraction: float, limit: i
                 yield item
 
     return gen(), held
-
-
-def count_hint(source: Sequence | Any) -> int | None:
-    try:
-        return len(source) or None
-    except TypeError:
-        return None

@@ -104,7 +104,6 @@ def entropy_threshold(folded: np.ndarray, levels: int = 128, max_candidates: int
         return n
     stride = max(1, (n - levels) // max_candidates)
     cand = np.unique(np.append(np.arange(levels, n + 1, stride), n))  # (m,)
-    m = len(cand)
     cum = np.concatenate([[0.0], np.cumsum(f)])
     nzc = np.concatenate([[0], np.cumsum(f > 0)])
     with np.errstate(divide="ignore", invalid="ignore"):

@@ -99,7 +99,6 @@ def _all_quantized_readers(y: gs.Tensor, targets: list[Target], depth: int = 0) 
 def plan_quantization(graph: gs.Graph, config: QuantConfig) -> Plan:
     targets, skips = find_targets(graph, config)
     tensors: dict[str, QTensor] = {}
-    graph_outputs = {t.name for t in graph.outputs}
 
     def want(t: gs.Tensor, consumer: gs.Node | None) -> None:
         q = tensors.setdefault(t.name, QTensor(t.name, set(), t.name))

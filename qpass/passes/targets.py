@@ -158,12 +158,3 @@ def _bias_axis(node: gs.Node, b: gs.Constant, w: gs.Tensor, t: Target) -> int | 
         return None
     t.notes.append(f"bias '{b.name}' of shape {list(shape)} kept in float (not one value per output channel)")
     return -1  # sentinel: do not quantize
-
-
-def activation_tensors(targets: list[Target]) -> list[str]:
-    """Names of the activation tensors that need calibration ranges, in graph order, unique."""
-    names: dict[str, None] = {}
-    for t in targets:
-        for i in t.activations:
-            names.setdefault(t.node.inputs[i].name, None)
-    return list(names)
