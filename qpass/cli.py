@@ -88,14 +88,24 @@ def _validation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
 
 
+def _validation_overrides(args: argparse.Namespace) -> dict:
+    """QuantConfig fields set by the flags that `run` and `validate` share (_validation_args)."""
+    return {
+        "min_cosine": args.min_cosine,
+        "min_sqnr": args.min_sqnr,
+        "min_top1": args.min_top1,
+        "providers": tuple(args.providers.split(",")) if args.providers else None,
+        "per_layer": False if args.no_per_layer else None,
+        "latency": False if args.no_latency else None,
+    }
+
+
 def _config_from_args(args: argparse.Namespace) -> QuantConfig:
     if args.command == "validate":
-        ov = {"min_cosine": args.min_cosine, "min_sqnr": args.min_sqnr, "min_top1": args.min_top1,
-              "providers": tuple(args.providers.split(",")) if args.providers else None,
-              "per_layer": False if args.no_per_layer else None, "latency": False if args.no_latency else None,
-              "max_val_samples": args.max_samples}
+        ov = {**_validation_overrides(args), "max_val_samples": args.max_samples}
         return QuantConfig(**{k: v for k, v in ov.items() if v is not None})
     overrides = {
+        **_validation_overrides(args),
         "format": getattr(args, "format", None),
         "bias": args.bias,
         "op_types": tuple(args.op_types.split(",")) if args.op_types else None,
@@ -111,12 +121,6 @@ def _config_from_args(args: argparse.Namespace) -> QuantConfig:
         "exclude_nodes": tuple(args.exclude) if args.exclude else None,
         "max_calib_samples": args.max_calib_samples,
         "synthetic_calib": True if args.synthetic_calib else None,
-        "min_cosine": args.min_cosine,
-        "min_sqnr": args.min_sqnr,
-        "min_top1": args.min_top1,
-        "providers": tuple(args.providers.split(",")) if args.providers else None,
-        "per_layer": False if args.no_per_layer else None,
-        "latency": False if args.no_latency else None,
         "external_data": True if args.external_data else None,
         "allow_empty": True if args.allow_empty else None,
     }

@@ -214,11 +214,7 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, calib: str | os.PathLik
         val_samples, val_desc = None, None
         report.warnings.append("not validated: no held-out samples (give --val PATH or more calibration samples)")
     if val_samples is not None:
-        report.validation = validate(working_model, quantized, val_samples, providers=list(cfg.providers) or None,
-                                     per_layer=cfg.per_layer, latency=cfg.latency)
-        report.validation["data"] = val_desc
-        report.validation.update(check_tolerance(report.validation, cfg))
-        report.warnings.extend(report.validation["findings"])
+        _validate_into(report, working_model, quantized, val_samples, val_desc, cfg)
     times["validate"] = time.perf_counter() - t
 
     # ----------------------------------------------------------------- write
@@ -258,15 +254,21 @@ def validate_models(original: str | os.PathLike | onnx.ModelProto, quantized: st
     else:
         src = open_samples(val, specs, what="validation data")
         samples, desc = _take(src, cfg.max_val_samples), f"{src.description} (up to {cfg.max_val_samples} samples)"
-    report.validation = validate(ref, q, samples, providers=list(cfg.providers) or None, per_layer=cfg.per_layer,
-                                 latency=cfg.latency)
-    report.validation["data"] = desc
-    report.validation.update(check_tolerance(report.validation, cfg))
-    report.warnings.extend(report.validation["findings"])
+    _validate_into(report, ref, q, samples, desc, cfg)
     report.sizes = {"input_bytes": _size(original, ref), "output_bytes": _size(quantized, q)}
     if output is not None:
         report.save(output)
     return report
+
+
+def _validate_into(report: Report, original: onnx.ModelProto, quantized: onnx.ModelProto, samples: Iterable,
+                   description: str, cfg: QuantConfig) -> None:
+    """Validate on the configured providers and record the result, the tolerance verdict and the findings."""
+    report.validation = validate(original, quantized, samples, providers=list(cfg.providers) or None,
+                                 per_layer=cfg.per_layer, latency=cfg.latency)
+    report.validation["data"] = description
+    report.validation.update(check_tolerance(report.validation, cfg))
+    report.warnings.extend(report.validation["findings"])
 
 
 def check_tolerance(validation: dict, cfg: QuantConfig) -> dict:

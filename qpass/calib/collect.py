@@ -119,8 +119,7 @@ class _Observer:
 
     def update(self, x: np.ndarray, lo: float, hi: float) -> None:
         """Add a batch whose min and max the caller already computed (one pass saved)."""
-        self.minmax.min, self.minmax.max = min(self.minmax.min, lo), max(self.minmax.max, hi)
-        self.minmax.count += 1
+        self.minmax.update(x, lo, hi)
         if self.hist is not None:
             self.hist.update(x, lo, hi)
 

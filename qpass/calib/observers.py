@@ -14,11 +14,12 @@ class MinMaxObserver:
         self.max = -np.inf
         self.count = 0
 
-    def update(self, x: np.ndarray) -> None:
+    def update(self, x: np.ndarray, lo: float | None = None, hi: float | None = None) -> None:
+        """Add a batch. ``lo``/``hi`` may pass its min/max when the caller already computed them."""
         if x.size == 0:
             return
-        self.min = min(self.min, float(np.min(x)))
-        self.max = max(self.max, float(np.max(x)))
+        self.min = min(self.min, float(np.min(x)) if lo is None else lo)
+        self.max = max(self.max, float(np.max(x)) if hi is None else hi)
         self.count += 1
 
     def merge(self, other: "MinMaxObserver") -> "MinMaxObserver":
