@@ -33,6 +33,9 @@ VARIANTS: dict[str, dict] = {
     "act_matmuls": {"activation_matmuls": True},
     "conv_percentile": {"op_methods": {"Conv": "percentile", "ConvTranspose": "percentile"}},
     "out_conv": {"quantize_outputs": ("Conv",)},
+    "exact_hist": {"hist_sample": 0},
+    "hist_64k": {"hist_sample": 65536},
+    "hist_128k": {"hist_sample": 131072},
 }
 
 

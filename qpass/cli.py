@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--percentile", type=float, metavar="P", help="percentile kept by --method percentile (default 99.99)")
     run.add_argument("--bins", type=int, metavar="N", help="histogram bins for percentile/mse/entropy (default 2048)")
     run.add_argument("--kl-levels", type=int, metavar="N", help="quantized levels of the entropy search (default 128)")
+    run.add_argument("--hist-sample", type=int, metavar="N",
+                     help="values per sample and tensor the histogram counts, at most (default 65536; 0: every value)")
     run.add_argument("--calib-batch-size", type=int, metavar="N", help="samples per onnxruntime run when shapes agree")
     run.add_argument("--calib-ep", choices=("cpu", "cuda"), help="execution provider for calibration (default cpu)")
     run.add_argument("--bias", choices=("int32", "float"),
@@ -113,6 +115,7 @@ def _config_from_args(args: argparse.Namespace) -> QuantConfig:
         "percentile": args.percentile,
         "bins": args.bins,
         "kl_levels": args.kl_levels,
+        "hist_sample": args.hist_sample,
         "calib_batch_size": args.calib_batch_size,
         "calib_ep": args.calib_ep,
         "target_opset": args.target_opset,

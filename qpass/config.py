@@ -47,6 +47,10 @@ class QuantConfig:
         percentile: the percentile kept by ``percentile`` (two-tailed; one threshold on |x| when symmetric).
         bins: bins of the streaming histogram behind percentile, mse and entropy.
         kl_levels: quantized levels the entropy (KL) search compares against (128 for int8 magnitudes).
+        hist_sample: values of each sample's tensor that the histogram counts, at most (about); a larger tensor
+            is walked with a prime stride that divides none of its dimensions (every channel and position class
+            stays represented). Its min and max still cover every value. 0 counts every value. Measured on the
+            shared/models CNNs: docs/benchmark-notes.md.
         tensor_methods: method per activation tensor, keyed by name or full-match regex (wins over op_methods).
         op_methods: method per compute op type that reads or writes the tensor (e.g. {"Conv": "percentile"}).
         output_consumers: "all" quantizes such an output whatever reads it; "quantized" only when every reader
@@ -99,6 +103,7 @@ class QuantConfig:
     percentile: float = 99.99
     bins: int = 2048
     kl_levels: int = 128
+    hist_sample: int = 65536
     tensor_methods: dict = field(default_factory=dict)
     op_methods: dict = field(default_factory=dict)
     calib_batch_size: int = 1
@@ -151,6 +156,9 @@ class QuantConfig:
             raise bad("bins", self.bins, "an integer from 128 to 1048576")
         if not isinstance(self.kl_levels, int) or not 16 <= self.kl_levels <= self.bins:
             raise bad("kl_levels", self.kl_levels, "an integer from 16 to bins")
+        if not isinstance(self.hist_sample, int) or isinstance(self.hist_sample, bool) or not (
+                self.hist_sample == 0 or self.hist_sample >= 1024):
+            raise bad("hist_sample", self.hist_sample, "0 (every value) or an integer of at least 1024")
         if not isinstance(self.calib_batch_size, int) or self.calib_batch_size < 1:
             raise bad("calib_batch_size", self.calib_batch_size, "a positive integer")
         if self.bias not in ("int32", "float"):

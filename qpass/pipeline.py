@@ -167,7 +167,8 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, calib: str | os.PathLik
         if ep_note:
             report.warnings.append(ep_note)
         methods = {name: cfg.method_for(name, ops) for name, ops in plan.related_ops().items() if name in tensors}
-        options = RangeOptions(cfg.percentile, cfg.bins, cfg.kl_levels, cfg.activation_type, cfg.activation_symmetric)
+        options = RangeOptions(cfg.percentile, cfg.bins, cfg.kl_levels, cfg.activation_type, cfg.activation_symmetric,
+                               cfg.hist_sample)
         table = collect_ranges(wg.export(), tensors, stream, methods=methods, options=options,
                                providers=providers, batch_size=cfg.calib_batch_size, specs=specs,
                                synthetic=calib is None, on_sample=tick)

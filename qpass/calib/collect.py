@@ -17,7 +17,7 @@ import onnx
 
 from ..errors import CalibrationDataError, QpassError
 from .data import InputSpec
-from .histogram import StreamingHistogram
+from .histogram import StreamingHistogram, subsample_stride
 from .methods import entropy_range, mse_range, percentile_range
 from .observers import MinMaxObserver
 from .table import CalibrationTable, TensorRange
@@ -32,6 +32,7 @@ class RangeOptions:
     kl_levels: int = 128
     qtype: str = "uint8"
     symmetric: bool = False
+    hist_sample: int = 65536  # values per sample and tensor the histogram counts, at most (0: all)
 
 
 def augmented_model(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
@@ -112,16 +113,23 @@ def batches(samples: Iterable[tuple[dict, Any]], size: int, can_batch: bool) -> 
 class _Observer:
     """A min-max observer, plus a histogram when the tensor's method needs one."""
 
-    def __init__(self, method: str, bins: int):
+    def __init__(self, method: str, bins: int, hist_sample: int = 0):
         self.method = method
         self.minmax = MinMaxObserver()
         self.hist = StreamingHistogram(bins) if method != "minmax" else None
+        self.hist_sample = hist_sample
 
-    def update(self, x: np.ndarray, lo: float, hi: float) -> None:
-        """Add a batch whose min and max the caller already computed (one pass saved)."""
+    def update(self, x: np.ndarray, lo: float, hi: float, samples: int = 1) -> None:
+        """Add a batch of ``samples`` samples whose min and max the caller already computed (one pass saved).
+
+        The histogram counts every ``stride``-th value of each sample's slice (all of them for a tensor of at
+        most ``hist_sample`` values); the stride depends on the sample's shape alone, so the counts do not
+        depend on how samples were batched."""
         self.minmax.update(x, lo, hi)
         if self.hist is not None:
-            self.hist.update(x, lo, hi)
+            rows = samples if x.ndim and samples > 1 and x.shape[0] % samples == 0 else 1
+            row_shape = ((x.shape[0] // rows,) + x.shape[1:]) if x.ndim else ()
+            self.hist.update(x, lo, hi, rows=rows, stride=subsample_stride(row_shape, self.hist_sample))
 
     def range(self, opt: RangeOptions) -> tuple[float, float]:
         if self.hist is None or self.hist.count == 0:
@@ -155,7 +163,7 @@ def collect_ranges(model: onnx.ModelProto, tensors: list[str], samples: Iterable
     if isinstance(methods, str):
         methods = {t: methods for t in tensors}
     session = make_session(augmented_model(model, tensors), providers, what="calibration model")
-    observers = {name: _Observer(methods.get(name, "minmax"), options.bins) for name in tensors}
+    observers = {name: _Observer(methods.get(name, "minmax"), options.bins, options.hist_sample) for name in tensors}
     n = 0
     for feed, count in batches(samples, batch_size, batchable(specs) if specs is not None else False):
         try:
@@ -173,7 +181,7 @@ def collect_ranges(model: onnx.ModelProto, tensors: list[str], samples: Iterable
             if not (math.isfinite(lo) and math.isfinite(hi)):
                 raise CalibrationDataError(f"activation is NaN or Inf on calibration sample {n}",
                                            subject=f"tensor '{name}'", hint="check the calibration data's values")
-            observers[name].update(arr, lo, hi)
+            observers[name].update(arr, lo, hi, count)
         del values
         n += count
         if on_sample:

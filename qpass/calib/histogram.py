@@ -72,28 +72,26 @@ class StreamingHistogram:
         self.exp, self.k0 = new_exp, new_k0
 
     # ------------------------------------------------------------------ accumulate
-    def update(self, x: np.ndarray, lo: float | None = None, hi: float | None = None) -> None:
-        """Add a batch (any shape). ``lo``/``hi`` may pass its known min/max to save a pass over it."""
+    def update(self, x: np.ndarray, lo: float | None = None, hi: float | None = None, *, rows: int = 1,
+               stride: int = 1) -> None:
+        """Add a batch (any shape). ``lo``/``hi`` may pass its known min/max to save a pass over it.
+
+        With ``stride`` > 1 the batch is split into ``rows`` equal rows (one per sample) and only every
+        ``stride``-th value of each row is counted (see :func:`subsample_stride`); ``lo``/``hi``, and so the
+        grid and the reported min/max, still cover every value."""
         x = np.asarray(x)
         if x.size == 0:
             return
         if x.dtype != np.float32:
             x = x.astype(np.float64, copy=False)
-        x = x.ravel()
+        if x.size % rows:
+            rows = 1
+        x = x.reshape(rows, -1)
         lo = float(x.min()) if lo is None else lo
         hi = float(x.max()) if hi is None else hi
         self._grow(min(self.min, lo), max(self.max, hi))
-        # w is a power of two, so x * (1/w) is exact (no overflow: the range fits in the window), and so is the
-        # shift by k0 (the results are small integers). A negative x can underflow to -0.0 only when w > 1
-        # (|x| * 2**-exp below float32's smallest subnormal needs exp > 0); it still belongs below 0.
-        scaled = np.ldexp(x, -self.exp)
-        np.floor(scaled, out=scaled)
-        scaled -= self.k0
-        k = scaled.astype(np.intp)
-        if lo < 0 and self.exp > 0:
-            k[(scaled == -self.k0) & (x < 0)] -= 1
-        self.counts += np.bincount(k, minlength=self.bins)[: self.bins]
-        self.count += x.size
+        self.counts += bin_counts(x, stride, self.exp, self.k0, self.bins, nonnegative=lo >= 0)
+        self.count += rows * -(-x.shape[1] // stride)
 
     def _grow(self, new_min: float, new_max: float) -> None:
         exp = self._required_exp(new_min, new_max)
@@ -131,3 +129,50 @@ class StreamingHistogram:
         j = np.where(k >= 0, k, -k - 1)
         n = int(j.max()) + 1 if self.counts.any() else 1
         return np.bincount(j, weights=self.counts, minlength=n).astype(np.int64), self.width
+
+
+def bin_counts(rows: np.ndarray, stride: int, exp: int, k0: int, bins: int, *, nonnegative: bool = False) -> np.ndarray:
+    """Counts of ``floor(x / 2**exp) - k0`` in ``[0, bins)`` over ``rows[:, ::stride]`` (float32 or float64, 2-D).
+
+    Every value must fall in the window (the caller grew the grid to the batch's range); one outside it is a
+    bug, raised rather than counted in a wrong bin. ``nonnegative`` (no value below 0, so k0 is 0) lets the
+    cast's truncation stand for the floor."""
+    x = rows[:, ::stride].ravel() if stride > 1 else rows.ravel()
+    # x * 2**-exp is exact: a power of two, no overflow (the range fits the window); float32 keeps it exact while
+    # 2**-exp is a normal float32. A negative x can underflow to -0.0 only when exp > 0; it still lies below 0.
+    if x.dtype == np.float32 and -126 <= exp <= 126:
+        scaled = x * np.float32(math.ldexp(1.0, -exp))
+    else:
+        scaled = np.ldexp(x, -exp)
+    if nonnegative and k0 == 0:
+        k = scaled.astype(np.intp)
+    else:
+        np.floor(scaled, out=scaled)
+        scaled -= k0
+        k = scaled.astype(np.intp)
+        if exp > 0:
+            k[(scaled == -k0) & (x < 0)] -= 1
+    out = np.bincount(k, minlength=bins)  # a negative index raises here
+    if len(out) > bins:
+        raise AssertionError(f"{int(out[bins:].sum())} values fell above the histogram window (exp={exp}, k0={k0})")
+    return out.astype(np.int64, copy=False)
+
+
+def _is_prime(n: int) -> bool:
+    return n >= 2 and all(n % d for d in range(2, math.isqrt(n) + 1))
+
+
+def subsample_stride(row_shape: tuple[int, ...], cap: int) -> int:
+    """The stride that keeps at most about ``cap`` values of a row of this shape (0 or a small row: 1, all).
+
+    The stride is a prime that divides none of the row's dimensions, so walking the flattened row by it
+    visits every residue of every axis (every channel, column and position class of an image, every hidden
+    unit of a sequence) instead of aliasing onto one of them. It depends only on the shape, never on the
+    batch, so a sample's subsample is the same whatever it is batched with."""
+    n = math.prod(row_shape)
+    if cap <= 0 or n <= cap:
+        return 1
+    p = max(2, -(-n // cap))
+    while not _is_prime(p) or any(d > 1 and d % p == 0 for d in row_shape):
+        p += 1
+    return p

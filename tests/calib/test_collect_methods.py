@@ -27,6 +27,26 @@ def test_ranges_do_not_depend_on_the_calibration_batch_size(method):
     assert all(t == tables[0] for t in tables)
 
 
+@pytest.mark.parametrize("method", ["percentile", "entropy"])
+def test_subsampled_histograms_do_not_depend_on_the_batch_size_either(method):
+    """With a cap below the tensor's size (192 values a sample: stride 5), batching still changes nothing."""
+    model = builders.conv_model()
+    specs = input_specs(model)
+    opts = RangeOptions(hist_sample=50)
+    tables = [collect_ranges(model, ["x", "c"], _samples(model), methods=method, batch_size=b, specs=specs,
+                             options=opts).to_json() for b in (1, 4, 5, 12)]
+    assert all(t == tables[0] for t in tables)
+    exact = collect_ranges(model, ["x", "c"], _samples(model), methods=method, options=RangeOptions(hist_sample=0))
+    assert exact.to_json() != tables[0]  # the cap really applied (a different, subsampled histogram)
+
+
+def test_subsampled_range_keeps_the_exact_min_and_max():
+    model = builders.conv_model()
+    sub = collect_ranges(model, ["c"], _samples(model), methods="percentile", options=RangeOptions(hist_sample=50)).get("c")
+    full = collect_ranges(model, ["c"], _samples(model), methods="minmax").get("c")
+    assert (sub.observed_min, sub.observed_max) == (full.min, full.max)
+
+
 def test_methods_differ_and_stay_inside_the_observed_range():
     model = builders.conv_model()
     ranges = {}

@@ -1,6 +1,8 @@
 """StreamingHistogram: exact, order- and batch-independent, mergeable; memory O(bins)."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -84,3 +86,60 @@ def test_constant_tensor_and_growth_from_it():
 def test_too_few_bins_is_refused():
     with pytest.raises(ValueError):
         StreamingHistogram(4)
+
+
+# ---------------------------------------------------------------- the bin counting and the subsample stride
+from qpass.calib.histogram import bin_counts, subsample_stride  # noqa: E402
+
+values = arrays(np.float32, st.integers(1, 300),
+                elements=st.one_of(st.floats(-1e4, 1e4, width=32), st.sampled_from([0.0, -0.0, -1e-45, 1e-45, -3e-39])))
+
+
+@settings(max_examples=200, deadline=None)
+@given(values, st.integers(1, 7), st.sampled_from([1, 2, 3]), st.sampled_from([np.float32, np.float64]))
+def test_bin_counts_match_a_plain_loop(x, stride, rows, dtype):
+    x = np.resize(x, (rows, x.size)).astype(dtype)
+    h = StreamingHistogram(64)
+    h._grow(float(x.min()), float(x.max()))
+    got = bin_counts(x, stride, h.exp, h.k0, 64, nonnegative=bool(x.min() >= 0))
+    want = np.zeros(64, np.int64)
+    for v in x[:, ::stride].ravel().tolist():  # exact rational arithmetic on the binary values
+        from fractions import Fraction
+        want[math.floor(Fraction(v) / Fraction(2) ** h.exp) - h.k0] += 1
+    assert np.array_equal(got, want)
+
+
+def test_bin_counts_of_float64_values_that_underflow():
+    """float64 values far below the bin width: -tiny*2**-exp underflows to -0.0 and must still count below 0."""
+    x = np.array([[-1e-320, 1e-320, -5e-324, 0.0, -1e300, 1e300]])
+    h = StreamingHistogram(64)
+    h._grow(float(x.min()), float(x.max()))
+    assert h.exp > 0
+    got = bin_counts(x, 1, h.exp, h.k0, 64)
+    assert got[-h.k0 - 1] == 2 and got[-h.k0] == 2 and got.sum() == 6
+
+
+def test_a_value_outside_the_window_is_an_error_not_a_wrong_bin():
+    with pytest.raises(AssertionError):
+        bin_counts(np.array([[0.0, 100.0]], np.float32), 1, 0, 0, 16)
+    with pytest.raises(ValueError):
+        bin_counts(np.array([[-5.0, 1.0]], np.float32), 1, 0, 0, 16)
+
+
+@pytest.mark.parametrize("shape,cap", [((1, 3, 224, 224), 65536), ((1, 128, 384), 4096), ((7, 1000), 1024),
+                                       ((2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2), 1000)])
+def test_stride_is_a_prime_that_divides_no_dimension_and_keeps_about_cap_values(shape, cap):
+    p = subsample_stride(shape, cap)
+    n = int(np.prod(shape))
+    assert all(p % d for d in range(2, p)) and p >= 2
+    assert all(d % p for d in shape if d > 1)
+    assert len(range(0, n, p)) <= cap and p < 2 * (n / cap) + 10
+    # the walk never revisits a residue of the last axis before it has visited them all: no hidden unit or
+    # column is left out while others are counted twice
+    kept = np.arange(0, n, p)
+    assert len(set(kept % shape[-1])) == min(len(kept), shape[-1])
+
+
+def test_small_rows_and_cap_zero_keep_every_value():
+    assert subsample_stride((1, 3, 8, 8), 65536) == 1
+    assert subsample_stride((1, 3, 512, 512), 0) == 1
