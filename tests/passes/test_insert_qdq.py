@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import onnx_graphsurgeon as gs
 import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
