@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--format", choices=("qdq", "qop"),
                      help="qdq: QuantizeLinear/DequantizeLinear pairs (default); qop: integer operators (QLinearConv, ...)")
     run.add_argument("--op-types", metavar="OPS", help="comma-separated compute ops to quantize (default Conv,ConvTranspose,MatMul,Gemm)")
+    run.add_argument("--neighbour-ops", metavar="OPS",
+                     help="comma-separated joins/pooling that run in int8 when their inputs are quantized "
+                          "(default Add,Concat,AveragePool,GlobalAveragePool; 'none' turns it off)")
     run.add_argument("--method", choices=("auto", "minmax", "percentile", "mse", "entropy"),
                      help="activation calibration method (default auto: percentile around Conv, min-max elsewhere)")
     run.add_argument("--percentile", type=float, metavar="P", help="percentile kept by --method percentile (default 99.99)")
@@ -111,6 +114,8 @@ def _config_from_args(args: argparse.Namespace) -> QuantConfig:
         "format": getattr(args, "format", None),
         "bias": args.bias,
         "op_types": tuple(args.op_types.split(",")) if args.op_types else None,
+        "neighbour_ops": (() if args.neighbour_ops == "none" else tuple(args.neighbour_ops.split(",")))
+        if args.neighbour_ops else None,
         "method": args.method,
         "percentile": args.percentile,
         "bins": args.bins,

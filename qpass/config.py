@@ -27,6 +27,7 @@ INT16_MIN_OPSET = 21
 CALIB_EPS = ("cpu", "cuda")
 WEIGHT_TYPES = ("int8",)
 COMPUTE_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
+NEIGHBOUR_OPS = ("Add", "Concat", "AveragePool", "GlobalAveragePool")
 #: the lowest opset whose DequantizeLinear has the ``axis`` attribute (per-channel)
 PER_CHANNEL_MIN_OPSET = 13
 #: the lowest opset with QuantizeLinear / DequantizeLinear at all
@@ -60,6 +61,9 @@ class QuantConfig:
             onnxruntime-gpu 1.31.1: "float" does not keep the bias on the GPU there, because onnxruntime's own
             optimizer re-quantizes it (it adds ``<conv>_bias_dq`` int32 DequantizeLinear nodes), and those run on
             the CPU like qpass's (docs/gpu-validation.md). "float" needs format qdq.
+        neighbour_ops: join and pooling ops (Add, Concat, AveragePool, GlobalAveragePool) that run in int8
+            when all their float inputs are quantized: they read them dequantized and get a quantized output
+            of their own (calibrated), so int8 flows through residual blocks. () turns it off.
         activation_matmuls: also quantize both inputs of activation x activation MatMuls (attention's Q.K^T and
             softmax.V). Off by default.
         calib_batch_size: samples of equal shape concatenated into one onnxruntime run (results do not change).
@@ -99,6 +103,7 @@ class QuantConfig:
     quantize_outputs: tuple[str, ...] = ("Conv", "ConvTranspose", "Gemm")
     output_consumers: str = "all"
     activation_matmuls: bool = False
+    neighbour_ops: tuple[str, ...] = NEIGHBOUR_OPS
     bias: str = "int32"
     percentile: float = 99.99
     bins: int = 2048
@@ -180,6 +185,13 @@ class QuantConfig:
         if isinstance(self.quantize_outputs, bool):
             object.__setattr__(self, "quantize_outputs", COMPUTE_OPS if self.quantize_outputs else ())
         object.__setattr__(self, "quantize_outputs", tuple(self.quantize_outputs))
+        if isinstance(self.neighbour_ops, bool):
+            object.__setattr__(self, "neighbour_ops", NEIGHBOUR_OPS if self.neighbour_ops else ())
+        if isinstance(self.neighbour_ops, str):
+            raise bad("neighbour_ops", self.neighbour_ops, f"a list, a subset of {list(NEIGHBOUR_OPS)}, or true/false")
+        object.__setattr__(self, "neighbour_ops", tuple(self.neighbour_ops))
+        if any(op not in NEIGHBOUR_OPS for op in self.neighbour_ops):
+            raise bad("neighbour_ops", list(self.neighbour_ops), f"a subset of {list(NEIGHBOUR_OPS)}, or true/false")
         if any(op not in COMPUTE_OPS for op in self.quantize_outputs):
             raise bad("quantize_outputs", list(self.quantize_outputs), f"a subset of {list(COMPUTE_OPS)}, or true/false")
         patterns = []

@@ -88,3 +88,33 @@ def feeds(model: onnx.ModelProto, n: int = 8, seed: int = 1, batch: int = 2) -> 
             feed[vi.name] = rng.normal(0, 1, dims).astype(np.float32)
         out.append(feed)
     return out
+
+
+def residual_model(seed: int = 0) -> onnx.ModelProto:
+    """A residual block with the joins qpass can run in int8, and a float join it must leave alone.
+
+    x -> conv1 -> relu1 (r1) -> conv2 (c2); add(c2, r1) -> relu2 (a); concat(a, r1) -> conv3 -> y;
+    a -> GlobalAveragePool (g) -> Flatten (f) -> gemm -> z; add_float(z, e): e is a graph input, never quantized.
+    """
+    rng = np.random.default_rng(seed)
+
+    def init(name, *shape):
+        return numpy_helper.from_array(rng.normal(0, 0.3, shape).astype(np.float32), name)
+
+    inits = [init("W1", 4, 4, 3, 3), init("B1", 4), init("W2", 4, 4, 3, 3), init("B2", 4), init("W3", 4, 8, 1, 1),
+             init("B3", 4), init("W4", 5, 4), init("B4", 5)]
+    nodes = [helper.make_node("Conv", ["x", "W1", "B1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+             helper.make_node("Conv", ["r1", "W2", "B2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+             helper.make_node("Add", ["c2", "r1"], ["s"], name="add"),
+             helper.make_node("Relu", ["s"], ["a"], name="relu2"),
+             helper.make_node("Concat", ["a", "r1"], ["cc"], name="concat", axis=1),
+             helper.make_node("Conv", ["cc", "W3", "B3"], ["y"], name="conv3"),
+             helper.make_node("GlobalAveragePool", ["a"], ["g"], name="gap"),
+             helper.make_node("Flatten", ["g"], ["f"], name="flatten"),
+             helper.make_node("Gemm", ["f", "W4", "B4"], ["z"], name="gemm", transB=1),
+             helper.make_node("Add", ["z", "e"], ["out"], name="add_float")]
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 8, 8]),
+                          helper.make_tensor_value_info("e", TensorProto.FLOAT, ["N", 5])],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 8, 8]),
+                   helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 5])], inits)

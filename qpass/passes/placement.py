@@ -7,6 +7,10 @@ The plan, from the compute targets of :mod:`targets`:
 * the output of a quantized compute op is quantized for all its consumers, after folding a single
   Relu or Clip consumer into it (quantize the activation's output; onnxruntime then drops the Relu),
   so that the runtime can fuse DQ -> op -> Q into one integer kernel;
+* a join or pooling op (a residual Add, Concat, AveragePool, GlobalAveragePool; ``config.neighbour_ops``)
+  whose float inputs are all quantized (or data movement of quantized tensors) reads them dequantized and
+  gets its own quantized output, so that int8 flows through it (onnxruntime runs DQ -> op -> Q as one
+  QLinearAdd / QLinearConcat / QLinearAveragePool kernel) instead of converting to float and back;
 * a data-movement op (Reshape, Transpose, Flatten, Squeeze, Unsqueeze, Identity, MaxPool, ...) between
   two quantized tensors reads the dequantized input and its output shares the input's range, so the
   pair around it is lossless and removable.
@@ -83,6 +87,29 @@ def _folded_output(y: gs.Variable) -> gs.Variable:
     return y
 
 
+def _quantized(t: gs.Tensor, tensors: dict, depth: int = 0) -> bool:
+    """t is planned, or data movement (possibly chained) of a planned tensor."""
+    if t.name in tensors:
+        return True
+    prod = t.inputs[0] if isinstance(t, gs.Variable) and len(t.inputs) == 1 else None
+    return (prod is not None and prod.op in DATA_MOVEMENT and is_onnx_op(prod) and bool(prod.inputs)
+            and depth < 8 and _quantized(prod.inputs[0], tensors, depth + 1))
+
+
+def _neighbour_inputs(node: gs.Node) -> list[gs.Tensor] | None:
+    """The float activations a join/pooling node would read dequantized, or None if it cannot run in int8."""
+    if node.op == "Add":
+        ins = list(node.inputs)
+        if len(ins) != 2 or any(isinstance(t, gs.Constant) or not is_float32(t) for t in ins):
+            return None  # a bias or constant Add is not a residual join
+        return ins
+    if node.op == "Concat":
+        ins = [t for t in node.inputs if t.name]
+        return ins if ins and all(is_float32(t) and not isinstance(t, gs.Constant) for t in ins) else None
+    # AveragePool / GlobalAveragePool: one input
+    return [node.inputs[0]] if node.inputs and is_float32(node.inputs[0]) else None
+
+
 def _all_quantized_readers(y: gs.Tensor, targets: list[Target], depth: int = 0) -> bool:
     """Every reader of y is a quantized compute op, or a data-movement op whose readers all are."""
     ids = {id(t.node) for t in targets}
@@ -119,6 +146,23 @@ def plan_quantization(graph: gs.Graph, config: QuantConfig) -> Plan:
                 continue  # already quantized, or only a graph output: nothing downstream to run in int8
             if config.output_consumers == "quantized" and not _all_quantized_readers(y, targets):
                 continue
+            want(y, None)
+    # joins and pooling whose inputs are all quantized: quantized inputs for them, a quantized output of
+    # their own; in graph order, so a chain of residual blocks is followed through
+    if config.neighbour_ops:
+        for node in graph.nodes:
+            if node.op not in config.neighbour_ops or not is_onnx_op(node) or len(node.outputs) != 1:
+                continue
+            if config.is_excluded(node.name or ""):
+                continue
+            ins = _neighbour_inputs(node)
+            if not ins or not all(_quantized(t, tensors) for t in ins):
+                continue
+            y = _folded_output(node.outputs[0])
+            if not is_float32(y) or _consumed_by_q(y) or not y.outputs:
+                continue
+            for t in ins:
+                want(t, node)
             want(y, None)
     # data movement between quantized tensors shares the producer's range: walk back from each planned
     # tensor through data-movement ops; if a planned tensor is reached, every tensor on the way shares its range

@@ -55,3 +55,29 @@ def test_activation_matmuls_are_quantized_only_when_asked():
     act = next(t for t in on.targets if t.node.name == "matmul_act")
     assert act.activations == [0, 1] and act.weight is None
     assert {"y", "yt"} <= set(_summary(on))  # both inputs of the activation x activation MatMul get Q/DQ
+
+
+def test_residual_add_concat_and_pooling_run_in_int8_when_their_inputs_are_quantized():
+    plan = _plan(builders.residual_model())
+    assert _summary(plan) == {
+        "x": (1, "x"),
+        "r1": ("all", "r1"),   # conv1 after its Relu: read by conv2, the Add and the Concat
+        "c2": ("all", "c2"),   # conv2's output, read by the Add
+        "a": ("all", "a"),     # the Add's own range, after its Relu (QLinearAdd)
+        "cc": ("all", "cc"),   # the Concat's own range (QLinearConcat), read by conv3
+        "g": ("all", "g"),     # GlobalAveragePool's own range (QLinearGlobalAveragePool)
+        "f": (1, "g"),         # Flatten shares it on the way to the Gemm
+        "z": ("all", "z"),     # the Gemm's output is quantized (read by a float Add) ...
+    }
+    # ... but that Add reads a graph input that nothing quantizes, so it is not a join and stays float
+    assert "out" not in plan.tensors
+    assert plan.tensors["r1"].consumers is None
+
+
+def test_joins_can_be_turned_off_or_limited():
+    model = builders.residual_model()
+    # off: the joins read float; only compute inputs and outputs are quantized ("cc" is conv3's input)
+    assert set(_summary(_plan(model, neighbour_ops=()))) == {"x", "r1", "c2", "cc", "f", "z"}
+    only_add = _summary(_plan(model, neighbour_ops=("Add",)))
+    assert "a" in only_add and "g" not in only_add
+    assert "a" not in _summary(_plan(model, exclude_nodes=("add",)))
