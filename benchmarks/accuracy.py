@@ -34,6 +34,7 @@ VARIANTS: dict[str, dict] = {
     "conv_percentile": {"op_methods": {"Conv": "percentile", "ConvTranspose": "percentile"}},
     "out_conv": {"quantize_outputs": ("Conv",)},
     "exact_hist": {"hist_sample": 0},
+    "no_joins": {"neighbour_ops": ()},
     "hist_64k": {"hist_sample": 65536},
     "hist_128k": {"hist_sample": 131072},
 }

@@ -101,6 +101,12 @@ VARIANTS = {
     "qpass qop U8S8": {"format": "qop", "activation_type": "uint8"},
     "qpass qop S8S8": {"format": "qop", "activation_type": "int8"},
 }
+#: variants measured on request (--variants): the placement options, against the default
+EXTRA_VARIANTS = {
+    "qpass qdq U8S8 no joins": {"format": "qdq", "activation_type": "uint8", "neighbour_ops": ()},
+    "qpass qop U8S8 no joins": {"format": "qop", "activation_type": "uint8", "neighbour_ops": ()},
+    "qpass qdq U8S8 act matmuls": {"format": "qdq", "activation_type": "uint8", "activation_matmuls": True},
+}
 
 
 def run(models: list[str], repeats: int, threads: int, shared: Path = SHARED, variants=VARIANTS, log=print) -> list[dict]:
@@ -136,8 +142,13 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--shared", default=str(SHARED))
     ap.add_argument("--out")
+    ap.add_argument("--variants", help="comma-separated qpass variants (default: the four of VARIANTS); "
+                                       f"also {', '.join(EXTRA_VARIANTS)}")
     args = ap.parse_args(argv)
-    rows = run(args.models.split(","), args.repeats, args.threads, Path(args.shared), log=lambda s: print(s, flush=True))
+    every = {**VARIANTS, **EXTRA_VARIANTS}
+    variants = {k: every[k] for k in args.variants.split(",")} if args.variants else VARIANTS
+    rows = run(args.models.split(","), args.repeats, args.threads, Path(args.shared), variants=variants,
+               log=lambda s: print(s, flush=True))
     if args.out:
         Path(args.out).write_text(json.dumps({"onnxruntime": ort.__version__, "qpass": qpass.__version__,
                                               "threads": args.threads, "repeats": args.repeats, "rows": rows}, indent=1))
