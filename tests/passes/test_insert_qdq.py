@@ -241,3 +241,35 @@ def test_float_bias_option_keeps_the_bias_initializer():
     assert not any(t.data_type == onnx.TensorProto.INT32 for t in out.graph.initializer)
     with pytest.raises(qpass.errors.ConfigError):
         QuantConfig(bias="float", format="qop")
+
+
+# ------------------------------------------------------------------------------------------ joins in int8
+def test_joins_and_pooling_become_integer_kernels_in_onnxruntime(tmp_path):
+    """The residual Add, the Concat and the GlobalAveragePool each read DQ and write Q, which onnxruntime's
+    optimizer turns into QLinearAdd / QLinearConcat / QLinearGlobalAveragePool; without joins it cannot."""
+    model = builders.residual_model()
+    feeds = builders.feeds(model, n=16, seed=5, batch=1)
+    fused = {}
+    for label, ops in (("joins", None), ("no_joins", ())):
+        kw = {} if ops is None else {"neighbour_ops": ops}
+        res = qpass.quantize(model, feeds, val_fraction=0.25, **kw)
+        assert {n.domain for n in res.model.graph.node} <= {"", "ai.onnx"}  # standard ops in the file
+        opts = ort.SessionOptions()
+        opts.optimized_model_filepath = str(tmp_path / f"{label}.onnx")
+        ort.InferenceSession(res.model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        fused[label] = {n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node}
+        # still close to fp32 on the held-out samples
+        assert min(o["cosine_min"] for o in res.report.validation["outputs"]) > 0.99
+    assert {"QLinearAdd", "QLinearConcat", "QLinearGlobalAveragePool"} <= fused["joins"]
+    assert not {"QLinearAdd", "QLinearConcat", "QLinearGlobalAveragePool"} & fused["no_joins"]
+
+
+def test_second_run_on_a_graph_with_joins_changes_nothing():
+    model = builders.residual_model()
+    names = ["x", "r1", "c2", "a", "cc", "g", "z"]
+    wg, first = _run_pass(model, _table(**{n: (-1.0, 2.0) for n in names}), QuantConfig())
+    assert first.modified
+    before = wg.export().SerializeToString()
+    second = InsertQDQ().run(wg.graph, PassContext(QuantConfig(), _table(**{n: (-1.0, 2.0) for n in names})))
+    assert not second.modified
+    assert wg.export().SerializeToString() == before
