@@ -20,7 +20,7 @@ from .config import INT16_MIN_OPSET, PER_CHANNEL_MIN_OPSET, QDQ_MIN_OPSET, Quant
 from .errors import (CalibrationDataError, ModelSaveError, NothingQuantizedError, OpsetError, UnsupportedModelError,
                      VerificationError)
 from .graph import WorkingGraph, used_quant_ops
-from .io import default_opset, min_ir_version, infer_shapes, load_model, same_file, save_model
+from .io import default_opset, infer_shapes, keep_value_info_of, load_model, min_ir_version, same_file, save_model
 from .pass_manager import PassContext, PassManager
 from .passes.cleanup import Cleanup
 from .passes.constants_to_initializers import ConstantsToInitializers
@@ -187,7 +187,7 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, calib: str | os.PathLik
     t = time.perf_counter()
     ctx = PassContext(cfg, table)
     records += PassManager(quantize_passes(cfg), **manager_kw).run(wg.graph, ctx)
-    quantized = wg.export()
+    quantized = keep_value_info_of(wg.export(), original)
     times["quantize"] = time.perf_counter() - t
     report.passes = records
     report.quantized_nodes = count_quantized(records, "insert_qdq")

@@ -505,3 +505,12 @@ def test_models_over_the_protobuf_limit_are_written_with_external_data(tmp_path,
     assert [t.name for t in back.graph.initializer] == [t.name for t in model.graph.initializer]
     for a, b in zip(back.graph.initializer, model.graph.initializer):
         np.testing.assert_array_equal(onnx.numpy_helper.to_array(a), onnx.numpy_helper.to_array(b))
+
+
+def test_output_keeps_only_the_value_info_the_input_had():
+    from tests import builders
+
+    model = builders.conv_model()
+    model.graph.value_info.append(onnx.helper.make_tensor_value_info("c", onnx.TensorProto.FLOAT, ["N", 4, 8, 8]))
+    res = qpass.quantize(model, builders.feeds(model, n=4, batch=1), val_fraction=0.0)
+    assert [vi.name for vi in res.model.graph.value_info] == ["c"]
