@@ -505,3 +505,22 @@ def test_save_calib_never_overwrites_the_input_model(tmp_path, digits, capsys):
     assert sha256(digits) == before_sha, "the input model was overwritten by --save-calib"
     assert rc == 2
     assert_one_line_error(err, str(digits))
+
+
+@pytest.mark.parametrize("flag, value, key", [("--hist-sample", "7", "hist_sample"),
+                                              ("--neighbour-ops", "Add,Mul", "neighbour_ops")])
+def test_bad_histogram_cap_or_join_list_is_a_config_error(tmp_path, digits, capsys, flag, value, key):
+    before = listing(tmp_path)
+    rc, _, err = run_cli(capsys, "run", digits, "--calib", DIGITS_CALIB, flag, value, "-o", tmp_path / "out.onnx")
+    assert rc == 2
+    assert_one_line_error(err, key, value.split(",")[-1] if key == "neighbour_ops" else value)
+    assert listing(tmp_path) == before
+
+
+def test_hist_sample_and_neighbour_ops_reach_the_config(tmp_path, digits, capsys):
+    out = tmp_path / "o.onnx"
+    rc, _, err = run_cli(capsys, "run", digits, "--calib", DIGITS_CALIB, "--hist-sample", "0", "--neighbour-ops", "none",
+                         "-o", out, "-q")
+    assert rc == 0, err
+    config = load_report(tmp_path / "o.report.json")["config"]
+    assert config["hist_sample"] == 0 and config["neighbour_ops"] == []
