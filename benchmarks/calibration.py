@@ -9,7 +9,8 @@ peak resident set (VmHWM). qpass: load, plan, streaming collection of its planne
 ``create_calibrator`` for Conv/MatMul/Gemm, ``collect_data``, ``compute_data`` (its default options, except
 for Entropy and Percentile, which get qpass's 2048 bins so both search the same resolution; with its own
 defaults, 128 bins, the entropy search has a single candidate and returns the min-max range).
-Samples beyond the stored calibration set are taken from the evaluation set (where it holds the model's
+Samples are streamed from disk for both tools (one in memory at a time). Samples beyond the stored
+calibration set are taken from the evaluation set (where it holds the model's
 inputs as such; the VAD's does not), then repeated.
 """
 from __future__ import annotations
@@ -22,6 +23,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Iterator
 
 
 from .evaluate import MODELS, SHARED
@@ -29,31 +31,32 @@ from .evaluate import MODELS, SHARED
 ORT_METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
 
 
-def samples(name: str, n: int, shared: Path = SHARED) -> list[dict]:
+def samples(name: str, n: int, shared: Path = SHARED) -> Iterator[dict]:
+    """``n`` feeds, streamed from disk: the calibration set, then the evaluation set where it holds the model's
+    inputs as such (the VAD's does not), then the same again from the start. Only one sample is in memory at
+    a time, so a tool's peak RSS is its own, not the harness's."""
     import onnx
 
     from qpass.calib.data import input_specs, open_samples
+    from qpass.errors import CalibrationDataError
 
     spec = MODELS[name]
     specs = input_specs(onnx.load(str(spec.model_path(shared)), load_external_data=False))
-    from qpass.errors import CalibrationDataError
-
-    out: list[dict] = []
-    for path in (spec.calib_path(shared), spec.eval_path(shared)):
-        try:
-            for feed, _ in open_samples(path, specs):
-                out.append(feed)
-                if len(out) == n:
-                    return out
-        except CalibrationDataError:
-            if path == spec.calib_path(shared):
-                raise
-            # the VAD's eval set stores no per-chunk state (only state_init), so it cannot be fed as is
-
-    base = list(out)
-    while len(out) < n:
-        out.append(base[len(out) % len(base)])
-    return out
+    given = 0
+    while True:
+        before = given
+        for path in (spec.calib_path(shared), spec.eval_path(shared)):
+            try:
+                for feed, _ in open_samples(path, specs):
+                    yield feed
+                    given += 1
+                    if given == n:
+                        return
+            except CalibrationDataError:
+                if path == spec.calib_path(shared):
+                    raise
+        if given == before:
+            raise CalibrationDataError("no samples", subject=name)
 
 
 def child(tool: str, method: str, name: str, n: int, shared: Path, hist_sample: int = 65536) -> dict:
