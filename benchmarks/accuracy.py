@@ -28,6 +28,7 @@ VARIANTS: dict[str, dict] = {
     "mse": {"method": "mse"},
     "entropy": {"method": "entropy"},
     "no_outputs": {"quantize_outputs": ()},
+    "minmax_no_outputs": {"method": "minmax", "quantize_outputs": ()},
     "int8_act": {"activation_type": "int8"},
     "out_quantized": {"output_consumers": "quantized"},
     "act_matmuls": {"activation_matmuls": True},
