@@ -198,34 +198,98 @@ def _read_pb_set(folder: Path, specs: list[InputSpec]) -> dict[str, np.ndarray]:
     return feed
 
 
+class _NpzMember:
+    """One array of an .npz read row by row from its zip stream: the header tells shape and dtype, and row ``i``
+    is read when asked, so a stacked file of any size costs one row of memory (sequential reads are O(1)
+    each; going back reopens the stream)."""
+
+    def __init__(self, zf: zipfile.ZipFile, member: str):
+        self.zf, self.member = zf, member
+        with zf.open(member) as fh:
+            version = np.lib.format.read_magic(fh)
+            shape, fortran, dtype = (np.lib.format.read_array_header_1_0(fh) if version == (1, 0)
+                                     else np.lib.format.read_array_header_2_0(fh))
+        if dtype.hasobject:
+            raise ValueError("holds Python objects")
+        if fortran and len(shape) > 1:
+            raise ValueError("is stored in Fortran order")
+        self.shape, self.dtype = tuple(shape), dtype
+        self.row_shape = self.shape[1:]
+        self.row_bytes = int(np.prod(self.row_shape, dtype=np.int64)) * dtype.itemsize
+        self._fh = None
+        self._next = 0
+
+    def _open(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+        self._fh = self.zf.open(self.member)
+        version = np.lib.format.read_magic(self._fh)
+        (np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0)(self._fh)
+        self._next = 0
+
+    def row(self, i: int) -> np.ndarray:
+        if self._fh is None or i < self._next:
+            self._open()
+        while self._next < i:  # skip forward
+            self._fh.read(self.row_bytes)
+            self._next += 1
+        buf = self._fh.read(self.row_bytes)
+        if len(buf) != self.row_bytes:
+            raise EOFError(f"row {i} is truncated")
+        self._next += 1
+        return np.frombuffer(buf, dtype=self.dtype).reshape(self.row_shape).copy()
+
+
 def _open_stacked_npz(path: Path, specs: list[InputSpec]) -> SampleSource:
-    data = _read_npz(path)
+    """Samples stacked in one .npz, streamed: the arrays are never loaded whole (only the labels are)."""
+    try:
+        zf = zipfile.ZipFile(path)
+        members = {n[:-4]: n for n in zf.namelist() if n.endswith(".npy")}
+    except (OSError, zipfile.BadZipFile) as exc:
+        raise CalibrationDataError(f"cannot read .npz ({exc})", subject=str(path)) from None
     by_name = {s.name: s for s in specs}
+    arrays: dict[str, _NpzMember] = {}
+    for s in specs:
+        if s.name not in members:
+            raise CalibrationDataError(f"no array for model input '{s.name}' (arrays: {sorted(members)})",
+                                       subject=str(path),
+                                       hint=f"keys must be the model's input names: {[x.name for x in specs]}")
+        try:
+            arrays[s.name] = _NpzMember(zf, members[s.name])
+        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+            raise CalibrationDataError(f"cannot read array '{s.name}' ({exc})", subject=str(path)) from None
     counts: dict[str, int] = {}
     stacked: dict[str, bool] = {}
     for s in specs:
-        if s.name not in data:
-            raise CalibrationDataError(f"no array for model input '{s.name}' (arrays: {sorted(data)})", subject=str(path),
-                                       hint=f"keys must be the model's input names: {[x.name for x in specs]}")
-        arr = data[s.name]
-        if arr.ndim == s.rank + 1:
+        shape = arrays[s.name].shape
+        if len(shape) == s.rank + 1:
             stacked[s.name] = True
-        elif arr.ndim == s.rank and s.rank > 0:
+        elif len(shape) == s.rank and s.rank > 0:
             stacked[s.name] = False
         else:
             raise CalibrationDataError(
-                f"array '{s.name}' has rank {arr.ndim} (shape {list(arr.shape)}); the model input has rank {s.rank}: "
+                f"array '{s.name}' has rank {len(shape)} (shape {list(shape)}); the model input has rank {s.rank}: "
                 f"give rank {s.rank + 1} (samples stacked on a new first axis) or rank {s.rank} (split on the batch axis)",
                 subject=str(path))
-        counts[s.name] = arr.shape[0]
+        counts[s.name] = shape[0]
     if len(set(counts.values())) > 1:
         raise CalibrationDataError(f"arrays disagree on the number of samples: {counts}", subject=str(path))
     n = next(iter(counts.values())) if counts else 0
-    label = data.get(LABEL_KEY) if LABEL_KEY not in by_name else None
-    extra = {k for k in data if k not in by_name}
+    label = None
+    if LABEL_KEY in members and LABEL_KEY not in by_name:
+        try:
+            with zf.open(members[LABEL_KEY]) as fh:
+                label = np.lib.format.read_array(fh, allow_pickle=False)
+        except (OSError, ValueError, EOFError):
+            label = None  # an unreadable label is ignored, like any other extra key
+    extra = {k for k in members if k not in by_name}
 
     def get(i: int) -> dict[str, Any]:
-        feed: dict[str, Any] = {k: (np.asarray(data[k][i]) if stacked[k] else data[k][i:i + 1]) for k in stacked}
+        try:
+            feed: dict[str, Any] = {k: (arrays[k].row(i) if stacked[k] else arrays[k].row(i)[None])
+                                    for k in stacked}
+        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+            raise CalibrationDataError(f"cannot read sample {i} ({exc})", subject=str(path)) from None
         if label is not None and len(label) == n:
             feed[LABEL_KEY] = label[i]
         return feed
