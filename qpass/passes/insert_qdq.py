@@ -36,6 +36,7 @@ class InsertQDQ(Pass):
         self._graph = graph
         self._weights: dict[tuple[str, int | None], tuple[gs.Variable, np.ndarray]] = {}
         self._dq_source: dict[str, str] = {}
+        self.last_widened = 0  # weight channels of the last weight whose scale was widened for its int32 bias
         skipped = list(plan.skips)
         act_scales = self._quantize_activations(plan, ctx, skipped)
         done: Counter = Counter()
@@ -89,12 +90,16 @@ class InsertQDQ(Pass):
             act_scale = act_scales[name]
         w_scale = None
         if t.weight is not None:
+            floor = self._bias_scale_floor(node, t, act_scale, ctx)
             try:
-                dq, w_scale = self._weight_dq(node.inputs[t.weight], t.weight_axis, ctx)
+                dq, w_scale = self._weight_dq(node.inputs[t.weight], t.weight_axis, ctx, floor)
             except ValueError as exc:
                 skipped.append(Skip(label, node.op, f"weight '{node.inputs[t.weight].name}' not quantizable ({exc})"))
                 return False
             node.inputs[t.weight] = dq
+            if self.last_widened:
+                skipped.append(Skip(label, node.op, f"weight scale widened at {self.last_widened} channel(s) so the "
+                                                    "int32 bias fits (bias / (input scale x weight scale) <= 2**31-1)"))
         for note in t.notes:
             skipped.append(Skip(label, node.op, note))
         if t.bias is not None and ctx.config.bias == "float":
@@ -129,11 +134,35 @@ class InsertQDQ(Pass):
                                          inputs=[q, scale_c, zp_c], outputs=[dq]))
         return dq
 
-    def _weight_dq(self, w: gs.Constant, axis: int | None, ctx: PassContext) -> tuple[gs.Variable, np.ndarray]:
-        key = (w.name, axis)
+    def _bias_scale_floor(self, node: gs.Node, t: Target, act_scale: np.ndarray | None, ctx: PassContext) -> np.ndarray | None:
+        """The smallest weight scale, per output channel, at which the int32 bias |b| / (s_x * s_w) fits in int32.
+
+        A bias that would overflow at the weights' own scale gets its channel's weight scale widened to this
+        floor, as onnxruntime's quantizer does, rather than a float bias: onnxruntime's optimizer re-quantizes a
+        float bias to int32 itself, and with 16-bit activation scales its result was wrong (measured on the
+        OCR detector, docs/benchmark-notes.md)."""
+        if t.bias is None or ctx.config.bias != "int32" or act_scale is None or np.size(act_scale) != 1:
+            return None
+        b = node.inputs[t.bias]
+        if not isinstance(b, gs.Constant):
+            return None
+        values = np.abs(np.asarray(b.values, dtype=np.float64)).reshape(-1)
+        s_x = float(np.asarray(act_scale).reshape(()))
+        if values.size == 0 or not np.all(np.isfinite(values)) or not s_x > 0:
+            return None
+        floor = values / (s_x * INT32_MAX) * (1 + 1e-5)  # margin above float32 rounding of the scale
+        return floor if t.weight_axis is not None else np.asarray(floor.max())
+
+    def _weight_dq(self, w: gs.Constant, axis: int | None, ctx: PassContext,
+                   floor: np.ndarray | None = None) -> tuple[gs.Variable, np.ndarray]:
+        values = np.asarray(w.values, dtype=np.float32)
+        scale, zp = weight_qparams(values, axis, ctx.config.weight_type)
+        self.last_widened = 0
+        if floor is not None and (floor.shape == np.shape(scale) or floor.ndim == 0) and np.any(floor > scale):
+            self.last_widened = int(np.count_nonzero(np.broadcast_to(floor > scale, np.shape(scale))))
+            scale = np.maximum(scale, floor).astype(np.float32)
+        key = (w.name, axis, scale.tobytes())
         if key not in self._weights:
-            values = np.asarray(w.values, dtype=np.float32)
-            scale, zp = weight_qparams(values, axis, ctx.config.weight_type)
             q = quantize(values, scale, zp, axis=axis)
             self._weights[key] = (self._qdq_nodes(w, q, scale, zp, axis, w.name), scale)
         return self._weights[key]

@@ -154,16 +154,30 @@ def test_excluded_node_is_skipped():
     assert not result.modified and result.skipped[0].reason == "excluded by configuration"
 
 
-def test_bias_overflowing_int32_stays_float_with_reason():
+def test_bias_overflowing_int32_widens_that_channels_weight_scale():
+    """|b| / (s_x * s_w) above 2**31-1 on channel 0: that channel's weight scale grows until the int32 bias fits
+    (a float bias would be re-quantized by onnxruntime's optimizer, wrongly at 16-bit scales); the others keep theirs."""
     model = builders.conv_model()
+    bias = np.array([2e7, 0.1, -0.2, 0.05], np.float32)
     for t in model.graph.initializer:
         if t.name == "B":
-            t.CopyFrom(numpy_helper.from_array(np.array([1e30, 0, 0, 0], np.float32), "B"))
+            t.CopyFrom(numpy_helper.from_array(bias, "B"))
+    w = next(numpy_helper.to_array(t) for t in model.graph.initializer if t.name == "W")
     wg, result = _run_pass(model, _table(x=(-1.0, 1.0)))
     out = wg.export()
+    nodes, inits = _by_output(out), _inits(out)
     conv = next(n for n in out.graph.node if n.op_type == "Conv")
-    assert conv.input[2] == "B"  # untouched float bias
-    assert any("overflows int32 at channel 0" in s.reason for s in result.skipped)
+    w_dq, b_dq = nodes[conv.input[1]], nodes[conv.input[2]]
+    s_w, s_b, b_q = inits[w_dq.input[1]], inits[b_dq.input[1]], inits[b_dq.input[0]]
+    s_x, _ = compute_qparams(-1.0, 1.0, "uint8", symmetric=False)
+    own, _ = weight_qparams(w, 0)
+    assert s_w[0] > own[0] * 100 and np.array_equal(s_w[1:], own[1:])
+    np.testing.assert_allclose(s_w[0], 2e7 / (s_x * (2**31 - 1)), rtol=1e-4)  # just wide enough
+    assert b_q.dtype == np.int32 and np.abs(b_q.astype(np.int64)).max() <= 2**31 - 1
+    np.testing.assert_allclose(s_b, (np.float64(s_x) * s_w.astype(np.float64)).astype(np.float32))
+    np.testing.assert_allclose(b_q * s_b.astype(np.float64), bias, rtol=1e-6, atol=s_b.max())
+    assert any("weight scale widened at 1 channel" in s.reason for s in result.skipped)
+    assert not any("overflows int32" in s.reason for s in result.skipped)
 
 
 # ------------------------------------------------------------------------------------------ idempotence
