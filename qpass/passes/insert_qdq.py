@@ -3,7 +3,8 @@
 The QDQ format: only standard ONNX QuantizeLinear / DequantizeLinear. Which activations get a pair,
 and which consumers read it, comes from :mod:`placement`; activation ranges come from the
 calibration table; weight ranges from the constants (symmetric, per output channel when configured).
-A bias whose integer value would overflow int32 stays float, with the reason recorded.
+A bias whose integer value would overflow int32 widens its channel's weight scale until it fits (recorded in the
+report); only where that cannot apply (a scalar bias on per-channel weights, say) does it stay float, with the reason.
 """
 from __future__ import annotations
 
