@@ -819,36 +819,22 @@ def write_markdown(path: Path, doc: dict) -> None:
               "from failing on SQNR alone. Integer/bool outputs must match exactly. Each record also has the largest "
               "activation scale of the quantized model, cosine-free SQNR and max error in steps.",
               ""]
-    crashes = [(r["name"], r) for r in recs if r["outcome"] == "crashed"] + \
-              [(r["name"] + " (retry)", r["retry"]) for r in recs if r.get("retry", {}).get("outcome") == "crashed"]
-    lines += ["## Crashes", ""]
-    if not crashes:
-        lines.append("None.")
-    for name, r in crashes:
-        lines.append(f"- `{name}`: **{r.get('error_type')}**: {_md(r.get('message', ''))}"
-                     + (f" — at `{r['frame']}`" if r.get("frame") else ""))
-    inacc = [(r["name"], r) for r in recs if r["outcome"] == "quantized_inaccurate"] + \
-            [(r["name"] + " (retry)", r["retry"]) for r in recs if r.get("retry", {}).get("outcome") == "quantized_inaccurate"]
-    lines += ["", "## Inaccurate", ""]
-    if not inacc:
-        lines.append("None.")
-    for name, r in inacc:
-        lines.append(f"- `{name}` ({_nodes(r)}): {_md(r.get('reason', ''))}")
-    mism = [(r["name"], r) for r in recs if r.get("unchanged_mismatch")] + \
-           [(r["name"] + " (retry)", r["retry"]) for r in recs if r.get("retry", {}).get("unchanged_mismatch")]
-    lines += ["", "## Unchanged but different", ""]
-    if not mism:
-        lines.append("None.")
-    for name, r in mism:
-        lines.append(f"- `{name}`: {_md(r.get('reason', ''))}")
-    sus = [(r["name"], r) for r in recs if r.get("suspect_bug")] + \
-          [(r["name"] + " (retry)", r["retry"]) for r in recs if r.get("retry", {}).get("suspect_bug")]
-    lines += ["", "## Refusals that look like bugs", ""]
-    if not sus:
-        lines.append("None.")
-    for name, r in sus:
-        lines.append(f"- `{name}`: {r['error_type']}: {_md(r['message'][:300])}"
-                     + (f" — at `{r['frame']}`" if r.get("frame") else ""))
+    sections = [
+        ("Crashes", lambda r: r.get("outcome") == "crashed",
+         lambda r: f": **{r.get('error_type')}**: {_md(r.get('message', ''))}" + (f" — at `{r['frame']}`" if r.get("frame") else "")),
+        ("Inaccurate", lambda r: r.get("outcome") == "quantized_inaccurate",
+         lambda r: f" ({_nodes(r)}): {_md(r.get('reason', ''))}"),
+        ("Unchanged but different", lambda r: r.get("unchanged_mismatch"), lambda r: f": {_md(r.get('reason', ''))}"),
+        ("Refusals that look like bugs", lambda r: r.get("suspect_bug"),
+         lambda r: f": {r['error_type']}: {_md(r['message'][:300])}" + (f" — at `{r['frame']}`" if r.get("frame") else "")),
+    ]
+    for i, (title, pick, describe) in enumerate(sections):
+        found = [(r["name"], r) for r in recs if pick(r)] + \
+                [(r["name"] + " (retry)", r["retry"]) for r in recs if r.get("retry") and pick(r["retry"])]
+        lines += ([] if i == 0 else [""]) + [f"## {title}", ""]
+        if not found:
+            lines.append("None.")
+        lines += [f"- `{name}`{describe(r)}" for name, r in found]
     refusals: dict[str, int] = {}
     for r in recs:
         for x in (r, r.get("retry")):

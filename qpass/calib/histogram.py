@@ -12,6 +12,7 @@ the bins span the observed range.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -162,6 +163,7 @@ def _is_prime(n: int) -> bool:
     return n >= 2 and all(n % d for d in range(2, math.isqrt(n) + 1))
 
 
+@functools.lru_cache(maxsize=4096)
 def subsample_stride(row_shape: tuple[int, ...], cap: int) -> int:
     """The stride that keeps at most about ``cap`` values of a row of this shape (0 or a small row: 1, all).
 

@@ -37,7 +37,6 @@ class InsertQDQ(Pass):
         self._graph = graph
         self._weights: dict[tuple[str, int | None], tuple[gs.Variable, np.ndarray]] = {}
         self._dq_source: dict[str, str] = {}
-        self.last_widened = 0  # weight channels of the last weight whose scale was widened for its int32 bias
         skipped = list(plan.skips)
         act_scales = self._quantize_activations(plan, ctx, skipped)
         done: Counter = Counter()
@@ -93,13 +92,13 @@ class InsertQDQ(Pass):
         if t.weight is not None:
             floor = self._bias_scale_floor(node, t, act_scale, ctx)
             try:
-                dq, w_scale = self._weight_dq(node.inputs[t.weight], t.weight_axis, ctx, floor)
+                dq, w_scale, widened = self._weight_dq(node.inputs[t.weight], t.weight_axis, ctx, floor)
             except ValueError as exc:
                 skipped.append(Skip(label, node.op, f"weight '{node.inputs[t.weight].name}' not quantizable ({exc})"))
                 return False
             node.inputs[t.weight] = dq
-            if self.last_widened:
-                skipped.append(Skip(label, node.op, f"weight scale widened at {self.last_widened} channel(s) so the "
+            if widened:
+                skipped.append(Skip(label, node.op, f"weight scale widened at {widened} channel(s) so the "
                                                     "int32 bias fits (bias / (input scale x weight scale) <= 2**31-1)"))
         for note in t.notes:
             skipped.append(Skip(label, node.op, note))
@@ -155,18 +154,20 @@ class InsertQDQ(Pass):
         return floor if t.weight_axis is not None else np.asarray(floor.max())
 
     def _weight_dq(self, w: gs.Constant, axis: int | None, ctx: PassContext,
-                   floor: np.ndarray | None = None) -> tuple[gs.Variable, np.ndarray]:
+                   floor: np.ndarray | None = None) -> tuple[gs.Variable, np.ndarray, int]:
+        """The weight's DQ and scale (shared by every node with the same scale), and how many channels of the scale
+        ``floor`` widened."""
         values = np.asarray(w.values, dtype=np.float32)
         scale, zp = weight_qparams(values, axis, ctx.config.weight_type)
-        self.last_widened = 0
+        widened = 0
         if floor is not None and (floor.shape == np.shape(scale) or floor.ndim == 0) and np.any(floor > scale):
-            self.last_widened = int(np.count_nonzero(np.broadcast_to(floor > scale, np.shape(scale))))
+            widened = int(np.count_nonzero(np.broadcast_to(floor > scale, np.shape(scale))))
             scale = np.maximum(scale, floor).astype(np.float32)
         key = (w.name, axis, scale.tobytes())
         if key not in self._weights:
             q = quantize(values, scale, zp, axis=axis)
             self._weights[key] = (self._qdq_nodes(w, q, scale, zp, axis, w.name), scale)
-        return self._weights[key]
+        return (*self._weights[key], widened)
 
     def _bias_dq(self, node: gs.Node, t: Target, act_scale: np.ndarray, w_scale: np.ndarray) -> str | None:
         b = node.inputs[t.bias]
