@@ -33,6 +33,12 @@ class RangeOptions:
     qtype: str = "uint8"
     symmetric: bool = False
     hist_sample: int = 65536  # values per sample and tensor the histogram counts, at most (0: all)
+    hist_full_samples: int = 64  # samples of a tensor counted under hist_sample; later ones: a LATE_CAP_DIVISOR-th
+
+
+#: After ``hist_full_samples`` samples a tensor's histogram already holds up to 64 x hist_sample values (4M by
+#: default); each later sample adds an eighth of that cap, so histogram cost stops growing like min-max's.
+LATE_CAP_DIVISOR = 8
 
 
 def augmented_model(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
@@ -113,23 +119,38 @@ def batches(samples: Iterable[tuple[dict, Any]], size: int, can_batch: bool) -> 
 class _Observer:
     """A min-max observer, plus a histogram when the tensor's method needs one."""
 
-    def __init__(self, method: str, bins: int, hist_sample: int = 0):
+    def __init__(self, method: str, bins: int, hist_sample: int = 0, full_samples: int = 64):
         self.method = method
         self.minmax = MinMaxObserver()
         self.hist = StreamingHistogram(bins) if method != "minmax" else None
         self.hist_sample = hist_sample
+        self.late_cap = max(1, hist_sample // LATE_CAP_DIVISOR) if hist_sample > 0 else 0
+        self.full_samples = full_samples
+        self.samples = 0  # samples seen so far
 
     def update(self, x: np.ndarray, lo: float, hi: float, samples: int = 1) -> None:
         """Add a batch of ``samples`` samples whose min and max the caller already computed (one pass saved).
 
         The histogram counts every ``stride``-th value of each sample's slice (all of them for a tensor of at
-        most ``hist_sample`` values); the stride depends on the sample's shape alone, so the counts do not
-        depend on how samples were batched."""
+        most ``hist_sample`` values); from the tensor's ``full_samples``-th sample on, the cap is
+        ``hist_sample / LATE_CAP_DIVISOR``. The stride depends on the sample's shape and index alone, so the
+        counts do not depend on how samples were batched."""
         self.minmax.update(x, lo, hi)
-        if self.hist is not None:
-            rows = samples if x.ndim and samples > 1 and x.shape[0] % samples == 0 else 1
-            row_shape = ((x.shape[0] // rows,) + x.shape[1:]) if x.ndim else ()
-            self.hist.update(x, lo, hi, rows=rows, stride=subsample_stride(row_shape, self.hist_sample))
+        first = self.samples
+        self.samples += samples
+        if self.hist is None:
+            return
+        rows = samples if x.ndim and samples > 1 and x.shape[0] % samples == 0 else 1
+        row_shape = ((x.shape[0] // rows,) + x.shape[1:]) if x.ndim else ()
+        if rows < samples or not x.ndim:  # no per-sample axis: the batch is one row, under the cap of its first sample
+            cap = self.hist_sample if first < self.full_samples else self.late_cap
+            self.hist.update(x, lo, hi, rows=1, stride=subsample_stride(row_shape, cap))
+            return
+        full = min(rows, max(0, self.full_samples - first))  # rows still under the full cap
+        per = row_shape[0] if x.ndim else 1
+        for part, n, cap in ((x[: full * per], full, self.hist_sample), (x[full * per:], rows - full, self.late_cap)):
+            if n:
+                self.hist.update(part, lo, hi, rows=n, stride=subsample_stride(row_shape, cap))
 
     def range(self, opt: RangeOptions) -> tuple[float, float]:
         if self.hist is None or self.hist.count == 0:
@@ -163,7 +184,8 @@ def collect_ranges(model: onnx.ModelProto, tensors: list[str], samples: Iterable
     if isinstance(methods, str):
         methods = {t: methods for t in tensors}
     session = make_session(augmented_model(model, tensors), providers, what="calibration model")
-    observers = {name: _Observer(methods.get(name, "minmax"), options.bins, options.hist_sample) for name in tensors}
+    observers = {name: _Observer(methods.get(name, "minmax"), options.bins, options.hist_sample, options.hist_full_samples)
+                 for name in tensors}
     n = 0
     for feed, count in batches(samples, batch_size, batchable(specs) if specs is not None else False):
         try:

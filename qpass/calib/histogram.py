@@ -138,21 +138,31 @@ def bin_counts(rows: np.ndarray, stride: int, exp: int, k0: int, bins: int, *, n
     Every value must fall in the window (the caller grew the grid to the batch's range); one outside it is a
     bug, raised rather than counted in a wrong bin. ``nonnegative`` (no value below 0, so k0 is 0) lets the
     cast's truncation stand for the floor."""
-    x = rows[:, ::stride].ravel() if stride > 1 else rows.ravel()
-    # x * 2**-exp is exact: a power of two, no overflow (the range fits the window); float32 keeps it exact while
-    # 2**-exp is a normal float32. A negative x can underflow to -0.0 only when exp > 0; it still lies below 0.
+    x = rows[:, ::stride] if stride > 1 else rows
     if x.dtype == np.float32 and -126 <= exp <= 126:
-        scaled = x * np.float32(math.ldexp(1.0, -exp))
+        # x * 2**-exp is exact in float32 (a power of two, no overflow, 2**-exp a normal float32), and each ufunc
+        # below reads the strided view or writes the int32 index in the same pass, so the subsample is never
+        # copied on its own (int32: the window is at most ``bins`` wide and 0 <= k < bins).
+        k = np.empty(x.shape, np.int32)
+        scale = np.float32(math.ldexp(1.0, -exp))
+        if nonnegative and k0 == 0:
+            np.multiply(x, scale, out=k, casting="unsafe")  # truncation == floor for x >= 0
+        else:
+            scaled = np.multiply(x, scale)
+            np.floor(scaled, out=scaled)  # integers below 2**24 in magnitude: subtracting k0 is exact
+            np.subtract(scaled, np.float32(k0), out=k, casting="unsafe")
+            if exp > 0:  # a negative x that underflowed to -0.0 belongs to bin -1 - k0
+                k[(scaled == np.float32(0.0)) & (x < 0)] -= 1
+        k = k.ravel()
     else:
-        scaled = np.ldexp(x, -exp)
-    if nonnegative and k0 == 0:
-        k = scaled.astype(np.intp)
-    else:
+        # float64 (or a float32 grid outside float32's normal exponents): ldexp is exact in float64
+        v = x.ravel()
+        scaled = np.ldexp(v, -exp)
         np.floor(scaled, out=scaled)
         scaled -= k0
         k = scaled.astype(np.intp)
         if exp > 0:
-            k[(scaled == -k0) & (x < 0)] -= 1
+            k[(scaled == -k0) & (v < 0)] -= 1
     out = np.bincount(k, minlength=bins)  # a negative index raises here
     if len(out) > bins:
         raise AssertionError(f"{int(out[bins:].sum())} values fell above the histogram window (exp={exp}, k0={k0})")

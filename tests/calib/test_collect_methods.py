@@ -82,3 +82,30 @@ def test_non_batchable_inputs_fall_back_to_one_sample_per_run():
     a = collect_ranges(model, ["x"], _samples(model), batch_size=6, specs=specs)
     b = collect_ranges(model, ["x"], _samples(model), batch_size=1, specs=specs)
     assert a.to_json() == b.to_json()
+
+
+@pytest.mark.parametrize("method", ["percentile", "mse"])
+def test_late_samples_under_the_smaller_cap_do_not_depend_on_the_batch_size(method):
+    """From the 5th sample on the cap drops to an eighth (96 -> 12 values); batches straddling that sample
+    (sizes 4, 5, 12) give the same ranges as one sample at a time, and the smaller cap really applied."""
+    model = builders.conv_model()
+    specs = input_specs(model)
+    opts = RangeOptions(hist_sample=96, hist_full_samples=5)
+    tables = [collect_ranges(model, ["x", "c"], _samples(model), methods=method, batch_size=b, specs=specs,
+                             options=opts).to_json() for b in (1, 4, 5, 12)]
+    assert all(t == tables[0] for t in tables)
+    all_full = collect_ranges(model, ["x", "c"], _samples(model), methods=method,
+                              options=RangeOptions(hist_sample=96, hist_full_samples=12)).to_json()
+    assert all_full != tables[0]
+
+
+def test_late_cap_counts_fewer_values_per_sample():
+    from qpass.calib.collect import LATE_CAP_DIVISOR, _Observer
+
+    obs = _Observer("percentile", 256, hist_sample=4096, full_samples=2)
+    x = np.random.default_rng(0).standard_normal((3, 64, 64)).astype(np.float32)  # 4096 values a sample
+    obs.update(x, float(x.min()), float(x.max()), samples=3)
+    # two samples in full (stride 1), the third under a cap of 4096 / 8 = 512: stride 11 (a prime dividing no dim)
+    assert LATE_CAP_DIVISOR == 8
+    assert obs.hist.count == 2 * 4096 + -(-4096 // 11)
+    assert (obs.minmax.min, obs.minmax.max) == (float(x.min()), float(x.max()))
