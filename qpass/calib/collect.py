@@ -37,8 +37,8 @@ class RangeOptions:
 
 
 #: After ``hist_full_samples`` samples a tensor's histogram already holds up to 64 x hist_sample values (4M by
-#: default); each later sample adds an eighth of that cap, so histogram cost stops growing like min-max's.
-LATE_CAP_DIVISOR = 8
+#: default); each later sample adds a quarter of that cap, so histogram cost stops growing like min-max's.
+LATE_CAP_DIVISOR = 4
 
 
 def augmented_model(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:

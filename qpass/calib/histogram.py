@@ -78,8 +78,8 @@ class StreamingHistogram:
         """Add a batch (any shape). ``lo``/``hi`` may pass its known min/max to save a pass over it.
 
         With ``stride`` > 1 the batch is split into ``rows`` equal rows (one per sample) and only every
-        ``stride``-th value of each row is counted (see :func:`subsample_stride`); ``lo``/``hi``, and so the
-        grid and the reported min/max, still cover every value."""
+        ``stride``-th value of each row is counted, with weight ``stride`` (see :func:`subsample_stride`);
+        ``lo``/``hi``, and so the grid and the reported min/max, still cover every value."""
         x = np.asarray(x)
         if x.size == 0:
             return
@@ -90,9 +90,12 @@ class StreamingHistogram:
         x = x.reshape(rows, -1)
         lo = float(x.min()) if lo is None else lo
         hi = float(x.max()) if hi is None else hi
-        self._grow(min(self.min, lo), max(self.max, hi))
-        self.counts += bin_counts(x, stride, self.exp, self.k0, self.bins, nonnegative=lo >= 0)
-        self.count += rows * -(-x.shape[1] // stride)
+        if self.exp is None or lo < self.min or hi > self.max:  # the grid only changes when the range grows
+            self._grow(min(self.min, lo), max(self.max, hi))
+        # each counted value stands for the ``stride`` values of its row it represents, so a sample weighs by
+        # its size whatever its stride (rows of other shapes, or later samples under a smaller cap)
+        self.counts += stride * bin_counts(x, stride, self.exp, self.k0, self.bins, nonnegative=lo >= 0)
+        self.count += rows * stride * -(-x.shape[1] // stride)
 
     def _grow(self, new_min: float, new_max: float) -> None:
         exp = self._required_exp(new_min, new_max)

@@ -143,3 +143,16 @@ def test_stride_is_a_prime_that_divides_no_dimension_and_keeps_about_cap_values(
 def test_small_rows_and_cap_zero_keep_every_value():
     assert subsample_stride((1, 3, 8, 8), 65536) == 1
     assert subsample_stride((1, 3, 512, 512), 0) == 1
+
+
+def test_a_subsampled_row_weighs_by_its_size_not_by_its_count():
+    """A long sample walked with stride 7 and a short one counted in full: each counted value of the long one
+    stands for 7, so the histogram's mass per sample is the sample's size (no bias toward short samples)."""
+    h = StreamingHistogram(64)
+    long_row = np.full((1, 7000), 1.0, np.float32)
+    short_row = np.full((1, 500), -1.0, np.float32)
+    h.update(long_row, rows=1, stride=7)
+    h.update(short_row)
+    edges = h.edges()
+    at = lambda v: int(h.counts[np.searchsorted(edges, v, side="right") - 1])  # noqa: E731
+    assert at(1.0) == 7000 and at(-1.0) == 500 and h.count == 7500
