@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--neighbour-ops", metavar="OPS",
                      help="comma-separated joins/pooling that run in int8 when their inputs are quantized "
                           "(default Add,Concat,AveragePool,GlobalAveragePool; 'none' turns it off)")
+    run.add_argument("--no-single-reader-dq", dest="single_reader_dq", action="store_const", const=False,
+                     help="do not give a DequantizeLinear read by several float ops (a GELU) a single reader "
+                          "(by default an Add of 2**-126, so onnxruntime still fuses the GELU)")
     run.add_argument("--method", choices=("auto", "minmax", "percentile", "mse", "entropy"),
                      help="activation calibration method (default auto: percentile around Conv, min-max elsewhere)")
     run.add_argument("--percentile", type=float, metavar="P", help="percentile kept by --method percentile (default 99.99)")
@@ -116,6 +119,7 @@ def _config_from_args(args: argparse.Namespace) -> QuantConfig:
         "op_types": tuple(args.op_types.split(",")) if args.op_types else None,
         "neighbour_ops": (() if args.neighbour_ops == "none" else tuple(args.neighbour_ops.split(",")))
         if args.neighbour_ops else None,
+        "single_reader_dq": args.single_reader_dq,
         "method": args.method,
         "percentile": args.percentile,
         "bins": args.bins,

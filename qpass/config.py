@@ -64,6 +64,9 @@ class QuantConfig:
         neighbour_ops: join and pooling ops (Add, Concat, AveragePool, GlobalAveragePool) that run in int8
             when all their float inputs are quantized: they read them dequantized and get a quantized output
             of their own (calibrated), so int8 flows through residual blocks. () turns it off.
+        single_reader_dq: give a DequantizeLinear read by several float element-wise ops (a GELU's Div and Mul)
+            one reader, an Add of 2**-126 (exact on every non-zero DQ value), so onnxruntime does not copy the DQ
+            per reader and still fuses the pattern (Gelu). Measured on the shared OCR models: docs/benchmark-notes.md.
         activation_matmuls: also quantize both inputs of activation x activation MatMuls (attention's Q.K^T and
             softmax.V). Off by default.
         calib_batch_size: samples of equal shape concatenated into one onnxruntime run (results do not change).
@@ -104,6 +107,7 @@ class QuantConfig:
     output_consumers: str = "all"
     activation_matmuls: bool = False
     neighbour_ops: tuple[str, ...] = NEIGHBOUR_OPS
+    single_reader_dq: bool = True
     bias: str = "int32"
     percentile: float = 99.99
     bins: int = 2048
@@ -174,6 +178,8 @@ class QuantConfig:
             raise bad("output_consumers", self.output_consumers, "all or quantized")
         if self.calib_ep not in CALIB_EPS:
             raise bad("calib_ep", self.calib_ep, " or ".join(CALIB_EPS))
+        if not isinstance(self.single_reader_dq, bool):
+            raise bad("single_reader_dq", self.single_reader_dq, "true or false")
         if not isinstance(self.per_channel, bool):
             raise bad("per_channel", self.per_channel, "true or false")
         ops = tuple(self.op_types)

@@ -29,6 +29,7 @@ from .passes.fold_conv_bias_add import FoldConvBiasAdd
 from .passes.insert_qdq import InsertQDQ
 from .passes.lower_qop import LowerToQOperator
 from .passes.placement import plan_quantization
+from .passes.single_reader_dq import SingleReaderDequantize
 from .report import Report, count_quantized
 from .validate import validate
 from .verify import verify_model
@@ -45,7 +46,7 @@ def quantize_passes(config: QuantConfig):
     passes = [InsertQDQ(), Cleanup()]
     if config.format == "qop":
         passes += [LowerToQOperator(), Cleanup()]
-    return passes
+    return passes + [SingleReaderDequantize()]
 
 
 @dataclass
