@@ -37,8 +37,8 @@ class RangeOptions:
 
 
 #: After ``hist_full_samples`` samples a tensor's histogram already holds up to 64 x hist_sample values (4M by
-#: default); each later sample adds a quarter of that cap, so histogram cost stops growing like min-max's.
-LATE_CAP_DIVISOR = 4
+#: default); each later sample adds an eighth of that cap, so histogram cost stops growing like min-max's.
+LATE_CAP_DIVISOR = 8
 
 
 def augmented_model(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
@@ -140,17 +140,19 @@ class _Observer:
         self.samples += samples
         if self.hist is None:
             return
-        rows = samples if x.ndim and samples > 1 and x.shape[0] % samples == 0 else 1
-        row_shape = ((x.shape[0] // rows,) + x.shape[1:]) if x.ndim else ()
-        if rows < samples or not x.ndim:  # no per-sample axis: the batch is one row, under the cap of its first sample
+        if samples == 1 or not x.ndim or x.shape[0] % samples:
+            # one sample, or no per-sample axis: the batch is one row, under the cap of its first sample
             cap = self.hist_sample if first < self.full_samples else self.late_cap
-            self.hist.update(x, lo, hi, rows=1, stride=subsample_stride(row_shape, cap))
+            self.hist.update(x, lo, hi, rows=1, stride=subsample_stride(x.shape, cap))
             return
-        full = min(rows, max(0, self.full_samples - first))  # rows still under the full cap
-        per = row_shape[0] if x.ndim else 1
-        for part, n, cap in ((x[: full * per], full, self.hist_sample), (x[full * per:], rows - full, self.late_cap)):
-            if n:
-                self.hist.update(part, lo, hi, rows=n, stride=subsample_stride(row_shape, cap))
+        per = x.shape[0] // samples
+        row_shape = (per,) + x.shape[1:]
+        full = min(samples, max(0, self.full_samples - first))  # rows still under the full cap
+        if full:
+            self.hist.update(x[: full * per], lo, hi, rows=full, stride=subsample_stride(row_shape, self.hist_sample))
+        if full < samples:
+            self.hist.update(x[full * per:], lo, hi, rows=samples - full,
+                             stride=subsample_stride(row_shape, self.late_cap))
 
     def range(self, opt: RangeOptions) -> tuple[float, float]:
         if self.hist is None or self.hist.count == 0:

@@ -94,7 +94,8 @@ class StreamingHistogram:
             self._grow(min(self.min, lo), max(self.max, hi))
         # each counted value stands for the ``stride`` values of its row it represents, so a sample weighs by
         # its size whatever its stride (rows of other shapes, or later samples under a smaller cap)
-        self.counts += stride * bin_counts(x, stride, self.exp, self.k0, self.bins, nonnegative=lo >= 0)
+        counts = bin_counts(x, stride, self.exp, self.k0, self.bins, nonnegative=lo >= 0)
+        self.counts += counts if stride == 1 else counts * stride
         self.count += rows * stride * -(-x.shape[1] // stride)
 
     def _grow(self, new_min: float, new_max: float) -> None:

@@ -86,7 +86,7 @@ def test_non_batchable_inputs_fall_back_to_one_sample_per_run():
 
 @pytest.mark.parametrize("method", ["percentile", "mse"])
 def test_late_samples_under_the_smaller_cap_do_not_depend_on_the_batch_size(method):
-    """From the 5th sample on the cap drops to a quarter (96 -> 24 values); batches straddling that sample
+    """From the 5th sample on the cap drops to an eighth (96 -> 12 values); batches straddling that sample
     (sizes 4, 5, 12) give the same ranges as one sample at a time, and the smaller cap really applied."""
     model = builders.conv_model()
     specs = input_specs(model)
@@ -105,9 +105,9 @@ def test_late_cap_counts_fewer_values_per_sample():
     obs = _Observer("percentile", 256, hist_sample=4096, full_samples=2)
     x = np.random.default_rng(0).standard_normal((3, 64, 64)).astype(np.float32)  # 4096 values a sample
     obs.update(x, float(x.min()), float(x.max()), samples=3)
-    # two samples in full (stride 1), the third under a cap of 4096 / 4 = 1024: stride 5 (a prime dividing no
-    # dim), its 820 counted values weighing 5 each
-    assert LATE_CAP_DIVISOR == 4
-    assert obs.hist.count == 2 * 4096 + 5 * 820
+    # two samples in full (stride 1), the third under a cap of 4096 / 8 = 512: stride 11 (a prime dividing no
+    # dim), its 373 counted values weighing 11 each
+    assert LATE_CAP_DIVISOR == 8
+    assert obs.hist.count == 2 * 4096 + 11 * 373
     assert int(obs.hist.counts.sum()) == obs.hist.count
     assert (obs.minmax.min, obs.minmax.max) == (float(x.min()), float(x.max()))
