@@ -146,8 +146,8 @@ def bin_counts(rows: np.ndarray, stride: int, exp: int, k0: int, bins: int, *, n
     if x.dtype == np.float32 and -126 <= exp <= 126:
         # x * 2**-exp is exact in float32 (a power of two, no overflow, 2**-exp a normal float32), and each ufunc
         # below reads the strided view or writes the int32 index in the same pass, so the subsample is never
-        # copied on its own (int32: the window is at most ``bins`` wide and 0 <= k < bins).
-        k = np.empty(x.shape, np.int32)
+        # copied on its own. The index is written as intp, the type bincount counts in, so it is not converted again.
+        k = np.empty(x.shape, np.intp)
         scale = np.float32(math.ldexp(1.0, -exp))
         if nonnegative and k0 == 0:
             np.multiply(x, scale, out=k, casting="unsafe")  # truncation == floor for x >= 0
