@@ -113,8 +113,8 @@ def entropy_threshold(folded: np.ndarray, levels: int = 128, max_candidates: int
     tail = total - cum[cand]  # mass at or beyond bin i
     g = np.arange(levels + 1)
     bounds = (g[None, :] * cand[:, None] + levels - 1) // levels  # ceil(g*i/levels): bin j is in group floor(j*levels/i)
-    gsum = cum[bounds[:, 1:]] - cum[bounds[:, :-1]]  # Q mass per group (without the tail)
-    gnz = (nzc[bounds[:, 1:]] - nzc[bounds[:, :-1]]).astype(np.float64)  # bins with f > 0 per group
+    gsum = np.diff(cum[bounds], axis=1)  # Q mass per group (without the tail); exactly 0 for a group of empty bins
+    gnz = np.diff(nzc[bounds], axis=1).astype(np.float64)  # bins with f > 0 per group
     last = cand - 1
     lastf = f[last]
     # P differs from f only in bin i-1 (the last group's last bin): it gains the tail mass
@@ -124,15 +124,17 @@ def entropy_threshold(folded: np.ndarray, levels: int = 128, max_candidates: int
     psum[:, -1] += tail
     eps = 1e-12
     with np.errstate(divide="ignore", invalid="ignore"):
-        q = np.where(gnz > 0, gsum / np.maximum(gnz, 1.0), 0.0)  # Q value of each non-zero bin of the group
-        q = np.where((gnz > 0) & (q <= 0), eps, q)
-        logq = np.where(gnz > 0, np.log(np.where(q > 0, q, 1.0)), 0.0)
+        # Q value of each non-zero bin of the group (0 where the group has none: its gsum is 0). Only the last
+        # group can have non-zero P bins and no Q mass (the tail bin), which gets eps.
+        q = gsum / np.maximum(gnz, 1.0)
+        q[:, -1] = np.where((gnz[:, -1] > 0) & (q[:, -1] <= 0), eps, q[:, -1])
+        logq = np.log(np.where(gnz > 0, q, 1.0))
         # sum of P log P over the first i bins
         plogp = cum_flogf[last] + np.where(p_last > 0, p_last * np.log(np.where(p_last > 0, p_last, 1.0)), 0.0)
         # sum over non-zero P bins of P log Q, group by group
-        plogq = np.sum(psum * logq, axis=1)
+        plogq = np.einsum("ij,ij->i", psum, logq)
         sp = total  # P's mass is all of the histogram
-        sq = np.sum(q * gnz, axis=1)
+        sq = np.einsum("ij,ij->i", q, gnz)
         kl = (plogp - plogq) / sp - np.log(sp) + np.log(np.maximum(sq, eps))
     return int(cand[int(np.argmin(kl))])
 
