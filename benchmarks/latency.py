@@ -3,8 +3,9 @@
     python -m benchmarks.latency [--models m1,m2] [--repeats 30] [--threads 2] [--out latency.json]
 
 For each model: one batch-1 input from its calibration data; every variant gets a session (default
-options, ``intra_op_num_threads`` fixed), 5 warm-up runs, then ``repeats`` rounds in which each
-variant runs once, in turn; the median per variant is reported with its ratio to fp32 and to ORT.
+options, ``intra_op_num_threads`` fixed, spin-wait off so one session's idle threads do not slow the next),
+5 warm-up runs, then ``repeats`` rounds in which each variant runs once, in turn; the median per variant
+is reported with its ratio to fp32 and to ORT.
 Variants: fp32; ORT QDQ U8S8 and S8S8 (``quantize_static``, per-channel, MinMax, op types Conv/MatMul/Gemm,
 opset-11 models upgraded to 13 first); qpass qdq/qop with uint8 (U8S8) and int8 (S8S8) activations.
 """
@@ -75,9 +76,13 @@ def ort_quantize(name: str, out: Path, shared: Path, activation: str = "uint8", 
 
 
 def session(path: Path, threads: int) -> ort.InferenceSession:
+    """Sessions are timed in turn, so their intra-op threads must not spin-wait after a run: a spinning pool
+    keeps the cores busy into the next session's run (measured on Magika: every variant 2-4x slower alternated
+    than alone, and ratios between variants that moved with the order)."""
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.log_severity_level = 3
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 

@@ -115,3 +115,27 @@ def test_html_report_renders_in_headless_chromium_with_its_chart(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert 'id="sqnr-chart"' in dom and dom.count('class="bar"') == len(result.report.validation["per_layer"])
     assert "Per-layer error" in dom and "CPUExecutionProvider" in dom
+
+
+def test_latency_sessions_do_not_spin_wait_but_accuracy_sessions_keep_the_default(digits_qdq):
+    """fp32 and int8 are timed in turn: a spinning thread pool would slow whichever session runs next."""
+    from unittest import mock
+
+    import qpass.validate as v
+
+    made = []
+    real = v._session
+
+    def spy(model, provider, **kw):
+        s = real(model, provider, **kw)
+        made.append((kw.get("spin", True), s.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
+                     if kw.get("spin", True) is False else None))
+        return s
+
+    with mock.patch.object(v, "_session", spy):
+        report = validate(onnx.load(builders.DIGITS_MODEL), digits_qdq, _digits_samples(6), providers=["cpu"],
+                          per_layer=False, placement=False, latency_repeats=3)
+    assert report["providers"][0]["latency"]["repeats"] == 3
+    no_spin = [entry for entry in made if entry[0] is False]
+    assert len(no_spin) == 2 and all(value == "0" for _, value in no_spin)
+    assert any(spin for spin, _ in made)  # the sessions that compare outputs keep onnxruntime's default
