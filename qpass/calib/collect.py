@@ -133,7 +133,10 @@ class _Observer:
 
         The histogram counts every ``stride``-th value of each sample's slice (all of them for a tensor of at
         most ``hist_sample`` values); from the tensor's ``full_samples``-th sample on, the cap is
-        ``hist_sample / LATE_CAP_DIVISOR``. The stride depends on the sample's shape and index alone, so the
+        ``hist_sample / LATE_CAP_DIVISOR``. The walk of sample ``i`` starts at position ``i mod stride``, so
+        over the samples every position is counted equally often: a value that sits at one position in every
+        sample (a transformer's outlier feature at its first token) is neither always missed nor always
+        counted ``stride`` times. Stride and start depend on the sample's shape and index alone, so the
         counts do not depend on how samples were batched."""
         self.minmax.update(x, lo, hi)
         first = self.samples
@@ -143,16 +146,20 @@ class _Observer:
         if samples == 1 or not x.ndim or x.shape[0] % samples:
             # one sample, or no per-sample axis: the batch is one row, under the cap of its first sample
             cap = self.hist_sample if first < self.full_samples else self.late_cap
-            self.hist.update(x, lo, hi, rows=1, stride=subsample_stride(x.shape, cap))
+            self.hist.update(x, lo, hi, rows=1, stride=subsample_stride(x.shape, cap), offset=first)
             return
         per = x.shape[0] // samples
         row_shape = (per,) + x.shape[1:]
         full = min(samples, max(0, self.full_samples - first))  # rows still under the full cap
-        if full:
-            self.hist.update(x[: full * per], lo, hi, rows=full, stride=subsample_stride(row_shape, self.hist_sample))
-        if full < samples:
-            self.hist.update(x[full * per:], lo, hi, rows=samples - full,
-                             stride=subsample_stride(row_shape, self.late_cap))
+        for start, stop, cap in ((0, full, self.hist_sample), (full, samples, self.late_cap)):
+            if start == stop:
+                continue
+            stride = subsample_stride(row_shape, cap)
+            if stride == 1:
+                self.hist.update(x[start * per: stop * per], lo, hi, rows=stop - start)
+                continue
+            for i in range(start, stop):  # each sample's walk starts at its own offset
+                self.hist.update(x[i * per: (i + 1) * per], lo, hi, rows=1, stride=stride, offset=first + i)
 
     def range(self, opt: RangeOptions) -> tuple[float, float]:
         if self.hist is None or self.hist.count == 0:

@@ -74,12 +74,13 @@ class StreamingHistogram:
 
     # ------------------------------------------------------------------ accumulate
     def update(self, x: np.ndarray, lo: float | None = None, hi: float | None = None, *, rows: int = 1,
-               stride: int = 1) -> None:
+               stride: int = 1, offset: int = 0) -> None:
         """Add a batch (any shape). ``lo``/``hi`` may pass its known min/max to save a pass over it.
 
         With ``stride`` > 1 the batch is split into ``rows`` equal rows (one per sample) and only every
-        ``stride``-th value of each row is counted, with weight ``stride`` (see :func:`subsample_stride`);
-        ``lo``/``hi``, and so the grid and the reported min/max, still cover every value."""
+        ``stride``-th value of each row, from position ``offset`` on, is counted, with weight ``stride`` (see
+        :func:`subsample_stride`); ``lo``/``hi``, and so the grid and the reported min/max, still cover every
+        value."""
         x = np.asarray(x)
         if x.size == 0:
             return
@@ -94,9 +95,10 @@ class StreamingHistogram:
             self._grow(min(self.min, lo), max(self.max, hi))
         # each counted value stands for the ``stride`` values of its row it represents, so a sample weighs by
         # its size whatever its stride (rows of other shapes, or later samples under a smaller cap)
-        counts = bin_counts(x, stride, self.exp, self.k0, self.bins, nonnegative=lo >= 0)
+        offset = offset % stride if stride > 1 else 0
+        counts = bin_counts(x, stride, self.exp, self.k0, self.bins, nonnegative=lo >= 0, offset=offset)
         self.counts += counts if stride == 1 else counts * stride
-        self.count += rows * stride * -(-x.shape[1] // stride)
+        self.count += rows * stride * -(-(x.shape[1] - offset) // stride)
 
     def _grow(self, new_min: float, new_max: float) -> None:
         exp = self._required_exp(new_min, new_max)
@@ -136,13 +138,14 @@ class StreamingHistogram:
         return np.bincount(j, weights=self.counts, minlength=n).astype(np.int64), self.width
 
 
-def bin_counts(rows: np.ndarray, stride: int, exp: int, k0: int, bins: int, *, nonnegative: bool = False) -> np.ndarray:
-    """Counts of ``floor(x / 2**exp) - k0`` in ``[0, bins)`` over ``rows[:, ::stride]`` (float32 or float64, 2-D).
+def bin_counts(rows: np.ndarray, stride: int, exp: int, k0: int, bins: int, *, nonnegative: bool = False,
+               offset: int = 0) -> np.ndarray:
+    """Counts of ``floor(x / 2**exp) - k0`` in ``[0, bins)`` over ``rows[:, offset::stride]`` (float32 or float64, 2-D).
 
     Every value must fall in the window (the caller grew the grid to the batch's range); one outside it is a
     bug, raised rather than counted in a wrong bin. ``nonnegative`` (no value below 0, so k0 is 0) lets the
     cast's truncation stand for the floor."""
-    x = rows[:, ::stride] if stride > 1 else rows
+    x = rows[:, offset::stride] if stride > 1 else rows
     if x.dtype == np.float32 and -126 <= exp <= 126:
         # x * 2**-exp is exact in float32 (a power of two, no overflow, 2**-exp a normal float32), and each ufunc
         # below reads the strided view or writes the int32 index in the same pass, so the subsample is never

@@ -7,6 +7,7 @@ import pytest
 import qpass
 from qpass.calib.collect import RangeOptions, batchable, collect_ranges
 from qpass.calib.data import input_specs
+from qpass.calib.histogram import subsample_stride
 from qpass.calib.methods import METHODS
 from tests import builders
 
@@ -111,3 +112,25 @@ def test_late_cap_counts_fewer_values_per_sample():
     assert obs.hist.count == 2 * 4096 + 11 * 373
     assert int(obs.hist.counts.sum()) == obs.hist.count
     assert (obs.minmax.min, obs.minmax.max) == (float(x.min()), float(x.max()))
+
+
+@pytest.mark.parametrize("batch", [1, 7])
+def test_a_value_at_one_position_in_every_sample_is_counted_once_per_sample_on_average(batch):
+    """A transformer's outlier feature sits at the same position of every sample. Walking every sample from
+    position 0 with stride p would count it p times per sample or never; starting sample i at i mod p counts
+    it once per sample over any p consecutive samples, whatever the batching."""
+    from qpass.calib.collect import _Observer
+
+    obs = _Observer("percentile", 256, hist_sample=1024, full_samples=1000)
+    n = 4096
+    stride = subsample_stride((1, n), 1024)
+    assert stride > 1 and 3 % stride != 0
+    x = np.full((stride * 7, n), 0.5, np.float32)
+    x[:, 3] = 100.0  # the outlier, at a position the stride-from-0 walk never visits
+    for i in range(0, len(x), batch):
+        chunk = x[i:i + batch]
+        obs.update(chunk, float(chunk.min()), float(chunk.max()), samples=len(chunk))
+    edges = obs.hist.edges()
+    top = int(obs.hist.counts[np.searchsorted(edges, 100.0, side="right") - 1])
+    assert top == len(x)  # one per sample, as the full data has
+    assert obs.hist.count == pytest.approx(len(x) * n, rel=1e-3)
