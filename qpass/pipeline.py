@@ -28,6 +28,7 @@ from .passes.fold_batchnorm import FoldBatchNorm
 from .passes.fold_conv_bias_add import FoldConvBiasAdd
 from .passes.insert_qdq import InsertQDQ
 from .passes.lower_qop import LowerToQOperator
+from .passes.matmul_bias_gemm import MatMulBiasToGemm
 from .passes.placement import plan_quantization
 from .passes.single_reader_dq import SingleReaderDequantize
 from .report import Report, count_quantized
@@ -46,6 +47,8 @@ def quantize_passes(config: QuantConfig):
     passes = [InsertQDQ(), Cleanup()]
     if config.format == "qop":
         passes += [LowerToQOperator(), Cleanup()]
+    else:
+        passes += [MatMulBiasToGemm()]
     return passes + [SingleReaderDequantize()]
 
 
