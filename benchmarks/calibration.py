@@ -59,26 +59,30 @@ def samples(name: str, n: int, shared: Path = SHARED) -> Iterator[dict]:
             raise CalibrationDataError("no samples", subject=name)
 
 
+def planned(model_path: Path, method: str):
+    """What qpass calibrates: the prepared model (exported) and the tensors its plan needs ranges for."""
+    from qpass.config import QuantConfig
+    from qpass.graph import WorkingGraph
+    from qpass.io import infer_shapes, load_model
+    from qpass.pass_manager import PassContext, PassManager
+    from qpass.passes.placement import plan_quantization
+    from qpass.pipeline import prepare_passes
+
+    wg = WorkingGraph(infer_shapes(load_model(model_path)))
+    cfg = QuantConfig(method=method)
+    PassManager(prepare_passes(), export=wg.export, verify=None).run(wg.graph, PassContext(cfg))
+    return wg.export(), plan_quantization(wg.graph, cfg).calibrate
+
+
 def child(tool: str, method: str, name: str, n: int, shared: Path, hist_sample: int = 65536) -> dict:
     feeds = samples(name, n, shared)
     model_path = MODELS[name].model_path(shared)
     t = time.perf_counter()
     if tool == "qpass":
-
         from qpass.calib.collect import RangeOptions, collect_ranges
-        from qpass.config import QuantConfig
-        from qpass.graph import WorkingGraph
-        from qpass.io import infer_shapes, load_model
-        from qpass.pass_manager import PassContext, PassManager
-        from qpass.passes.placement import plan_quantization
-        from qpass.pipeline import prepare_passes
 
-        model = load_model(model_path)
-        wg = WorkingGraph(infer_shapes(model))
-        cfg = QuantConfig(method=method)
-        PassManager(prepare_passes(), export=wg.export, verify=None).run(wg.graph, PassContext(cfg))
-        tensors = plan_quantization(wg.graph, cfg).calibrate
-        table = collect_ranges(wg.export(), tensors, ((f, None) for f in feeds), methods=method,
+        model, tensors = planned(model_path, method)
+        table = collect_ranges(model, tensors, ((f, None) for f in feeds), methods=method,
                                options=RangeOptions(hist_sample=hist_sample))
         count = len(table)
     else:

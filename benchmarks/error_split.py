@@ -26,11 +26,11 @@ import json
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import onnx
 from onnx import numpy_helper
 
 import qpass
+from qpass.qparams import dequantize
 
 from .accuracy import MODEL_OPTIONS
 from .evaluate import MODELS, SHARED, evaluate
@@ -48,16 +48,11 @@ def constants_in_float(model: onnx.ModelProto) -> onnx.ModelProto:
     keep = []
     for n in g.node:
         if n.op_type == "DequantizeLinear" and n.input[0] in inits and inits[n.input[0]].data_type in _INT_TYPES:
-            q = numpy_helper.to_array(inits[n.input[0]]).astype(np.float64)
-            s = numpy_helper.to_array(inits[n.input[1]]).astype(np.float64)
-            z = numpy_helper.to_array(inits[n.input[2]]).astype(np.float64) if len(n.input) > 2 and n.input[2] else 0.0
-            if np.ndim(s) == 1 and q.ndim > 1:
-                axis = next((a.i for a in n.attribute if a.name == "axis"), 1) % q.ndim
-                shape = [1] * q.ndim
-                shape[axis] = -1
-                s = s.reshape(shape)
-                z = np.reshape(z, shape) if np.ndim(z) else z
-            g.initializer.append(numpy_helper.from_array(((q - z) * s).astype(np.float32), n.output[0]))
+            q = numpy_helper.to_array(inits[n.input[0]])
+            s = numpy_helper.to_array(inits[n.input[1]])
+            z = numpy_helper.to_array(inits[n.input[2]]) if len(n.input) > 2 and n.input[2] else None
+            axis = next((a.i for a in n.attribute if a.name == "axis"), 1) if s.ndim == 1 else None
+            g.initializer.append(numpy_helper.from_array(dequantize(q, s, z, axis=axis), n.output[0]))
             continue
         keep.append(n)
     del g.node[:]

@@ -17,30 +17,16 @@ from pathlib import Path
 
 import numpy as np
 
-from .calibration import samples
+from .calibration import planned, samples
 from .evaluate import SHARED, MODELS
 
 METHODS = ("percentile", "mse", "entropy")
 
 
-def _planned(name: str, shared: Path):
-    from qpass.config import QuantConfig
-    from qpass.graph import WorkingGraph
-    from qpass.io import infer_shapes, load_model
-    from qpass.pass_manager import PassContext, PassManager
-    from qpass.passes.placement import plan_quantization
-    from qpass.pipeline import prepare_passes
-
-    wg = WorkingGraph(infer_shapes(load_model(MODELS[name].model_path(shared))))
-    cfg = QuantConfig(method="percentile")
-    PassManager(prepare_passes(), export=wg.export, verify=None).run(wg.graph, PassContext(cfg))
-    return wg.export(), plan_quantization(wg.graph, cfg).calibrate
-
-
 def deviations(name: str, n: int, settings: list[tuple[int, int]], shared: Path = SHARED) -> list[dict]:
     from qpass.calib.collect import RangeOptions, collect_ranges
 
-    model, tensors = _planned(name, shared)
+    model, tensors = planned(MODELS[name].model_path(shared), "percentile")
     rows = []
     for method in METHODS:
         def ranges(cap: int, full: int):

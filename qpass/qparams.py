@@ -116,3 +116,29 @@ def weight_qparams(w: np.ndarray, axis: int | None, qtype: str = "int8") -> tupl
         zeros = np.zeros(w.shape[axis])
         return compute_qparams(zeros, zeros, qtype, symmetric=True)
     return compute_qparams(w.min(axis=other), w.max(axis=other), qtype, symmetric=True)
+
+
+def int32_bias(values, act_scale, w_scale, axis: int | None = None) -> tuple[np.ndarray, np.ndarray] | str:
+    """A bias quantized as int32 at ``act_scale x w_scale`` (zero point 0): ``(q, scale)``, or why it cannot be.
+
+    ``w_scale`` is a scalar or one scale per output channel along ``axis`` of ``values``. The reason strings
+    are the ones the report shows ("bias kept in float: ...")."""
+    values = np.asarray(values, dtype=np.float32)
+    if not np.all(np.isfinite(values)):
+        return "bias kept in float: it holds NaN or Inf"
+    scale = (np.float64(act_scale) * np.asarray(w_scale).astype(np.float64)).astype(np.float32)
+    per_channel = scale.ndim == 1 and scale.size > 1
+    axis = axis if per_channel else None
+    if per_channel and values.shape[axis] != scale.size:
+        return f"bias kept in float: {values.shape[axis]} values for {scale.size} output channels"
+    if np.any(scale <= 0) or not np.all(np.isfinite(scale)):
+        return "bias kept in float: input scale x weight scale is not a positive finite number"
+    shape = [1] * values.ndim
+    if per_channel:
+        shape[axis] = scale.size
+    exact = values.astype(np.float64) / scale.reshape(shape if per_channel else ()).astype(np.float64)
+    if np.any(np.abs(np.rint(exact)) > 2**31 - 1):
+        worst = int(np.unravel_index(np.argmax(np.abs(exact)), exact.shape)[axis if per_channel else 0]) \
+            if exact.ndim else 0
+        return f"bias kept in float: overflows int32 at channel {worst}"
+    return np.asarray(np.rint(exact)).astype(np.int32), scale  # an ndarray also for a 0-d (scalar) bias

@@ -16,7 +16,7 @@ import onnx_graphsurgeon as gs
 from ..errors import PreconditionError
 from ..graph import NameAllocator, node_label
 from ..pass_manager import Pass, PassContext, PassResult, Skip
-from ..qparams import INT_TYPES, compute_qparams, quantize, weight_qparams
+from ..qparams import INT_TYPES, compute_qparams, int32_bias, quantize, weight_qparams
 from .placement import Plan, plan_quantization
 from .targets import Target
 
@@ -171,25 +171,11 @@ class InsertQDQ(Pass):
 
     def _bias_dq(self, node: gs.Node, t: Target, act_scale: np.ndarray, w_scale: np.ndarray) -> str | None:
         b = node.inputs[t.bias]
-        values = np.asarray(b.values, dtype=np.float32)
-        if not np.all(np.isfinite(values)):
-            return "bias kept in float: it holds NaN or Inf"
-        scale = (np.float64(act_scale) * w_scale.astype(np.float64)).astype(np.float32)
-        per_channel = scale.ndim == 1 and scale.size > 1
-        axis = t.bias_axis if per_channel else None
-        if per_channel and values.shape[axis] != scale.size:
-            return f"bias kept in float: {values.shape[axis]} values for {scale.size} output channels"
-        if np.any(scale <= 0) or not np.all(np.isfinite(scale)):
-            return "bias kept in float: input scale x weight scale is not a positive finite number"
-        shape = [1] * values.ndim
-        if per_channel:
-            shape[axis] = scale.size
-        exact = values.astype(np.float64) / scale.reshape(shape if per_channel else ()).astype(np.float64)
-        if np.any(np.abs(np.rint(exact)) > INT32_MAX):
-            worst = int(np.unravel_index(np.argmax(np.abs(exact)), exact.shape)[axis if per_channel else 0]) \
-                if exact.ndim else 0
-            return f"bias kept in float: overflows int32 at channel {worst}"
-        q = np.asarray(np.rint(exact)).astype(np.int32)  # an ndarray also for a 0-d (scalar) bias
+        got = int32_bias(b.values, act_scale, w_scale, t.bias_axis)
+        if isinstance(got, str):
+            return got
+        q, scale = got
+        axis = t.bias_axis if scale.ndim == 1 and scale.size > 1 else None
         zp = np.zeros(scale.shape, dtype=INT_TYPES["int32"][0])
         node.inputs[t.bias] = self._qdq_nodes(b, q, scale, zp, axis, b.name)
         return None

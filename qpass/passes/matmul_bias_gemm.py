@@ -9,18 +9,16 @@ same computation is fused into one integer kernel (QGemm with a float output) an
 Only for the QDQ form, a MatMul whose first input is the DQ of a per-tensor activation with a known rank of 2,
 whose second input is the DQ of a stored 2-D weight (per-tensor, or per-channel on axis 1), whose output is
 read by one Add and nothing else (not a graph output), and whose other Add input is a float constant of shape
-[N] or [1, N]. A bias that would overflow int32 keeps the MatMul + Add.
+[N] or [1, N]. A bias that would overflow int32 keeps the MatMul + Add, with the reason in the report.
 """
 from __future__ import annotations
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ..graph import NameAllocator, is_onnx_op
-from ..pass_manager import Pass, PassContext, PassResult
-
-INT32_MAX = np.iinfo(np.int32).max
-
+from ..graph import NameAllocator, is_onnx_op, node_label
+from ..pass_manager import Pass, PassContext, PassResult, Skip
+from ..qparams import int32_bias
 
 def _dq_of(t: gs.Tensor) -> gs.Node | None:
     if not isinstance(t, gs.Variable) or len(t.inputs) != 1:
@@ -33,8 +31,8 @@ def _const(t: gs.Tensor) -> np.ndarray | None:
     return np.asarray(t.values) if isinstance(t, gs.Constant) else None
 
 
-def _plan(mm: gs.Node, graph_outputs: set[str]):
-    """(a_dq, w_dq, add, bias, bias_scale) when ``mm`` can become a Gemm, else None."""
+def _plan(mm: gs.Node, graph_outputs: set[str]) -> tuple[gs.Node, tuple[np.ndarray, np.ndarray] | str] | None:
+    """(the bias Add, the int32 bias and its scale or why there is none) when ``mm`` has the pattern, else None."""
     if len(mm.inputs) != 2 or len(mm.outputs) != 1:
         return None
     a, w, y = mm.inputs[0], mm.inputs[1], mm.outputs[0]
@@ -46,8 +44,7 @@ def _plan(mm: gs.Node, graph_outputs: set[str]):
     add = y.outputs[0]
     if add.op != "Add" or not is_onnx_op(add) or len(add.inputs) != 2:
         return None
-    other = add.inputs[1] if add.inputs[0] is y else add.inputs[0]
-    bias = _const(other)
+    bias = _const(add.inputs[1] if add.inputs[0] is y else add.inputs[0])
     wq = _const(w_dq.inputs[0])
     s_a = _const(a_dq.inputs[1]) if len(a_dq.inputs) > 1 else None
     s_w = _const(w_dq.inputs[1]) if len(w_dq.inputs) > 1 else None
@@ -58,13 +55,7 @@ def _plan(mm: gs.Node, graph_outputs: set[str]):
         return None
     if s_w.size != 1 and (s_w.shape != (n,) or int(w_dq.attrs.get("axis", 1)) % 2 != 1):
         return None
-    scale = (np.float32(s_a.reshape(())) * np.broadcast_to(s_w.astype(np.float32), (n,))).astype(np.float32)
-    if not np.all(scale > 0):
-        return None
-    q = np.round(bias.reshape(n).astype(np.float64) / scale.astype(np.float64))
-    if np.abs(q).max(initial=0) > INT32_MAX:
-        return None
-    return a_dq, w_dq, add, q.astype(np.int32), scale
+    return add, int32_bias(bias.reshape(n), s_a.reshape(()), s_w, 0)
 
 
 class MatMulBiasToGemm(Pass):
@@ -73,30 +64,32 @@ class MatMulBiasToGemm(Pass):
             return PassResult(modified=False)
         new_name = NameAllocator(graph)
         outputs = {t.name for t in graph.outputs}
-        done = 0
+        done, skipped = 0, []
         for mm in [n for n in graph.nodes if n.op == "MatMul" and is_onnx_op(n)]:
             plan = _plan(mm, outputs)
             if plan is None:
                 continue
-            _a_dq, _w_dq, add, q, scale = plan
+            add, bias = plan
+            if isinstance(bias, str):  # the MatMul + float bias Add stay as they are
+                skipped.append(Skip(node_label(mm), mm.op, f"not written as Gemm: {bias}"))
+                continue
+            q, scale = bias
             base = mm.name or mm.outputs[0].name
             bias_f = gs.Variable(new_name(f"{base}_bias_dequantized"), dtype=np.float32, shape=[len(q)])
-            per_channel = bool(np.any(scale != scale[0]))  # one scale: a per-tensor DQ, valid below opset 13
+            per_channel = scale.ndim == 1  # one scale: a per-tensor DQ, valid below opset 13
             bias_dq = gs.Node("DequantizeLinear", new_name(f"{base}_bias_DequantizeLinear"),
                               attrs={"axis": 0} if per_channel else {},
                               inputs=[gs.Constant(new_name(f"{base}_bias_quantized"), q),
-                                      gs.Constant(new_name(f"{base}_bias_scale"), scale if per_channel else scale[:1].reshape(())),
-                                      gs.Constant(new_name(f"{base}_bias_zero_point"),
-                                                  np.zeros(len(q), np.int32) if per_channel else np.zeros((), np.int32))],
+                                      gs.Constant(new_name(f"{base}_bias_scale"), scale),
+                                      gs.Constant(new_name(f"{base}_bias_zero_point"), np.zeros(scale.shape, np.int32))],
                               outputs=[bias_f])
-            out = add.outputs[0]
-            gemm = gs.Node("Gemm", new_name(f"{base}_Gemm"), inputs=[mm.inputs[0], mm.inputs[1], bias_f], outputs=[out])
-            mm.inputs.clear()
-            mm.outputs.clear()
-            add.inputs.clear()
-            add.outputs.clear()
+            gemm = gs.Node("Gemm", new_name(f"{base}_Gemm"), inputs=[mm.inputs[0], mm.inputs[1], bias_f],
+                           outputs=[add.outputs[0]])
+            for n in (mm, add):
+                n.inputs.clear()
+                n.outputs.clear()
             graph.nodes.extend([bias_dq, gemm])
             done += 1
         if done:
             graph.cleanup(remove_unused_graph_inputs=False).toposort()
-        return PassResult(modified=bool(done), stats={"Gemm": done} if done else {})
+        return PassResult(modified=bool(done), skipped=tuple(skipped), stats={"Gemm": done} if done else {})
