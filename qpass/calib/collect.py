@@ -1,17 +1,13 @@
 """Streaming collection: run onnxruntime with the wanted tensors as extra outputs, update one observer per tensor, drop the activations.
 
-Memory holds two runs' requested tensors at a time, whatever the number of samples: the observers of
-one run are updated on a worker thread while onnxruntime computes the next (its idle threads told not to
-spin, so the worker gets the cores they leave; the histogram's numpy work is single-threaded). Updates
-happen in sample order, so the statistics are those of a serial loop. Samples of equal shape may be
-concatenated into one run (``batch_size``); the statistics are exact either way, so the ranges do not
-depend on it.
+Memory holds one run's requested tensors at a time, whatever the number of samples. Samples of
+equal shape may be concatenated into one run (``batch_size``); the statistics are exact either way,
+so the ranges do not depend on it.
 """
 from __future__ import annotations
 
 import math
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -63,18 +59,12 @@ def augmented_model(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelPro
 
 
 def make_session(model: onnx.ModelProto, providers: list[str] | None = None, *, what: str = "model",
-                 optimize: bool = True, spin: bool = True):
-    """An onnxruntime session for an in-memory model (through a temporary file when it is over 2 GB).
-
-    ``spin=False`` turns off the spin-wait of onnxruntime's idle intra-op threads (for a session that runs
-    beside other work in this process)."""
+                 optimize: bool = True):
+    """An onnxruntime session for an in-memory model (through a temporary file when it is over 2 GB)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    if not spin:
-        # idle intra-op threads sleep instead of spin-waiting, so the cores they leave are free for other work
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_BASIC if optimize
                                      else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     providers = providers or ["CPUExecutionProvider"]
@@ -202,10 +192,16 @@ def collect_ranges(model: onnx.ModelProto, tensors: list[str], samples: Iterable
         return CalibrationTable({}, samples=n, synthetic=synthetic)
     if isinstance(methods, str):
         methods = {t: methods for t in tensors}
-    session = make_session(augmented_model(model, tensors), providers, what="calibration model", spin=False)
+    session = make_session(augmented_model(model, tensors), providers, what="calibration model")
     observers = {name: _Observer(methods.get(name, "minmax"), options.bins, options.hist_sample, options.hist_full_samples)
                  for name in tensors}
-    def observe(values: list, n: int, count: int) -> None:
+    n = 0
+    for feed, count in batches(samples, batch_size, batchable(specs) if specs is not None else False):
+        try:
+            values = session.run(tensors, feed)
+        except Exception as exc:  # noqa: BLE001
+            raise CalibrationDataError(f"onnxruntime failed on calibration sample {n}: {str(exc).splitlines()[0]}",
+                                       subject=f"sample {n}") from None
         for name, arr in zip(tensors, values):
             arr = np.asarray(arr)
             if arr.dtype.kind != "f":
@@ -217,26 +213,11 @@ def collect_ranges(model: onnx.ModelProto, tensors: list[str], samples: Iterable
                 raise CalibrationDataError(f"activation is NaN or Inf on calibration sample {n}",
                                            subject=f"tensor '{name}'", hint="check the calibration data's values")
             observers[name].update(arr, lo, hi, count)
-
-    n = 0
-    pending = None
-    with ThreadPoolExecutor(max_workers=1) as worker:
-        for feed, count in batches(samples, batch_size, batchable(specs) if specs is not None else False):
-            try:
-                values = session.run(tensors, feed)
-            except Exception as exc:  # noqa: BLE001
-                raise CalibrationDataError(f"onnxruntime failed on calibration sample {n}: {str(exc).splitlines()[0]}",
-                                           subject=f"sample {n}") from None
-            if pending is not None:
-                pending.result()
-            pending = worker.submit(observe, values, n, count)
-            del values
-            n += count
-            if on_sample:
-                for _ in range(count):
-                    on_sample()
-        if pending is not None:
-            pending.result()
+        del values
+        n += count
+        if on_sample:
+            for _ in range(count):
+                on_sample()
     if n == 0:
         raise CalibrationDataError("no calibration samples", subject="calibration data",
                                    hint="give at least one sample (and more than one when validating on a held-out split)")
