@@ -134,3 +134,29 @@ def test_a_value_at_one_position_in_every_sample_is_counted_once_per_sample_on_a
     top = int(obs.hist.counts[np.searchsorted(edges, 100.0, side="right") - 1])
     assert top == len(x)  # one per sample, as the full data has
     assert obs.hist.count == pytest.approx(len(x) * n, rel=1e-3)
+
+
+def test_an_activation_that_turns_nan_names_its_tensor_and_sample_and_stops_the_run():
+    """The input is finite, but an activation turns NaN (Sqrt of a negative input) on sample 2 of 6: the error
+    names that tensor and sample, and no later sample is read."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from qpass.errors import CalibrationDataError
+
+    graph = helper.make_graph([helper.make_node("Sqrt", ["x"], ["s"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("s", TensorProto.FLOAT, [1, 4])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    onnx.checker.check_model(model)
+    given = []
+
+    def samples():
+        for i in range(6):
+            given.append(i)
+            yield {"x": np.full((1, 4), -1.0 if i == 2 else 1.0, np.float32)}, None
+
+    with pytest.raises(CalibrationDataError) as err:
+        collect_ranges(model, ["s"], samples(), methods="entropy")
+    assert "sample 2" in str(err.value) and "NaN" in str(err.value) and "'s'" in err.value.subject
+    assert given == [0, 1, 2]
