@@ -116,6 +116,16 @@ def batches(samples: Iterable[tuple[dict, Any]], size: int, can_batch: bool) -> 
         yield flush()
 
 
+def kl_levels(opt: RangeOptions, lo: float, hi: float) -> int:
+    """Levels the entropy search quantizes |x| in [0, t] into. ``kl_levels`` is the magnitude count of a signed
+    8-bit grid (128); an asymmetric unsigned grid spends all of its levels on [min(lo, 0), t], so a tensor that
+    is mostly positive gets up to twice as many on [0, t] (uint8, a ReLU output: 255)."""
+    if opt.symmetric or not opt.qtype.startswith("uint") or hi <= 0:
+        return opt.kl_levels
+    share = hi / (hi - min(lo, 0.0))  # of the unsigned grid's span, the part above 0
+    return int(min(2 * opt.kl_levels - 1, max(opt.kl_levels, round((2 * opt.kl_levels - 1) * share))))
+
+
 class _Observer:
     """A min-max observer, plus a histogram when the tensor's method needs one."""
 
@@ -169,7 +179,7 @@ class _Observer:
         if self.method == "mse":
             return mse_range(self.hist, opt.qtype, symmetric=opt.symmetric)
         if self.method == "entropy":
-            return entropy_range(self.hist, opt.kl_levels, symmetric=opt.symmetric)
+            return entropy_range(self.hist, kl_levels(opt, self.hist.min, self.hist.max), symmetric=opt.symmetric)
         raise ValueError(f"unknown calibration method {self.method!r}")
 
 

@@ -140,7 +140,17 @@ def entropy_threshold(folded: np.ndarray, levels: int = 128, max_candidates: int
 
 
 def entropy_range(h: StreamingHistogram, levels: int = 128, *, symmetric: bool = False) -> tuple[float, float]:
-    """Threshold t from the KL search on |x|; range [-t, t] intersected with the observed range."""
+    """Threshold t from the KL search on |x|; range [-t, t] intersected with the observed range.
+
+    The first bin (|x| below one bin width) is searched with its neighbour's count. It holds the exact zeros, and
+    the quantizer represents 0 exactly, but the search's Q spreads a group's mass evenly over its bins: a spike
+    of zeros (60 % of a ReLU output) then costs more KL at every threshold wide enough to share its group, and
+    the search picks the narrowest candidate, ``levels`` bins (measured: the VAD's first ReLU clipped at 1.0
+    of 14.8, 9.5 % of its values; ROC-AUC 0.98 -> 0.74). NVIDIA's pytorch-quantization entropy calibrator
+    replaces that bin the same way."""
     folded, w = h.folded()
+    if len(folded) > 1:
+        folded = folded.copy()
+        folded[0] = folded[1]
     t = entropy_threshold(folded, levels) * w
     return _clamp(h, -t, t)

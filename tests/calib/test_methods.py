@@ -99,3 +99,32 @@ def test_vectorised_kl_search_equals_the_loop(seed):
 
 def test_entropy_of_a_short_histogram_is_its_full_range():
     assert entropy_threshold(np.array([5, 3, 1]), 128) == 3
+
+
+def test_entropy_does_not_clip_a_relu_output_for_its_spike_of_zeros():
+    """60 % exact zeros and a half-normal tail: with the zeros' bin searched as is, the KL search spread that spike
+    over its group at every wide threshold and chose the narrowest candidate (the VAD's first ReLU: 9.5 % of its
+    values clipped). The zeros cost nothing (0 is on the grid), so the threshold keeps the body of the tail."""
+    rng = np.random.default_rng(0)
+    x = np.concatenate([np.zeros(60_000), np.abs(rng.normal(0, 3.0, 40_000))]).astype(np.float32)
+    h = _hist(x)
+    _, hi = entropy_range(h, 255)
+    clipped = float(np.mean(x > hi))
+    assert clipped < 0.005, clipped
+    assert hi < float(x.max())  # it still clips the far tail
+    _, hi_128 = entropy_range(h, 128)
+    assert np.mean(x > hi_128) < 0.01
+
+
+@pytest.mark.parametrize("qtype,symmetric,lo,hi,want", [
+    ("uint8", False, 0.0, 10.0, 255),      # a ReLU output: all of the unsigned grid is above 0
+    ("uint8", False, -0.375, 20.0, 250),   # a HardSwish output: almost all
+    ("uint8", False, -10.0, 10.0, 128),    # balanced: half, the signed grid's magnitudes
+    ("uint8", False, -30.0, 1.0, 128),     # mostly negative: never fewer than kl_levels
+    ("int8", True, 0.0, 10.0, 128),        # a symmetric signed grid: kl_levels
+    ("uint8", True, 0.0, 10.0, 128),
+])
+def test_kl_levels_follow_the_share_of_the_unsigned_grid_above_zero(qtype, symmetric, lo, hi, want):
+    from qpass.calib.collect import RangeOptions, kl_levels
+
+    assert kl_levels(RangeOptions(qtype=qtype, symmetric=symmetric), lo, hi) == want
