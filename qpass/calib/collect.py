@@ -118,12 +118,15 @@ def batches(samples: Iterable[tuple[dict, Any]], size: int, can_batch: bool) -> 
 
 def kl_levels(opt: RangeOptions, lo: float, hi: float) -> int:
     """Levels the entropy search quantizes |x| in [0, t] into. ``kl_levels`` is the magnitude count of a signed
-    8-bit grid (128); an asymmetric unsigned grid spends all of its levels on [min(lo, 0), t], so a tensor that
-    is mostly positive gets up to twice as many on [0, t] (uint8, a ReLU output: 255)."""
+    8-bit grid (128); a 16-bit grid has 256 times as many (more than the histogram's bins, so the search keeps
+    the whole range: at that resolution no threshold loses less). An asymmetric unsigned grid spends all of its
+    levels on [min(lo, 0), t], so a tensor that is mostly positive gets up to twice as many on [0, t] (uint8, a
+    ReLU output: 255)."""
+    levels = opt.kl_levels * (256 if opt.qtype.endswith("16") else 1)
     if opt.symmetric or not opt.qtype.startswith("uint") or hi <= 0:
-        return opt.kl_levels
+        return levels
     share = hi / (hi - min(lo, 0.0))  # of the unsigned grid's span, the part above 0
-    return int(min(2 * opt.kl_levels - 1, max(opt.kl_levels, round((2 * opt.kl_levels - 1) * share))))
+    return int(min(2 * levels - 1, max(levels, round((2 * levels - 1) * share))))
 
 
 class _Observer:

@@ -123,8 +123,23 @@ def test_entropy_does_not_clip_a_relu_output_for_its_spike_of_zeros():
     ("uint8", False, -30.0, 1.0, 128),     # mostly negative: never fewer than kl_levels
     ("int8", True, 0.0, 10.0, 128),        # a symmetric signed grid: kl_levels
     ("uint8", True, 0.0, 10.0, 128),
+    ("uint16", False, 0.0, 10.0, 65535),   # 16-bit grids: 256 times the 8-bit levels
+    ("int16", True, -1.0, 10.0, 32768),
 ])
 def test_kl_levels_follow_the_share_of_the_unsigned_grid_above_zero(qtype, symmetric, lo, hi, want):
     from qpass.calib.collect import RangeOptions, kl_levels
 
     assert kl_levels(RangeOptions(qtype=qtype, symmetric=symmetric), lo, hi) == want
+
+
+def test_entropy_on_a_16_bit_grid_keeps_the_range_that_an_8_bit_search_would_clip():
+    """A 2048-bin histogram cannot resolve a 16-bit grid's rounding, so no threshold loses less than keeping
+    everything: the search with the 16-bit level count returns the observed range, where the 8-bit count clips."""
+    from qpass.calib.collect import RangeOptions, kl_levels
+
+    rng = np.random.default_rng(1)
+    x = np.concatenate([rng.normal(0, 1, 100_000), [40.0]]).astype(np.float32)
+    h = _hist(x)
+    lo, hi = entropy_range(h, kl_levels(RangeOptions(qtype="int16", symmetric=True), h.min, h.max), symmetric=True)
+    assert hi == pytest.approx(h.max) and lo == pytest.approx(h.min)
+    assert entropy_range(h, kl_levels(RangeOptions(qtype="int8", symmetric=True), h.min, h.max))[1] < 10.0
