@@ -141,19 +141,39 @@ def _placement(profile_path: str) -> dict:
     with open(profile_path, encoding="utf-8") as fh:
         events = json.load(fh)
     nodes: dict[str, tuple[str, str]] = {}
+    op_us: dict[str, float] = {}
     for e in events:
         args = e.get("args", {})
         if e.get("cat") == "Node" and "provider" in args and e.get("name", "").endswith("_kernel_time"):
             nodes[e["name"][: -len("_kernel_time")]] = (args.get("op_name", "?"), args["provider"])
+            op_us[args.get("op_name", "?")] = op_us.get(args.get("op_name", "?"), 0.0) + float(e.get("dur", 0))
     by_provider: dict[str, int] = {}
     ops_by_provider: dict[str, dict[str, int]] = {}
     for op, prov in nodes.values():
         by_provider[prov] = by_provider.get(prov, 0) + 1
         ops = ops_by_provider.setdefault(prov, {})
         ops[op] = ops.get(op, 0) + 1
-    return {"nodes_by_provider": by_provider, "ops_by_provider": ops_by_provider,
+    total = sum(op_us.values())
+    share = {op: round(us / total, 4) for op, us in sorted(op_us.items(), key=lambda kv: -kv[1])} if total else {}
+    return {"nodes_by_provider": by_provider, "ops_by_provider": ops_by_provider, "op_time_share": share,
             "memcpy_nodes": sum(1 for op, _ in nodes.values() if op.startswith("Memcpy")),
             "nodes": [{"node": n, "op_type": op, "provider": p} for n, (op, p) in sorted(nodes.items())]}
+
+
+#: A quantized model whose median latency exceeds the original's by more than this factor gets a finding.
+SLOWER_THAN_ORIGINAL = 1.10
+
+
+def _slower_finding(provider: str, lat: dict, share: dict[str, float] | None) -> str:
+    """Say that the quantized model ran slower than the original, and where its time went (profile shares)."""
+    text = (f"{provider}: the quantized model ran x{lat['ratio']:.2f} the original's latency ({lat['quantized_ms']:.3g} vs "
+            f"{lat['fp32_ms']:.3g} ms, median of {lat['repeats']} alternated runs)")
+    if share:
+        top = ", ".join(f"{op} {100 * v:.0f} %" for op, v in list(share.items())[:4])
+        text += (f"; its node time went to {top}. Float ops between a DequantizeLinear and a QuantizeLinear (ops "
+                 "without an integer kernel) can cost more than the integer kernels save; excluding their nodes "
+                 "(--exclude NAME) may help")
+    return text
 
 
 def _latency(ref, q, feed: dict, repeats: int) -> dict:
@@ -328,8 +348,10 @@ def validate(original: onnx.ModelProto, quantized: onnx.ModelProto, samples: Ite
                         result["findings"].append(f"{prov}: {len(fell_back)} node(s) fell back to the CPU ({', '.join(ops)}), "
                                                   f"{entry['placement']['memcpy_nodes']} Memcpy node(s)")
         if latency and samples:
-            entry["latency"] = _latency(_session(original, prov, spin=False), _session(quantized, prov, spin=False),
-                                        samples[0][0], latency_repeats)
+            entry["latency"] = lat = _latency(_session(original, prov, spin=False), _session(quantized, prov, spin=False),
+                                              samples[0][0], latency_repeats)
+            if lat["ratio"] is not None and lat["ratio"] > SLOWER_THAN_ORIGINAL:
+                result["findings"].append(_slower_finding(prov, lat, entry.get("placement", {}).get("op_time_share")))
         if "outputs" not in result:
             result["outputs"] = entry["outputs"]
             result["provider"] = prov

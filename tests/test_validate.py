@@ -139,3 +139,26 @@ def test_latency_sessions_do_not_spin_wait_but_accuracy_sessions_keep_the_defaul
     no_spin = [entry for entry in made if entry[0] is False]
     assert len(no_spin) == 2 and all(value == "0" for _, value in no_spin)
     assert any(spin for spin, _ in made)  # the sessions that compare outputs keep onnxruntime's default
+
+
+def test_a_quantized_model_slower_than_the_original_is_a_finding_naming_where_its_time_went(digits_qdq):
+    """The latency ratio is measured, not asserted here: _latency is replaced by fixed results either side of the
+    threshold, and the placement profile's op shares (real, from this run) are what the finding quotes."""
+    from unittest import mock
+
+    import qpass.validate as v
+
+    def fixed(ratio):
+        return lambda ref, q, feed, repeats: {"fp32_ms": 1.0, "quantized_ms": ratio, "ratio": ratio, "repeats": repeats}
+
+    with mock.patch.object(v, "_latency", fixed(1.5)):
+        slow = validate(onnx.load(builders.DIGITS_MODEL), digits_qdq, _digits_samples(4), providers=["cpu"],
+                        per_layer=False, latency_repeats=3)
+    share = slow["providers"][0]["placement"]["op_time_share"]
+    assert share and abs(sum(share.values()) - 1.0) < 0.01 and list(share.values()) == sorted(share.values(), reverse=True)
+    found = [f for f in slow["findings"] if "x1.50 the original's latency" in f]
+    assert len(found) == 1 and next(iter(share)) in found[0]
+    with mock.patch.object(v, "_latency", fixed(v.SLOWER_THAN_ORIGINAL - 0.05)):
+        fast = validate(onnx.load(builders.DIGITS_MODEL), digits_qdq, _digits_samples(4), providers=["cpu"],
+                        per_layer=False, latency_repeats=3)
+    assert not any("latency" in f for f in fast["findings"])
