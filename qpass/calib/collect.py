@@ -121,11 +121,12 @@ def kl_levels(opt: RangeOptions, lo: float, hi: float) -> int:
     8-bit grid (128); a 16-bit grid has 256 times as many (more than the histogram's bins, so the search keeps
     the whole range: at that resolution no threshold loses less). An asymmetric unsigned grid spends all of its
     levels on [min(lo, 0), t], so a tensor that is mostly positive gets up to twice as many on [0, t] (uint8, a
-    ReLU output: 255)."""
+    ReLU output: 255; the same for a tensor with no positive value)."""
     levels = opt.kl_levels * (256 if opt.qtype.endswith("16") else 1)
-    if opt.symmetric or not opt.qtype.startswith("uint") or hi <= 0:
+    span = max(hi, 0.0) - min(lo, 0.0)
+    if opt.symmetric or not opt.qtype.startswith("uint") or span <= 0:
         return levels
-    share = hi / (hi - min(lo, 0.0))  # of the unsigned grid's span, the part above 0
+    share = max(hi, -lo) / span  # of the unsigned grid's span, the part on the side of |x|'s largest value
     return int(min(2 * levels - 1, max(levels, round((2 * levels - 1) * share))))
 
 

@@ -120,7 +120,9 @@ def test_entropy_does_not_clip_a_relu_output_for_its_spike_of_zeros():
     ("uint8", False, 0.0, 10.0, 255),      # a ReLU output: all of the unsigned grid is above 0
     ("uint8", False, -0.375, 20.0, 250),   # a HardSwish output: almost all
     ("uint8", False, -10.0, 10.0, 128),    # balanced: half, the signed grid's magnitudes
-    ("uint8", False, -30.0, 1.0, 128),     # mostly negative: never fewer than kl_levels
+    ("uint8", False, -30.0, 1.0, 247),     # mostly negative: |x| folds onto the same long side
+    ("uint8", False, -1.0, 0.0, 255),      # no positive value
+    ("uint8", False, 0.0, 0.0, 128),       # all zeros: nothing to choose
     ("int8", True, 0.0, 10.0, 128),        # a symmetric signed grid: kl_levels
     ("uint8", True, 0.0, 10.0, 128),
     ("uint16", False, 0.0, 10.0, 65535),   # 16-bit grids: 256 times the 8-bit levels
