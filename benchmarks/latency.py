@@ -113,6 +113,8 @@ EXTRA_VARIANTS = {
     "qpass qdq U8S8 act matmuls": {"format": "qdq", "activation_type": "uint8", "activation_matmuls": True},
     "qpass qdq U8S8 multi-reader DQ": {"format": "qdq", "activation_type": "uint8", "single_reader_dq": False},
     "qpass qop U8S8 multi-reader DQ": {"format": "qop", "activation_type": "uint8", "single_reader_dq": False},
+    "qpass qdq U8S8 exclude-before HardSwish": {"format": "qdq", "activation_type": "uint8",
+                                                "exclude_before": ("HardSwish",)},
 }
 
 

@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--per-tensor", action="store_true", help="one weight scale per tensor (default: per output channel)")
     run.add_argument("--activation-type", choices=ACTIVATION_TYPES, help="uint8 asymmetric (default) or int8 symmetric")
     run.add_argument("--exclude", action="append", metavar="NAME", help="node name or regex never quantized (repeatable)")
+    run.add_argument("--exclude-before", action="append", metavar="OP",
+                     help="keep in float a compute node whose output only this op type reads (repeatable; "
+                          "e.g. HardSwish, which onnxruntime fuses into a float Conv but has no integer kernel for)")
     run.add_argument("--max-calib-samples", type=int, metavar="N")
     run.add_argument("--synthetic-calib", action="store_true", help="calibrate on random data (smoke runs only)")
     run.add_argument("--load-calib", metavar="JSON", help="use a saved calibration table instead of running calibration")
@@ -131,6 +134,7 @@ def _config_from_args(args: argparse.Namespace) -> QuantConfig:
         "per_channel": False if args.per_tensor else None,
         "activation_type": args.activation_type,
         "exclude_nodes": tuple(args.exclude) if args.exclude else None,
+        "exclude_before": tuple(args.exclude_before) if args.exclude_before else None,
         "max_calib_samples": args.max_calib_samples,
         "synthetic_calib": True if args.synthetic_calib else None,
         "external_data": True if args.external_data else None,

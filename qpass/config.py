@@ -83,6 +83,11 @@ class QuantConfig:
             without an output Q, and quantizing MatMul outputs costs transformers accuracy (measured on MiniLM).
         op_types: the compute ops whose inputs and weights are quantized.
         exclude_nodes: node names, or regular expressions matched in full, never quantized.
+        exclude_before: op types (e.g. HardSwish) such that a compute node whose output is read only by them stays
+            in float. For a runtime that fuses the op into its float kernel but has no integer one: onnxruntime's
+            CPU provider runs Conv + HardSwish as one fp32 kernel, while an int8 Conv leaves the HardSwish in float
+            between a DequantizeLinear and a QuantizeLinear (the orientation CNN: x1.76 fp32's latency by
+            default, x0.97 with HardSwish here; docs/benchmark-notes.md).
         target_opset: upgrade the model to this opset (onnx.version_converter) first.
         val_fraction: share of the calibration samples held out for validation when no
             separate validation data is given.
@@ -122,6 +127,7 @@ class QuantConfig:
     calib_ep: str = "cpu"
     op_types: tuple[str, ...] = COMPUTE_OPS
     exclude_nodes: tuple[str, ...] = ()
+    exclude_before: tuple[str, ...] = ()
     target_opset: int | None = None
     val_fraction: float = 0.2
     max_val_samples: int = 64
@@ -191,6 +197,9 @@ class QuantConfig:
             raise bad("op_types", list(ops), f"a non-empty subset of {list(COMPUTE_OPS)}")
         object.__setattr__(self, "op_types", ops)
         object.__setattr__(self, "exclude_nodes", tuple(self.exclude_nodes))
+        if isinstance(self.exclude_before, str) or not all(isinstance(op, str) and op for op in self.exclude_before):
+            raise bad("exclude_before", self.exclude_before, "a list of op types")
+        object.__setattr__(self, "exclude_before", tuple(self.exclude_before))
         if isinstance(self.quantize_outputs, bool):
             object.__setattr__(self, "quantize_outputs", COMPUTE_OPS if self.quantize_outputs else ())
         object.__setattr__(self, "quantize_outputs", tuple(self.quantize_outputs))

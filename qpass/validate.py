@@ -171,8 +171,8 @@ def _slower_finding(provider: str, lat: dict, share: dict[str, float] | None) ->
     if share:
         top = ", ".join(f"{op} {100 * v:.0f} %" for op, v in list(share.items())[:4])
         text += (f"; its node time went to {top}. Float ops between a DequantizeLinear and a QuantizeLinear (ops "
-                 "without an integer kernel) can cost more than the integer kernels save; excluding their nodes "
-                 "(--exclude NAME) may help")
+                 "without an integer kernel) can cost more than the integer kernels save; keeping the compute nodes "
+                 "that feed them in float (--exclude-before OP, --exclude NAME) may help")
     return text
 
 

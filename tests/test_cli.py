@@ -524,3 +524,15 @@ def test_hist_sample_and_neighbour_ops_reach_the_config(tmp_path, digits, capsys
     assert rc == 0, err
     config = load_report(tmp_path / "o.report.json")["config"]
     assert config["hist_sample"] == 0 and config["neighbour_ops"] == []
+
+
+def test_exclude_before_keeps_the_convs_that_feed_the_op_in_float(tmp_path, digits, capsys):
+    """The digits CNN's two Convs are read only by Relu: --exclude-before Relu keeps them float, the Gemms stay int8."""
+    out = tmp_path / "d.onnx"
+    rc, _, stderr = run_cli(capsys, "run", digits, "--calib", DIGITS_CALIB, "-o", out, "--exclude-before", "Relu",
+                            "--no-latency", "--no-per-layer")
+    assert rc == 0, stderr
+    report = load_report(out.with_name("d.report.json"))
+    assert "Conv" not in report["quantized_nodes"] and report["quantized_nodes"].get("Gemm", 0) >= 1
+    reasons = {s["node"]: s["reason"] for s in report["skipped"] if s["op_type"] == "Conv"}
+    assert len(reasons) == 2 and all("exclude_before" in r for r in reasons.values())

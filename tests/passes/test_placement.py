@@ -81,3 +81,36 @@ def test_joins_can_be_turned_off_or_limited():
     only_add = _summary(_plan(model, neighbour_ops=("Add",)))
     assert "a" in only_add and "g" not in only_add
     assert "a" not in _summary(_plan(model, exclude_nodes=("add",)))
+
+
+def _conv_then(*readers: str) -> onnx.ModelProto:
+    """x -> Conv -> c, read by one node of each op type in ``readers`` (outputs y0, y1, ..)."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.random.default_rng(0).normal(0, 0.3, (4, 3, 3, 3)).astype(np.float32), "W")
+    nodes = [helper.make_node("Conv", ["x", "W"], ["c"], name="conv", pads=[1, 1, 1, 1])]
+    nodes += [helper.make_node(op, ["c"], [f"y{i}"], name=f"r{i}") for i, op in enumerate(readers)]
+    outs = [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, ["N", 4, 8, 8]) for i in range(len(readers))]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])], outs, [w])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)])
+
+
+def test_exclude_before_keeps_a_compute_node_float_when_only_those_ops_read_it():
+    alone = _conv_then("HardSwish")
+    assert [t.node.name for t in _plan(alone).targets] == ["conv"]
+    plan = _plan(alone, exclude_before=("HardSwish",))
+    assert plan.targets == [] and plan.tensors == {}
+    assert [(s.node, s.reason) for s in plan.skips] == [("conv", "its output is read only by HardSwish (exclude_before)")]
+    # another reader that is not listed keeps the Conv quantized
+    assert [t.node.name for t in _plan(_conv_then("HardSwish", "Relu"), exclude_before=("HardSwish",)).targets] == ["conv"]
+
+
+def test_exclude_before_must_be_a_list_of_op_types():
+    import pytest
+
+    from qpass.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="exclude_before"):
+        QuantConfig(exclude_before="HardSwish")
+    assert QuantConfig(exclude_before=["HardSwish"]).exclude_before == ("HardSwish",)
