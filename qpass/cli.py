@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="activation calibration method (default auto: percentile around Conv, min-max elsewhere)")
     run.add_argument("--percentile", type=float, metavar="P", help="percentile kept by --method percentile (default 99.99)")
     run.add_argument("--bins", type=int, metavar="N", help="histogram bins for percentile/mse/entropy (default 2048)")
-    run.add_argument("--kl-levels", type=int, metavar="N", help="quantized levels of the entropy search (default 128; a mostly positive tensor on the uint8 grid gets up to twice that)")
+    run.add_argument("--kl-levels", type=int, metavar="N", help="quantized levels of the entropy search (default 128; a mostly one-signed tensor on the uint8 grid gets up to twice that)")
     run.add_argument("--hist-sample", type=int, metavar="N",
                      help="values per sample and tensor the histogram counts, at most (default 65536; 0: every value)")
     run.add_argument("--calib-batch-size", type=int, metavar="N", help="samples per onnxruntime run when shapes agree")
