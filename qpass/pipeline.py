@@ -77,6 +77,18 @@ def report_path_for(output: str | os.PathLike) -> Path:
     return p.with_name(f"{stem}.report.json")
 
 
+def _op_types(graph) -> set[str]:
+    """Op types of a graph's nodes, subgraphs (If / Loop / Scan bodies) included."""
+    ops: set[str] = set()
+    for node in graph.nodes:
+        ops.add(node.op)
+        for value in node.attrs.values():
+            for sub in value if isinstance(value, (list, tuple)) else [value]:
+                if hasattr(sub, "nodes") and hasattr(sub, "inputs"):
+                    ops |= _op_types(sub)
+    return ops
+
+
 def quantize(model: str | os.PathLike | onnx.ModelProto, calib: str | os.PathLike | Iterable[Mapping[str, Any]] | None = None,
              *, config: QuantConfig | None = None, output: str | os.PathLike | None = None,
              val: str | os.PathLike | Iterable[Mapping[str, Any]] | None = None,
@@ -135,6 +147,10 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, calib: str | os.PathLik
 
     # ----------------------------------------------------------------- calibration
     plan = plan_quantization(wg.graph, cfg)
+    absent = sorted(set(cfg.exclude_before) - _op_types(wg.graph))
+    if absent:
+        report.warnings.append(f"exclude_before: no node of op type {', '.join(absent)} in the model (op types are "
+                               "case-sensitive, e.g. HardSwish); it changed nothing")
     tensors = plan.calibrate
     specs = input_specs(working_model)
     held: list = []

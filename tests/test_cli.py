@@ -536,3 +536,13 @@ def test_exclude_before_keeps_the_convs_that_feed_the_op_in_float(tmp_path, digi
     assert "Conv" not in report["quantized_nodes"] and report["quantized_nodes"].get("Gemm", 0) >= 1
     reasons = {s["node"]: s["reason"] for s in report["skipped"] if s["op_type"] == "Conv"}
     assert len(reasons) == 2 and all("exclude_before" in r for r in reasons.values())
+
+
+def test_exclude_before_an_op_type_the_model_lacks_is_a_warning(tmp_path, digits, capsys):
+    out = tmp_path / "d.onnx"
+    rc, stdout, stderr = run_cli(capsys, "run", digits, "--calib", DIGITS_CALIB, "-o", out, "--exclude-before", "relu",
+                                 "--no-latency", "--no-per-layer")
+    assert rc == 0, stderr
+    report = load_report(out.with_name("d.report.json"))
+    assert any("exclude_before" in w and "relu" in w for w in report["warnings"])
+    assert report["quantized_nodes"].get("Conv", 0) == 2  # nothing was excluded
