@@ -86,7 +86,7 @@ class QuantConfig:
         exclude_before: op types (e.g. HardSwish) such that a compute node whose output is read only by them stays
             in float. For a runtime that fuses the op into its float kernel but has no integer one: onnxruntime's
             CPU provider runs Conv + HardSwish as one fp32 kernel, while an int8 Conv leaves the HardSwish in float
-            between a DequantizeLinear and a QuantizeLinear (the orientation CNN: x1.76 fp32's latency by
+            between a DequantizeLinear and a QuantizeLinear (the orientation CNN: x1.77 fp32's latency by
             default, x0.97 with HardSwish here; docs/benchmark-notes.md).
         target_opset: upgrade the model to this opset (onnx.version_converter) first.
         val_fraction: share of the calibration samples held out for validation when no

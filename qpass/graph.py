@@ -156,14 +156,13 @@ def is_float32(tensor: gs.Tensor) -> bool:
         return dtype == onnx.TensorProto.FLOAT
 
 
-def used_quant_ops(model: onnx.ModelProto) -> set[str]:
-    """Quantization op types already present (any graph, subgraphs included)."""
+def op_types(model: onnx.ModelProto) -> set[str]:
+    """Op types of every node (any graph, subgraphs included)."""
     found: set[str] = set()
 
     def walk(g: onnx.GraphProto) -> None:
         for n in g.node:
-            if n.op_type in QUANT_OPS:
-                found.add(n.op_type)
+            found.add(n.op_type)
             for a in n.attribute:
                 if a.type == onnx.AttributeProto.GRAPH:
                     walk(a.g)
@@ -173,6 +172,11 @@ def used_quant_ops(model: onnx.ModelProto) -> set[str]:
 
     walk(model.graph)
     return found
+
+
+def used_quant_ops(model: onnx.ModelProto) -> set[str]:
+    """Quantization op types already present (any graph, subgraphs included)."""
+    return op_types(model) & QUANT_OPS
 
 
 class NameAllocator:

@@ -19,7 +19,7 @@ from .calib.table import CalibrationTable
 from .config import INT16_MIN_OPSET, PER_CHANNEL_MIN_OPSET, QDQ_MIN_OPSET, QuantConfig
 from .errors import (CalibrationDataError, ModelSaveError, NothingQuantizedError, OpsetError, UnsupportedModelError,
                      VerificationError)
-from .graph import WorkingGraph, used_quant_ops
+from .graph import WorkingGraph, op_types, used_quant_ops
 from .io import default_opset, infer_shapes, keep_value_info_of, load_model, min_ir_version, same_file, save_model
 from .pass_manager import PassContext, PassManager
 from .passes.cleanup import Cleanup
@@ -75,18 +75,6 @@ def report_path_for(output: str | os.PathLike) -> Path:
     p = Path(output)
     stem = p.name[:-5] if p.name.endswith(".onnx") else p.name
     return p.with_name(f"{stem}.report.json")
-
-
-def _op_types(graph) -> set[str]:
-    """Op types of a graph's nodes, subgraphs (If / Loop / Scan bodies) included."""
-    ops: set[str] = set()
-    for node in graph.nodes:
-        ops.add(node.op)
-        for value in node.attrs.values():
-            for sub in value if isinstance(value, (list, tuple)) else [value]:
-                if hasattr(sub, "nodes") and hasattr(sub, "inputs"):
-                    ops |= _op_types(sub)
-    return ops
 
 
 def quantize(model: str | os.PathLike | onnx.ModelProto, calib: str | os.PathLike | Iterable[Mapping[str, Any]] | None = None,
@@ -147,7 +135,7 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, calib: str | os.PathLik
 
     # ----------------------------------------------------------------- calibration
     plan = plan_quantization(wg.graph, cfg)
-    absent = sorted(set(cfg.exclude_before) - _op_types(wg.graph))
+    absent = sorted(set(cfg.exclude_before) - op_types(working_model))
     if absent:
         report.warnings.append(f"exclude_before: no node of op type {', '.join(absent)} in the model (op types are "
                                "case-sensitive, e.g. HardSwish); it changed nothing")

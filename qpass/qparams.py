@@ -118,6 +118,10 @@ def weight_qparams(w: np.ndarray, axis: int | None, qtype: str = "int8") -> tupl
     return compute_qparams(w.min(axis=other), w.max(axis=other), qtype, symmetric=True)
 
 
+#: the largest int32, the bound of an int32 bias
+INT32_MAX = 2**31 - 1
+
+
 def int32_bias(values, act_scale, w_scale, axis: int | None = None) -> tuple[np.ndarray, np.ndarray] | str:
     """A bias quantized as int32 at ``act_scale x w_scale`` (zero point 0): ``(q, scale)``, or why it cannot be.
 
@@ -137,7 +141,7 @@ def int32_bias(values, act_scale, w_scale, axis: int | None = None) -> tuple[np.
     if per_channel:
         shape[axis] = scale.size
     exact = values.astype(np.float64) / scale.reshape(shape if per_channel else ()).astype(np.float64)
-    if np.any(np.abs(np.rint(exact)) > 2**31 - 1):
+    if np.any(np.abs(np.rint(exact)) > INT32_MAX):
         worst = int(np.unravel_index(np.argmax(np.abs(exact)), exact.shape)[axis if per_channel else 0]) \
             if exact.ndim else 0
         return f"bias kept in float: overflows int32 at channel {worst}"

@@ -145,8 +145,9 @@ def _placement(profile_path: str) -> dict:
     for e in events:
         args = e.get("args", {})
         if e.get("cat") == "Node" and "provider" in args and e.get("name", "").endswith("_kernel_time"):
-            nodes[e["name"][: -len("_kernel_time")]] = (args.get("op_name", "?"), args["provider"])
-            op_us[args.get("op_name", "?")] = op_us.get(args.get("op_name", "?"), 0.0) + float(e.get("dur", 0))
+            op = args.get("op_name", "?")
+            nodes[e["name"][: -len("_kernel_time")]] = (op, args["provider"])
+            op_us[op] = op_us.get(op, 0.0) + float(e.get("dur", 0))
     by_provider: dict[str, int] = {}
     ops_by_provider: dict[str, dict[str, int]] = {}
     for op, prov in nodes.values():

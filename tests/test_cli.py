@@ -526,23 +526,23 @@ def test_hist_sample_and_neighbour_ops_reach_the_config(tmp_path, digits, capsys
     assert config["hist_sample"] == 0 and config["neighbour_ops"] == []
 
 
-def test_exclude_before_keeps_the_convs_that_feed_the_op_in_float(tmp_path, digits, capsys):
-    """The digits CNN's two Convs are read only by Relu: --exclude-before Relu keeps them float, the Gemms stay int8."""
+def _run_exclude_before(tmp_path, digits, capsys, op: str) -> dict:
     out = tmp_path / "d.onnx"
-    rc, _, stderr = run_cli(capsys, "run", digits, "--calib", DIGITS_CALIB, "-o", out, "--exclude-before", "Relu",
+    rc, _, stderr = run_cli(capsys, "run", digits, "--calib", DIGITS_CALIB, "-o", out, "--exclude-before", op,
                             "--no-latency", "--no-per-layer")
     assert rc == 0, stderr
-    report = load_report(out.with_name("d.report.json"))
+    return load_report(out.with_name("d.report.json"))
+
+
+def test_exclude_before_keeps_the_convs_that_feed_the_op_in_float(tmp_path, digits, capsys):
+    """The digits CNN's two Convs are read only by Relu: --exclude-before Relu keeps them float, the Gemms stay int8."""
+    report = _run_exclude_before(tmp_path, digits, capsys, "Relu")
     assert "Conv" not in report["quantized_nodes"] and report["quantized_nodes"].get("Gemm", 0) >= 1
     reasons = {s["node"]: s["reason"] for s in report["skipped"] if s["op_type"] == "Conv"}
     assert len(reasons) == 2 and all("exclude_before" in r for r in reasons.values())
 
 
 def test_exclude_before_an_op_type_the_model_lacks_is_a_warning(tmp_path, digits, capsys):
-    out = tmp_path / "d.onnx"
-    rc, stdout, stderr = run_cli(capsys, "run", digits, "--calib", DIGITS_CALIB, "-o", out, "--exclude-before", "relu",
-                                 "--no-latency", "--no-per-layer")
-    assert rc == 0, stderr
-    report = load_report(out.with_name("d.report.json"))
+    report = _run_exclude_before(tmp_path, digits, capsys, "relu")
     assert any("exclude_before" in w and "relu" in w for w in report["warnings"])
     assert report["quantized_nodes"].get("Conv", 0) == 2  # nothing was excluded

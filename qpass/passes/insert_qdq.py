@@ -16,11 +16,10 @@ import onnx_graphsurgeon as gs
 from ..errors import PreconditionError
 from ..graph import NameAllocator, node_label
 from ..pass_manager import Pass, PassContext, PassResult, Skip
-from ..qparams import INT_TYPES, compute_qparams, int32_bias, quantize, weight_qparams
+from ..qparams import INT32_MAX, INT_TYPES, compute_qparams, int32_bias, quantize, weight_qparams
 from .placement import Plan, plan_quantization
 from .targets import Target
 
-INT32_MAX = 2**31 - 1
 
 
 class InsertQDQ(Pass):
