@@ -37,7 +37,9 @@ VARIANTS: dict[str, dict] = {
     "exact_hist": {"hist_sample": 0},
     "no_joins": {"neighbour_ops": ()},
     "det_head1_float": {"exclude_nodes": ("ConvTranspose\\.2",)},
-    "u16": {"activation_type": "uint16", "target_opset": 21},
+    "u16": {"activation_type": "uint16", "target_opset": 21},  # auto: min-max everywhere at 16 bits
+    "u16_conv_percentile": {"activation_type": "uint16", "target_opset": 21,  # what auto did at 16 bits before
+                            "op_methods": {"Conv": "percentile", "ConvTranspose": "percentile"}},
     "det_head3_float": {"exclude_nodes": ("Conv\\.82", "ConvTranspose\\.0", "ConvTranspose\\.2")},
     "hist_64k": {"hist_sample": 65536},
     "hist_128k": {"hist_sample": 131072},

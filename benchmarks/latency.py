@@ -115,6 +115,7 @@ EXTRA_VARIANTS = {
     "qpass qop U8S8 multi-reader DQ": {"format": "qop", "activation_type": "uint8", "single_reader_dq": False},
     "qpass qdq U8S8 exclude-before HardSwish": {"format": "qdq", "activation_type": "uint8",
                                                 "exclude_before": ("HardSwish",)},
+    "qpass qdq U16S8": {"format": "qdq", "activation_type": "uint16", "target_opset": 21},
 }
 
 
@@ -132,7 +133,7 @@ def run(models: list[str], repeats: int, threads: int, shared: Path = SHARED, va
             for tag, overrides in variants.items():
                 out = Path(tmp) / f"{name}.{tag.replace(' ', '_')}.onnx"
                 qpass.quantize(MODELS[name].model_path(shared), MODELS[name].calib_path(shared), output=out,
-                               val_fraction=0.0, max_calib_samples=32, **MODEL_OPTIONS.get(name, {}), **overrides)
+                               val_fraction=0.0, max_calib_samples=32, **{**MODEL_OPTIONS.get(name, {}), **overrides})
                 paths[tag] = out
             ms = measure(paths, first_sample(name, shared), repeats, threads)
             base, ort_base = ms["fp32"], ms.get("ORT qdq U8S8")

@@ -49,9 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "(default Add,Concat,AveragePool,GlobalAveragePool; 'none' turns it off)")
     run.add_argument("--no-single-reader-dq", dest="single_reader_dq", action="store_const", const=False,
                      help="do not give a DequantizeLinear read by several float ops (a GELU) a single reader "
-                          "(by default an Add of 2**-126, so onnxruntime still fuses the GELU)")
+                          "(by default an Add of 2**-60, so onnxruntime still fuses the GELU)")
     run.add_argument("--method", choices=("auto", "minmax", "percentile", "mse", "entropy"),
-                     help="activation calibration method (default auto: percentile around Conv, min-max elsewhere)")
+                     help="activation calibration method (default auto: percentile around Conv, min-max elsewhere; min-max everywhere with 16-bit activations)")
     run.add_argument("--percentile", type=float, metavar="P", help="percentile kept by --method percentile (default 99.99)")
     run.add_argument("--bins", type=int, metavar="N", help="histogram bins for percentile/mse/entropy (default 2048)")
     run.add_argument("--kl-levels", type=int, metavar="N", help="quantized levels of the entropy search (default 128; a mostly one-signed tensor on the uint8 grid gets up to twice that)")
@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--bias", choices=("int32", "float"),
                      help="int32 bias (default) or float bias left for the runtime to quantize")
     run.add_argument("--per-tensor", action="store_true", help="one weight scale per tensor (default: per output channel)")
-    run.add_argument("--activation-type", choices=ACTIVATION_TYPES, help="uint8 asymmetric (default) or int8 symmetric")
+    run.add_argument("--activation-type", choices=ACTIVATION_TYPES, help="uint8 asymmetric (default) or int8 symmetric; uint16/int16 need --target-opset 21 and run as float kernels on onnxruntime's CPU provider")
     run.add_argument("--exclude", action="append", metavar="NAME", help="node name or regex never quantized (repeatable)")
     run.add_argument("--exclude-before", action="append", metavar="OP",
                      help="keep in float a compute node whose output only this op type reads (repeatable; "

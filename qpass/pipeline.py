@@ -16,7 +16,7 @@ import onnx
 from .calib.collect import RangeOptions, collect_ranges, pick_providers
 from .calib.data import input_specs, open_samples, split_holdout, synthetic_samples
 from .calib.table import CalibrationTable
-from .config import INT16_MIN_OPSET, PER_CHANNEL_MIN_OPSET, QDQ_MIN_OPSET, QuantConfig
+from .config import INT16_MIN_OPSET, PER_CHANNEL_MIN_OPSET, QDQ_MIN_OPSET, SIXTEEN_BIT_TYPES, QuantConfig
 from .errors import (CalibrationDataError, ModelSaveError, NothingQuantizedError, OpsetError, UnsupportedModelError,
                      VerificationError)
 from .graph import WorkingGraph, op_types, used_quant_ops
@@ -343,7 +343,7 @@ def _apply_opset(model: onnx.ModelProto, cfg: QuantConfig, name: str, report: Re
     report.opset = {"input": opset, "output": opset}
     hint_up = f"rerun with --target-opset {PER_CHANNEL_MIN_OPSET} to upgrade it with onnx.version_converter"
     final = cfg.target_opset or opset
-    if cfg.activation_type in ("int16", "uint16") and final < INT16_MIN_OPSET:
+    if cfg.activation_type in SIXTEEN_BIT_TYPES and final < INT16_MIN_OPSET:
         raise OpsetError(f"{cfg.activation_type} activations need QuantizeLinear from opset {INT16_MIN_OPSET}; "
                          f"the model would have {final}", subject=name,
                          hint=f"use --target-opset {INT16_MIN_OPSET} or an 8-bit --activation-type")

@@ -160,3 +160,25 @@ def test_an_activation_that_turns_nan_names_its_tensor_and_sample_and_stops_the_
         collect_ranges(model, ["s"], samples(), methods="entropy")
     assert "sample 2" in str(err.value) and "NaN" in str(err.value) and "'s'" in err.value.subject
     assert given == [0, 1, 2]
+
+
+@pytest.mark.parametrize("activation_type, conv_method", [("uint8", "percentile"), ("int8", "percentile"),
+                                                           ("uint16", "minmax"), ("int16", "minmax")])
+def test_auto_clips_conv_tensors_only_on_an_8_bit_grid(activation_type, conv_method):
+    """auto: percentile where a Conv reads or writes the tensor on an 8-bit grid, min-max elsewhere and at 16 bits
+    (measured: percentile's clipping costs every shared CNN accuracy at 16 bits, docs/benchmark-notes.md)."""
+    cfg = qpass.QuantConfig(activation_type=activation_type)
+    assert cfg.method_for("c", {"Conv"}) == conv_method
+    assert cfg.method_for("c", {"ConvTranspose", "Relu"}) == conv_method
+    assert cfg.method_for("m", {"MatMul"}) == "minmax"
+    # explicit choices still win at 16 bits
+    assert qpass.QuantConfig(activation_type=activation_type, method="percentile").method_for("c", {"Conv"}) == "percentile"
+    assert qpass.QuantConfig(activation_type=activation_type, op_methods={"Conv": "mse"}).method_for("c", {"Conv"}) == "mse"
+
+
+def test_auto_at_16_bits_calibrates_with_min_max_end_to_end():
+    model = builders.conv_model()
+    feeds = [s[0] for s in _samples(model, 10)]
+    assert qpass.quantize(model, feeds).report.calibration["methods_used"] == {"percentile": 1}
+    r = qpass.quantize(model, feeds, activation_type="uint16", target_opset=21)
+    assert r.report.calibration["methods_used"] == {"minmax": 1}
