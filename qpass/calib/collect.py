@@ -204,8 +204,8 @@ OVERLAP_PROBE_RUNS = 3
 #: runs of the session with one thread fewer before its timing starts: on the orientation CNN its runs took
 #: 19-24 ms for the first three or four (the new session warming up, beside the worker), then 10.5-12 ms
 OVERLAP_WARMUP_RUNS = 4
-#: no overlap above this many bytes of model plus requested activations a run: while the two schedules are
-#: compared there are two sessions, and while overlapping two runs' activations are alive at once
+#: no overlap above this many bytes of model plus requested activations a run: overlapped, two runs'
+#: activations are alive at once (the session with every thread is freed before the other is built)
 OVERLAP_MAX_BYTES = 256 * 2**20
 #: a run (onnxruntime plus updates, in turn) shorter than this is not worth trying the overlap for
 OVERLAP_MIN_RUN_S = 0.002
@@ -268,7 +268,6 @@ class _Schedule:
         self.stage = "turns" if enabled else "fixed"  # turns -> trial -> fixed
         self.worker: ThreadPoolExecutor | None = None
         self.pending: Future | None = None  # the previous run's updates, on the worker
-        self.full_session = None  # the session with every thread, kept while the overlap is on trial
         self.runs = 0
         self.run_s = self.update_s = 0.0  # in turn: onnxruntime and updates, over the timed runs
         self.turns = [0.0, 0]  # in turn: seconds, bytes
@@ -301,12 +300,12 @@ class _Schedule:
                 trial_rate = self.trial[0] / max(self.trial[1], 1)
                 if not self.forced and trial_rate > OVERLAP_KEEP_BELOW * turns_rate:
                     self.finish()
-                    self.session = self.full_session
-                self.full_session, self.stage = None, "fixed"
+                    self.session = self.make(None)
+                self.stage = "fixed"
 
     def _start_trial(self) -> None:
         if self.forced or overlap_may_pay(self.run_s / OVERLAP_PROBE_RUNS, self.update_s / OVERLAP_PROBE_RUNS, self.cpus):
-            self.full_session = self.session
+            self.session = None  # freed before the next is built: two sessions would add to peak memory
             self.session = self.make(self.cpus - 1)
             self.worker = ThreadPoolExecutor(1, thread_name_prefix="qpass-observers")
             self.stage = "trial"
