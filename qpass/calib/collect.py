@@ -4,11 +4,12 @@ Memory holds one run's requested tensors at a time (two while histogram updates 
 whatever the number of samples. Samples of equal shape may be concatenated into one run (``batch_size``); the
 statistics are exact either way, so the ranges do not depend on it.
 
-On the CPU, once the timed first runs show that the observers' updates take longer than onnxruntime would
-lose with one thread fewer, the updates of run i move to a worker thread while onnxruntime computes run i+1
-in a session with one intra-op thread fewer (:func:`overlap_pays`). Updates still happen one run at a time,
-in sample order, so the ranges are the same either way; min, max and the NaN check stay on the main thread,
-so a bad sample still stops the run before the next one is read.
+On the CPU, once the timed first runs show that the observers' updates may take longer than onnxruntime would
+lose with one thread fewer (:func:`overlap_may_pay`), the updates of run i move to a worker thread while
+onnxruntime computes run i+1 in a session with one intra-op thread fewer, and that schedule is kept if a timed
+trial shows it faster (:class:`_Schedule`). Updates still happen one run at a time, in sample order, so the
+ranges are the same either way. A NaN found on the worker still names its tensor and sample; by then at most
+one later sample has been read.
 """
 from __future__ import annotations
 
@@ -319,9 +320,14 @@ class _Schedule:
                 if self.pending is not None:
                     self.pending.result()
             finally:
-                self.pending = None
-                self.worker.shutdown(wait=True)
-                self.worker = None
+                self.close()
+
+    def close(self) -> None:
+        """Stop the worker after its current update, without raising (the run already failed, or finished)."""
+        if self.worker is not None:
+            self.pending = None
+            self.worker.shutdown(wait=True)
+            self.worker = None
 
 
 def collect_ranges(model: onnx.ModelProto, tensors: list[str], samples: Iterable[tuple[dict, Any]], *,
@@ -376,8 +382,9 @@ def collect_ranges(model: onnx.ModelProto, tensors: list[str], samples: Iterable
             if on_sample:
                 for _ in range(count):
                     on_sample()
-    finally:
         schedule.finish()  # waits for the last updates, and raises their error
+    finally:
+        schedule.close()  # an error of the loop itself is the one reported
     if n == 0:
         raise CalibrationDataError("no calibration samples", subject="calibration data",
                                    hint="give at least one sample (and more than one when validating on a held-out split)")

@@ -102,3 +102,13 @@ def test_default_options_still_collect_with_overlap_left_to_the_timing():
     model = builders.conv_model()
     table = collect_ranges(model, ["x", "c"], _samples(), methods="percentile", options=RangeOptions())
     assert set(table.ranges) == {"x", "c"}
+
+
+def test_an_onnxruntime_failure_while_overlapping_is_the_error_reported_and_the_worker_stops(threads_seen):
+    model = builders.conv_model()
+    samples = _samples(12)
+    samples[8] = ({"x": np.zeros((1, 5, 8, 8), np.float32)}, None)  # 5 channels: the Conv rejects it
+    with pytest.raises(CalibrationDataError, match="onnxruntime failed on calibration sample 8"):
+        collect_ranges(model, ["x", "c"], samples, methods="percentile", overlap=True)
+    assert any(name.startswith("qpass-observers") for name in threads_seen)
+    assert not any(t.name.startswith("qpass-observers") for t in threading.enumerate())
