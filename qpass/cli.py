@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--hist-sample", type=int, metavar="N",
                      help="values per sample and tensor the histogram counts, at most (default 65536; 0: every value)")
     run.add_argument("--calib-batch-size", type=int, metavar="N", help="samples per onnxruntime run when shapes agree")
+    run.add_argument("--no-calib-overlap", dest="calib_overlap", action="store_const", const=False,
+                     help="keep histogram updates in turn with onnxruntime (by default they move to a worker thread "
+                          "where timed runs show it faster, holding two samples' activations instead of one)")
     run.add_argument("--calib-ep", choices=("cpu", "cuda"), help="execution provider for calibration (default cpu)")
     run.add_argument("--bias", choices=("int32", "float"),
                      help="int32 bias (default) or float bias left for the runtime to quantize")
@@ -129,6 +132,7 @@ def _config_from_args(args: argparse.Namespace) -> QuantConfig:
         "kl_levels": args.kl_levels,
         "hist_sample": args.hist_sample,
         "calib_batch_size": args.calib_batch_size,
+        "calib_overlap": args.calib_overlap,
         "calib_ep": args.calib_ep,
         "target_opset": args.target_opset,
         "per_channel": False if args.per_tensor else None,

@@ -177,12 +177,15 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, calib: str | os.PathLik
         methods = {name: cfg.method_for(name, ops) for name, ops in plan.related_ops().items() if name in tensors}
         options = RangeOptions(cfg.percentile, cfg.bins, cfg.kl_levels, cfg.activation_type, cfg.activation_symmetric,
                                cfg.hist_sample)
+        schedule: dict = {}
         table = collect_ranges(wg.export(), tensors, stream, methods=methods, options=options,
                                providers=providers, batch_size=cfg.calib_batch_size, specs=specs,
-                               synthetic=calib is None, on_sample=tick)
+                               synthetic=calib is None, on_sample=tick,
+                               overlap=None if cfg.calib_overlap else False, stats=schedule)
         report.calibration = {"source": source_desc, "samples": table.samples, "tensors": len(table),
                               "method": cfg.method, "methods_used": dict(Counter(methods.values())),
                               "provider": providers[0], "synthetic": table.synthetic,
+                              "observer_thread": schedule.get("observer_thread", False),
                               "ignored_keys": sorted(getattr(samples, "ignored_keys", set()))}
         if save_calib is not None:
             table.save(save_calib)

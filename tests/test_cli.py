@@ -546,3 +546,12 @@ def test_exclude_before_an_op_type_the_model_lacks_is_a_warning(tmp_path, digits
     report = _run_exclude_before(tmp_path, digits, capsys, "relu")
     assert any("exclude_before" in w and "relu" in w for w in report["warnings"])
     assert report["quantized_nodes"].get("Conv", 0) == 2  # nothing was excluded
+
+
+def test_no_calib_overlap_reaches_the_config_and_the_report(tmp_path, digits, capsys):
+    out = tmp_path / "o.onnx"
+    rc, _, err = run_cli(capsys, "run", digits, "--calib", DIGITS_CALIB, "--method", "percentile", "--no-calib-overlap",
+                         "-o", out, "-q", "--no-latency", "--no-per-layer")
+    assert rc == 0, err
+    report = load_report(tmp_path / "o.report.json")
+    assert report["config"]["calib_overlap"] is False and report["calibration"]["observer_thread"] is False

@@ -334,12 +334,13 @@ def collect_ranges(model: onnx.ModelProto, tensors: list[str], samples: Iterable
                    methods: dict[str, str] | str = "minmax", options: RangeOptions = RangeOptions(),
                    providers: list[str] | None = None, batch_size: int = 1, specs: list[InputSpec] | None = None,
                    synthetic: bool = False, on_sample: Callable[[], None] | None = None,
-                   overlap: bool | None = None) -> CalibrationTable:
+                   overlap: bool | None = None, stats: dict | None = None) -> CalibrationTable:
     """The range of each tensor in ``tensors`` over all ``samples``, by each tensor's method.
 
     ``overlap`` (see :class:`_Schedule`): None times both schedules where they may differ (CPU provider, two or
     more CPUs, some tensor with a histogram, model and a run's activations under ``OVERLAP_MAX_BYTES``); True
-    overlaps after the first timed runs whatever the timing (tests); False keeps updates in turn."""
+    overlaps after the first timed runs whatever the timing (tests); False keeps updates in turn. ``stats``, if
+    given, gets ``observer_thread``: whether the updates ended the run on the worker thread."""
     if not tensors:
         # nothing to observe, but the data is still checked (names, dtypes, shapes, finite values: the source's
         # iterator does it) and counted, as it would be if one tensor needed a range
@@ -382,6 +383,8 @@ def collect_ranges(model: onnx.ModelProto, tensors: list[str], samples: Iterable
             if on_sample:
                 for _ in range(count):
                     on_sample()
+        if stats is not None:
+            stats["observer_thread"] = schedule.worker is not None
         schedule.finish()  # waits for the last updates, and raises their error
     finally:
         schedule.close()  # an error of the loop itself is the one reported

@@ -112,3 +112,20 @@ def test_an_onnxruntime_failure_while_overlapping_is_the_error_reported_and_the_
         collect_ranges(model, ["x", "c"], samples, methods="percentile", overlap=True)
     assert any(name.startswith("qpass-observers") for name in threads_seen)
     assert not any(t.name.startswith("qpass-observers") for t in threading.enumerate())
+
+
+def test_the_report_says_where_the_updates_ran_and_calib_overlap_false_keeps_them_in_turn(threads_seen, monkeypatch):
+    import qpass
+
+    monkeypatch.setattr(collect, "overlap_may_pay", lambda run_s, update_s, cpus: True)
+    monkeypatch.setattr(collect, "OVERLAP_KEEP_BELOW", 1e9)
+    model = builders.conv_model()
+    feeds = [s[0] for s in _samples(RUNS_TO_DECIDE + 4)]
+    on = qpass.quantize(model, feeds, method="percentile", val_fraction=0.0, latency=False, per_layer=False)
+    assert on.report.calibration["observer_thread"] is True
+    off = qpass.quantize(model, feeds, method="percentile", val_fraction=0.0, latency=False, per_layer=False,
+                         calib_overlap=False)
+    assert off.report.calibration["observer_thread"] is False
+    assert on.report.to_dict()["calibration"]["tensors"] == off.report.to_dict()["calibration"]["tensors"]
+    with pytest.raises(Exception, match="calib_overlap"):
+        qpass.QuantConfig(calib_overlap="yes")
