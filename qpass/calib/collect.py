@@ -215,11 +215,19 @@ OVERLAP_KEEP_BELOW = 0.9
 
 
 def cpu_count() -> int:
-    """CPUs this process may run on."""
+    """Physical cores this process may run on (hyper-threads of one core count once), as onnxruntime counts them
+    for its default thread pool; logical CPUs where the topology cannot be read."""
     try:
-        return len(os.sched_getaffinity(0))
+        allowed = sorted(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - not on Linux
         return os.cpu_count() or 1
+    cores = set()
+    for cpu in allowed:
+        try:
+            cores.add(Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list").read_text().strip())
+        except OSError:
+            return len(allowed)
+    return max(1, len(cores))
 
 
 def overlap_may_pay(run_s: float, update_s: float, cpus: int) -> bool:

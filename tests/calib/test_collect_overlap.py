@@ -129,3 +129,21 @@ def test_the_report_says_where_the_updates_ran_and_calib_overlap_false_keeps_the
     assert on.report.to_dict()["calibration"]["tensors"] == off.report.to_dict()["calibration"]["tensors"]
     with pytest.raises(Exception, match="calib_overlap"):
         qpass.QuantConfig(calib_overlap="yes")
+
+
+def test_cpu_count_counts_hyper_threads_of_one_core_once(monkeypatch):
+    """Four logical CPUs on two cores (siblings 0,2 and 1,3) are two cores, as onnxruntime's default pool counts;
+    an unreadable topology falls back to the logical count."""
+    import os
+    from pathlib import Path
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    siblings = {"0": "0,2", "1": "1,3", "2": "0,2", "3": "1,3"}
+    monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: siblings[self.parts[-3][3:]] + "\n")
+    assert collect.cpu_count() == 2
+
+    def unreadable(self, *a, **k):
+        raise OSError("no sysfs")
+
+    monkeypatch.setattr(Path, "read_text", unreadable)
+    assert collect.cpu_count() == 4
