@@ -44,3 +44,18 @@ def test_readme_quickstart_writes_an_accurate_int8_model(tmp_path):
     assert logits["top1_agreement"] >= 0.99
     assert report["quantized_nodes"] == {"Conv": 2, "Gemm": 2}
     assert Path(REPO / "models" / "digits_cnn.onnx").read_bytes() == (tmp_path / "models" / "digits_cnn.onnx").read_bytes()
+
+
+def test_readme_synopsis_names_every_command_line_option():
+    """Every long option of `qpass run` and `qpass validate` appears in the README (the synopsis), so the docs
+    cannot drift from the CLI silently."""
+    import argparse
+
+    from qpass.cli import build_parser
+
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for command, parser in sub.choices.items():
+        missing = [o for a in parser._actions for o in a.option_strings if o.startswith("--") and o != "--help"
+                   and o not in readme]
+        assert not missing, f"qpass {command}: {missing} not in README.md"
