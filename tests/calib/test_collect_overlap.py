@@ -39,9 +39,11 @@ def threads_seen(monkeypatch):
 
 @pytest.mark.parametrize("method", ["percentile", "mse", "entropy"])
 @pytest.mark.parametrize("batch_size", [1, 3])
-def test_overlapped_updates_give_the_same_ranges(threads_seen, method, batch_size):
+@pytest.mark.parametrize("hist_sample", [65536, 50])  # 50: below the tensors' size, so samples are subsampled
+def test_overlapped_updates_give_the_same_ranges(threads_seen, method, batch_size, hist_sample):
     model = builders.conv_model()
-    tables = {ov: collect_ranges(model, ["x", "c"], _samples(), methods=method, batch_size=batch_size,
+    opts = RangeOptions(hist_sample=hist_sample)
+    tables = {ov: collect_ranges(model, ["x", "c"], _samples(), methods=method, batch_size=batch_size, options=opts,
                                  specs=input_specs(model) if batch_size > 1 else None, overlap=ov).to_json()
               for ov in (False, True)}
     assert tables[True] == tables[False]
