@@ -80,7 +80,7 @@ class QuantConfig:
         calib_overlap: let the histogram updates run on a worker thread while onnxruntime, with one intra-op
             thread fewer, computes the next sample, where timed first runs show it faster (CPU provider only;
             the ranges do not change). Peak memory then holds two samples' activations instead of one
-            (orientation CNN +27 MB on 2 CPUs, recognizer +75 MB on 16). False keeps the updates in turn.
+            (orientation CNN +27-32 MB on 2 CPUs, recognizer +75 MB on 16). False keeps the updates in turn.
         calib_ep: execution provider for calibration, "cpu" or "cuda" (falls back to the CPU with a warning).
         activation_type: ``"uint8"`` (asymmetric, zero point from the range) or ``"int8"``
             (symmetric, zero point 0).

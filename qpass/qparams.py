@@ -122,15 +122,16 @@ def weight_qparams(w: np.ndarray, axis: int | None, qtype: str = "int8") -> tupl
 INT32_MAX = 2**31 - 1
 
 
-def int32_bias(values, act_scale, w_scale, axis: int | None = None) -> tuple[np.ndarray, np.ndarray] | str:
-    """A bias quantized as int32 at ``act_scale x w_scale`` (zero point 0): ``(q, scale)``, or why it cannot be.
+def int32_bias(values, act_scale, w_scale, axis: int | None = None) -> tuple[np.ndarray, np.ndarray, int | None] | str:
+    """A bias quantized as int32 at ``act_scale x w_scale`` (zero point 0): ``(q, scale, axis)``, ``axis`` being the
+    DequantizeLinear's (None for one scale, which is then 0-d), or why it cannot be.
 
     ``w_scale`` is a scalar or one scale per output channel along ``axis`` of ``values``. The reason strings
     are the ones the report shows ("bias kept in float: ...")."""
     values = np.asarray(values, dtype=np.float32)
     if not np.all(np.isfinite(values)):
         return "bias kept in float: it holds NaN or Inf"
-    scale = (np.float64(act_scale) * np.asarray(w_scale).astype(np.float64)).astype(np.float32)
+    scale = np.asarray((np.float64(act_scale) * np.asarray(w_scale).astype(np.float64)).astype(np.float32))
     per_channel = scale.ndim == 1 and scale.size > 1
     axis = axis if per_channel else None
     if per_channel and values.shape[axis] != scale.size:
@@ -145,4 +146,5 @@ def int32_bias(values, act_scale, w_scale, axis: int | None = None) -> tuple[np.
         worst = int(np.unravel_index(np.argmax(np.abs(exact)), exact.shape)[axis if per_channel else 0]) \
             if exact.ndim else 0
         return f"bias kept in float: overflows int32 at channel {worst}"
-    return np.asarray(np.rint(exact)).astype(np.int32), scale  # an ndarray also for a 0-d (scalar) bias
+    q = np.asarray(np.rint(exact)).astype(np.int32)  # an ndarray also for a 0-d (scalar) bias
+    return (q, scale, axis) if per_channel else (q, scale.reshape(()), None)

@@ -271,8 +271,8 @@ class _Schedule:
     Updates run one at a time in sample order either way, so the ranges are the same. ``forced``: overlap after
     the timing in turn, whatever it says, and keep it (tests)."""
 
-    def __init__(self, make: Callable[[int | None], Any], cpus: int, enabled: bool, forced: bool):
-        self.make, self.cpus, self.forced = make, cpus, forced
+    def __init__(self, make: Callable[[int | None], Any], cpus: int, enabled: bool, forced: bool, model_bytes: int):
+        self.make, self.cpus, self.forced, self.model_bytes = make, cpus, forced, model_bytes
         self.session = make(None)
         self.stage = "turns" if enabled else "fixed"  # turns -> trial -> fixed
         self.worker: ThreadPoolExecutor | None = None
@@ -286,6 +286,8 @@ class _Schedule:
                nbytes: int) -> None:
         """Observe run ``n`` (``values``, ``nbytes`` bytes, computed from ``t0`` to ``t1``) and move the schedule on."""
         self.runs += 1
+        if self.stage == "turns" and nbytes + self.model_bytes > OVERLAP_MAX_BYTES:
+            self.stage = "fixed"  # two runs' activations at once would cost too much memory
         if self.worker is None:
             t2 = time.perf_counter()
             _observe(observers, tensors, values, n, count)
@@ -371,7 +373,7 @@ def collect_ranges(model: onnx.ModelProto, tensors: list[str], samples: Iterable
     enabled = (overlap is not False and cpus >= 2 and list(providers or ["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
                and any(o.hist is not None for o in observers.values()) and model_bytes < OVERLAP_MAX_BYTES)
     schedule = _Schedule(lambda threads: make_session(augmented, providers, what="calibration model", threads=threads),
-                         cpus, enabled, forced=overlap is True)
+                         cpus, enabled, forced=overlap is True, model_bytes=model_bytes)
     n = 0
     try:
         for feed, count in batches(samples, batch_size, batchable(specs) if specs is not None else False):
@@ -383,8 +385,6 @@ def collect_ranges(model: onnx.ModelProto, tensors: list[str], samples: Iterable
                                            subject=f"sample {n}") from None
             t1 = time.perf_counter()
             nbytes = sum(np.asarray(v).nbytes for v in values) if schedule.stage != "fixed" else 0
-            if schedule.stage == "turns" and nbytes + model_bytes > OVERLAP_MAX_BYTES:
-                schedule.stage = "fixed"
             schedule.handle(observers, tensors, values, n, count, t0, t1, nbytes)
             del values
             n += count

@@ -21,7 +21,6 @@ from .placement import Plan, plan_quantization
 from .targets import Target
 
 
-
 class InsertQDQ(Pass):
     def requires(self, graph: gs.Graph, ctx: PassContext) -> None:
         if ctx.calib is None:
@@ -173,8 +172,7 @@ class InsertQDQ(Pass):
         got = int32_bias(b.values, act_scale, w_scale, t.bias_axis)
         if isinstance(got, str):
             return got
-        q, scale = got
-        axis = t.bias_axis if scale.ndim == 1 and scale.size > 1 else None
+        q, scale, axis = got
         zp = np.zeros(scale.shape, dtype=INT_TYPES["int32"][0])
         node.inputs[t.bias] = self._qdq_nodes(b, q, scale, zp, axis, b.name)
         return None

@@ -20,6 +20,7 @@ from ..graph import NameAllocator, is_onnx_op, node_label
 from ..pass_manager import Pass, PassContext, PassResult, Skip
 from ..qparams import int32_bias
 
+
 def _dq_of(t: gs.Tensor) -> gs.Node | None:
     if not isinstance(t, gs.Variable) or len(t.inputs) != 1:
         return None
@@ -31,8 +32,9 @@ def _const(t: gs.Tensor) -> np.ndarray | None:
     return np.asarray(t.values) if isinstance(t, gs.Constant) else None
 
 
-def _plan(mm: gs.Node, graph_outputs: set[str]) -> tuple[gs.Node, tuple[np.ndarray, np.ndarray] | str] | None:
-    """(the bias Add, the int32 bias and its scale or why there is none) when ``mm`` has the pattern, else None."""
+def _plan(mm: gs.Node, graph_outputs: set[str]) -> tuple[gs.Node, tuple[np.ndarray, np.ndarray, int | None] | str] | None:
+    """(the bias Add, :func:`int32_bias`'s int32 bias, scale and axis or why there is none) when ``mm`` has the
+    pattern, else None."""
     if len(mm.inputs) != 2 or len(mm.outputs) != 1:
         return None
     a, w, y = mm.inputs[0], mm.inputs[1], mm.outputs[0]
@@ -73,12 +75,11 @@ class MatMulBiasToGemm(Pass):
             if isinstance(bias, str):  # the MatMul + float bias Add stay as they are
                 skipped.append(Skip(node_label(mm), mm.op, f"not written as Gemm: {bias}"))
                 continue
-            q, scale = bias
+            q, scale, axis = bias
             base = mm.name or mm.outputs[0].name
             bias_f = gs.Variable(new_name(f"{base}_bias_dequantized"), dtype=np.float32, shape=[len(q)])
-            per_channel = scale.ndim == 1  # one scale: a per-tensor DQ, valid below opset 13
             bias_dq = gs.Node("DequantizeLinear", new_name(f"{base}_bias_DequantizeLinear"),
-                              attrs={"axis": 0} if per_channel else {},
+                              attrs={"axis": axis} if axis is not None else {},  # none: per-tensor, valid below opset 13
                               inputs=[gs.Constant(new_name(f"{base}_bias_quantized"), q),
                                       gs.Constant(new_name(f"{base}_bias_scale"), scale),
                                       gs.Constant(new_name(f"{base}_bias_zero_point"), np.zeros(scale.shape, np.int32))],

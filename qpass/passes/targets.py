@@ -61,10 +61,11 @@ def find_targets(graph: gs.Graph, config: QuantConfig) -> tuple[list[Target], li
         if config.is_excluded(node.name or ""):
             skip("excluded by configuration")
             continue
-        readers = [r for y in node.outputs for r in y.outputs]
-        if config.exclude_before and readers and all(r.op in config.exclude_before for r in readers):
-            skip(f"its output is read only by {', '.join(sorted({r.op for r in readers}))} (exclude_before)")
-            continue
+        if config.exclude_before:
+            readers = [r for y in node.outputs for r in y.outputs]
+            if readers and all(r.op in config.exclude_before for r in readers):
+                skip(f"its output is read only by {', '.join(sorted({r.op for r in readers}))} (exclude_before)")
+                continue
         ins = node.inputs
         if len(ins) < 2:
             skip("fewer than two inputs")

@@ -90,3 +90,18 @@ def test_a_sequence_input_and_the_qop_form_keep_matmul_and_add():
     assert "MatMul" in seq and "Add" in seq and "Gemm" not in seq  # onnxruntime fuses DQ -> MatMul of rank 3 itself
     qop = [n.op_type for n in _quantize(_dense_model(), format="qop").graph.node]
     assert "Gemm" not in qop
+
+
+def test_per_tensor_weights_give_a_per_tensor_int32_bias_and_the_same_outputs():
+    """--per-tensor: one weight scale, so the bias DQ has one 0-d scale and no axis (it crashed building the scale
+    constant from a NumPy scalar before)."""
+    model = _dense_model()
+    q = _quantize(model, per_channel=False)
+    gemm = next(n for n in q.graph.node if n.op_type == "Gemm")
+    b_dq = next(n for n in q.graph.node if n.output[0] == gemm.input[2])
+    assert b_dq.op_type == "DequantizeLinear" and not any(a.name == "axis" for a in b_dq.attribute)
+    assert _arrays(q)[b_dq.input[1]].shape == ()
+    feed = _feeds(model, 1)[0]
+    ref = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feed)[0]
+    got = ort.InferenceSession(q.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feed)[0]
+    assert np.abs(got - ref).max() < 0.1 * np.abs(ref).max()
