@@ -6,7 +6,6 @@ failure on a provider is a finding in the result, never a crash.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import statistics
@@ -18,18 +17,13 @@ from typing import Any, Iterable
 import numpy as np
 import onnx
 
-PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+from .runtime import PROVIDERS, augmented_model, available_providers, make_session, profile_placement, with_cpu_fallback
+
 _DQ_SUFFIXES = ("_dequantized", "_DequantizeLinear_Output")
 #: ops whose outputs are not worth ranking as layers (shapes, constants, pure data movement)
 _NOT_LAYERS = frozenset({"Constant", "Shape", "Size", "Gather", "Unsqueeze", "Squeeze", "Reshape", "Identity", "Flatten",
                          "Transpose", "Concat", "Slice", "Cast", "ConstantOfShape", "Range", "Equal", "Where", "Not",
                          "Expand", "QuantizeLinear", "DequantizeLinear"})
-
-
-def available_providers() -> list[str]:
-    import onnxruntime as ort
-
-    return ort.get_available_providers()
 
 
 def default_providers() -> list[str]:
@@ -108,57 +102,17 @@ def _session(model: onnx.ModelProto, provider: str, *, profile_prefix: str | Non
              spin: bool = True):
     """A session on ``provider`` (CPU as the fallback). ``spin=False`` turns off the intra-op threads' spin-wait,
     for timing two sessions in turn: a session's threads otherwise keep spinning after its run and slow the
-    next session's (measured: alternated Magika runs 2-4x slower than either alone)."""
-    import onnxruntime as ort
-
-    from .calib.collect import augmented_model
-
+    next session's (measured: alternated Magika runs 2-4x slower than either alone). onnxruntime's default
+    optimisation level (all), and its own exception when the model does not load (reported as a finding)."""
     if outputs:
         model = augmented_model(model, outputs)
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    if not spin:
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if profile_prefix:
-        opts.enable_profiling = True
-        opts.profile_file_prefix = profile_prefix
-    providers = [provider] + (["CPUExecutionProvider"] if provider != "CPUExecutionProvider" else [])
-    if model.ByteSize() < 2**31 - 2**26:
-        return ort.InferenceSession(model.SerializeToString(), opts, providers=providers)
-    with tempfile.TemporaryDirectory(prefix="qpass-val-") as tmp:
-        path = os.path.join(tmp, "m.onnx")
-        onnx.save_model(model, path, save_as_external_data=True, location="m.data")
-        return ort.InferenceSession(path, opts, providers=providers)
+    return make_session(model, with_cpu_fallback(provider), what=None, level=None, spin=spin,
+                        profile_prefix=profile_prefix)
 
 
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0][:500] if text else type(exc).__name__
-
-
-def _placement(profile_path: str) -> dict:
-    """Which provider ran each node, from onnxruntime's profile (kernel events carry the provider)."""
-    with open(profile_path, encoding="utf-8") as fh:
-        events = json.load(fh)
-    nodes: dict[str, tuple[str, str]] = {}
-    op_us: dict[str, float] = {}
-    for e in events:
-        args = e.get("args", {})
-        if e.get("cat") == "Node" and "provider" in args and e.get("name", "").endswith("_kernel_time"):
-            op = args.get("op_name", "?")
-            nodes[e["name"][: -len("_kernel_time")]] = (op, args["provider"])
-            op_us[op] = op_us.get(op, 0.0) + float(e.get("dur", 0))
-    by_provider: dict[str, int] = {}
-    ops_by_provider: dict[str, dict[str, int]] = {}
-    for op, prov in nodes.values():
-        by_provider[prov] = by_provider.get(prov, 0) + 1
-        ops = ops_by_provider.setdefault(prov, {})
-        ops[op] = ops.get(op, 0) + 1
-    total = sum(op_us.values())
-    share = {op: round(us / total, 4) for op, us in sorted(op_us.items(), key=lambda kv: -kv[1])} if total else {}
-    return {"nodes_by_provider": by_provider, "ops_by_provider": ops_by_provider, "op_time_share": share,
-            "memcpy_nodes": sum(1 for op, _ in nodes.values() if op.startswith("Memcpy")),
-            "nodes": [{"node": n, "op_type": op, "provider": p} for n, (op, p) in sorted(nodes.items())]}
 
 
 #: A quantized model whose median latency exceeds the original's by more than this factor gets a finding.
@@ -340,7 +294,7 @@ def validate(original: onnx.ModelProto, quantized: onnx.ModelProto, samples: Ite
                 continue
             entry["outputs"] = [s.to_dict() for s in stats.values() if s.cosines]
             if placement:
-                entry["placement"] = _placement(q.end_profiling())
+                entry["placement"] = profile_placement(q)
                 if prov != "CPUExecutionProvider":
                     fell_back = [n for n in entry["placement"]["nodes"] if n["provider"] != prov]
                     entry["placement"]["fallback_nodes"] = fell_back

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -25,7 +24,9 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 import onnx
 
-from ..errors import CalibrationDataError, QpassError
+from ..errors import CalibrationDataError
+from ..runtime import augmented_model, make_session
+from ..runtime import pick_providers  # noqa: F401 - re-exported: pipeline.py imports it from here
 from .data import InputSpec
 from .histogram import StreamingHistogram, subsample_stride
 from .methods import entropy_range, mse_range, percentile_range
@@ -49,58 +50,6 @@ class RangeOptions:
 #: After ``hist_full_samples`` samples a tensor's histogram already holds up to 64 x hist_sample values (4M by
 #: default); each later sample adds an eighth of that cap, so histogram cost stops growing like min-max's.
 LATE_CAP_DIVISOR = 8
-
-
-def augmented_model(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
-    """A copy of ``model`` whose graph also outputs ``tensors``."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    existing = {o.name for o in out.graph.output}
-    types = {vi.name: vi for vi in list(out.graph.value_info) + list(out.graph.input)}
-    for name in tensors:
-        if name in existing:
-            continue
-        vi = types.get(name)
-        if vi is not None:
-            out.graph.output.append(vi)
-        else:
-            out.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-    return out
-
-
-def make_session(model: onnx.ModelProto, providers: list[str] | None = None, *, what: str = "model",
-                 optimize: bool = True, threads: int | None = None):
-    """An onnxruntime session for an in-memory model (through a temporary file when it is over 2 GB);
-    ``threads``: intra-op threads (default: onnxruntime's, one per core)."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    if threads:
-        opts.intra_op_num_threads = threads
-    opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_BASIC if optimize
-                                     else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
-    providers = providers or ["CPUExecutionProvider"]
-    try:
-        if model.ByteSize() < 2**31 - 2**26:
-            return ort.InferenceSession(model.SerializeToString(), opts, providers=providers)
-        with tempfile.TemporaryDirectory(prefix="qpass-session-") as tmp:
-            path = Path(tmp) / "model.onnx"
-            onnx.save_model(model, str(path), save_as_external_data=True, location="model.data")
-            return ort.InferenceSession(str(path), opts, providers=providers)
-    except Exception as exc:  # noqa: BLE001 - onnxruntime raises several unrelated types
-        raise QpassError(f"onnxruntime cannot load the {what}: {str(exc).splitlines()[0]}", subject=what) from None
-
-
-def pick_providers(ep: str) -> tuple[list[str], str | None]:
-    """Execution providers for ``ep`` ("cpu" or "cuda"), and a message when CUDA had to fall back."""
-    import onnxruntime as ort
-
-    if ep == "cuda":
-        if "CUDAExecutionProvider" in ort.get_available_providers():
-            return ["CUDAExecutionProvider", "CPUExecutionProvider"], None
-        return ["CPUExecutionProvider"], "CUDAExecutionProvider is not available in this onnxruntime; calibrating on the CPU"
-    return ["CPUExecutionProvider"], None
 
 
 def batchable(specs: list[InputSpec]) -> bool:

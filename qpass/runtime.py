@@ -1,0 +1,134 @@
+"""Everything qpass asks of onnxruntime: sessions, execution providers, models with extra outputs, profiles.
+
+This is the only module of qpass that imports onnxruntime (tests/test_runtime.py and ruff's TID251 rule keep
+it so): what a session is built with, and which onnxruntime behaviours qpass relies on, are in one place.
+onnxruntime is imported on first use, so that importing qpass (the CLI's --help) does not load it.
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import onnx
+
+from .errors import QpassError
+
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+#: short names (CLI, config) -> onnxruntime's execution provider names
+PROVIDERS = {"cpu": CPU, "cuda": CUDA}
+#: graph optimisation levels by name (onnxruntime's GraphOptimizationLevel); ``level=None`` keeps its default (all)
+LEVELS = {"none": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
+#: an in-memory model at least this large goes to onnxruntime through a file with external data (protobuf's 2 GB)
+EXTERNAL_DATA_BYTES = 2**31 - 2**26
+
+
+def _ort():
+    import onnxruntime
+
+    return onnxruntime
+
+
+# ---------------------------------------------------------------------------------------------- providers
+def available_providers() -> list[str]:
+    """The execution providers this onnxruntime build has."""
+    return _ort().get_available_providers()
+
+
+def pick_providers(ep: str) -> tuple[list[str], str | None]:
+    """Execution providers for ``ep`` ("cpu" or "cuda"), and a message when CUDA had to fall back."""
+    if ep == "cuda":
+        if CUDA in available_providers():
+            return [CUDA, CPU], None
+        return [CPU], "CUDAExecutionProvider is not available in this onnxruntime; calibrating on the CPU"
+    return [CPU], None
+
+
+def with_cpu_fallback(provider: str) -> list[str]:
+    """``provider`` first, then the CPU for the nodes it has no kernel for."""
+    return [provider] + ([CPU] if provider != CPU else [])
+
+
+# ---------------------------------------------------------------------------------------------- models
+def augmented_model(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
+    """A copy of ``model`` whose graph also outputs ``tensors``."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    existing = {o.name for o in out.graph.output}
+    types = {vi.name: vi for vi in list(out.graph.value_info) + list(out.graph.input)}
+    for name in tensors:
+        if name in existing:
+            continue
+        vi = types.get(name)
+        if vi is not None:
+            out.graph.output.append(vi)
+        else:
+            out.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- sessions
+def make_session(model: onnx.ModelProto, providers: list[str] | None = None, *, what: str | None = "model",
+                 level: str | None = "basic", threads: int | None = None, spin: bool = True,
+                 profile_prefix: str | None = None):
+    """An onnxruntime session for an in-memory model (through a temporary file with external data when it is
+    over 2 GB), on ``providers`` (default: the CPU).
+
+    ``level``: graph optimisation level, a key of :data:`LEVELS`; None keeps onnxruntime's default.
+    ``threads``: intra-op threads (default: onnxruntime's, one per core). ``spin=False`` turns off the
+    intra-op threads' spin-wait (for timing two sessions in turn). ``profile_prefix``: profile the session into
+    files of that prefix (read them with :func:`profile_placement`). ``what`` names the model in the
+    :class:`QpassError` raised when onnxruntime cannot load it; None lets onnxruntime's own exception through.
+    """
+    ort = _ort()
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+    if level is not None:
+        opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, LEVELS[level])
+    if not spin:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if profile_prefix:
+        opts.enable_profiling = True
+        opts.profile_file_prefix = profile_prefix
+    providers = providers or [CPU]
+    try:
+        if model.ByteSize() < EXTERNAL_DATA_BYTES:
+            return ort.InferenceSession(model.SerializeToString(), opts, providers=providers)
+        with tempfile.TemporaryDirectory(prefix="qpass-session-") as tmp:
+            path = Path(tmp) / "model.onnx"
+            onnx.save_model(model, str(path), save_as_external_data=True, location="model.data")
+            return ort.InferenceSession(str(path), opts, providers=providers)
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises several unrelated types
+        if what is None:
+            raise
+        raise QpassError(f"onnxruntime cannot load the {what}: {str(exc).splitlines()[0]}", subject=what) from None
+
+
+# ---------------------------------------------------------------------------------------------- profiles
+def profile_placement(session) -> dict:
+    """End ``session``'s profiling (it was made with ``profile_prefix``) and read from the profile which provider
+    ran each node (kernel events carry the provider), and the share of node time per op type."""
+    with open(session.end_profiling(), encoding="utf-8") as fh:
+        events = json.load(fh)
+    nodes: dict[str, tuple[str, str]] = {}
+    op_us: dict[str, float] = {}
+    for e in events:
+        args = e.get("args", {})
+        if e.get("cat") == "Node" and "provider" in args and e.get("name", "").endswith("_kernel_time"):
+            op = args.get("op_name", "?")
+            nodes[e["name"][: -len("_kernel_time")]] = (op, args["provider"])
+            op_us[op] = op_us.get(op, 0.0) + float(e.get("dur", 0))
+    by_provider: dict[str, int] = {}
+    ops_by_provider: dict[str, dict[str, int]] = {}
+    for op, prov in nodes.values():
+        by_provider[prov] = by_provider.get(prov, 0) + 1
+        ops = ops_by_provider.setdefault(prov, {})
+        ops[op] = ops.get(op, 0) + 1
+    total = sum(op_us.values())
+    share = {op: round(us / total, 4) for op, us in sorted(op_us.items(), key=lambda kv: -kv[1])} if total else {}
+    return {"nodes_by_provider": by_provider, "ops_by_provider": ops_by_provider, "op_time_share": share,
+            "memcpy_nodes": sum(1 for op, _ in nodes.values() if op.startswith("Memcpy")),
+            "nodes": [{"node": n, "op_type": op, "provider": p} for n, (op, p) in sorted(nodes.items())]}
