@@ -52,19 +52,23 @@ def with_cpu_fallback(provider: str) -> list[str]:
 
 # ---------------------------------------------------------------------------------------------- models
 def augmented_model(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
-    """A copy of ``model`` whose graph also outputs ``tensors``."""
+    """A copy of ``model`` whose graph also outputs ``tensors``.
+
+    An extra output takes its type from the model's value_info (or graph input) entry for the tensor. A tensor
+    the model does not describe gets an output without a type, which onnxruntime fills in from the node that
+    produces it (as it does for every undescribed tensor). A guessed type would make onnxruntime refuse the
+    model whenever the guess is wrong: float was guessed before, and MiniLM's bool ConstantOfShape output
+    stopped validate's per-layer analysis ("Type (tensor(float)) of output arg ... does not match expected
+    type (tensor(bool))")."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     existing = {o.name for o in out.graph.output}
-    types = {vi.name: vi for vi in list(out.graph.value_info) + list(out.graph.input)}
+    types = {vi.name: vi for vi in list(out.graph.value_info) + list(out.graph.input) if vi.type.WhichOneof("value")}
     for name in tensors:
         if name in existing:
             continue
         vi = types.get(name)
-        if vi is not None:
-            out.graph.output.append(vi)
-        else:
-            out.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+        out.graph.output.append(vi if vi is not None else onnx.ValueInfoProto(name=name))
     return out
 
 

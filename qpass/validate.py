@@ -17,6 +17,7 @@ from typing import Any, Iterable
 import numpy as np
 import onnx
 
+from .io import infer_shapes
 from .runtime import PROVIDERS, augmented_model, available_providers, make_session, profile_placement, with_cpu_fallback
 
 _DQ_SUFFIXES = ("_dequantized", "_DequantizeLinear_Output")
@@ -24,6 +25,8 @@ _DQ_SUFFIXES = ("_dequantized", "_DequantizeLinear_Output")
 _NOT_LAYERS = frozenset({"Constant", "Shape", "Size", "Gather", "Unsqueeze", "Squeeze", "Reshape", "Identity", "Flatten",
                          "Transpose", "Concat", "Slice", "Cast", "ConstantOfShape", "Range", "Equal", "Where", "Not",
                          "Expand", "QuantizeLinear", "DequantizeLinear"})
+#: element types whose error the per-layer analysis measures; other tensors (bool, integers) are exact
+_FLOAT_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE})
 
 
 def default_providers() -> list[str]:
@@ -164,6 +167,16 @@ def _matched_tensors(original: onnx.ModelProto, quantized: onnx.ModelProto) -> d
     return out
 
 
+def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
+    """The element type of each tensor of ``model`` that shape inference (or the model itself) knows."""
+    graph = infer_shapes(model).graph
+    types = {t.name: t.data_type for t in graph.initializer}
+    for vi in list(graph.input) + list(graph.value_info) + list(graph.output):
+        if vi.type.WhichOneof("value") == "tensor_type" and vi.type.tensor_type.elem_type:
+            types[vi.name] = vi.type.tensor_type.elem_type
+    return types
+
+
 def per_layer_error(original: onnx.ModelProto, quantized: onnx.ModelProto, samples: list, provider: str) -> list[dict]:
     """Accumulated SQNR at every node's output (shape and data-movement ops aside), and the noise each adds, ranked.
 
@@ -171,6 +184,10 @@ def per_layer_error(original: onnx.ModelProto, quantized: onnx.ModelProto, sampl
     (both measured against the original model on the same samples); the node that adds the most comes
     first. Graph inputs count as exact. A node whose output is folded away (a Conv whose Relu the
     quantized model fused) is measured at the folded activation's output.
+
+    Only float tensors are asked of onnxruntime (types from shape inference; a tensor of unknown type is asked
+    for too, and typed by onnxruntime). A bool or integer tensor counts as exact where a node reads it, and a
+    node whose output is not float is not ranked.
     """
     matched = _matched_tensors(original, quantized)
     readers: dict[str, list[onnx.NodeProto]] = {}
@@ -188,17 +205,22 @@ def per_layer_error(original: onnx.ModelProto, quantized: onnx.ModelProto, sampl
             measured_at[idx] = y
     nodes = [(original.graph.node[i], y) for i, y in measured_at.items()]
     wanted = sorted({t for n, y in nodes for t in list(n.input) + [y] if t in matched})
-    if not wanted:
+    types = _elem_types(original)
+    not_float = {t for t in wanted if types.get(t, onnx.TensorProto.FLOAT) not in _FLOAT_TYPES}
+    asked = [t for t in wanted if t not in not_float]
+    if not asked:
         return []
-    ref = _session(original, provider, outputs=wanted)
-    q = _session(quantized, provider, outputs=[matched[t] for t in wanted])
+    ref = _session(original, provider, outputs=asked)
+    q = _session(quantized, provider, outputs=[matched[t] for t in asked])
     sig = {t: 0.0 for t in wanted}
     noise = {t: 0.0 for t in wanted}
     for feed, _ in samples:
-        rv = dict(zip(wanted, ref.run(wanted, feed)))
-        qv = dict(zip(wanted, q.run([matched[t] for t in wanted], feed)))
-        for t in wanted:
+        rv = dict(zip(asked, ref.run(asked, feed)))
+        qv = dict(zip(asked, q.run([matched[t] for t in asked], feed)))
+        for t in asked:
             a, b = np.asarray(rv[t]), np.asarray(qv[t])
+            if a.dtype.kind != "f":
+                not_float.add(t)  # its type was not known before the run
             if a.shape != b.shape or a.dtype.kind != "f" or b.dtype.kind != "f":
                 continue
             a, b = a.astype(np.float64), b.astype(np.float64)
@@ -228,6 +250,8 @@ def per_layer_error(original: onnx.ModelProto, quantized: onnx.ModelProto, sampl
 
     rows = []
     for n, y in nodes:
+        if y in not_float:
+            continue
         ins = [input_nsr(t) for t in n.input]
         if any(v is None for v in ins):
             in_nsr = None

@@ -161,3 +161,26 @@ def test_profile_placement_names_the_provider_of_every_node(tmp_path):
     assert set(placement["nodes_by_provider"]) == {"CPUExecutionProvider"}
     assert {n["op_type"] for n in placement["nodes"]} >= {"Conv"}
     assert placement["memcpy_nodes"] == 0 and abs(sum(placement["op_time_share"].values()) - 1) < 0.01
+
+
+def test_augmented_model_types_undescribed_tensors_as_onnxruntime_does():
+    """A tensor without value_info gets an untyped output, which onnxruntime types from its producer (a float
+    guess made a bool or int64 tensor fail to load). A described tensor keeps its value_info."""
+    from onnx import TensorProto, helper
+
+    nodes = [helper.make_node("Shape", ["x"], ["s"]),
+             helper.make_node("ConstantOfShape", ["s"], ["ones"], value=helper.make_tensor("one", TensorProto.BOOL, [1], [True])),
+             helper.make_node("Cast", ["ones"], ["y"], to=TensorProto.FLOAT)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    aug = runtime.augmented_model(model, ["ones", "s"])
+    session = runtime.make_session(aug)
+    assert {o.name: o.type for o in session.get_outputs()} == {"y": "tensor(float)", "ones": "tensor(bool)",
+                                                               "s": "tensor(int64)"}
+    ones, s = session.run(["ones", "s"], {"x": np.zeros((2, 3), np.float32)})
+    assert ones.dtype == np.bool_ and ones.all() and s.tolist() == [2, 3]
+    described = builders.conv_model()
+    described.graph.value_info.append(helper.make_tensor_value_info("c", TensorProto.FLOAT, ["N", 4, 8, 8]))
+    assert runtime.augmented_model(described, ["c"]).graph.output[-1] == described.graph.value_info[0]

@@ -162,3 +162,42 @@ def test_a_quantized_model_slower_than_the_original_is_a_finding_naming_where_it
         fast = validate(onnx.load(builders.DIGITS_MODEL), digits_qdq, _digits_samples(4), providers=["cpu"],
                         per_layer=False, latency_repeats=3)
     assert not any("latency" in f for f in fast["findings"])
+
+
+def _bool_mask_model(w_scale: float = 1.0) -> onnx.ModelProto:
+    """x[2,4] -> Mul(x, Cast(And(ConstantOfShape(Shape(x)) = True, x > 0))) -> MatMul(W) -> y, with no value_info:
+    the bool tensors are described nowhere (as MiniLM's attention mask: ConstantOfShape -> And)."""
+    from onnx import TensorProto, helper
+
+    w = np.random.default_rng(0).normal(size=(4, 3)).astype(np.float32) * np.float32(w_scale)
+    nodes = [helper.make_node("Shape", ["x"], ["s"], name="shape"),
+             helper.make_node("ConstantOfShape", ["s"], ["ones"], name="ones",
+                              value=helper.make_tensor("one", TensorProto.BOOL, [1], [True])),
+             helper.make_node("Greater", ["x", "zero"], ["pos"], name="greater"),
+             helper.make_node("And", ["ones", "pos"], ["mask"], name="and"),
+             helper.make_node("Cast", ["mask"], ["maskf"], name="cast", to=TensorProto.FLOAT),
+             helper.make_node("Mul", ["x", "maskf"], ["r"], name="mul"),
+             helper.make_node("MatMul", ["r", "W"], ["y"], name="matmul")]
+    inits = [numpy_helper.from_array(np.zeros((), np.float32), "zero"), numpy_helper.from_array(w, "W")]
+    graph = helper.make_graph(nodes, "mask", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    assert not model.graph.value_info
+    return model
+
+
+def test_per_layer_analysis_survives_bool_tensors_without_value_info():
+    """The extra outputs once defaulted to float when the model did not describe a tensor, and onnxruntime refused
+    the model ("Type (tensor(float)) of output arg (ones) ... does not match expected type (tensor(bool))"):
+    MiniLM's report had no per-layer ranking. Only float tensors are asked for now, each with its own type."""
+    rng = np.random.default_rng(1)
+    samples = [({"x": rng.normal(size=(2, 4)).astype(np.float32)}, None) for _ in range(3)]
+    r = validate(_bool_mask_model(), _bool_mask_model(w_scale=1.05), samples, providers=["cpu"], latency=False,
+                 placement=False)
+    assert not [f for f in r["findings"] if "per-layer" in f], r["findings"]
+    assert [row["node"] for row in r["per_layer"]] == ["matmul", "mul"]  # the bool-valued greater/and are not layers
+    matmul, mul = r["per_layer"]
+    assert mul["sqnr_db"] == "inf" and matmul["input_sqnr_db"] == "inf"  # the mask is exact
+    assert 20 < matmul["sqnr_db"] < 30  # the weights are 5 % off: 20 log10(1/0.05) = 26 dB
