@@ -60,18 +60,13 @@ def samples(name: str, n: int, shared: Path = SHARED) -> Iterator[dict]:
 
 
 def planned(model_path: Path, method: str):
-    """What qpass calibrates: the prepared model (exported) and the tensors its plan needs ranges for."""
+    """What qpass calibrates: the prepared model and its plan (the stages qpass.quantize calls)."""
+    from qpass import stages
     from qpass.config import QuantConfig
-    from qpass.graph import WorkingGraph
-    from qpass.io import infer_shapes, load_model
-    from qpass.pass_manager import PassContext, PassManager
-    from qpass.passes.placement import plan_quantization
-    from qpass.pipeline import prepare_passes
 
-    wg = WorkingGraph(infer_shapes(load_model(model_path)))
     cfg = QuantConfig(method=method)
-    PassManager(prepare_passes(), export=wg.export, verify=None).run(wg.graph, PassContext(cfg))
-    return wg.export(), plan_quantization(wg.graph, cfg).calibrate
+    prepared = stages.prepare(stages.load(model_path), cfg)
+    return prepared, stages.plan(prepared, cfg)
 
 
 def child(tool: str, method: str, name: str, n: int, shared: Path, hist_sample: int = 65536) -> dict:
@@ -79,12 +74,12 @@ def child(tool: str, method: str, name: str, n: int, shared: Path, hist_sample: 
     model_path = MODELS[name].model_path(shared)
     t = time.perf_counter()
     if tool == "qpass":
-        from qpass.calib.collect import RangeOptions, collect_ranges
+        from qpass import stages
+        from qpass.config import QuantConfig
 
-        model, tensors = planned(model_path, method)
-        table = collect_ranges(model, tensors, ((f, None) for f in feeds), methods=method,
-                               options=RangeOptions(hist_sample=hist_sample))
-        count = len(table)
+        prepared, plan = planned(model_path, method)
+        cfg = QuantConfig(method=method, hist_sample=hist_sample)
+        count = len(stages.calibrate(prepared, plan, ((f, None) for f in feeds), cfg).table)
     else:
         from onnxruntime.quantization.calibrate import CalibrationDataReader, CalibrationMethod, create_calibrator
 

@@ -21,6 +21,8 @@ examples:
   qpass run model.onnx --calib calib.npz --val test.npz --min-cosine 0.99
   qpass run old_opset11.onnx --calib calib/ --target-opset 13   # explicit upgrade for per-channel
   qpass run model.onnx --calib calib/ --method entropy --save-calib table.json
+  qpass run model.onnx --calib calib/ --save-plan plan.json --save-calib table.json
+  qpass run model.onnx --load-plan plan.json --load-calib table.json --val calib/   # edited plan, no recalibration
   qpass run model.onnx --synthetic-calib                        # smoke run on random data (loudly marked)
 
 exit codes: 0 success, 1 validation below --min-cosine, 2 bad input (one line names the file/node/tensor)
@@ -74,6 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--synthetic-calib", action="store_true", help="calibrate on random data (smoke runs only)")
     run.add_argument("--load-calib", metavar="JSON", help="use a saved calibration table instead of running calibration")
     run.add_argument("--save-calib", metavar="JSON", help="save the calibration table")
+    run.add_argument("--save-plan", metavar="JSON",
+                     help="save the quantization plan (per-tensor specs, nodes, skips) to edit and reuse with --load-plan")
+    run.add_argument("--load-plan", metavar="JSON",
+                     help="use a saved (possibly edited) plan instead of planning: a node's \"precision\": \"float\", a "
+                          "tensor's spec, or \"overrides\" by node, op_type, node_regex, tensor or tensor_regex")
     _validation_args(run)
     run.add_argument("--external-data", action="store_true", help="write weights to <output>.data")
     run.add_argument("--allow-empty", action="store_true", help="accept a run that quantizes nothing")
@@ -163,14 +170,15 @@ def _progress_factory(console: Console, stack: list) -> Callable:
 
 
 def cmd_run(args: argparse.Namespace, out: Console, err: Console) -> int:
-    from .pipeline import default_output_path, quantize
+    from .api import default_output_path, quantize
 
     config = _config_from_args(args)
     output = Path(args.output) if args.output else default_output_path(args.model)
     bars: list = []
     try:
         result = quantize(args.model, args.calib, config=config, output=output, val=args.val, load_calib=args.load_calib,
-                          save_calib=args.save_calib, dump_dir=args.dump_dir,
+                          save_calib=args.save_calib, plan=args.load_plan, save_plan=args.save_plan,
+                          dump_dir=args.dump_dir,
                           progress=None if args.quiet else _progress_factory(err, bars))
     finally:
         for bar in bars:
@@ -189,7 +197,7 @@ def cmd_run(args: argparse.Namespace, out: Console, err: Console) -> int:
 
 
 def cmd_validate(args: argparse.Namespace, out: Console, err: Console) -> int:
-    from .pipeline import validate_models
+    from .api import validate_models
 
     config = _config_from_args(args)
     q = Path(args.quantized)

@@ -39,6 +39,10 @@ class ConfigError(QpassError):
     """A configuration value or config file is invalid."""
 
 
+class PlanError(QpassError):
+    """A quantization plan (file or object) is malformed or does not fit the model."""
+
+
 class OpsetError(QpassError):
     """The model's opset does not allow what was asked; never changed silently."""
 

@@ -56,13 +56,16 @@ def unexportable_values(model: onnx.ModelProto) -> list[str]:
 class WorkingGraph:
     """Pairs a gs.Graph with the model-level metadata needed to export it faithfully."""
 
-    def __init__(self, model: onnx.ModelProto):
+    def __init__(self, model: onnx.ModelProto, *, outer_initializers: "set[str] | frozenset[str] | None" = None):
+        """``outer_initializers``: the names to keep top-level on export (default: the model's own initializers;
+        a stage re-importing a prepared model passes the input model's, so its output is the same as in one pass)."""
         bad = unexportable_values(model)
         if bad:
             raise UnsupportedModelError(f"{len(bad)} value(s) of a type qpass cannot rewrite, e.g. {bad[0]}",
                                         subject="model", hint="qpass handles tensor and sequence-of-tensor values only")
         self.meta = ModelMeta.of(model)
-        self.outer_initializers = {t.name for t in model.graph.initializer}
+        self.outer_initializers = (set(outer_initializers) if outer_initializers is not None
+                                   else {t.name for t in model.graph.initializer})
         self.graph = gs.import_onnx(model)
         self.renamed_nodes = unique_node_names(self.graph)
 

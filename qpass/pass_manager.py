@@ -15,7 +15,7 @@ from .errors import PassError, QpassError
 
 if TYPE_CHECKING:
     from .calib.table import CalibrationTable
-    from .config import QuantConfig
+    from .plan.spec import QuantPlan
 
 
 @dataclass(frozen=True)
@@ -40,12 +40,17 @@ class PassResult:
 
 @dataclass(frozen=True)
 class PassContext:
-    config: "QuantConfig"
+    """The artifacts passes read (settings go to each pass's constructor)."""
+
+    plan: "QuantPlan | None" = None
     calib: "CalibrationTable | None" = None
 
 
 class Pass(abc.ABC):
     """One graph rewrite. ``run`` mutates the graph in place and says whether it changed it."""
+
+    #: "quantize" for the pass whose stats count the quantized compute nodes (the report sums those); else "rewrite"
+    role = "rewrite"
 
     @property
     def name(self) -> str:
@@ -69,6 +74,7 @@ class PassRecord:
     modified: bool
     skipped: tuple[Skip, ...]
     stats: dict
+    role: str = "rewrite"
 
     def to_dict(self) -> dict:
         return {"name": self.name, "seconds": round(self.seconds, 4), "modified": self.modified,
@@ -116,7 +122,7 @@ class PassManager:
                 hint = f"the model before this pass is in {dumped}" if dumped else "rerun with --dump-dir DIR to keep the model from before this pass"
                 raise PassError(msg, hint=hint) from exc
             records.append(PassRecord(p.name, time.perf_counter() - start, result.modified, tuple(result.skipped),
-                                      dict(result.stats)))
+                                      dict(result.stats), p.role))
             before = after
         return records
 

@@ -24,6 +24,8 @@ class Report:
     sizes: dict[str, int] = field(default_factory=dict)
     validation: dict | None = None
     warnings: list[str] = field(default_factory=list)
+    #: the quantization plan the rewrite applied (QuantPlan.to_dict), overrides folded in where they were given
+    plan: dict | None = None
     seconds: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -53,6 +55,7 @@ class Report:
             "sizes": self.sizes,
             "validation": self.validation,
             "warnings": self.warnings,
+            "plan": self.plan,
             "seconds": {k: round(v, 4) for k, v in self.seconds.items()},
         }
 
@@ -69,9 +72,10 @@ class Report:
         return write_text_atomic(path, self.to_json() + "\n")
 
 
-def count_quantized(records: list[PassRecord], pass_name: str) -> dict[str, int]:
+def count_quantized(records: list[PassRecord]) -> dict[str, int]:
+    """Quantized compute nodes per op type: the stats of the passes whose role is "quantize"."""
     total: Counter = Counter()
     for r in records:
-        if r.name == pass_name:
+        if r.role == "quantize":
             total.update(r.stats)
     return dict(total)

@@ -81,7 +81,7 @@ def _manager(passes, **kw):
 
 def test_records_time_skips_and_stats_per_pass():
     wg, pm = _manager([Noop(), Cleanup()])
-    records = pm.run(wg.graph, PassContext(QuantConfig()))
+    records = pm.run(wg.graph, PassContext())
     assert [r.name for r in records] == ["noop", "cleanup"]
     assert records[0].skipped[0].reason == "just because" and records[0].stats == {"n": 1}
     assert all(r.seconds >= 0 for r in records)
@@ -91,7 +91,7 @@ def test_records_time_skips_and_stats_per_pass():
 def test_dangling_input_is_caught_and_names_the_pass_and_the_ones_before():
     wg, pm = _manager([Noop(), DanglingInput(), Cleanup()])
     with pytest.raises(PassError) as info:
-        pm.run(wg.graph, PassContext(QuantConfig()))
+        pm.run(wg.graph, PassContext())
     msg = str(info.value)
     assert "pass 'dangling_input' failed after ['noop']" in msg
     assert "nowhere" in msg  # the checker's finding is carried along
@@ -101,13 +101,13 @@ def test_dangling_input_is_caught_and_names_the_pass_and_the_ones_before():
 def test_duplicate_node_names_are_caught():
     wg, pm = _manager([DuplicateNodeName()])
     with pytest.raises(PassError, match="duplicate node name"):
-        pm.run(wg.graph, PassContext(QuantConfig()))
+        pm.run(wg.graph, PassContext())
 
 
 def test_zero_scale_is_caught_by_the_qdq_invariants():
     wg, pm = _manager([ZeroScale()])
     with pytest.raises(PassError, match="scale must be finite and > 0"):
-        pm.run(wg.graph, PassContext(QuantConfig()))
+        pm.run(wg.graph, PassContext())
 
 
 @pytest.mark.parametrize("bad, text", [(NeedsNothing(), "needs a calibration table"),
@@ -116,13 +116,13 @@ def test_zero_scale_is_caught_by_the_qdq_invariants():
 def test_requires_ensures_and_return_type_are_enforced(bad, text):
     wg, pm = _manager([bad])
     with pytest.raises(PassError, match=text):
-        pm.run(wg.graph, PassContext(QuantConfig()))
+        pm.run(wg.graph, PassContext())
 
 
 def test_dump_dir_keeps_the_model_from_just_before_the_failing_pass(tmp_path):
     wg, pm = _manager([Noop(), DanglingInput()], dump_dir=tmp_path / "dump")
     with pytest.raises(PassError) as info:
-        pm.run(wg.graph, PassContext(QuantConfig()))
+        pm.run(wg.graph, PassContext())
     dumped = tmp_path / "dump" / "before_dangling_input.onnx"
     assert dumped.exists() and str(dumped) in str(info.value)
     model = onnx.load(str(dumped))

@@ -1,1 +1,1 @@
-"""Graph rewrites, one per module. The pipelines (literal lists) live in :mod:`qpass.pipeline`."""
+"""Graph rewrites, one per module. The pass lists of each mode live in :mod:`qpass.recipes`."""

@@ -33,6 +33,10 @@ def _constant_value(t: gs.Tensor):
 
 
 class ConstantsToInitializers(Pass):
+    def __init__(self, op_types=tuple(WEIGHT_SLOTS)):
+        #: the compute op types whose weight and bias slots are looked at
+        self.op_types = tuple(op_types)
+
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         outputs = {t.name for t in graph.outputs}
         done: Counter = Counter()
@@ -40,7 +44,7 @@ class ConstantsToInitializers(Pass):
         new_name = NameAllocator(graph)
         for node in graph.nodes:
             slots = WEIGHT_SLOTS.get(node.op) if is_onnx_op(node) else None
-            if not slots or node.op not in ctx.config.op_types:
+            if not slots or node.op not in self.op_types:
                 continue
             for i in slots:
                 if i >= len(node.inputs):

@@ -1,8 +1,8 @@
 """x -> Q -> DQ -> consumers for each planned activation; W -> int8 W_q -> DQ(axis) -> Op; B -> int32 B_q (scale s_x*s_w, zp 0) -> DQ -> Op.
 
 The QDQ format: only standard ONNX QuantizeLinear / DequantizeLinear. Which activations get a pair,
-and which consumers read it, comes from :mod:`placement`; activation ranges come from the
-calibration table; weight ranges from the constants (symmetric, per output channel when configured).
+which consumers read it and every spec come from the plan (:mod:`qpass.plan`); activation ranges come from the
+calibration table; weight ranges from the constants.
 A bias whose integer value would overflow int32 widens its channel's weight scale until it fits (recorded in the
 report); only where that cannot apply (a scalar bias on per-channel weights, say) does it stay float, with the reason.
 """
@@ -16,21 +16,28 @@ import onnx_graphsurgeon as gs
 from ..errors import PreconditionError
 from ..graph import NameAllocator, node_label
 from ..pass_manager import Pass, PassContext, PassResult, Skip
+from ..plan.bind import BoundPlan, bind
+from ..plan.targets import Target
 from ..qparams import INT32_MAX, INT_TYPES, compute_qparams, int32_bias, quantize, weight_qparams
-from .placement import Plan, plan_quantization
-from .targets import Target
+
+#: weight types this pass writes (block-wise and 4-bit weights belong to the weight-only mode)
+WEIGHT_DTYPES = ("int8",)
 
 
 class InsertQDQ(Pass):
+    #: its stats count the compute nodes it quantized (what the report's quantized_nodes sums)
+    role = "quantize"
+
     def requires(self, graph: gs.Graph, ctx: PassContext) -> None:
-        if ctx.calib is None:
-            raise PreconditionError("needs a calibration table", subject=self.name)
-        if ctx.config.per_channel and graph.opset < 13:
+        if ctx.calib is None or ctx.plan is None:
+            raise PreconditionError("needs a plan and a calibration table", subject=self.name)
+        per_channel = [n.node for n in ctx.plan.nodes if n.weight is not None and n.weight.spec.granularity == "channel"]
+        if per_channel and graph.opset < 13:
             raise PreconditionError(f"per-channel DequantizeLinear needs opset >= 13, graph has {graph.opset}",
-                                    subject="graph", hint="use --target-opset 13 or --per-tensor")
+                                    subject=per_channel[0], hint="use --target-opset 13 or --per-tensor")
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        plan = plan_quantization(graph, ctx.config)
+        plan = bind(ctx.plan, graph)
         self._names = NameAllocator(graph)
         self._graph = graph
         self._weights: dict[tuple[str, int | None], tuple[gs.Variable, np.ndarray]] = {}
@@ -47,13 +54,18 @@ class InsertQDQ(Pass):
         return PassResult(modified=bool(act_scales or done), skipped=tuple(skipped), stats=stats)
 
     # ------------------------------------------------------------------ activations
-    def _quantize_activations(self, plan: Plan, ctx: PassContext, skipped: list[Skip]) -> dict[str, np.ndarray]:
+    def _quantize_activations(self, plan: BoundPlan, ctx: PassContext, skipped: list[Skip]) -> dict[str, np.ndarray]:
         """Insert one Q/DQ pair per planned tensor and rewire its readers; returns tensor name -> scale."""
-        cfg = ctx.config
         tensors = self._graph.tensors()
         scales: dict[str, np.ndarray] = {}
-        for q in plan.tensors.values():
+        for q in plan.tensors:
             x = tensors[q.name]
+            if not q.spec.quantized:
+                continue
+            if q.spec.granularity != "tensor" or q.spec.dynamic:
+                skipped.append(Skip(q.name, "activation", f"{q.spec.granularity}{' dynamic' if q.spec.dynamic else ''} "
+                                                          "activation specs are not written by static QDQ; left in float"))
+                continue
             rng = ctx.calib.get(q.range_of)
             if rng is None:
                 skipped.append(Skip(q.name, "activation", f"no calibration range for '{q.range_of}'; left in float"))
@@ -62,7 +74,7 @@ class InsertQDQ(Pass):
             if not readers:
                 continue
             try:
-                scale, zp = compute_qparams(rng.min, rng.max, cfg.activation_type, symmetric=cfg.activation_symmetric)
+                scale, zp = compute_qparams(rng.min, rng.max, q.spec.dtype, symmetric=q.spec.symmetric)
             except ValueError as exc:
                 skipped.append(Skip(q.name, "activation", f"range [{rng.min:.4g}, {rng.max:.4g}] unusable ({exc}); left in float"))
                 continue
@@ -88,9 +100,16 @@ class InsertQDQ(Pass):
             act_scale = act_scales[name]
         w_scale = None
         if t.weight is not None:
-            floor = self._bias_scale_floor(node, t, act_scale, ctx)
+            spec = t.weight_spec
+            if spec is not None and (spec.granularity == "block" or spec.dtype not in WEIGHT_DTYPES or not spec.symmetric):
+                skipped.append(Skip(label, node.op, f"weight spec {spec.dtype} {spec.granularity}"
+                                                    f"{'' if spec.symmetric else ' asymmetric'} is not written by static "
+                                                    "QDQ; node left in float"))
+                return False
+            floor = self._bias_scale_floor(node, t, act_scale)
             try:
-                dq, w_scale, widened = self._weight_dq(node.inputs[t.weight], t.weight_axis, ctx, floor)
+                dq, w_scale, widened = self._weight_dq(node.inputs[t.weight], t.weight_axis,
+                                                       spec.dtype if spec else "int8", floor)
             except ValueError as exc:
                 skipped.append(Skip(label, node.op, f"weight '{node.inputs[t.weight].name}' not quantizable ({exc})"))
                 return False
@@ -100,7 +119,7 @@ class InsertQDQ(Pass):
                                                     "int32 bias fits (bias / (input scale x weight scale) <= 2**31-1)"))
         for note in t.notes:
             skipped.append(Skip(label, node.op, note))
-        if t.bias is not None and ctx.config.bias == "float":
+        if t.bias is not None and t.bias_dtype == "float":
             pass  # kept as the float initializer, as configured
         elif t.bias is not None:
             if act_scale is None or w_scale is None:
@@ -132,14 +151,14 @@ class InsertQDQ(Pass):
                                          inputs=[q, scale_c, zp_c], outputs=[dq]))
         return dq
 
-    def _bias_scale_floor(self, node: gs.Node, t: Target, act_scale: np.ndarray | None, ctx: PassContext) -> np.ndarray | None:
+    def _bias_scale_floor(self, node: gs.Node, t: Target, act_scale: np.ndarray | None) -> np.ndarray | None:
         """The smallest weight scale, per output channel, at which the int32 bias |b| / (s_x * s_w) fits in int32.
 
         A bias that would overflow at the weights' own scale gets its channel's weight scale widened to this
         floor, as onnxruntime's quantizer does, rather than a float bias: onnxruntime's optimizer re-quantizes a
         float bias to int32 itself, and with 16-bit activation scales its result was wrong (measured on the
         OCR detector, docs/benchmark-notes.md)."""
-        if t.bias is None or ctx.config.bias != "int32" or act_scale is None or np.size(act_scale) != 1:
+        if t.bias is None or t.bias_dtype != "int32" or act_scale is None or np.size(act_scale) != 1:
             return None
         b = node.inputs[t.bias]
         if not isinstance(b, gs.Constant):
@@ -151,12 +170,12 @@ class InsertQDQ(Pass):
         floor = values / (s_x * INT32_MAX) * (1 + 1e-5)  # margin above float32 rounding of the scale
         return floor if t.weight_axis is not None else np.asarray(floor.max())
 
-    def _weight_dq(self, w: gs.Constant, axis: int | None, ctx: PassContext,
+    def _weight_dq(self, w: gs.Constant, axis: int | None, dtype: str,
                    floor: np.ndarray | None = None) -> tuple[gs.Variable, np.ndarray, int]:
         """The weight's DQ and scale (shared by every node with the same scale), and how many channels of the scale
         ``floor`` widened."""
         values = np.asarray(w.values, dtype=np.float32)
-        scale, zp = weight_qparams(values, axis, ctx.config.weight_type)
+        scale, zp = weight_qparams(values, axis, dtype)
         widened = 0
         if floor is not None and (floor.shape == np.shape(scale) or floor.ndim == 0) and np.any(floor > scale):
             widened = int(np.count_nonzero(np.broadcast_to(floor > scale, np.shape(scale))))

@@ -62,8 +62,6 @@ def _plan(mm: gs.Node, graph_outputs: set[str]) -> tuple[gs.Node, tuple[np.ndarr
 
 class MatMulBiasToGemm(Pass):
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        if ctx.config.format != "qdq":
-            return PassResult(modified=False)
         new_name = NameAllocator(graph)
         outputs = {t.name for t in graph.outputs}
         done, skipped = 0, []

@@ -56,8 +56,6 @@ def _is_float_reader(n: gs.Node) -> bool:
 
 class SingleReaderDequantize(Pass):
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        if not ctx.config.single_reader_dq:
-            return PassResult(modified=False)
         new_name = NameAllocator(graph)
         outputs = {t.name for t in graph.outputs}
         guarded = 0

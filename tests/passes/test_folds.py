@@ -47,7 +47,7 @@ def _add_model(shape):
 
 def _apply(model, p):
     wg = WorkingGraph(onnx.shape_inference.infer_shapes(model))
-    result = p.run(wg.graph, PassContext(QuantConfig()))
+    result = p.run(wg.graph, PassContext())
     out = wg.export()
     verify_model(out)
     return wg, result, out
@@ -69,7 +69,7 @@ def test_batchnorm_folds_into_the_conv(conv_bias):
     conv = out.graph.node[0]
     assert len(conv.input) == 3 and conv.output[0] == "y"  # the graph output name is kept
     np.testing.assert_allclose(_run(out, X), _run(model, X), rtol=1e-5, atol=1e-5)
-    again = FoldBatchNorm().run(wg.graph, PassContext(QuantConfig()))
+    again = FoldBatchNorm().run(wg.graph, PassContext())
     assert not again.modified
 
 
@@ -88,7 +88,7 @@ def test_per_channel_add_folds_into_the_conv_bias(shape):
     assert result.modified and [n.op_type for n in out.graph.node] == ["Conv"]
     assert out.graph.node[0].output[0] == "y"
     np.testing.assert_allclose(_run(out, X), _run(model, X), rtol=1e-6, atol=1e-6)
-    assert not FoldConvBiasAdd().run(wg.graph, PassContext(QuantConfig())).modified
+    assert not FoldConvBiasAdd().run(wg.graph, PassContext()).modified
 
 
 @pytest.mark.parametrize("shape", [(6,), (1, 4, 6, 6), (1, 1, 1, 6)])
@@ -111,4 +111,4 @@ def test_identity_of_an_initializer_becomes_a_weight():
     assert [n.op_type for n in out.graph.node] == ["Conv"]
     assert out.graph.node[0].input[1] in {t.name for t in out.graph.initializer}
     np.testing.assert_array_equal(_run(out, X), _run(model, X))
-    assert not ConstantsToInitializers().run(wg.graph, PassContext(QuantConfig())).modified
+    assert not ConstantsToInitializers().run(wg.graph, PassContext()).modified

@@ -13,6 +13,7 @@ from qpass.config import QuantConfig
 from qpass.graph import WorkingGraph
 from qpass.pass_manager import PassContext
 from qpass.passes.insert_qdq import InsertQDQ
+from qpass.plan.policy import build_plan
 from qpass.qparams import compute_qparams, dequantize, quantize, weight_qparams
 from tests import builders
 
@@ -33,9 +34,14 @@ def _table(**ranges) -> CalibrationTable:
     return CalibrationTable({k: TensorRange(lo, hi) for k, (lo, hi) in ranges.items()}, samples=1)
 
 
+def _ctx(graph, table: CalibrationTable, config: QuantConfig | None = None) -> PassContext:
+    """The plan of ``graph`` under ``config`` and the table: what the rewrite stage hands InsertQDQ."""
+    return PassContext(build_plan(graph, config or QuantConfig(quantize_outputs=False)), table)
+
+
 def _run_pass(model: onnx.ModelProto, table: CalibrationTable, config: QuantConfig | None = None):
     wg = WorkingGraph(onnx.shape_inference.infer_shapes(model))
-    result = InsertQDQ().run(wg.graph, PassContext(config or QuantConfig(quantize_outputs=False), table))
+    result = InsertQDQ().run(wg.graph, _ctx(wg.graph, table, config))
     return wg, result
 
 
@@ -187,7 +193,7 @@ def test_second_run_changes_nothing(make):
     wg, first = _run_pass(make(), _table(x=(-1.0, 1.0)))
     assert first.modified
     before = wg.export().SerializeToString()
-    second = InsertQDQ().run(wg.graph, PassContext(QuantConfig(quantize_outputs=False), _table(x=(-1.0, 1.0))))
+    second = InsertQDQ().run(wg.graph, _ctx(wg.graph, _table(x=(-1.0, 1.0))))
     assert not second.modified and not second.skipped
     assert wg.export().SerializeToString() == before
 
@@ -284,6 +290,6 @@ def test_second_run_on_a_graph_with_joins_changes_nothing():
     wg, first = _run_pass(model, _table(**{n: (-1.0, 2.0) for n in names}), QuantConfig())
     assert first.modified
     before = wg.export().SerializeToString()
-    second = InsertQDQ().run(wg.graph, PassContext(QuantConfig(), _table(**{n: (-1.0, 2.0) for n in names})))
+    second = InsertQDQ().run(wg.graph, _ctx(wg.graph, _table(**{n: (-1.0, 2.0) for n in names}), QuantConfig()))
     assert not second.modified
     assert wg.export().SerializeToString() == before

@@ -98,7 +98,7 @@ def test_second_lowering_changes_nothing():
     qop = qpass.quantize(builders.DIGITS_MODEL, builders.DIGITS_CALIB, format="qop").model
     wg = WorkingGraph(qop)
     before = wg.export().SerializeToString()
-    result = LowerToQOperator().run(wg.graph, PassContext(QuantConfig(format="qop")))
+    result = LowerToQOperator().run(wg.graph, PassContext())
     assert not result.modified
     assert wg.export().SerializeToString() == before
 

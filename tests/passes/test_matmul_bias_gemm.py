@@ -82,7 +82,7 @@ def test_onnxruntime_runs_it_as_one_integer_gemm_with_the_graphs_own_result(tmp_
 
 def test_a_second_run_changes_nothing():
     wg = WorkingGraph(_quantize(_dense_model()))
-    assert not MatMulBiasToGemm().run(wg.graph, PassContext(QuantConfig())).modified
+    assert not MatMulBiasToGemm().run(wg.graph, PassContext()).modified
 
 
 def test_a_sequence_input_and_the_qop_form_keep_matmul_and_add():

@@ -5,12 +5,16 @@ Shared by calibration planning (which activations need ranges) and :mod:`insert_
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import onnx_graphsurgeon as gs
 
 from ..config import QuantConfig
 from ..graph import is_float32, is_onnx_op, node_label, producer
 from ..pass_manager import Skip
+
+if TYPE_CHECKING:
+    from .spec import QSpec
 
 
 @dataclass
@@ -24,6 +28,9 @@ class Target:
     bias: int | None = None
     bias_axis: int | None = None
     notes: list[str] = field(default_factory=list)
+    #: set when bound from a plan: the weight's spec and the bias's dtype ("int32" or "float")
+    weight_spec: "QSpec | None" = None
+    bias_dtype: str = "int32"
 
 
 def _from_dq(t: gs.Tensor) -> bool:

@@ -5,7 +5,7 @@ import onnx
 
 from qpass.config import QuantConfig
 from qpass.graph import WorkingGraph
-from qpass.passes.placement import plan_quantization
+from qpass.plan.placement import plan_quantization
 from tests import builders
 
 

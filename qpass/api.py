@@ -1,0 +1,159 @@
+"""quantize() and validate_models(): the stages called in order, and the report assembled from their artifacts."""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import onnx
+
+from . import stages
+from .calib.data import input_specs, synthetic_samples
+from .calib.sources import calibration_data, take, validation_data
+from .config import QuantConfig
+from .errors import ModelSaveError
+from .io import same_file, save_model
+from .plan.spec import QuantPlan
+from .report import Report
+
+Data = "str | os.PathLike | Iterable[Mapping[str, Any]] | None"
+
+
+@dataclass
+class QuantizeResult:
+    model: onnx.ModelProto
+    report: Report
+    output_path: Path | None = None
+    report_path: Path | None = None
+    plan: QuantPlan | None = None
+
+    @property
+    def passed(self) -> bool:
+        v = self.report.validation
+        return v is None or v.get("passed", True)
+
+
+def default_output_path(model_path: str | os.PathLike) -> Path:
+    p = Path(model_path)
+    return p.with_name(f"{p.name[:-5] if p.name.endswith('.onnx') else p.name}.qpass.onnx")
+
+
+def report_path_for(output: str | os.PathLike) -> Path:
+    p = Path(output)
+    return p.with_name(f"{p.name[:-5] if p.name.endswith('.onnx') else p.name}.report.json")
+
+
+def quantize(model: str | os.PathLike | onnx.ModelProto, calib: Data = None, *, config: QuantConfig | None = None,
+             output: str | os.PathLike | None = None, val: Data = None, load_calib: str | os.PathLike | None = None,
+             save_calib: str | os.PathLike | None = None, plan: QuantPlan | str | os.PathLike | None = None,
+             save_plan: str | os.PathLike | None = None, dump_dir: str | os.PathLike | None = None,
+             progress: stages.ProgressFactory | None = None, **overrides: Any) -> QuantizeResult:
+    """Quantize an fp32 ONNX model (QDQ or integer operators) and validate it against the original.
+
+    ``model``: a path or ModelProto (never modified or written). ``calib`` / ``val``: a ``.npz``, a folder of
+    ``.npz`` (one sample each), a ``test_data_set_*`` folder, or an iterable of feed dicts; ``val`` defaults to a
+    held-out split of ``calib``. ``load_calib`` / ``save_calib``: the calibration table as JSON. ``plan``: a
+    QuantPlan or plan file to use instead of planning (``save_plan`` writes the one used). ``output``: written
+    atomically, with ``*.report.json`` beside it. ``config`` and keyword ``overrides``: :class:`QuantConfig`.
+    Raises QpassError subclasses for bad input, each naming the file, node or tensor.
+    """
+    cfg = (config or QuantConfig()).replace(**overrides) if overrides else (config or QuantConfig())
+    t0 = time.perf_counter()
+    name = "<ModelProto>" if isinstance(model, onnx.ModelProto) else str(model)
+    original = stages.load(model)
+    times = {"load": time.perf_counter() - t0}
+    if not isinstance(model, onnx.ModelProto):
+        _check_writes(model, output=output, report=output and report_path_for(output), save_calib=save_calib,
+                      save_plan=save_plan)
+    report = Report(model=name, config=cfg.to_dict())
+    prepared = _timed(times, "prepare", stages.prepare, original, cfg, name=name, dump_dir=dump_dir)
+    report.opset, report.passes = prepared.opset, list(prepared.records)
+    report.warnings += prepared.warnings
+    qplan = QuantPlan.load(plan) if isinstance(plan, (str, os.PathLike)) else plan
+    qplan = qplan or _timed(times, "plan", stages.plan, prepared, cfg)
+    if save_plan is not None:
+        qplan.save(save_plan)
+    specs, held = input_specs(prepared.reference), []
+    t = time.perf_counter()
+    if load_calib is not None:
+        calibrated = stages.load_calibration(load_calib, qplan, cfg)
+    else:
+        data = calibration_data(calib, specs, cfg, val_given=val is not None, subject=name)
+        report.warnings += data.warnings
+        calibrated = stages.calibrate(prepared, qplan, data.stream, cfg, total=data.total, synthetic=data.synthetic,
+                                      description=data.description, progress=progress)
+        calibrated.info["ignored_keys"], held = data.ignored_keys, data.held
+        if save_calib is not None:
+            calibrated.table.save(save_calib)
+    report.warnings += calibrated.info.pop("warnings", [])
+    report.calibration, times["calibrate"] = calibrated.info, time.perf_counter() - t
+    rewritten = _timed(times, "quantize", stages.rewrite, prepared, qplan, calibrated.table, cfg, dump_dir=dump_dir,
+                       name=name)
+    report.passes += rewritten.records
+    report.quantized_nodes, report.plan = rewritten.quantized_nodes, qplan.to_dict()
+    report.sizes = {"input_bytes": stages.model_size(model, original), "output_bytes": rewritten.model.ByteSize()}
+    t = time.perf_counter()
+    samples, desc = validation_data(val, specs, cfg, calib=calib, held=held, loaded_table=load_calib is not None)
+    if samples is None:
+        report.warnings.append("not validated: no held-out samples (give --val PATH or more calibration samples)")
+    else:
+        report.validation = stages.evaluate(prepared.reference, rewritten.model, samples, desc, cfg)
+        report.warnings.extend(report.validation["findings"])
+    times["validate"] = time.perf_counter() - t
+    result = QuantizeResult(rewritten.model, report, plan=qplan)
+    if output is not None:
+        report.output = str(output)
+        result.output_path = _timed(times, "save", save_model, rewritten.model, output,
+                                    input_path=None if isinstance(model, onnx.ModelProto) else model,
+                                    external_data=cfg.external_data)
+        report.seconds = times
+        result.report_path = report.save(report_path_for(output))
+    report.seconds = times
+    return result
+
+
+def validate_models(original: str | os.PathLike | onnx.ModelProto, quantized: str | os.PathLike | onnx.ModelProto,
+                    val: Data = None, *, config: QuantConfig | None = None, output: str | os.PathLike | None = None,
+                    **overrides: Any) -> Report:
+    """Validate any pair of models (for instance one quantized by another tool) on ``val`` data.
+
+    Without ``val``, random feeds are used and the report says so. Writes the JSON report (and the HTML
+    page beside it) when ``output`` is given. ``report.validation["passed"]`` reflects the tolerances.
+    """
+    cfg = (config or QuantConfig()).replace(**overrides) if overrides else (config or QuantConfig())
+    ref, q = stages.load(original), stages.load(quantized)
+    report = Report(model=str(original) if not isinstance(original, onnx.ModelProto) else "<ModelProto>",
+                    output=str(quantized) if not isinstance(quantized, onnx.ModelProto) else "<ModelProto>",
+                    config=cfg.to_dict())
+    if val is None:
+        samples: Iterable = [(f, None) for f in synthetic_samples(input_specs(ref), cfg.synthetic_samples, cfg.seed)]
+        desc = "synthetic random feeds"
+        report.warnings.append("validated on RANDOM data (no --val): the numbers say little about real inputs")
+        report.calibration = {"synthetic": True}
+    else:
+        src, desc = validation_data(val, input_specs(ref), cfg)
+        samples, desc = take(src, cfg.max_val_samples), f"{desc} (up to {cfg.max_val_samples} samples)"
+    report.validation = stages.evaluate(ref, q, samples, desc, cfg)
+    report.warnings.extend(report.validation["findings"])
+    report.sizes = {"input_bytes": stages.model_size(original, ref), "output_bytes": stages.model_size(quantized, q)}
+    if output is not None:
+        report.save(output)
+    return report
+
+
+def _timed(times: dict, key: str, fn, *args, **kwargs):
+    t = time.perf_counter()
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        times[key] = time.perf_counter() - t
+
+
+def _check_writes(model: str | os.PathLike, **paths: Any) -> None:
+    """Every file this run writes, checked against the input before any work: qpass never writes its input."""
+    for what, path in paths.items():
+        if path is not None and same_file(path, model):
+            raise ModelSaveError(f"{what} path is the input model", subject=str(path),
+                                 hint="qpass never writes its input; choose another path")

@@ -1,0 +1,190 @@
+"""The stages of a run, each callable alone with plain, picklable inputs and outputs.
+
+    load -> prepare -> plan -> calibrate -> rewrite -> evaluate -> save
+
+A pipeline can prepare and calibrate once and rewrite several plans; :func:`qpass.api.quantize` is these calls in
+order. Every artifact (``Prepared``, ``QuantPlan``, ``CalibrationTable``, ``Rewritten``) holds ModelProtos, dataclasses
+and dicts only, so it pickles and can go to another process.
+"""
+from __future__ import annotations
+
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import onnx
+
+from .calib.collect import RangeOptions, collect_ranges
+from .calib.data import input_specs
+from .calib.table import CalibrationTable
+from .config import QuantConfig
+from .errors import CalibrationDataError, NothingQuantizedError, UnsupportedModelError, VerificationError
+from .graph import WorkingGraph, op_types, used_quant_ops
+from .io import infer_shapes, keep_value_info_of, load_model
+from .opset import apply_opset_policy
+from .pass_manager import PassContext, PassManager, PassRecord
+from .plan.policy import build_plan
+from .plan.spec import QuantPlan
+from .recipes import prepare_passes, rewrite_passes
+from .report import count_quantized
+from .runtime import pick_providers
+from .validate import validate
+from .verify import verify_model
+
+#: Progress hook: called with a label and a total (or None); returns a callable advanced once per sample.
+ProgressFactory = Callable[[str, "int | None"], Callable[[], None]]
+
+load = load_model
+
+
+@dataclass
+class Prepared:
+    """The prepared model (folds done, shapes inferred) that plans, calibration and rewrites read, and the
+    reference the result is validated against (the input after the opset policy, before any fold)."""
+
+    model: onnx.ModelProto
+    reference: onnx.ModelProto
+    records: list[PassRecord] = field(default_factory=list)
+    opset: dict = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    #: initializers of the input's top-level graph (kept there when a subgraph reads them; graph.WorkingGraph)
+    outer_initializers: frozenset[str] = frozenset()
+
+
+@dataclass
+class Calibrated:
+    """The statistics table and what the report says of the calibration run."""
+
+    table: CalibrationTable
+    info: dict
+
+
+@dataclass
+class Rewritten:
+    model: onnx.ModelProto
+    records: list[PassRecord]
+    quantized_nodes: dict[str, int]
+
+
+def prepare(model: onnx.ModelProto, config: QuantConfig | None = None, *, name: str = "<ModelProto>",
+            dump_dir: str | os.PathLike | None = None) -> Prepared:
+    """Refuse what qpass cannot quantize, apply the opset policy, verify, and run the prepare passes."""
+    config = config or QuantConfig()
+    present = used_quant_ops(model)
+    if present:
+        raise UnsupportedModelError(f"already quantized: it contains {sorted(present)}", subject=name,
+                                    hint="qpass quantizes float models; give it the original fp32 model")
+    reference, opset, warnings = apply_opset_policy(model, config, name)
+    wg = WorkingGraph(infer_shapes(reference))
+    try:  # what the verifier rejects before any pass ran is the input's doing, not the first pass's
+        verify_model(wg.export())
+    except VerificationError as exc:
+        raise UnsupportedModelError(f"the model is not valid after qpass's graph import/export, before any rewrite: "
+                                    f"{exc.one_line()}", subject=name,
+                                    hint="the ONNX checker accepts it, qpass's verifier does not") from exc
+    records = PassManager(prepare_passes(config), export=wg.export, verify=verify_model,
+                          dump_dir=dump_dir).run(wg.graph, PassContext())
+    absent = sorted(set(config.exclude_before) - op_types(reference))
+    if absent:
+        warnings.append(f"exclude_before: no node of op type {', '.join(absent)} in the model (op types are "
+                        "case-sensitive, e.g. HardSwish); it changed nothing")
+    return Prepared(wg.export(), reference, records, opset, warnings, frozenset(wg.outer_initializers))
+
+
+def _working_graph(prepared: Prepared) -> WorkingGraph:
+    return WorkingGraph(prepared.model, outer_initializers=prepared.outer_initializers)
+
+
+def plan(prepared: Prepared, config: QuantConfig | None = None) -> QuantPlan:
+    """Which nodes and activations to quantize, and how (per-tensor specs)."""
+    return build_plan(_working_graph(prepared).graph, config or QuantConfig())
+
+
+def calibrate(prepared: Prepared, quant_plan: QuantPlan, samples: Iterable, config: QuantConfig | None = None, *,
+              total: int | None = None, synthetic: bool = False, description: str = "",
+              progress: ProgressFactory | None = None) -> Calibrated:
+    """Stream ``samples`` ((feed, label) pairs) through onnxruntime and measure the ranges the plan needs."""
+    config = config or QuantConfig()
+    tensors = quant_plan.calibrate
+    methods = quant_plan.methods()
+    providers, note = pick_providers(config.calib_ep)
+    options = RangeOptions(config.percentile, config.bins, config.kl_levels, config.activation_type,
+                           config.activation_symmetric, config.hist_sample)
+    schedule: dict = {}
+    table = collect_ranges(prepared.model, tensors, samples, methods=methods, options=options, providers=providers,
+                           batch_size=config.calib_batch_size, specs=input_specs(prepared.model), synthetic=synthetic,
+                           on_sample=progress("calibrating", total) if progress else None,
+                           overlap=None if config.calib_overlap else False, stats=schedule)
+    info = {"source": description, "samples": table.samples, "tensors": len(table), "method": config.method,
+            "methods_used": dict(Counter(methods.values())), "provider": providers[0], "synthetic": table.synthetic,
+            "observer_thread": schedule.get("observer_thread", False)}
+    if note:
+        info["warnings"] = [note]
+    return Calibrated(table, info)
+
+
+def load_calibration(path: str | os.PathLike, quant_plan: QuantPlan, config: QuantConfig | None = None) -> Calibrated:
+    """A saved calibration table, checked to hold every range the plan needs."""
+    table = CalibrationTable.load(path)
+    missing = [n for n in quant_plan.calibrate if n not in table]
+    if missing:
+        raise CalibrationDataError(f"has no range for {len(missing)} tensor(s), e.g. '{missing[0]}'",
+                                   subject=str(path), hint="the table was made for another model or config")
+    return Calibrated(table, {"source": str(path), "samples": table.samples, "tensors": len(table),
+                              "method": (config or QuantConfig()).method, "synthetic": table.synthetic})
+
+
+def rewrite(prepared: Prepared, quant_plan: QuantPlan, table: CalibrationTable, config: QuantConfig | None = None, *,
+            dump_dir: str | os.PathLike | None = None, name: str = "<ModelProto>") -> Rewritten:
+    """Apply the plan with the recipe's passes (each verified); refuse a result that quantized nothing unless
+    ``allow_empty``."""
+    config = config or QuantConfig()
+    wg = _working_graph(prepared)
+    records = PassManager(rewrite_passes(config), export=wg.export, verify=verify_model,
+                          dump_dir=dump_dir).run(wg.graph, PassContext(quant_plan, table))
+    quantized = keep_value_info_of(wg.export(), prepared.reference)
+    counts = count_quantized(records)
+    if not counts and not config.allow_empty:
+        skipped = [s for r in prepared.records + records for s in r.skipped]
+        reasons = "; ".join(f"{s.node}: {s.reason}" for s in skipped[:3]) or \
+            "no Conv/ConvTranspose/MatMul/Gemm with float weights"
+        raise NothingQuantizedError(f"nothing was quantized ({reasons})", subject=name,
+                                    hint="pass allow_empty / --allow-empty to accept an unchanged model")
+    return Rewritten(quantized, records, counts)
+
+
+def evaluate(reference: onnx.ModelProto, quantized: onnx.ModelProto, samples: Iterable, description: str,
+             config: QuantConfig | None = None) -> dict:
+    """Original vs quantized on the configured providers: metrics, per-layer ranking, placement, latency, and the
+    tolerance verdict (``passed``, ``tolerance_failures``)."""
+    config = config or QuantConfig()
+    result = validate(reference, quantized, samples, providers=list(config.providers) or None,
+                      per_layer=config.per_layer, latency=config.latency)
+    result["data"] = description
+    result.update(check_tolerance(result, config))
+    return result
+
+
+def check_tolerance(validation: dict, cfg: QuantConfig) -> dict:
+    """``passed`` and the failed checks, for the tolerances set in ``cfg`` (min cosine, SQNR, top-1 agreement)."""
+    failures = []
+    for o in validation.get("outputs", []):
+        if cfg.min_cosine is not None and o["cosine_mean"] is not None and o["cosine_mean"] < cfg.min_cosine:
+            failures.append(f"output '{o['output']}': mean cosine {o['cosine_mean']:.5f} < {cfg.min_cosine}")
+        sq = o["sqnr_db"] if isinstance(o["sqnr_db"], float) else (float("inf") if o["sqnr_db"] == "inf" else float("-inf"))
+        if cfg.min_sqnr is not None and sq < cfg.min_sqnr:
+            failures.append(f"output '{o['output']}': SQNR {sq:.2f} dB < {cfg.min_sqnr}")
+        if cfg.min_top1 is not None and "top1_agreement" in o and o["top1_agreement"] < cfg.min_top1:
+            failures.append(f"output '{o['output']}': top-1 agreement {o['top1_agreement']:.4f} < {cfg.min_top1}")
+    if any(v is not None for v in (cfg.min_cosine, cfg.min_sqnr, cfg.min_top1)) and not validation.get("outputs"):
+        failures.append("no provider produced outputs to check")
+    return {"passed": not failures, "tolerance_failures": failures}
+
+
+def model_size(source: Any, model: onnx.ModelProto) -> int:
+    """Bytes of the file ``source`` names, or of the serialised model when it is not a file."""
+    if isinstance(source, (str, os.PathLike)):
+        return Path(source).stat().st_size
+    return model.ByteSize()
