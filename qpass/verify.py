@@ -11,7 +11,9 @@ from .io import check_proto
 
 _QDQ = {"QuantizeLinear", "DequantizeLinear"}
 _INT_TYPES = {onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT16, onnx.TensorProto.UINT16,
-              onnx.TensorProto.INT32}
+              onnx.TensorProto.INT32, onnx.TensorProto.INT4, onnx.TensorProto.UINT4}
+#: scale types (float16 / bfloat16 from opset 19; the ONNX checker rejects them below it)
+_SCALE_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
 
 
 def node_graph(graph: onnx.GraphProto) -> nx.DiGraph:
@@ -56,11 +58,15 @@ def verify_model(model: onnx.ModelProto) -> None:
 def _verify_qdq(graph: onnx.GraphProto) -> None:
     inits = {t.name: t for t in graph.initializer}
     ranks = {}
+    shapes: dict[str, list[int | None]] = {}  # None: a dimension that is not a known number
     for vi in list(graph.value_info) + list(graph.input) + list(graph.output):
         if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
             ranks[vi.name] = len(vi.type.tensor_type.shape.dim)
+            shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else None
+                               for d in vi.type.tensor_type.shape.dim]
     for t in inits.values():
         ranks[t.name] = len(t.dims)
+        shapes[t.name] = list(t.dims)
     for node in graph.node:
         if node.op_type not in _QDQ:
             continue
@@ -68,9 +74,11 @@ def _verify_qdq(graph: onnx.GraphProto) -> None:
         if len(node.input) < 2 or node.input[1] not in inits:
             raise VerificationError("scale must be a constant initializer", subject=where)
         scale = inits[node.input[1]]
-        if scale.data_type != onnx.TensorProto.FLOAT:
-            raise VerificationError("scale must be float32", subject=where)
+        if scale.data_type not in _SCALE_TYPES:
+            raise VerificationError("scale must be float32, float16 or bfloat16", subject=where)
         scale_arr = numpy_helper.to_array(scale)
+        if scale.data_type != onnx.TensorProto.FLOAT:
+            scale_arr = scale_arr.astype(np.float32)  # float16 / bfloat16: every value exact in float32
         if not np.all(np.isfinite(scale_arr)) or np.any(scale_arr <= 0):
             raise VerificationError("scale must be finite and > 0", subject=where)
         zp = None
@@ -86,7 +94,10 @@ def _verify_qdq(graph: onnx.GraphProto) -> None:
         if node.op_type == "DequantizeLinear" and node.input[0] in inits and zp is not None:
             if inits[node.input[0]].data_type != zp.data_type:
                 raise VerificationError("quantized input and zero point differ in type", subject=where)
-        if len(scale.dims) == 1 and scale.dims[0] > 1:
+        block_size = next((a.i for a in node.attribute if a.name == "block_size"), 0)  # 0: the ONNX default
+        if block_size != 0 or len(scale.dims) > 1:
+            _verify_blocked(node, scale, block_size, ranks.get(node.input[0]), shapes.get(node.input[0]), where)
+        elif len(scale.dims) == 1 and scale.dims[0] > 1:
             axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
             rank = ranks.get(node.input[0])
             if rank is not None and not (-rank <= axis < rank):
@@ -95,3 +106,34 @@ def _verify_qdq(graph: onnx.GraphProto) -> None:
             if shape is not None and shape[axis] != scale.dims[0]:
                 raise VerificationError(f"per-axis scale has {scale.dims[0]} values for axis of size {shape[axis]}",
                                         subject=where)
+
+
+def _verify_blocked(node: onnx.NodeProto, scale: onnx.TensorProto, block_size: int, rank: int | None,
+                    shape: list[int | None] | None, where: str) -> None:
+    """Blocked quantization (opset 21): ``block_size`` > 0, the scale has the input's rank and shape except
+    ``ceil(dim / block_size)`` on ``axis``. Dimensions that are not known numbers are not compared."""
+    if block_size <= 0:
+        if block_size < 0:
+            raise VerificationError(f"block_size must be > 0, not {block_size}", subject=where)
+        raise VerificationError(f"scale of rank {len(scale.dims)} needs a block_size attribute (blocked "
+                                f"quantization); per-axis scales are 1-D", subject=where)
+    if rank is None:
+        return
+    if len(scale.dims) != rank:
+        raise VerificationError(f"blocked scale has rank {len(scale.dims)}, input has rank {rank} "
+                                f"(block_size {block_size})", subject=where)
+    axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+    if not -rank <= axis < rank:
+        raise VerificationError(f"axis {axis} out of range for rank {rank}", subject=where)
+    axis %= rank
+    if shape is None:
+        return
+    expected = [None if d is None else (-(-d // block_size) if i == axis else d) for i, d in enumerate(shape)]
+    if any(e is not None and e != s for e, s in zip(expected, scale.dims)):
+        raise VerificationError(f"blocked scale shape {list(scale.dims)} does not fit input shape {_dims(shape)} "
+                                f"with axis {axis}, block_size {block_size}: expected {_dims(expected)}",
+                                subject=where)
+
+
+def _dims(shape: list[int | None]) -> str:
+    return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"

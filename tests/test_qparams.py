@@ -1,22 +1,24 @@
 """Property tests and known answers for qpass.qparams (range -> scale/zero point, quantize/dequantize).
 
 The numeric truth is ONNX's own reference implementation (onnx.reference.ReferenceEvaluator) of
-QuantizeLinear / DequantizeLinear at opset 13.
+QuantizeLinear / DequantizeLinear at opset 13, and at opset 21 for int4 / uint4 and block-wise scales.
 """
 from __future__ import annotations
 
 import functools
 import warnings
+import zlib
 
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
-from qpass.qparams import INT_TYPES, MIN_SCALE, compute_qparams, dequantize, qrange, quantize, weight_qparams
+from qpass.qparams import (INT_TYPES, MIN_SCALE, ONNX_TYPES, block_qparams, blocked_shape, compute_qparams,
+                           dequantize, make_initializer, pack_4bit, qrange, quantize, unpack_4bit, weight_qparams)
 
 SETTINGS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 F32_MAX = float(np.finfo(np.float32).max)
@@ -485,3 +487,428 @@ def test_reference_saturation_agrees_within_int32():
     for zp in (np.uint8(7), np.int8(-3)):
         _assert_bit_equal(quantize(x, np.float32(0.5), zp),
                           _ref_run("QuantizeLinear", x, np.float32(0.5), zp, None), f"saturation {zp.dtype}")
+
+
+# ============================================================================================== int4 / uint4
+#: the 4-bit (qtype, symmetric) combinations; values are held unpacked in int8 / uint8
+MODES4 = [("int4", True), ("int4", False), ("uint4", False), ("uint4", True)]
+
+
+def test_4bit_types_and_ranges():
+    assert INT_TYPES["int4"] == (np.int8, -8, 7) and INT_TYPES["uint4"] == (np.uint8, 0, 15)
+    assert ONNX_TYPES["int4"] == TensorProto.INT4 and ONNX_TYPES["uint4"] == TensorProto.UINT4
+    assert qrange("int4", symmetric=True) == (-7, 7)
+    assert qrange("int4", symmetric=False) == (-8, 7)
+    assert qrange("uint4", symmetric=True) == (0, 15)
+    assert qrange("uint4", symmetric=False) == (0, 15)
+
+
+def test_4bit_qparams_known_answers():
+    s, z = compute_qparams(-1.0, 1.0, "int4", symmetric=True)
+    assert s == np.float32(1 / 7) and z == 0 and z.dtype == np.int8
+    s, z = compute_qparams(-8.0, 7.0, "int4", symmetric=False)
+    assert s == 1.0 and z == 0 and z.dtype == np.int8
+    s, z = compute_qparams(0.0, 15.0, "uint4", symmetric=False)
+    assert s == 1.0 and z == 0 and z.dtype == np.uint8
+    s, z = compute_qparams(-3.0, 0.0, "uint4", symmetric=False)  # all-negative range: zero at the top
+    assert s == np.float32(3 / 15) and z == 15
+    s, z = compute_qparams(-1.0, 1.0, "uint4", symmetric=False)
+    assert s == np.float32(2 / 15) and z == 7  # 1 / float32(2/15) = 7.4999996, rounds to 7
+    s, z = compute_qparams(-2.0, 1.0, "uint4", symmetric=True)  # zero at the middle
+    assert s == np.float32(2 / 7.5) and z == 8
+    w = np.array([[3.5, -7.0], [1.75, -0.5]], np.float32)
+    scale, zp = weight_qparams(w, 0, "int4")
+    np.testing.assert_array_equal(scale, np.float32([1.0, 0.25]))
+    assert zp.dtype == np.int8 and np.all(zp == 0)
+    # 3.5 is a tie: rounds to even 4
+    np.testing.assert_array_equal(quantize(w, scale, zp, axis=0, qtype="int4"), np.int8([[4, -7], [7, -2]]))
+
+
+@pytest.mark.parametrize("qtype,symmetric", MODES4)
+@SETTINGS
+@given(r=ranges(), data=st.data())
+@example(r=(-1.0, 1.0), data=None)
+@example(r=(0.0, 0.0), data=None)
+@example(r=(2.0, 3.0), data=None)
+@example(r=(-1e-45, 1e-45), data=None)
+def test_4bit_zero_exact_and_roundtrip_error_at_most_half_scale(qtype, symmetric, r, data):
+    lo, hi = min(r[0], 0.0), max(r[1], 0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            scale, zp = compute_qparams(r[0], r[1], qtype, symmetric=symmetric)
+        except ValueError:
+            assert max(-lo, hi) > 1e37, f"ordinary range {r} refused"
+            return
+    qmin, qmax = INT_TYPES[qtype][1:]
+    assert zp.dtype == INT_TYPES[qtype][0] and qmin <= zp <= qmax
+    assert quantize(np.float32(0.0), scale, zp, qtype=qtype) == zp
+    assert dequantize(quantize(np.float32(0.0), scale, zp, qtype=qtype), scale, zp) == 0.0
+    if data is None:
+        xs = np.array([lo, hi, 0.0, np.float32(lo / 2), np.float32(hi / 3)], dtype=np.float32)
+    else:
+        xs = np.array(data.draw(st.lists(st.floats(lo, hi, width=32), min_size=1, max_size=20)) + [lo, hi],
+                      dtype=np.float32)
+    q = quantize(xs, scale, zp, qtype=qtype)
+    assert q.min() >= qmin and q.max() <= qmax
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        back = dequantize(q, scale, zp)
+    s = float(scale)
+    err = np.abs(back.astype(np.float64) - xs.astype(np.float64))
+    tol = s / 2 * (1 + 1e-4) + 4 * 2.0**-24 * np.maximum(np.abs(xs.astype(np.float64)), max(-lo, hi)) + 1e-45
+    assert not (err > tol).any(), f"{qtype} sym={symmetric} range {r}: {xs[err > tol]} -> {back[err > tol]}"
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in divide:RuntimeWarning")
+@pytest.mark.parametrize("qtype,symmetric", MODES4)
+def test_4bit_saturation(qtype, symmetric):
+    scale, zp = compute_qparams(-1.0, 1.0, qtype, symmetric=symmetric)
+    dtype, qmin, qmax = INT_TYPES[qtype]
+    x = np.array([1e30, F32_MAX, np.inf, 1000.0, 2.0], np.float32)
+    np.testing.assert_array_equal(quantize(x, scale, zp, qtype=qtype), np.full(5, qmax, dtype=dtype))
+    np.testing.assert_array_equal(quantize(-x, scale, zp, qtype=qtype), np.full(5, qmin, dtype=dtype))
+
+
+def test_4bit_needs_qtype_to_saturate_and_checks_the_zero_point():
+    # without qtype, an int8-held zero point saturates to int8: the documented reason qtype= exists
+    assert quantize(np.float32(100.0), np.float32(1.0), np.int8(0)) == 100
+    assert quantize(np.float32(100.0), np.float32(1.0), np.int8(0), qtype="int4") == 7
+    assert quantize(np.float32(-100.0), np.float32(1.0), np.uint8(3), qtype="uint4") == 0
+    with pytest.raises(ValueError, match="held as int8"):
+        quantize(np.float32(1.0), np.float32(1.0), np.int32(0), qtype="int4")
+    with pytest.raises(ValueError, match="int4 range"):
+        quantize(np.float32(1.0), np.float32(1.0), np.int8(8), qtype="int4")
+    with pytest.raises(ValueError, match="uint4 range"):
+        quantize(np.float32(1.0), np.float32([1.0, 1.0]), np.uint8([0, 16]), axis=0, qtype="uint4")
+
+
+def test_4bit_round_half_to_even():
+    x = np.float32([0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 6.5, 7.5, -7.5, -8.5])
+    np.testing.assert_array_equal(quantize(x, np.float32(1.0), np.int8(0), qtype="int4"),
+                                  np.int8([0, 2, 2, 0, -2, -2, 6, 7, -8, -8]))
+    np.testing.assert_array_equal(quantize(x, np.float32(1.0), np.uint8(8), qtype="uint4"),
+                                  np.uint8([8, 10, 10, 8, 6, 6, 14, 15, 0, 0]))
+
+
+# ---------------------------------------------------------------------------------------------- block-wise
+def test_blocked_shape():
+    assert blocked_shape((4, 40), 1, 16) == (4, 3)
+    assert blocked_shape((4, 40), -1, 32) == (4, 2)
+    assert blocked_shape((64, 7), 0, 16) == (4, 7)
+    assert blocked_shape((33, 2, 5), 0, 32) == (2, 2, 5)
+    assert blocked_shape((5,), 0, 8) == (1,)
+    assert blocked_shape((0, 3), 0, 16) == (0, 3)
+    for bad in (0, -16, True, 1.5):
+        with pytest.raises(ValueError, match="block_size"):
+            blocked_shape((4, 40), 1, bad)
+    with pytest.raises(ValueError, match="axis 2 out of range"):
+        blocked_shape((4, 40), 2, 16)
+    with pytest.raises(ValueError, match="rank"):
+        blocked_shape((), 0, 16)
+
+
+def test_block_qparams_known_answer():
+    # axis 1, block 2: blocks [3.5, -7], [14, 0.5], [7] (the last one shorter); scales exact in float32
+    w = np.array([[3.5, -7.0, 14.0, 0.5, 7.0],
+                  [0.0, 0.0, -7.0, 7.0, -1.75]], np.float32)
+    scale, zp = weight_qparams(w, 1, "int4", block_size=2)
+    np.testing.assert_array_equal(scale, np.float32([[1.0, 2.0, 1.0], [1.0, 1.0, 0.25]]))  # all-zero block: 1.0
+    assert zp.shape == (2, 3) and zp.dtype == np.int8 and np.all(zp == 0)
+    q = quantize(w, scale, zp, axis=1, block_size=2, qtype="int4")
+    np.testing.assert_array_equal(q, np.int8([[4, -7, 7, 0, 7], [0, 0, -7, 7, -7]]))  # 3.5 ties to even 4
+    np.testing.assert_array_equal(dequantize(q, scale, zp, axis=1, block_size=2),
+                                  np.float32([[4.0, -7.0, 14.0, 0.0, 7.0], [0.0, 0.0, -7.0, 7.0, -1.75]]))
+    # asymmetric uint4, axis 0, block 3 over 4 rows: rows 0-2 and row 3 (shorter)
+    v = np.array([[3.0, 0.0], [-12.0, 0.0], [0.0, -7.5], [0.5, 7.5]], np.float32)
+    s_a, z_a = block_qparams(v, 0, 3, "uint4", symmetric=False)
+    assert s_a.shape == (2, 2) and z_a.dtype == np.uint8
+    np.testing.assert_array_equal(s_a, np.float32([[1.0, 0.5], [0.5 / 15, 0.5]]))
+    np.testing.assert_array_equal(z_a, np.uint8([[12, 15], [0, 0]]))
+    np.testing.assert_array_equal(quantize(v, s_a, z_a, axis=0, block_size=3, qtype="uint4"),
+                                  np.uint8([[15, 15], [0, 15], [12, 0], [15, 15]]))
+
+
+@SETTINGS
+@given(w=hnp.arrays(np.float32, hnp.array_shapes(min_dims=1, max_dims=3, max_side=9),
+                    elements=f32(-1e6, 1e6) | st.sampled_from([0.0, -0.0, 1e-45, 3.0])),
+       data=st.data())
+def test_block_qparams_equal_per_tensor_on_each_block(w, data):
+    axis = data.draw(st.integers(-w.ndim, w.ndim - 1))
+    block = data.draw(st.integers(1, 10))
+    qtype, symmetric = data.draw(st.sampled_from(MODES4 + MODES))
+    scale, zp = block_qparams(w, axis, block, qtype, symmetric=symmetric)
+    assert scale.shape == zp.shape == blocked_shape(w.shape, axis, block)
+    assert scale.dtype == np.float32 and zp.dtype == INT_TYPES[qtype][0]
+    if symmetric:
+        s_w, z_w = weight_qparams(w, axis, qtype, block_size=block)
+        np.testing.assert_array_equal(s_w, scale)
+        np.testing.assert_array_equal(z_w, zp)
+    q = quantize(w, scale, zp, axis=axis, block_size=block, qtype=qtype)
+    ax = axis % w.ndim
+    for b in range(scale.shape[ax]):
+        part = np.take(w, np.arange(b * block, min((b + 1) * block, w.shape[ax])), axis=ax)
+        s_b, z_b = np.take(scale, [b], axis=ax), np.take(zp, [b], axis=ax)
+        # every position on the other axes is its own range
+        want_s, want_z = compute_qparams(part.min(axis=ax, keepdims=True), part.max(axis=ax, keepdims=True),
+                                         qtype, symmetric=symmetric)
+        np.testing.assert_array_equal(s_b, want_s)
+        np.testing.assert_array_equal(z_b, want_z)
+        np.testing.assert_array_equal(np.take(q, np.arange(b * block, b * block + part.shape[ax]), axis=ax),
+                                      quantize(part, np.broadcast_to(s_b, part.shape),
+                                               np.broadcast_to(z_b, part.shape), qtype=qtype))
+
+
+def test_block_equals_per_channel_when_one_block_covers_the_axis():
+    w = np.random.default_rng(3).normal(size=(20, 6)).astype(np.float32)
+    s_b, z_b = weight_qparams(w, 0, "int4", block_size=32)
+    s_c, z_c = weight_qparams(w, 1, "int4")
+    assert s_b.shape == (1, 6)
+    np.testing.assert_array_equal(s_b[0], s_c)
+    np.testing.assert_array_equal(z_b[0], z_c)
+    np.testing.assert_array_equal(quantize(w, s_b, z_b, axis=0, block_size=32, qtype="int4"),
+                                  quantize(w, s_c, z_c, axis=1, qtype="int4"))
+
+
+@pytest.mark.parametrize("shape,axis", [((0, 40), 1), ((4, 0), 1), ((0,), 0)])
+def test_block_qparams_empty(shape, axis):
+    w = np.zeros(shape, np.float32)
+    scale, zp = weight_qparams(w, axis, "int4", block_size=16)
+    assert scale.shape == blocked_shape(shape, axis, 16)
+    q = quantize(w, scale, zp, axis=axis, block_size=16, qtype="int4")
+    assert q.shape == shape and dequantize(q, scale, zp, axis=axis, block_size=16).shape == shape
+
+
+def test_block_shape_errors():
+    w = np.zeros((4, 40), np.float32)
+    with pytest.raises(ValueError, match="expected \\[4, 3\\]"):
+        quantize(w, np.ones((4, 2), np.float32), np.zeros((4, 2), np.int8), axis=1, block_size=16)
+    with pytest.raises(ValueError, match="expected \\[4, 3\\]"):
+        dequantize(w.astype(np.int8), np.ones((12,), np.float32), axis=1, block_size=16)
+    with pytest.raises(ValueError, match="expected \\[4, 3\\]"):  # the zero point is checked too
+        dequantize(w.astype(np.int8), np.ones((4, 3), np.float32), np.zeros((3, 3), np.int8), axis=1, block_size=16)
+    with pytest.raises(ValueError, match="needs an axis"):
+        quantize(w, np.ones((4, 3), np.float32), np.zeros((4, 3), np.int8), block_size=16)
+    with pytest.raises(ValueError, match="needs an axis"):
+        block_qparams(w, None, 16)
+    with pytest.raises(ValueError, match="block_size"):
+        weight_qparams(w, 1, "int4", block_size=0)
+
+
+@st.composite
+def block_case(draw):
+    shape = draw(hnp.array_shapes(min_dims=1, max_dims=3, min_side=1, max_side=40))
+    axis = draw(st.integers(-len(shape), len(shape) - 1))
+    block = draw(st.sampled_from([1, 2, 3, 7, 16, 32]))
+    qtype, symmetric = draw(st.sampled_from(MODES4 + MODES))
+    w = draw(hnp.arrays(np.float32, shape, elements=f32(-1e4, 1e4)
+                        | st.sampled_from([0.0, 1e-45, -1e-40, 0.5, -3.0])))
+    return w, axis, block, qtype, symmetric
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=block_case())
+def test_block_roundtrip_error_at_most_half_scale(case):
+    """Values inside each block's range come back within half that block's scale."""
+    w, axis, block, qtype, symmetric = case
+    scale, zp = block_qparams(w, axis, block, qtype, symmetric=symmetric)
+    q = quantize(w, scale, zp, axis=axis, block_size=block, qtype=qtype)
+    qmin, qmax = INT_TYPES[qtype][1:]
+    assert q.dtype == INT_TYPES[qtype][0] and q.shape == w.shape and q.min() >= qmin and q.max() <= qmax
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        back = dequantize(q, scale, zp, axis=axis, block_size=block)
+    ax = axis % w.ndim
+    s = np.take(np.repeat(scale, block, axis=ax), np.arange(w.shape[ax]), axis=ax).astype(np.float64)
+    err = np.abs(back.astype(np.float64) - w.astype(np.float64))
+    tol = s / 2 * (1 + 1e-4) + 4 * 2.0**-24 * np.abs(w.astype(np.float64)) + 1e-45
+    bad = err > tol
+    assert not bad.any(), f"{qtype} sym={symmetric} axis={axis} block={block}: {w[bad]} -> {back[bad]} (scale {s[bad]})"
+
+
+# ---------------------------------------------------------------------------------------------- 4-bit packing
+def test_pack_4bit_known_answers():
+    packed = pack_4bit(np.int8([1, -2, 7]))
+    assert packed.dtype == np.uint8 and packed.tolist() == [0xE1, 0x07]  # first value in the low nibble, 0-padded
+    assert pack_4bit([1, -2, 7]).tolist() == [0xE1, 0x07]
+    assert pack_4bit(np.uint8([15, 0, 3, 12])).tolist() == [0x0F, 0xC3]
+    assert pack_4bit(np.int8([-8, -1])).tolist() == [0xF8]
+    assert pack_4bit(np.uint8([[1, 2], [3, 4]])).tolist() == [0x21, 0x43]  # C order
+    assert pack_4bit([15, 9], signed=False).tolist() == [0x9F]
+    assert pack_4bit(np.int8([])).tolist() == []
+    np.testing.assert_array_equal(unpack_4bit(np.uint8([0xE1, 0x07]), 3, True), np.int8([1, -2, 7]))
+    np.testing.assert_array_equal(unpack_4bit(bytes([0xE1, 0x07]), 4, False), np.uint8([1, 14, 7, 0]))
+    np.testing.assert_array_equal(unpack_4bit(np.uint8([0xF8]), 2, True), np.int8([-8, -1]))
+
+
+def test_pack_4bit_refuses_what_does_not_fit():
+    with pytest.raises(ValueError, match="int4 range"):
+        pack_4bit(np.int8([8]))
+    with pytest.raises(ValueError, match="int4 range"):
+        pack_4bit(np.int16([-9]))
+    with pytest.raises(ValueError, match="uint4 range"):
+        pack_4bit(np.uint8([16]))
+    with pytest.raises(ValueError, match="uint4 range"):
+        pack_4bit([-1], signed=False)
+    with pytest.raises(ValueError, match="integers"):
+        pack_4bit(np.float32([1.0]))
+    with pytest.raises(ValueError, match="not 4"):
+        unpack_4bit(np.uint8([1]), 4, True)
+    with pytest.raises(ValueError, match="not 1"):
+        unpack_4bit(np.uint8([1, 2]), 1, True)
+    with pytest.raises(ValueError, match="flat uint8"):
+        unpack_4bit(np.int8([1]), 2, True)
+
+
+@SETTINGS
+@given(qtype=st.sampled_from(["int4", "uint4"]), data=st.data())
+def test_pack_4bit_roundtrip(qtype, data):
+    dtype, qmin, qmax = INT_TYPES[qtype]
+    v = data.draw(hnp.arrays(dtype, hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=7),
+                             elements=st.integers(qmin, qmax)))
+    packed = pack_4bit(v)
+    assert packed.dtype == np.uint8 and packed.size == (v.size + 1) // 2
+    if v.size % 2:
+        assert packed[-1] >> 4 == 0  # padding nibble is 0
+    back = unpack_4bit(packed, v.size, qtype == "int4")
+    assert back.dtype == dtype
+    np.testing.assert_array_equal(back.reshape(v.shape), v)
+    t = make_initializer("t", v, qtype)
+    assert t.data_type == ONNX_TYPES[qtype] and tuple(t.dims) == v.shape and t.raw_data == packed.tobytes()
+    arr = numpy_helper.to_array(t)
+    assert arr.dtype == helper.tensor_dtype_to_np_dtype(ONNX_TYPES[qtype]) and arr.shape == v.shape
+    np.testing.assert_array_equal(arr.astype(dtype), v)
+    # onnx's own packing of the same values (from_array of its 4-bit numpy dtype) writes the same bytes
+    assert numpy_helper.from_array(v.astype(arr.dtype)).raw_data == t.raw_data
+
+
+def test_make_initializer():
+    t = make_initializer("w", np.int8([[1, -2, 7], [-8, 0, 3]]), "int4")
+    assert t.name == "w" and t.data_type == TensorProto.INT4 and list(t.dims) == [2, 3]
+    assert t.raw_data == bytes([0xE1, 0x87, 0x30])
+    t8 = make_initializer("w8", np.int8([[1, -2], [3, 4]]), "int8")
+    assert t8.SerializeToString() == numpy_helper.from_array(np.int8([[1, -2], [3, 4]]), "w8").SerializeToString()
+    np.testing.assert_array_equal(numpy_helper.to_array(make_initializer("u", np.uint16([1, 65535]), "uint16")),
+                                  np.uint16([1, 65535]))
+    with pytest.raises(ValueError, match="uint4 range"):
+        make_initializer("u", np.uint8([16]), "uint4")
+    with pytest.raises(ValueError, match="int8 range"):
+        make_initializer("u", np.int32([200]), "int8")
+    with pytest.raises(ValueError, match="integers"):
+        make_initializer("u", np.float32([1.0]), "int4")
+
+
+# ---------------------------------------------------------------------------------------------- ONNX reference, opset 21
+def _np_onnx_dtype(qtype: str):
+    """onnx's numpy dtype for ``qtype`` (for int4 / uint4 its own 4-bit dtype)."""
+    return helper.tensor_dtype_to_np_dtype(ONNX_TYPES[qtype])
+
+
+def _model21(op: str, qtype: str, x_shape, axis: int | None, block: int | None, inits) -> ReferenceEvaluator:
+    """One QuantizeLinear (float32 input "x") or DequantizeLinear (initializer "x") node at opset 21 whose
+    scale and zero point are the initializers "s" and "z"."""
+    kw = {}
+    if axis is not None:
+        kw["axis"] = axis
+    if block is not None:
+        kw["block_size"] = block
+    node = helper.make_node(op, ["x", "s", "z"], ["y"], **kw)
+    if op == "QuantizeLinear":
+        inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x_shape))]
+        out = helper.make_tensor_value_info("y", ONNX_TYPES[qtype], list(x_shape))
+    else:
+        inputs = []
+        out = helper.make_tensor_value_info("y", TensorProto.FLOAT, list(x_shape))
+    graph = helper.make_graph([node], "ref21", inputs, [out], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    return ReferenceEvaluator(model)
+
+
+def _params21(rng, qtype: str, shape, axis, block, how: str):
+    """Scale (float32) and zero point (unpacked int8 / uint8) for per-tensor (axis None), per-axis (block None)
+    or block-wise quantization, and an x of ``shape`` that also saturates."""
+    dtype, qmin, qmax = INT_TYPES[qtype]
+    pshape = () if axis is None else (shape[axis],) if block is None else blocked_shape(shape, axis, block)
+    if how == "qparams":
+        x = rng.normal(scale=3.0, size=shape).astype(np.float32)
+        if axis is None:
+            scale, zp = compute_qparams(x.min(), x.max(), qtype, symmetric=qtype == "int4")
+        elif block is None:
+            scale, zp = weight_qparams(x, axis, qtype)
+        else:
+            scale, zp = block_qparams(x, axis, block, qtype, symmetric=qtype == "int4")
+        x = (x * np.float32(1.5)).astype(np.float32)  # a third of the range beyond: saturation
+    else:  # powers of two with x on exact .5 ties (round half to even, bit for bit), and random zero points
+        scale = (np.float32(2.0) ** rng.integers(-6, 3, size=pshape)).astype(np.float32)
+        zp = rng.integers(qmin, qmax + 1, size=pshape).astype(dtype)
+        full = scale if axis is None else (scale.reshape([-1 if i == axis % len(shape) else 1 for i in range(len(shape))])
+                                           if block is None else
+                                           np.take(np.repeat(scale, block, axis=axis), np.arange(shape[axis]), axis=axis))
+        x = ((rng.integers(-12, 12, size=shape).astype(np.float32) + np.float32(0.5)) * full).astype(np.float32)
+    return x, np.asarray(scale, np.float32), np.asarray(zp, dtype)
+
+
+#: (shape, axis, block_size): per tensor, per axis, and block-wise with blocks of 16 and 32 on axis 0 and 1,
+#: sizes divisible by the block and not (the last block shorter), and a block larger than the axis
+CASES21 = [((6, 10), None, None), ((5, 7), 0, None), ((5, 7), 1, None), ((3, 4, 5), -1, None),
+           ((40, 6), 0, 16), ((64, 3), 0, 16), ((5, 40), 1, 16), ((5, 48), 1, 16),
+           ((70, 4), 0, 32), ((3, 64), 1, 32), ((3, 33), -1, 32), ((2, 33, 3), 1, 16), ((7, 5), 0, 32)]
+
+
+@pytest.mark.parametrize("how", ["qparams", "ties"])
+@pytest.mark.parametrize("shape,axis,block", CASES21)
+@pytest.mark.parametrize("qtype", ["int4", "uint4"])
+def test_4bit_matches_onnx_reference_opset21(qtype, shape, axis, block, how):
+    rng = np.random.default_rng(zlib.crc32(repr((qtype, shape, axis, block, how)).encode()))
+    x, scale, zp = _params21(rng, qtype, shape, axis, block, how)
+    what = f"{qtype} shape={shape} axis={axis} block={block} {how}"
+    q = quantize(x, scale, zp, axis=axis, block_size=block, qtype=qtype)
+    s_init, z_init = numpy_helper.from_array(scale, "s"), make_initializer("z", zp, qtype)
+    got = _model21("QuantizeLinear", qtype, shape, axis, block, [s_init, z_init]).run(None, {"x": x})[0]
+    assert got.dtype == _np_onnx_dtype(qtype), f"{what}: reference returned {got.dtype}"
+    _assert_bit_equal(q, got.astype(q.dtype), f"QuantizeLinear {what}")
+    if how == "qparams":
+        assert (q == INT_TYPES[qtype][2]).any() or (q == INT_TYPES[qtype][1]).any(), f"{what}: nothing saturated"
+    ref_dq = _model21("DequantizeLinear", qtype, shape, axis, block, [make_initializer("x", q, qtype), s_init, z_init])
+    _assert_bit_equal(dequantize(q, scale, zp, axis=axis, block_size=block), ref_dq.run(None, {})[0],
+                      f"DequantizeLinear {what}")
+
+
+@functools.lru_cache(maxsize=None)
+def _reference21_fed(op: str, qtype: str, rank: int, axis: int, block: int) -> ReferenceEvaluator:
+    """Block-wise QuantizeLinear / DequantizeLinear at opset 21 with x, scale and zero point all fed."""
+    x_type = TensorProto.FLOAT if op == "QuantizeLinear" else ONNX_TYPES[qtype]
+    out_type = ONNX_TYPES[qtype] if op == "QuantizeLinear" else TensorProto.FLOAT
+    inputs = [helper.make_tensor_value_info("x", x_type, [None] * rank),
+              helper.make_tensor_value_info("s", TensorProto.FLOAT, [None] * rank),
+              helper.make_tensor_value_info("z", ONNX_TYPES[qtype], [None] * rank)]
+    node = helper.make_node(op, ["x", "s", "z"], ["y"], axis=axis, block_size=block)
+    graph = helper.make_graph([node], "ref21", inputs, [helper.make_tensor_value_info("y", out_type, [None] * rank)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    return ReferenceEvaluator(model)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=block_case(), data=st.data())
+def test_block_matches_onnx_reference_opset21(case, data):
+    """Block-wise Q / DQ (4- and 8-bit, qparams from the data or drawn scales) bit for bit against the reference."""
+    w, axis, block, qtype, symmetric = case
+    dtype, qmin, qmax = INT_TYPES[qtype]
+    if data.draw(st.booleans()):
+        scale, zp = block_qparams(w, axis, block, qtype, symmetric=symmetric)
+    else:
+        pshape = blocked_shape(w.shape, axis, block)
+        scale = data.draw(hnp.arrays(np.float32, pshape, elements=f32(1e-2, 100.0)))
+        zp = data.draw(hnp.arrays(dtype, pshape, elements=st.integers(qmin, qmax)))
+    x = (w * np.float32(data.draw(st.sampled_from([1.0, 1.5, 3.0])))).astype(np.float32)
+    rank, ax = w.ndim, axis % w.ndim
+    zp_onnx = zp.astype(_np_onnx_dtype(qtype))
+    q = quantize(x, scale, zp, axis=axis, block_size=block, qtype=qtype)
+    ref_q = _reference21_fed("QuantizeLinear", qtype, rank, ax, block).run(None, {"x": x, "s": scale, "z": zp_onnx})[0]
+    _assert_bit_equal(q, ref_q.astype(dtype), f"QuantizeLinear {qtype} axis={axis} block={block}")
+    ref_dq = _reference21_fed("DequantizeLinear", qtype, rank, ax, block).run(
+        None, {"x": q.astype(_np_onnx_dtype(qtype)), "s": scale, "z": zp_onnx})[0]
+    _assert_bit_equal(dequantize(q, scale, zp, axis=axis, block_size=block), ref_dq,
+                      f"DequantizeLinear {qtype} axis={axis} block={block}")
