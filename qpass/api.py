@@ -92,7 +92,7 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, calib: Data = None, *, 
     rewritten = _timed(times, "quantize", stages.rewrite, prepared, qplan, calibrated.table, cfg, dump_dir=dump_dir,
                        name=name)
     report.passes += rewritten.records
-    report.quantized_nodes, report.plan = rewritten.quantized_nodes, qplan.to_dict()
+    report.quantized_nodes, report.plan = rewritten.quantized_nodes, qplan.with_overrides().to_dict()
     report.sizes = {"input_bytes": stages.model_size(model, original), "output_bytes": rewritten.model.ByteSize()}
     t = time.perf_counter()
     samples, desc = validation_data(val, specs, cfg, calib=calib, held=held, loaded_table=load_calib is not None)

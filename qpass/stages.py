@@ -25,6 +25,7 @@ from .graph import WorkingGraph, op_types, used_quant_ops
 from .io import infer_shapes, keep_value_info_of, load_model
 from .opset import apply_opset_policy
 from .pass_manager import PassContext, PassManager, PassRecord
+from .plan.bind import bind
 from .plan.policy import build_plan
 from .plan.spec import QuantPlan
 from .recipes import prepare_passes, rewrite_passes
@@ -142,6 +143,7 @@ def rewrite(prepared: Prepared, quant_plan: QuantPlan, table: CalibrationTable, 
     ``allow_empty``."""
     config = config or QuantConfig()
     wg = _working_graph(prepared)
+    bind(quant_plan, wg.graph)  # a plan that does not fit this model is named here, not as a failing pass
     records = PassManager(rewrite_passes(config), export=wg.export, verify=verify_model,
                           dump_dir=dump_dir).run(wg.graph, PassContext(quant_plan, table))
     quantized = keep_value_info_of(wg.export(), prepared.reference)

@@ -555,3 +555,31 @@ def test_no_calib_overlap_reaches_the_config_and_the_report(tmp_path, digits, ca
     assert rc == 0, err
     report = load_report(tmp_path / "o.report.json")
     assert report["config"]["calib_overlap"] is False and report["calibration"]["observer_thread"] is False
+
+
+# ---------------------------------------------------------------------------------------------- plans
+def test_save_plan_edit_and_load_plan_without_recalibrating(capsys, tmp_path):
+    plan, table = tmp_path / "plan.json", tmp_path / "table.json"
+    rc, _, err = run_cli(capsys, "run", DIGITS_MODEL, "--calib", DIGITS_CALIB, "-o", tmp_path / "a.onnx", "-q",
+                         "--no-latency", "--no-per-layer", "--save-plan", plan, "--save-calib", table)
+    assert rc == 0, err
+    data = json.loads(plan.read_text())
+    data["overrides"] = [{"op_type": "Conv", "precision": "float"}]
+    plan.write_text(json.dumps(data))
+    rc, _, err = run_cli(capsys, "run", DIGITS_MODEL, "--load-plan", plan, "--load-calib", table, "--val", DIGITS_TEST,
+                         "-o", tmp_path / "b.onnx", "-q", "--no-latency", "--no-per-layer")
+    assert rc == 0, err
+    report = json.loads((tmp_path / "b.report.json").read_text())
+    assert report["quantized_nodes"] == {"Gemm": 2}
+    assert report["calibration"]["source"] == str(table)
+    assert all(n["op_type"] != "Conv" for n in report["plan"]["nodes"])
+
+
+def test_a_bad_plan_file_is_a_one_line_error_naming_it(capsys, tmp_path):
+    plan = tmp_path / "plan.json"
+    plan.write_text('{"nodes": [], "tensors": {}, "overrides": [{"node": "nope", "precision": "float"}]}')
+    rc, _, err = run_cli(capsys, "run", DIGITS_MODEL, "--calib", DIGITS_CALIB, "--load-plan", plan,
+                         "-o", tmp_path / "a.onnx", "-q")
+    assert rc == 2
+    assert_one_line_error(err, "nope")
+    assert not (tmp_path / "a.onnx").exists()

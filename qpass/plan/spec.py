@@ -241,7 +241,7 @@ class QuantPlan:
         override that matches nothing is an error: a typo would otherwise change nothing silently."""
         overrides = tuple(self.overrides) + tuple(extra)
         if not overrides:
-            return self
+            return self.without_float_nodes()
         nodes = list(self.nodes)
         tensors = dict(self.tensors)
         skipped = list(self.skipped)

@@ -1,0 +1,143 @@
+"""The stages one at a time: calibrate once, rewrite several plans; artifacts pickle; quantize() is the same calls."""
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+
+import numpy as np
+import onnx
+import pytest
+
+import qpass
+from qpass import stages
+from qpass.calib import collect
+from qpass.calib.data import input_specs, open_samples
+from qpass.calib.sources import take
+from qpass.config import QuantConfig
+from qpass.errors import PlanError
+from qpass.plan.spec import QuantPlan
+from tests.builders import DIGITS_CALIB, DIGITS_MODEL, DIGITS_TEST
+
+
+def _weight_is_float(model: onnx.ModelProto, node_name: str) -> bool:
+    """The node reads its weight straight from a float initializer (no DequantizeLinear in between)."""
+    node = next(n for n in model.graph.node if n.name == node_name)
+    inits = {t.name: t for t in model.graph.initializer}
+    w = node.input[1]
+    return w in inits and inits[w].data_type == onnx.TensorProto.FLOAT
+
+
+@pytest.fixture(scope="module")
+def calibrated_once():
+    cfg = QuantConfig(latency=False, per_layer=False)
+    prepared = stages.prepare(stages.load(DIGITS_MODEL), cfg)
+    plan = stages.plan(prepared, cfg)
+    samples = open_samples(DIGITS_CALIB, input_specs(prepared.model))
+    calibrated = stages.calibrate(prepared, plan, samples, cfg)
+    return cfg, prepared, plan, calibrated
+
+
+def test_calibrate_once_rewrite_two_plans_one_edited_through_a_file(calibrated_once, tmp_path, monkeypatch):
+    cfg, prepared, plan, calibrated = calibrated_once
+    calls = []
+    monkeypatch.setattr(collect, "collect_ranges", lambda *a, **k: calls.append(1))  # a second calibration would fail
+    monkeypatch.setattr(stages, "collect_ranges", lambda *a, **k: calls.append(1))
+
+    default = stages.rewrite(prepared, plan, calibrated.table, cfg)
+    path = tmp_path / "plan.json"
+    plan.save(path)
+    edited = json.loads(path.read_text())
+    [entry] = [n for n in edited["nodes"] if n["node"] == "/6/Gemm"]
+    entry["precision"] = "float"
+    path.write_text(json.dumps(edited))
+    moved = stages.rewrite(prepared, QuantPlan.load(path), calibrated.table, cfg)
+
+    assert not calls
+    assert default.quantized_nodes == {"Conv": 2, "Gemm": 2}
+    assert moved.quantized_nodes == {"Conv": 2, "Gemm": 1}
+    assert not _weight_is_float(default.model, "/6/Gemm") and _weight_is_float(moved.model, "/6/Gemm")
+    assert any(s.node == "/6/Gemm" and "plan" in s.reason for r in moved.records for s in r.skipped)
+    test = open_samples(DIGITS_TEST, input_specs(prepared.reference))
+    for result in (default, moved):
+        onnx.checker.check_model(result.model, full_check=True)
+        report = stages.evaluate(prepared.reference, result.model, take(test, 64), "test", cfg)
+        [out] = report["outputs"]
+        assert out["cosine_mean"] > 0.99 and out["top1_agreement"] > 0.95
+
+
+def test_override_by_op_type_keeps_every_gemm_float(calibrated_once):
+    cfg, prepared, plan, calibrated = calibrated_once
+    ov = QuantPlan.from_dict({**plan.to_dict(), "overrides": [{"op_type": "Gemm", "precision": "float"}]})
+    out = stages.rewrite(prepared, ov, calibrated.table, cfg)
+    assert out.quantized_nodes == {"Conv": 2}
+    assert _weight_is_float(out.model, "/6/Gemm") and _weight_is_float(out.model, "/8/Gemm")
+
+
+def test_a_tensor_override_changes_its_spec_and_only_its_quantizer(calibrated_once):
+    cfg, prepared, plan, calibrated = calibrated_once
+    first = next(iter(plan.tensors))
+    ov = QuantPlan.from_dict({**plan.to_dict(), "overrides": [{"tensor": first, "spec": {"dtype": "int8"}}]})
+    out = stages.rewrite(prepared, ov, calibrated.table, cfg)
+    zps = {n.input[0]: n.input[2] for n in out.model.graph.node if n.op_type == "QuantizeLinear"}
+    inits = {t.name: t for t in out.model.graph.initializer}
+    assert inits[zps[first]].data_type == onnx.TensorProto.INT8
+    assert all(inits[z].data_type == onnx.TensorProto.UINT8 for x, z in zps.items() if x != first)
+
+
+def test_an_override_that_matches_nothing_is_an_error(calibrated_once):
+    cfg, prepared, plan, calibrated = calibrated_once
+    ov = QuantPlan.from_dict({**plan.to_dict(), "overrides": [{"node": "/6/gemm", "precision": "float"}]})
+    with pytest.raises(PlanError, match="matches no node"):
+        stages.rewrite(prepared, ov, calibrated.table, cfg)
+
+
+def test_a_plan_for_another_model_is_refused_by_name(calibrated_once):
+    cfg, prepared, plan, calibrated = calibrated_once
+    data = plan.to_dict()
+    data["nodes"][0]["node"] = "not_here"
+    with pytest.raises(PlanError, match="'not_here' is not a node of this model"):
+        stages.rewrite(prepared, QuantPlan.from_dict(data), calibrated.table, cfg)
+
+
+def test_artifacts_pickle_and_rewrite_the_same_after_a_round_trip(calibrated_once):
+    cfg, prepared, plan, calibrated = calibrated_once
+    again = [pickle.loads(pickle.dumps(a)) for a in (prepared, plan, calibrated.table)]
+    a = stages.rewrite(prepared, plan, calibrated.table, cfg).model.SerializeToString()
+    b = stages.rewrite(*again, cfg).model.SerializeToString()
+    assert a == b
+
+
+def test_quantize_with_its_own_saved_plan_writes_the_same_bytes(tmp_path):
+    kw = dict(val=DIGITS_TEST, max_calib_samples=32, latency=False, per_layer=False)
+    first = qpass.quantize(DIGITS_MODEL, DIGITS_CALIB, output=tmp_path / "a.onnx", save_plan=tmp_path / "plan.json", **kw)
+    second = qpass.quantize(DIGITS_MODEL, DIGITS_CALIB, output=tmp_path / "b.onnx", plan=tmp_path / "plan.json", **kw)
+    digest = [hashlib.sha256(p.read_bytes()).hexdigest() for p in (first.output_path, second.output_path)]
+    assert digest[0] == digest[1]
+    report = json.loads(first.report_path.read_text())
+    assert report["plan"] == json.loads((tmp_path / "plan.json").read_text())
+    assert "seconds" in report and "plan" in report["seconds"]
+
+
+def test_stage_outputs_match_quantize(calibrated_once):
+    """quantize() is the stages in order: the same plan and the same model bytes."""
+    cfg, prepared, plan, calibrated = calibrated_once
+    result = qpass.quantize(DIGITS_MODEL, DIGITS_CALIB, config=cfg, val_fraction=0.0)
+    assert result.plan == plan
+    assert result.model.SerializeToString() == stages.rewrite(prepared, plan, calibrated.table, cfg).model.SerializeToString()
+
+
+def test_recorded_output_hashes_of_the_shipped_model():
+    """The byte-identity guard of the architecture change (tools/output_hashes.json), for the models in models/."""
+    from tools import output_hashes
+
+    record = json.loads(output_hashes.RECORD.read_text())
+    for fmt in output_hashes.FORMATS:
+        assert output_hashes.output_hash("digits_cnn", fmt) == record[f"digits_cnn.{fmt}"], fmt
+
+
+def test_calibration_ranges_are_stored_for_exactly_the_planned_tensors(calibrated_once):
+    cfg, prepared, plan, calibrated = calibrated_once
+    assert sorted(calibrated.table.ranges) == sorted(plan.calibrate)
+    assert set(plan.methods().values()) <= {"minmax", "percentile"}
+    assert np.isfinite([r.min for r in calibrated.table.ranges.values()]).all()
