@@ -8,7 +8,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .calib.methods import METHODS
 from .errors import ConfigError
+from .ops import COMPUTE_OPS, NEIGHBOUR_OPS, QDQ_MIN_OPSET
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -16,7 +18,6 @@ else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
 FORMATS = ("qdq", "qop")
-METHODS = ("minmax", "percentile", "mse", "entropy")
 #: ``auto``: with 8-bit activations, percentile for tensors a Conv/ConvTranspose reads or writes and min-max for
 #: the rest; with 16-bit activations, min-max everywhere (both chosen by measurement on the shared/models suite,
 #: see docs/benchmark-notes.md)
@@ -24,16 +25,8 @@ METHOD_CHOICES = ("auto",) + METHODS
 AUTO_PERCENTILE_OPS = frozenset({"Conv", "ConvTranspose"})
 ACTIVATION_TYPES = ("uint8", "int8", "uint16", "int16")
 SIXTEEN_BIT_TYPES = frozenset({"uint16", "int16"})
-#: the lowest opset whose QuantizeLinear / DequantizeLinear take 16-bit integers
-INT16_MIN_OPSET = 21
 CALIB_EPS = ("cpu", "cuda")
 WEIGHT_TYPES = ("int8",)
-COMPUTE_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
-NEIGHBOUR_OPS = ("Add", "Concat", "AveragePool", "GlobalAveragePool")
-#: the lowest opset whose DequantizeLinear has the ``axis`` attribute (per-channel)
-PER_CHANNEL_MIN_OPSET = 13
-#: the lowest opset with QuantizeLinear / DequantizeLinear at all
-QDQ_MIN_OPSET = 10
 
 
 @dataclass(frozen=True)

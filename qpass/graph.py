@@ -7,13 +7,8 @@ import onnx_graphsurgeon as gs
 
 from .errors import UnsupportedModelError
 from .io import ModelMeta
+from .ops import QUANT_OPS
 
-QUANT_OPS = frozenset({
-    "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul",
-    "MatMulInteger", "ConvInteger", "QLinearAdd", "QLinearMul", "QGemm", "MatMulIntegerToFloat",
-    "DynamicQuantizeMatMul", "QAttention", "QLinearSigmoid", "QLinearLeakyRelu", "QLinearConcat",
-    "QLinearGlobalAveragePool", "QLinearAveragePool", "QLinearSoftmax",
-})
 
 
 #: value types onnx-graphsurgeon cannot export (its exporter fails with an UnboundLocalError on them)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import onnx
 
-from .config import INT16_MIN_OPSET, PER_CHANNEL_MIN_OPSET, QDQ_MIN_OPSET, SIXTEEN_BIT_TYPES, QuantConfig
+from .config import SIXTEEN_BIT_TYPES, QuantConfig
 from .errors import OpsetError
 from .io import default_opset, min_ir_version
+from .ops import INT16_MIN_OPSET, PER_CHANNEL_MIN_OPSET, QDQ_MIN_OPSET
 
 
 def interface(model: onnx.ModelProto) -> tuple[dict, dict]:

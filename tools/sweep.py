@@ -61,7 +61,6 @@ MAX_STEPS = 4.0
 UNCHANGED_RTOL, UNCHANGED_ATOL = 1e-3, 1e-5
 #: the opset the retry of an OpsetError refusal upgrades to (the fix qpass's hint names)
 RETRY_OPSET = 13
-COMPUTE_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 #: weight / bias slots of the compute ops, frozen into initializers for the +constw variants
 FREEZE_SLOTS = {"Conv": (1, 2), "ConvTranspose": (1, 2), "Gemm": (1, 2), "MatMul": (1,)}
 DATA_SOURCES = ("simple", "pytorch-converted", "pytorch-operator", "light")

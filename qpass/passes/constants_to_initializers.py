@@ -11,9 +11,9 @@ from collections import Counter
 import onnx_graphsurgeon as gs
 
 from ..graph import NameAllocator, is_onnx_op
+from ..ops import WEIGHT_SLOTS
 from ..pass_manager import Pass, PassContext, PassResult
 
-WEIGHT_SLOTS = {"Conv": (1, 2), "ConvTranspose": (1, 2), "MatMul": (0, 1), "Gemm": (1, 2)}
 
 
 def _constant_value(t: gs.Tensor):

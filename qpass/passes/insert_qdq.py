@@ -15,6 +15,7 @@ import onnx_graphsurgeon as gs
 
 from ..errors import PreconditionError
 from ..graph import NameAllocator, node_label
+from ..ops import PER_CHANNEL_MIN_OPSET
 from ..pass_manager import Pass, PassContext, PassResult, Skip
 from ..plan.bind import BoundPlan, bind
 from ..plan.targets import Target
@@ -32,8 +33,8 @@ class InsertQDQ(Pass):
         if ctx.calib is None or ctx.plan is None:
             raise PreconditionError("needs a plan and a calibration table", subject=self.name)
         per_channel = [n.node for n in ctx.plan.nodes if n.weight is not None and n.weight.spec.granularity == "channel"]
-        if per_channel and graph.opset < 13:
-            raise PreconditionError(f"per-channel DequantizeLinear needs opset >= 13, graph has {graph.opset}",
+        if per_channel and graph.opset < PER_CHANNEL_MIN_OPSET:
+            raise PreconditionError(f"per-channel DequantizeLinear needs opset >= {PER_CHANNEL_MIN_OPSET}, graph has {graph.opset}",
                                     subject=per_channel[0], hint="use --target-opset 13 or --per-tensor")
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:

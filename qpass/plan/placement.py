@@ -25,14 +25,10 @@ import onnx_graphsurgeon as gs
 
 from ..config import QuantConfig
 from ..graph import is_float32, is_onnx_op
+from ..ops import DATA_MOVEMENT, RANGE_FOLDING
 from ..pass_manager import Skip
 from .targets import Target, find_targets
 
-#: ops that move or select values without changing them: their output may share their input's scale
-DATA_MOVEMENT = frozenset({"Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Identity", "MaxPool",
-                           "Slice", "Gather", "Resize", "SpaceToDepth", "DepthToSpace", "Expand", "Tile"})
-#: activations that only clip the producer's range: quantizing their output keeps the range tight
-RANGE_FOLDING = frozenset({"Relu", "Clip"})
 
 
 @dataclass

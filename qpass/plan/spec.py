@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from ..calib.methods import METHODS as CALIB_METHODS
 from ..errors import PlanError
 from ..pass_manager import Skip
 
@@ -20,7 +21,6 @@ PLAN_SCHEMA_VERSION = 1
 #: integer types a QSpec may name ("float" keeps the tensor unquantized)
 DTYPES = ("int4", "uint4", "int8", "uint8", "int16", "uint16", "int32", "float")
 GRANULARITIES = ("tensor", "channel", "block")
-CALIB_METHODS = ("minmax", "percentile", "mse", "entropy")
 PRECISIONS = ("quantized", "float")
 
 

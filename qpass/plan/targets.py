@@ -11,6 +11,7 @@ import onnx_graphsurgeon as gs
 
 from ..config import QuantConfig
 from ..graph import is_float32, is_onnx_op, node_label, producer
+from ..ops import BIAS_OPS, RECURRENT, WEIGHT_CHANNEL_AXIS
 from ..pass_manager import Skip
 
 if TYPE_CHECKING:
@@ -104,7 +105,7 @@ def find_targets(graph: gs.Graph, config: QuantConfig) -> tuple[list[Target], li
         if _is_weight(w):
             t.weight = 1
             t.weight_axis = _weight_axis(node, w, config, t)
-        if len(ins) > 2 and node.op in ("Conv", "ConvTranspose", "Gemm") and ins[2] is not None and ins[2].name:
+        if len(ins) > 2 and node.op in BIAS_OPS and ins[2] is not None and ins[2].name:
             b = ins[2]
             if _is_weight(b):
                 t.bias = 2
@@ -116,7 +117,6 @@ def find_targets(graph: gs.Graph, config: QuantConfig) -> tuple[list[Target], li
     return targets, skips
 
 
-RECURRENT = frozenset({"LSTM", "GRU", "RNN"})
 
 
 def subgraph_skips(graph: gs.Graph, config: QuantConfig, where: str = "") -> list[Skip]:
@@ -140,13 +140,11 @@ def _weight_axis(node: gs.Node, w: gs.Constant, config: QuantConfig, t: Target) 
     if not config.per_channel:
         return None
     rank = len(w.shape)
-    if node.op == "Conv":
-        return 0
-    if node.op == "ConvTranspose":
-        if int(node.attrs.get("group", 1)) != 1:
-            t.notes.append("grouped ConvTranspose: per-tensor weight scale (output channels span axes 0 and 1)")
-            return None
-        return 1
+    if node.op == "ConvTranspose" and int(node.attrs.get("group", 1)) != 1:
+        t.notes.append("grouped ConvTranspose: per-tensor weight scale (output channels span axes 0 and 1)")
+        return None
+    if node.op in WEIGHT_CHANNEL_AXIS:
+        return WEIGHT_CHANNEL_AXIS[node.op]
     if node.op == "Gemm":
         return 0 if int(node.attrs.get("transB", 0)) else 1
     if node.op == "MatMul":

@@ -1,0 +1,50 @@
+"""Op knowledge in one table: which ops qpass quantizes, their weight/bias slots and channel axes, data movement,
+joins, range-folding activations, the integer kernels of the standard opset, and the opset each feature needs.
+
+Planning (:mod:`qpass.plan`), the passes and the configuration read these; nothing else spells an op list.
+"""
+from __future__ import annotations
+
+# ------------------------------------------------------------------ compute ops and their inputs
+#: ops whose weights and activations static quantization rewrites
+COMPUTE_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
+#: input slots that may hold a constant weight or bias (MatMul: either operand may be the constant)
+WEIGHT_SLOTS = {"Conv": (1, 2), "ConvTranspose": (1, 2), "MatMul": (0, 1), "Gemm": (1, 2)}
+#: ops whose third input is a bias added per output channel
+BIAS_OPS = frozenset({"Conv", "ConvTranspose", "Gemm"})
+#: output-channel axis of the weight where it is fixed (Gemm's follows transB; MatMul's is B's last axis)
+WEIGHT_CHANNEL_AXIS = {"Conv": 0, "ConvTranspose": 1}
+#: recurrent ops: not quantized, and reported as such
+RECURRENT = frozenset({"LSTM", "GRU", "RNN"})
+
+# ------------------------------------------------------------------ what an activation's Q/DQ can pass through
+#: ops that move or select values without changing them: their output may share their input's scale
+DATA_MOVEMENT = frozenset({"Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Identity", "MaxPool",
+                           "Slice", "Gather", "Resize", "SpaceToDepth", "DepthToSpace", "Expand", "Tile"})
+#: activations that only clip the producer's range: quantizing their output keeps the range tight
+RANGE_FOLDING = frozenset({"Relu", "Clip"})
+#: joins and pooling that run on integers when all their inputs are quantized (config.neighbour_ops)
+NEIGHBOUR_OPS = ("Add", "Concat", "AveragePool", "GlobalAveragePool")
+
+# ------------------------------------------------------------------ quantized forms
+#: standard and contrib quantization ops: a model holding any of them is already quantized
+QUANT_OPS = frozenset({
+    "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul",
+    "MatMulInteger", "ConvInteger", "QLinearAdd", "QLinearMul", "QGemm", "MatMulIntegerToFloat",
+    "DynamicQuantizeMatMul", "QAttention", "QLinearSigmoid", "QLinearLeakyRelu", "QLinearConcat",
+    "QLinearGlobalAveragePool", "QLinearAveragePool", "QLinearSoftmax",
+})
+#: integer operators of the standard opset that --format qop writes, by the float op they replace
+INTEGER_KERNELS = {"Conv": ("QLinearConv", "ConvInteger"), "MatMul": ("QLinearMatMul", "MatMulInteger"),
+                   "Gemm": ("MatMulInteger",)}
+
+# ------------------------------------------------------------------ opset minima
+#: QuantizeLinear / DequantizeLinear at all
+QDQ_MIN_OPSET = 10
+#: the ``axis`` attribute of DequantizeLinear (per-channel scales)
+PER_CHANNEL_MIN_OPSET = 13
+#: 16-bit integers in QuantizeLinear / DequantizeLinear
+INT16_MIN_OPSET = 21
+#: int4/uint4 values and the ``block_size`` attribute (block-wise scales)
+BLOCKED_MIN_OPSET = 21
+INT4_MIN_OPSET = 21
