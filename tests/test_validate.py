@@ -14,10 +14,10 @@ import pytest
 from onnx import numpy_helper
 
 import qpass
-from qpass.validate import PROVIDERS, available_providers, validate
+from qpass.evaluate.validate import PROVIDERS, available_providers, validate
 from tests import builders
 
-SCHEMA = json.loads(resources.files("qpass").joinpath("report.schema.json").read_text())
+SCHEMA = json.loads(resources.files("qpass").joinpath("report/schema.json").read_text())
 
 
 def _digits_samples(n=40):
@@ -121,7 +121,7 @@ def test_latency_sessions_do_not_spin_wait_but_accuracy_sessions_keep_the_defaul
     """fp32 and int8 are timed in turn: a spinning thread pool would slow whichever session runs next."""
     from unittest import mock
 
-    import qpass.validate as v
+    import qpass.evaluate.validate as v
 
     made = []
     real = v._session
@@ -146,7 +146,7 @@ def test_a_quantized_model_slower_than_the_original_is_a_finding_naming_where_it
     threshold, and the placement profile's op shares (real, from this run) are what the finding quotes."""
     from unittest import mock
 
-    import qpass.validate as v
+    import qpass.evaluate.validate as v
 
     def fixed(ratio):
         return lambda ref, q, feed, repeats: {"fp32_ms": 1.0, "quantized_ms": ratio, "ratio": ratio, "repeats": repeats}

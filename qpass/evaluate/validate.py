@@ -17,8 +17,8 @@ from typing import Any, Iterable
 import numpy as np
 import onnx
 
-from .io import infer_shapes
-from .runtime import PROVIDERS, augmented_model, available_providers, make_session, profile_placement, with_cpu_fallback
+from ..io import infer_shapes
+from ..runtime import PROVIDERS, augmented_model, available_providers, make_session, profile_placement, with_cpu_fallback
 
 _DQ_SUFFIXES = ("_dequantized", "_DequantizeLinear_Output")
 #: ops whose outputs are not worth ranking as layers (shapes, constants, pure data movement)

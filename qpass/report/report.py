@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .pass_manager import PassRecord
+from ..pass_manager import PassRecord
 
 SCHEMA_VERSION = 1
 
@@ -37,7 +37,7 @@ class Report:
         return bool(self.calibration.get("synthetic"))
 
     def to_dict(self) -> dict[str, Any]:
-        from . import __version__
+        from .. import __version__
 
         return {
             "schema_version": SCHEMA_VERSION,
@@ -64,8 +64,8 @@ class Report:
 
     def save(self, path: str | Path) -> Path:
         """Write the JSON report, and the HTML page beside it (same name, ``.html``)."""
-        from .io import write_text_atomic
-        from .report_html import render_html
+        from ..io import write_text_atomic
+        from .html import render_html
 
         path = Path(path)
         write_text_atomic(path.with_suffix(".html"), render_html(self.to_dict()))
