@@ -1,81 +1,95 @@
-"""CalibrationTable: tensor name -> observed range, JSON-serialisable so runs can be reproduced."""
+"""CalibrationTable: tensor name -> observed range, JSON-serialisable so runs can be reproduced.
+
+It is the range view of a :class:`~qpass.calib.stats.Statistics` table (``.statistics``), which may also hold
+other per-tensor statistics (a Gram matrix, a mean |x| per channel); ``get``, ``len``, ``in`` and ``ranges``
+see ranges only, ``save``/``load`` write and read everything (the format is described in :mod:`.stats`).
+"""
 from __future__ import annotations
 
-import json
-import math
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator, Mapping
 
-from ..errors import CalibrationDataError
+from .stats import RANGE, SCHEMA_VERSION, Statistics, TensorRange
 
-SCHEMA_VERSION = 1
-
-
-@dataclass(frozen=True)
-class TensorRange:
-    min: float
-    max: float
-    method: str = "minmax"
-    samples: int = 0
-    observed_min: float | None = None
-    observed_max: float | None = None
-
-    def to_dict(self) -> dict:
-        d = {"min": self.min, "max": self.max, "method": self.method, "samples": self.samples}
-        if self.observed_min is not None:
-            d["observed_min"], d["observed_max"] = self.observed_min, self.observed_max
-        return d
+__all__ = ["SCHEMA_VERSION", "CalibrationTable", "TensorRange"]
 
 
-def _opt(x) -> float | None:
-    return None if x is None else float(x)
+class _Ranges(Mapping[str, TensorRange]):
+    """Read-only view: tensor name -> range, of the tensors of a statistics table that have one."""
+
+    def __init__(self, stats: Statistics):
+        self._stats = stats
+
+    def __getitem__(self, name: str) -> TensorRange:
+        r = self._stats.get(name, RANGE)
+        if r is None:
+            raise KeyError(name)
+        return r
+
+    def __iter__(self) -> Iterator[str]:
+        return (name for name in self._stats if self._stats.get(name, RANGE) is not None)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({dict(self)!r})"
 
 
 class CalibrationTable:
-    def __init__(self, ranges: dict[str, TensorRange] | None = None, *, samples: int = 0, synthetic: bool = False):
-        self.ranges: dict[str, TensorRange] = dict(ranges or {})
-        self.samples = samples
-        self.synthetic = synthetic
+    """Ranges by tensor name, over a :class:`Statistics` table that may hold more (``statistics``).
+
+    ``samples`` and ``synthetic`` are the statistics table's: the calibration samples, and whether they were
+    random."""
+
+    def __init__(self, ranges: Mapping[str, TensorRange] | None = None, *, samples: int = 0, synthetic: bool = False,
+                 statistics: Statistics | None = None):
+        self.statistics = statistics if statistics is not None else Statistics()
+        if statistics is None:
+            self.statistics.samples, self.statistics.synthetic = samples, synthetic
+        for name, r in (ranges or {}).items():
+            self.statistics.set(name, RANGE, r)
+
+    @property
+    def samples(self) -> int:
+        return self.statistics.samples
+
+    @samples.setter
+    def samples(self, n: int) -> None:
+        self.statistics.samples = n
+
+    @property
+    def synthetic(self) -> bool:
+        return self.statistics.synthetic
+
+    @synthetic.setter
+    def synthetic(self, value: bool) -> None:
+        self.statistics.synthetic = value
+
+    @property
+    def ranges(self) -> Mapping[str, TensorRange]:
+        """Tensor name -> range (a read-only view)."""
+        return _Ranges(self.statistics)
 
     def get(self, name: str) -> TensorRange | None:
-        return self.ranges.get(name)
+        return self.statistics.get(name, RANGE)
 
     def __len__(self) -> int:
         return len(self.ranges)
 
     def __contains__(self, name: str) -> bool:
-        return name in self.ranges
+        return self.statistics.get(name, RANGE) is not None
 
     def to_json(self) -> str:
-        return json.dumps({"schema_version": SCHEMA_VERSION, "samples": self.samples, "synthetic": self.synthetic,
-                           "ranges": {k: v.to_dict() for k, v in self.ranges.items()}}, indent=1)
+        return self.statistics.to_json()
 
     @classmethod
     def from_json(cls, text: str, *, source: str = "calibration table") -> "CalibrationTable":
-        try:
-            data = json.loads(text)
-            ranges = {k: TensorRange(float(v["min"]), float(v["max"]), str(v.get("method", "minmax")),
-                                     int(v.get("samples", 0)), _opt(v.get("observed_min")), _opt(v.get("observed_max")))
-                      for k, v in data["ranges"].items()}
-            samples = int(data.get("samples", 0))
-            synthetic = bool(data.get("synthetic", False))
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise CalibrationDataError(f"not a qpass calibration table ({exc})", subject=source) from None
-        for name, r in ranges.items():
-            if not (math.isfinite(r.min) and math.isfinite(r.max) and r.min <= r.max):
-                raise CalibrationDataError(f"tensor '{name}' has an invalid range [{r.min}, {r.max}]", subject=source,
-                                           hint="ranges must be finite with min <= max")
-        return cls(ranges, samples=samples, synthetic=synthetic)
+        return cls(statistics=Statistics.from_json(text, source=source))
 
     def save(self, path: str | Path) -> None:
-        from ..io import write_text_atomic
-
-        write_text_atomic(path, self.to_json())
+        self.statistics.save(path)
 
     @classmethod
     def load(cls, path: str | Path) -> "CalibrationTable":
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise CalibrationDataError(f"cannot read ({exc})", subject=str(path)) from None
-        return cls.from_json(text, source=str(path))
+        return cls(statistics=Statistics.load(path))
