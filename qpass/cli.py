@@ -11,7 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from . import __version__
-from .config import ACTIVATION_TYPES, QuantConfig
+from .config import ACTIVATION_TYPES, FORMATS, METHOD_CHOICES, QuantConfig
 from .errors import QpassError
 
 EXAMPLES = """\
@@ -42,38 +42,38 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--val", metavar="PATH", help="validation data (default: a held-out split of --calib)")
     run.add_argument("--config", metavar="FILE", help="TOML file with QuantConfig keys (under [qpass] or top level)")
     run.add_argument("--dump-dir", metavar="DIR", help="on a failing pass, write the model from just before it here")
-    run.add_argument("--target-opset", type=int, metavar="N", help="upgrade the model to opset N first (onnx.version_converter)")
-    run.add_argument("--format", choices=("qdq", "qop"),
+    _config_option(run, "--target-opset", type=int, metavar="N", help="upgrade the model to opset N first (onnx.version_converter)")
+    _config_option(run, "--format", choices=FORMATS,
                      help="qdq: QuantizeLinear/DequantizeLinear pairs (default); qop: integer operators (QLinearConv, ...)")
-    run.add_argument("--op-types", metavar="OPS", help="comma-separated compute ops to quantize (default Conv,ConvTranspose,MatMul,Gemm)")
-    run.add_argument("--neighbour-ops", metavar="OPS",
+    _config_option(run, "--op-types", type=_csv, metavar="OPS", help="comma-separated compute ops to quantize (default Conv,ConvTranspose,MatMul,Gemm)")
+    _config_option(run, "--neighbour-ops", type=_ops_or_none, metavar="OPS",
                      help="comma-separated joins/pooling that run in int8 when their inputs are quantized "
                           "(default Add,Concat,AveragePool,GlobalAveragePool; 'none' turns it off)")
-    run.add_argument("--no-single-reader-dq", dest="single_reader_dq", action="store_const", const=False,
+    _config_option(run, "--no-single-reader-dq", dest="single_reader_dq", action="store_const", const=False,
                      help="do not give a DequantizeLinear read by several float ops (a GELU) a single reader "
                           "(by default an Add of 2**-60, so onnxruntime still fuses the GELU)")
-    run.add_argument("--method", choices=("auto", "minmax", "percentile", "mse", "entropy"),
+    _config_option(run, "--method", choices=METHOD_CHOICES,
                      help="activation calibration method (default auto: percentile around Conv, min-max elsewhere; min-max everywhere with 16-bit activations)")
-    run.add_argument("--percentile", type=float, metavar="P", help="percentile kept by --method percentile (default 99.99)")
-    run.add_argument("--bins", type=int, metavar="N", help="histogram bins for percentile/mse/entropy (default 2048)")
-    run.add_argument("--kl-levels", type=int, metavar="N", help="quantized levels of the entropy search (default 128; a mostly one-signed tensor on the uint8 grid gets up to twice that)")
-    run.add_argument("--hist-sample", type=int, metavar="N",
+    _config_option(run, "--percentile", type=float, metavar="P", help="percentile kept by --method percentile (default 99.99)")
+    _config_option(run, "--bins", type=int, metavar="N", help="histogram bins for percentile/mse/entropy (default 2048)")
+    _config_option(run, "--kl-levels", type=int, metavar="N", help="quantized levels of the entropy search (default 128; a mostly one-signed tensor on the uint8 grid gets up to twice that)")
+    _config_option(run, "--hist-sample", type=int, metavar="N",
                      help="values per sample and tensor the histogram counts, at most (default 65536; 0: every value)")
-    run.add_argument("--calib-batch-size", type=int, metavar="N", help="samples per onnxruntime run when shapes agree")
-    run.add_argument("--no-calib-overlap", dest="calib_overlap", action="store_const", const=False,
+    _config_option(run, "--calib-batch-size", type=int, metavar="N", help="samples per onnxruntime run when shapes agree")
+    _config_option(run, "--no-calib-overlap", dest="calib_overlap", action="store_const", const=False,
                      help="keep histogram updates in turn with onnxruntime (by default they move to a worker thread "
                           "where timed runs show it faster, holding two samples' activations instead of one)")
-    run.add_argument("--calib-ep", choices=("cpu", "cuda"), help="execution provider for calibration (default cpu)")
-    run.add_argument("--bias", choices=("int32", "float"),
+    _config_option(run, "--calib-ep", choices=("cpu", "cuda"), help="execution provider for calibration (default cpu)")
+    _config_option(run, "--bias", choices=("int32", "float"),
                      help="int32 bias (default) or float bias left for the runtime to quantize")
-    run.add_argument("--per-tensor", action="store_true", help="one weight scale per tensor (default: per output channel)")
-    run.add_argument("--activation-type", choices=ACTIVATION_TYPES, help="uint8 asymmetric (default) or int8 symmetric; uint16/int16 need --target-opset 21 and run as float kernels on onnxruntime's CPU provider")
-    run.add_argument("--exclude", action="append", metavar="NAME", help="node name or regex never quantized (repeatable)")
-    run.add_argument("--exclude-before", action="append", metavar="OP",
+    _config_option(run, "--per-tensor", dest="per_channel", action="store_const", const=False, help="one weight scale per tensor (default: per output channel)")
+    _config_option(run, "--activation-type", choices=ACTIVATION_TYPES, help="uint8 asymmetric (default) or int8 symmetric; uint16/int16 need --target-opset 21 and run as float kernels on onnxruntime's CPU provider")
+    _config_option(run, "--exclude", dest="exclude_nodes", action="append", metavar="NAME", help="node name or regex never quantized (repeatable)")
+    _config_option(run, "--exclude-before", action="append", metavar="OP",
                      help="keep in float a compute node whose output only this op type reads (repeatable; "
                           "e.g. HardSwish, which onnxruntime fuses into a float Conv but has no integer kernel for)")
-    run.add_argument("--max-calib-samples", type=int, metavar="N")
-    run.add_argument("--synthetic-calib", action="store_true", help="calibrate on random data (smoke runs only)")
+    _config_option(run, "--max-calib-samples", type=int, metavar="N")
+    _config_option(run, "--synthetic-calib", action="store_const", const=True, help="calibrate on random data (smoke runs only)")
     run.add_argument("--load-calib", metavar="JSON", help="use a saved calibration table instead of running calibration")
     run.add_argument("--save-calib", metavar="JSON", help="save the calibration table")
     run.add_argument("--save-plan", metavar="JSON",
@@ -82,8 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="use a saved (possibly edited) plan instead of planning: a node's \"precision\": \"float\", a "
                           "tensor's spec, or \"overrides\" by node, op_type, node_regex, tensor or tensor_regex")
     _validation_args(run)
-    run.add_argument("--external-data", action="store_true", help="write weights to <output>.data")
-    run.add_argument("--allow-empty", action="store_true", help="accept a run that quantizes nothing")
+    _config_option(run, "--external-data", action="store_const", const=True, help="write weights to <output>.data")
+    _config_option(run, "--allow-empty", action="store_const", const=True, help="accept a run that quantizes nothing")
     run.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     run.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     val = sub.add_parser("validate", help="compare any quantized model with its original on onnxruntime CPU (and CUDA)",
@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("quantized", help="the quantized model (from qpass or any other tool)")
     val.add_argument("--val", metavar="PATH", help="validation data (same forms as --calib); default: random feeds")
     val.add_argument("-o", "--output", metavar="JSON", help="report path (default: <quantized stem>.validate.json)")
-    val.add_argument("--max-samples", type=int, metavar="N", help="validate on at most N samples (default 64)")
+    _config_option(val, "--max-samples", dest="max_val_samples", type=int, metavar="N", help="validate on at most N samples (default 64)")
     _validation_args(val)
     val.add_argument("-q", "--quiet", action="store_true")
     val.add_argument("--debug", action="store_true")
@@ -101,58 +101,40 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _validation_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--providers", metavar="LIST", help="comma-separated: cpu,cuda (default: cpu, and cuda when available)")
-    p.add_argument("--min-cosine", type=float, metavar="C", help="exit 1 if an output's mean cosine to fp32 is below C")
-    p.add_argument("--min-sqnr", type=float, metavar="DB", help="exit 1 if an output's SQNR is below DB")
-    p.add_argument("--min-top1", type=float, metavar="A", help="exit 1 if an output's top-1 agreement is below A")
-    p.add_argument("--no-per-layer", action="store_true", help="skip the per-layer error ranking")
-    p.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
+    _config_option(p, "--providers", type=_csv, metavar="LIST", help="comma-separated: cpu,cuda (default: cpu, and cuda when available)")
+    _config_option(p, "--min-cosine", type=float, metavar="C", help="exit 1 if an output's mean cosine to fp32 is below C")
+    _config_option(p, "--min-sqnr", type=float, metavar="DB", help="exit 1 if an output's SQNR is below DB")
+    _config_option(p, "--min-top1", type=float, metavar="A", help="exit 1 if an output's top-1 agreement is below A")
+    _config_option(p, "--no-per-layer", dest="per_layer", action="store_const", const=False, help="skip the per-layer error ranking")
+    _config_option(p, "--no-latency", dest="latency", action="store_const", const=False, help="skip the latency measurement")
 
 
-def _validation_overrides(args: argparse.Namespace) -> dict:
-    """QuantConfig fields set by the flags that `run` and `validate` share (_validation_args)."""
-    return {
-        "min_cosine": args.min_cosine,
-        "min_sqnr": args.min_sqnr,
-        "min_top1": args.min_top1,
-        "providers": tuple(args.providers.split(",")) if args.providers else None,
-        "per_layer": False if args.no_per_layer else None,
-        "latency": False if args.no_latency else None,
-    }
+def _config_option(parser: argparse.ArgumentParser, flag: str, **kw) -> None:
+    """An option that sets the QuantConfig field of its ``dest`` (default: the flag's name); unset stays None, so a
+    config file's value is kept."""
+    dest = kw.pop("dest", flag.lstrip("-").replace("-", "_"))
+    if dest not in QuantConfig.field_names():
+        raise AssertionError(f"{flag}: {dest} is not a QuantConfig field")
+    parser.add_argument(flag, dest=dest, default=None, **kw)
+    CONFIG_DESTS.add(dest)
+
+
+#: the QuantConfig fields that options set (filled by _config_option)
+CONFIG_DESTS: set[str] = set()
+
+
+def _csv(text: str) -> tuple[str, ...]:
+    return tuple(x for x in text.split(",") if x)
+
+
+def _ops_or_none(text: str) -> tuple[str, ...]:
+    return () if text == "none" else _csv(text)
 
 
 def _config_from_args(args: argparse.Namespace) -> QuantConfig:
-    if args.command == "validate":
-        ov = {**_validation_overrides(args), "max_val_samples": args.max_samples}
-        return QuantConfig(**{k: v for k, v in ov.items() if v is not None})
-    overrides = {
-        **_validation_overrides(args),
-        "format": getattr(args, "format", None),
-        "bias": args.bias,
-        "op_types": tuple(args.op_types.split(",")) if args.op_types else None,
-        "neighbour_ops": (() if args.neighbour_ops == "none" else tuple(args.neighbour_ops.split(",")))
-        if args.neighbour_ops else None,
-        "single_reader_dq": args.single_reader_dq,
-        "method": args.method,
-        "percentile": args.percentile,
-        "bins": args.bins,
-        "kl_levels": args.kl_levels,
-        "hist_sample": args.hist_sample,
-        "calib_batch_size": args.calib_batch_size,
-        "calib_overlap": args.calib_overlap,
-        "calib_ep": args.calib_ep,
-        "target_opset": args.target_opset,
-        "per_channel": False if args.per_tensor else None,
-        "activation_type": args.activation_type,
-        "exclude_nodes": tuple(args.exclude) if args.exclude else None,
-        "exclude_before": tuple(args.exclude_before) if args.exclude_before else None,
-        "max_calib_samples": args.max_calib_samples,
-        "synthetic_calib": True if args.synthetic_calib else None,
-        "external_data": True if args.external_data else None,
-        "allow_empty": True if args.allow_empty else None,
-    }
-    overrides = {k: v for k, v in overrides.items() if v is not None}
-    if args.config:
+    overrides = {d: getattr(args, d) for d in CONFIG_DESTS if getattr(args, d, None) is not None}
+    overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
+    if getattr(args, "config", None):
         return QuantConfig.from_toml(args.config, **overrides)
     return QuantConfig(**overrides)
 

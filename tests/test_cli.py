@@ -583,3 +583,21 @@ def test_a_bad_plan_file_is_a_one_line_error_naming_it(capsys, tmp_path):
     assert rc == 2
     assert_one_line_error(err, "nope")
     assert not (tmp_path / "a.onnx").exists()
+
+
+def test_options_set_their_config_fields_and_unset_ones_keep_the_config_file(tmp_path):
+    from qpass.cli import _config_from_args, build_parser
+
+    parse = build_parser().parse_args
+    cfg = _config_from_args(parse(["run", "m.onnx", "--per-tensor", "--exclude", "a", "--exclude", "b.*",
+                                   "--neighbour-ops", "none", "--providers", "cpu", "--no-per-layer", "--no-latency",
+                                   "--op-types", "Conv,Gemm", "--method", "mse", "--no-calib-overlap",
+                                   "--exclude-before", "HardSwish", "--synthetic-calib"]))
+    assert (cfg.per_channel, cfg.exclude_nodes, cfg.neighbour_ops, cfg.providers) == (False, ("a", "b.*"), (), ("cpu",))
+    assert (cfg.per_layer, cfg.latency, cfg.op_types, cfg.method) == (False, False, ("Conv", "Gemm"), "mse")
+    assert (cfg.calib_overlap, cfg.exclude_before, cfg.synthetic_calib) == (False, ("HardSwish",), True)
+    assert _config_from_args(parse(["validate", "a.onnx", "b.onnx", "--max-samples", "5"])).max_val_samples == 5
+    toml = tmp_path / "q.toml"
+    toml.write_text("[qpass]\nper_channel = false\nmethod = \"entropy\"\n")
+    from_file = _config_from_args(parse(["run", "m.onnx", "--config", str(toml), "--method", "minmax"]))
+    assert (from_file.per_channel, from_file.method, from_file.latency) == (False, "minmax", True)
