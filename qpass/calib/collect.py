@@ -1,8 +1,9 @@
-"""Streaming collection: run onnxruntime with the wanted tensors as extra outputs, update one observer per tensor, drop the activations.
+"""Streaming collection: run onnxruntime with the wanted tensors as extra outputs, update each tensor's observers, drop the activations.
 
 Memory holds one run's requested tensors at a time (two while histogram updates overlap the next run, below),
 whatever the number of samples. Samples of equal shape may be concatenated into one run (``batch_size``); the
-statistics are exact either way, so the ranges do not depend on it.
+range statistics are exact either way, so the ranges do not depend on it (float64 sums, such as a Gram matrix,
+only to rounding).
 
 On the CPU, once the timed first runs show that the observers' updates may take longer than onnxruntime would
 lose with one thread fewer (:func:`overlap_may_pay`), the updates of run i move to a worker thread while
@@ -17,9 +18,9 @@ import math
 import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -28,28 +29,9 @@ from ..errors import CalibrationDataError
 from ..runtime import augmented_model, make_session
 from ..runtime import pick_providers  # noqa: F401 - re-exported: pipeline.py imports it from here
 from .data import InputSpec
-from .histogram import StreamingHistogram, subsample_stride
-from .methods import entropy_range, mse_range, percentile_range
-from .observers import MinMaxObserver
-from .table import CalibrationTable, TensorRange
-
-
-@dataclass(frozen=True)
-class RangeOptions:
-    """What turns an observer into a range: the method's knobs and the target integer type."""
-
-    percentile: float = 99.99
-    bins: int = 2048
-    kl_levels: int = 128
-    qtype: str = "uint8"
-    symmetric: bool = False
-    hist_sample: int = 65536  # values per sample and tensor the histogram counts, at most (0: all)
-    hist_full_samples: int = 64  # samples of a tensor counted under hist_sample; later ones: a LATE_CAP_DIVISOR-th
-
-
-#: After ``hist_full_samples`` samples a tensor's histogram already holds up to 64 x hist_sample values (4M by
-#: default); each later sample adds an eighth of that cap, so histogram cost stops growing like min-max's.
-LATE_CAP_DIVISOR = 8
+from .observers import LATE_CAP_DIVISOR, Observer, RangeOptions, kl_levels, make_observer  # noqa: F401 - re-exported
+from .stats import RANGE, Statistics
+from .table import CalibrationTable
 
 
 def batchable(specs: list[InputSpec]) -> bool:
@@ -76,77 +58,6 @@ def batches(samples: Iterable[tuple[dict, Any]], size: int, can_batch: bool) -> 
         pending.append(feed)
     if pending:
         yield flush()
-
-
-def kl_levels(opt: RangeOptions, lo: float, hi: float) -> int:
-    """Levels the entropy search quantizes |x| in [0, t] into. ``kl_levels`` is the magnitude count of a signed
-    8-bit grid (128); a 16-bit grid has 256 times as many (more than the histogram's bins, so the search keeps
-    the whole range: at that resolution no threshold loses less). An asymmetric unsigned grid spends all of its
-    levels on [min(lo, 0), t], so a tensor that is mostly positive gets up to twice as many on [0, t] (uint8, a
-    ReLU output: 255; the same for a tensor with no positive value)."""
-    levels = opt.kl_levels * (256 if opt.qtype.endswith("16") else 1)
-    span = max(hi, 0.0) - min(lo, 0.0)
-    if opt.symmetric or not opt.qtype.startswith("uint") or span <= 0:
-        return levels
-    share = max(hi, -lo) / span  # of the unsigned grid's span, the part on the side of |x|'s largest value
-    return int(min(2 * levels - 1, max(levels, round((2 * levels - 1) * share))))
-
-
-class _Observer:
-    """A min-max observer, plus a histogram when the tensor's method needs one."""
-
-    def __init__(self, method: str, bins: int, hist_sample: int = 0, full_samples: int = 64):
-        self.method = method
-        self.minmax = MinMaxObserver()
-        self.hist = StreamingHistogram(bins) if method != "minmax" else None
-        self.hist_sample = hist_sample
-        self.late_cap = max(1, hist_sample // LATE_CAP_DIVISOR) if hist_sample > 0 else 0
-        self.full_samples = full_samples
-        self.samples = 0  # samples seen so far
-
-    def update(self, x: np.ndarray, lo: float, hi: float, samples: int = 1) -> None:
-        """Add a batch of ``samples`` samples whose min and max the caller already computed (one pass saved).
-
-        The histogram counts every ``stride``-th value of each sample's slice (all of them for a tensor of at
-        most ``hist_sample`` values); from the tensor's ``full_samples``-th sample on, the cap is
-        ``hist_sample / LATE_CAP_DIVISOR``. The walk of sample ``i`` starts at position ``i mod stride``, so
-        over the samples every position is counted equally often: a value that sits at one position in every
-        sample (a transformer's outlier feature at its first token) is neither always missed nor always
-        counted ``stride`` times. Stride and start depend on the sample's shape and index alone, so the
-        counts do not depend on how samples were batched."""
-        self.minmax.update(x, lo, hi)
-        first = self.samples
-        self.samples += samples
-        if self.hist is None:
-            return
-        if samples == 1 or not x.ndim or x.shape[0] % samples:
-            # one sample, or no per-sample axis: the batch is one row, under the cap of its first sample
-            cap = self.hist_sample if first < self.full_samples else self.late_cap
-            self.hist.update(x, lo, hi, rows=1, stride=subsample_stride(x.shape, cap), offset=first)
-            return
-        per = x.shape[0] // samples
-        row_shape = (per,) + x.shape[1:]
-        full = min(samples, max(0, self.full_samples - first))  # rows still under the full cap
-        for start, stop, cap in ((0, full, self.hist_sample), (full, samples, self.late_cap)):
-            if start == stop:
-                continue
-            stride = subsample_stride(row_shape, cap)
-            if stride == 1:
-                self.hist.update(x[start * per: stop * per], lo, hi, rows=stop - start)
-                continue
-            for i in range(start, stop):  # each sample's walk starts at its own offset
-                self.hist.update(x[i * per: (i + 1) * per], lo, hi, rows=1, stride=stride, offset=first + i)
-
-    def range(self, opt: RangeOptions) -> tuple[float, float]:
-        if self.hist is None or self.hist.count == 0:
-            return self.minmax.range()
-        if self.method == "percentile":
-            return percentile_range(self.hist, opt.percentile, symmetric=opt.symmetric)
-        if self.method == "mse":
-            return mse_range(self.hist, opt.qtype, symmetric=opt.symmetric)
-        if self.method == "entropy":
-            return entropy_range(self.hist, kl_levels(opt, self.hist.min, self.hist.max), symmetric=opt.symmetric)
-        raise ValueError(f"unknown calibration method {self.method!r}")
 
 
 #: runs timed in each schedule before choosing between them
@@ -206,10 +117,11 @@ def _checked_outputs(tensors: list[str], values: list, n: int) -> list[tuple[str
     return out
 
 
-def _observe(observers: dict[str, "_Observer"], tensors: list[str], values: list, n: int, count: int) -> None:
-    """Check run ``n``'s outputs and add them to their observers."""
+def _observe(observers: dict[str, list[Observer]], tensors: list[str], values: list, n: int, count: int) -> None:
+    """Check run ``n``'s outputs (``count`` samples) and add them to their observers."""
     for name, arr, lo, hi in _checked_outputs(tensors, values, n):
-        observers[name].update(arr, lo, hi, count)
+        for obs in observers[name]:
+            obs.update(arr, lo, hi, samples=count)
 
 
 class _Schedule:
@@ -293,14 +205,23 @@ def collect_ranges(model: onnx.ModelProto, tensors: list[str], samples: Iterable
                    methods: dict[str, str] | str = "minmax", options: RangeOptions = RangeOptions(),
                    providers: list[str] | None = None, batch_size: int = 1, specs: list[InputSpec] | None = None,
                    synthetic: bool = False, on_sample: Callable[[], None] | None = None,
-                   overlap: bool | None = None, stats: dict | None = None) -> CalibrationTable:
+                   overlap: bool | None = None, stats: dict | None = None,
+                   extra: Mapping[str, Sequence[str]] | None = None) -> CalibrationTable:
     """The range of each tensor in ``tensors`` over all ``samples``, by each tensor's method.
 
+    Each statistic is an :class:`~qpass.calib.observers.Observer` that :func:`make_observer` creates by name: a
+    tensor's method (``methods``; default min-max), and whatever ``extra`` names for it: tensor name -> observer
+    names such as ``("gram", "absmean")``, for tensors in ``tensors`` or not (those get no range). Their results
+    go to the returned table's ``statistics`` under their kinds (``table.statistics.get("x", "gram")``).
+
     ``overlap`` (see :class:`_Schedule`): None times both schedules where they may differ (CPU provider, two or
-    more CPUs, some tensor with a histogram, model and a run's activations under ``OVERLAP_MAX_BYTES``); True
-    overlaps after the first timed runs whatever the timing (tests); False keeps updates in turn. ``stats``, if
-    given, gets ``observer_thread``: whether the updates ended the run on the worker thread."""
-    if not tensors:
+    more CPUs, some observer whose updates are ``costly`` (a histogram, a Gram matrix), model and a run's
+    activations under ``OVERLAP_MAX_BYTES``); True overlaps after the first timed runs whatever the timing
+    (tests); False keeps updates in turn. ``stats``, if given, gets ``observer_thread``: whether the updates
+    ended the run on the worker thread."""
+    known = set(tensors)
+    run = list(tensors) + [name for name in (extra or {}) if name not in known]  # the outputs each run fetches
+    if not run:
         # nothing to observe, but the data is still checked (names, dtypes, shapes, finite values: the source's
         # iterator does it) and counted, as it would be if one tensor needed a range
         n = 0
@@ -314,13 +235,12 @@ def collect_ranges(model: onnx.ModelProto, tensors: list[str], samples: Iterable
         return CalibrationTable({}, samples=n, synthetic=synthetic)
     if isinstance(methods, str):
         methods = {t: methods for t in tensors}
-    augmented = augmented_model(model, tensors)
-    observers = {name: _Observer(methods.get(name, "minmax"), options.bins, options.hist_sample, options.hist_full_samples)
-                 for name in tensors}
+    augmented = augmented_model(model, run)
+    observers = _make_observers(tensors, methods, extra or {}, options)
     cpus = cpu_count()
     model_bytes = augmented.ByteSize()
     enabled = (overlap is not False and cpus >= 2 and list(providers or ["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
-               and any(o.hist is not None for o in observers.values()) and model_bytes < OVERLAP_MAX_BYTES)
+               and any(o.costly for obs in observers.values() for o in obs) and model_bytes < OVERLAP_MAX_BYTES)
     schedule = _Schedule(lambda threads: make_session(augmented, providers, what="calibration model", threads=threads),
                          cpus, enabled, forced=overlap is True, model_bytes=model_bytes)
     n = 0
@@ -328,13 +248,13 @@ def collect_ranges(model: onnx.ModelProto, tensors: list[str], samples: Iterable
         for feed, count in batches(samples, batch_size, batchable(specs) if specs is not None else False):
             t0 = time.perf_counter()
             try:
-                values = schedule.session.run(tensors, feed)
+                values = schedule.session.run(run, feed)
             except Exception as exc:  # noqa: BLE001
                 raise CalibrationDataError(f"onnxruntime failed on calibration sample {n}: {str(exc).splitlines()[0]}",
                                            subject=f"sample {n}") from None
             t1 = time.perf_counter()
             nbytes = sum(np.asarray(v).nbytes for v in values) if schedule.stage != "fixed" else 0
-            schedule.handle(observers, tensors, values, n, count, t0, t1, nbytes)
+            schedule.handle(observers, run, values, n, count, t0, t1, nbytes)
             del values
             n += count
             if on_sample:
@@ -348,10 +268,28 @@ def collect_ranges(model: onnx.ModelProto, tensors: list[str], samples: Iterable
     if n == 0:
         raise CalibrationDataError("no calibration samples", subject="calibration data",
                                    hint="give at least one sample (and more than one when validating on a held-out split)")
-    ranges = {}
-    for name, obs in observers.items():
-        if not obs.minmax.seen:
-            continue
-        lo, hi = obs.range(options)
-        ranges[name] = TensorRange(lo, hi, obs.method, n, obs.minmax.min, obs.minmax.max)
-    return CalibrationTable(ranges, samples=n, synthetic=synthetic)
+    table = Statistics(samples=n, synthetic=synthetic)
+    for name, obs_list in observers.items():
+        for obs in obs_list:
+            value = obs.result()
+            if value is None:  # never a float, non-empty value
+                continue
+            if obs.stat == RANGE:  # the run's sample count, as tables always said (also where some were empty)
+                value = replace(value, samples=n)
+            table.set(name, obs.stat, value)
+    return CalibrationTable(statistics=table)
+
+
+def _make_observers(tensors: list[str], methods: Mapping[str, str], extra: Mapping[str, Sequence[str]],
+                    options: RangeOptions) -> dict[str, list[Observer]]:
+    """Tensor name -> its observers: its range method's (tensors in ``tensors``), then ``extra``'s."""
+    observers: dict[str, list[Observer]] = {name: [make_observer(methods.get(name, "minmax"), options)]
+                                            for name in tensors}
+    for name, names in extra.items():
+        obs = observers.setdefault(name, [])
+        for what in ((names,) if isinstance(names, str) else names):
+            new = make_observer(what, options)
+            if any(o.stat == new.stat for o in obs):
+                raise ValueError(f"tensor {name!r}: two observers of statistic {new.stat!r} ({what!r})")
+            obs.append(new)
+    return observers

@@ -101,9 +101,10 @@ def test_late_samples_under_the_smaller_cap_do_not_depend_on_the_batch_size(meth
 
 
 def test_late_cap_counts_fewer_values_per_sample():
-    from qpass.calib.collect import LATE_CAP_DIVISOR, _Observer
+    from qpass.calib.collect import LATE_CAP_DIVISOR
+    from qpass.calib.observers import make_observer
 
-    obs = _Observer("percentile", 256, hist_sample=4096, full_samples=2)
+    obs = make_observer("percentile", RangeOptions(bins=256, hist_sample=4096, hist_full_samples=2))
     x = np.random.default_rng(0).standard_normal((3, 64, 64)).astype(np.float32)  # 4096 values a sample
     obs.update(x, float(x.min()), float(x.max()), samples=3)
     # two samples in full (stride 1), the third under a cap of 4096 / 8 = 512: stride 11 (a prime dividing no
@@ -119,9 +120,9 @@ def test_a_value_at_one_position_in_every_sample_is_counted_once_per_sample_on_a
     """A transformer's outlier feature sits at the same position of every sample. Walking every sample from
     position 0 with stride p would count it p times per sample or never; starting sample i at i mod p counts
     it once per sample over any p consecutive samples, whatever the batching."""
-    from qpass.calib.collect import _Observer
+    from qpass.calib.observers import make_observer
 
-    obs = _Observer("percentile", 256, hist_sample=1024, full_samples=1000)
+    obs = make_observer("percentile", RangeOptions(bins=256, hist_sample=1024, hist_full_samples=1000))
     n = 4096
     stride = subsample_stride((1, n), 1024)
     assert stride > 1 and 3 % stride != 0

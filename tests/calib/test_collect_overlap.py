@@ -8,7 +8,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from qpass.calib import collect
+from qpass.calib import collect, observers
 from qpass.calib.collect import RangeOptions, collect_ranges, overlap_may_pay
 from qpass.calib.data import input_specs
 from qpass.errors import CalibrationDataError
@@ -27,13 +27,19 @@ def threads_seen(monkeypatch):
     """Two CPUs whatever the machine, and the names of the threads that ran observer updates."""
     monkeypatch.setattr(collect, "cpu_count", lambda: 2)
     seen: list[str] = []
-    update = collect._Observer.update
 
-    def recording(self, *args, **kwargs):
-        seen.append(threading.current_thread().name)
-        return update(self, *args, **kwargs)
+    def recording_observer(name, options=None):
+        obs = observers.make_observer(name, options)
+        update = obs.update
 
-    monkeypatch.setattr(collect._Observer, "update", recording)
+        def recording(*args, **kwargs):
+            seen.append(threading.current_thread().name)
+            return update(*args, **kwargs)
+
+        obs.update = recording
+        return obs
+
+    monkeypatch.setattr(collect, "make_observer", recording_observer)
     return seen
 
 

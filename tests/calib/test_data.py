@@ -17,6 +17,7 @@ from hypothesis.extra import numpy as hnp
 from onnx import TensorProto, helper, numpy_helper
 
 from qpass.calib import collect as collect_mod
+from qpass.calib import observers as observers_mod
 from qpass.calib.collect import collect_ranges
 from qpass.calib.data import InputSpec, IterableSource, SampleSource, input_specs, open_samples, split_holdout
 from qpass.calib.observers import MinMaxObserver
@@ -476,8 +477,8 @@ def test_collect_ranges_independent_of_batch_size_option():
 class _RecordingObserver(MinMaxObserver):
     instances: list = []
 
-    def __init__(self):
-        super().__init__()
+    def __init__(self, options=None):
+        super().__init__(options)
         _RecordingObserver.instances.append(self)
 
 
@@ -535,7 +536,7 @@ def _collect_streamed(model, n: int, monkeypatch) -> tuple[CalibrationTable, _Tr
 
 
 def test_collect_ranges_memory_is_constant(monkeypatch):
-    monkeypatch.setattr(collect_mod, "MinMaxObserver", _RecordingObserver)
+    monkeypatch.setitem(observers_mod.OBSERVERS, "minmax", _RecordingObserver)
     model = builders.conv_model()
     t20, s20, obs20 = _collect_streamed(model, 20, monkeypatch)
     t200, s200, obs200 = _collect_streamed(model, 200, monkeypatch)
