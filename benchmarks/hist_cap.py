@@ -24,7 +24,8 @@ METHODS = ("percentile", "mse", "entropy")
 
 
 def deviations(name: str, n: int, settings: list[tuple[int, int]], shared: Path = SHARED) -> list[dict]:
-    from qpass.calib.collect import RangeOptions, collect_ranges
+    from qpass.calib.collect import collect_ranges
+    from qpass.calib.observers import RangeOptions
 
     model, tensors = planned(MODELS[name].model_path(shared), "percentile")
     rows = []

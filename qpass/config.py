@@ -47,7 +47,7 @@ class QuantConfig:
         kl_levels: quantized levels the entropy (KL) search compares against (128, the magnitudes of an 8-bit
             grid; 256 times that for 16-bit activations, which keeps their whole range). With asymmetric
             unsigned activations a mostly one-signed tensor gets up to 2 x kl_levels - 1, the unsigned grid's
-            levels on the side of its largest |x| (qpass.calib.collect.kl_levels).
+            levels on the side of its largest |x| (qpass.calib.observers.kl_levels).
         hist_sample: values of each sample's tensor that the histogram counts, at most (about); a larger tensor
             is walked with a prime stride that divides none of its dimensions (every channel and position class
             stays represented). Its min and max still cover every value. 0 counts every value. Measured on the

@@ -16,7 +16,8 @@ from typing import Any, Callable, Iterable
 
 import onnx
 
-from .calib.collect import RangeOptions, collect_ranges
+from .calib.collect import collect_ranges
+from .calib.observers import RangeOptions
 from .calib.data import input_specs
 from .calib.table import CalibrationTable
 from .config import QuantConfig

@@ -27,9 +27,8 @@ import onnx
 
 from ..errors import CalibrationDataError
 from ..runtime import augmented_model, make_session
-from ..runtime import pick_providers  # noqa: F401 - re-exported: pipeline.py imports it from here
 from .data import InputSpec
-from .observers import LATE_CAP_DIVISOR, Observer, RangeOptions, kl_levels, make_observer  # noqa: F401 - re-exported
+from .observers import Observer, RangeOptions, make_observer
 from .stats import RANGE, Statistics
 from .table import CalibrationTable
 

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 import qpass
-from qpass.calib.collect import RangeOptions, batchable, collect_ranges
+from qpass.calib.collect import batchable, collect_ranges
+from qpass.calib.observers import RangeOptions
 from qpass.calib.data import input_specs
 from qpass.calib.histogram import subsample_stride
 from qpass.calib.methods import METHODS
@@ -101,7 +102,7 @@ def test_late_samples_under_the_smaller_cap_do_not_depend_on_the_batch_size(meth
 
 
 def test_late_cap_counts_fewer_values_per_sample():
-    from qpass.calib.collect import LATE_CAP_DIVISOR
+    from qpass.calib.observers import LATE_CAP_DIVISOR
     from qpass.calib.observers import make_observer
 
     obs = make_observer("percentile", RangeOptions(bins=256, hist_sample=4096, hist_full_samples=2))

@@ -9,7 +9,8 @@ import pytest
 from onnx import TensorProto, helper
 
 from qpass.calib import collect, observers
-from qpass.calib.collect import RangeOptions, collect_ranges, overlap_may_pay
+from qpass.calib.collect import collect_ranges, overlap_may_pay
+from qpass.calib.observers import RangeOptions
 from qpass.calib.data import input_specs
 from qpass.errors import CalibrationDataError
 from tests import builders

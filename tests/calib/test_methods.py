@@ -129,7 +129,7 @@ def test_entropy_does_not_clip_a_relu_output_for_its_spike_of_zeros():
     ("int16", True, -1.0, 10.0, 32768),
 ])
 def test_kl_levels_follow_the_share_of_the_unsigned_grid_above_zero(qtype, symmetric, lo, hi, want):
-    from qpass.calib.collect import RangeOptions, kl_levels
+    from qpass.calib.observers import RangeOptions, kl_levels
 
     assert kl_levels(RangeOptions(qtype=qtype, symmetric=symmetric), lo, hi) == want
 
@@ -137,7 +137,7 @@ def test_kl_levels_follow_the_share_of_the_unsigned_grid_above_zero(qtype, symme
 def test_entropy_on_a_16_bit_grid_keeps_the_range_that_an_8_bit_search_would_clip():
     """A 2048-bin histogram cannot resolve a 16-bit grid's rounding, so no threshold loses less than keeping
     everything: the search with the 16-bit level count returns the observed range, where the 8-bit count clips."""
-    from qpass.calib.collect import RangeOptions, kl_levels
+    from qpass.calib.observers import RangeOptions, kl_levels
 
     rng = np.random.default_rng(1)
     x = np.concatenate([rng.normal(0, 1, 100_000), [40.0]]).astype(np.float32)
