@@ -141,3 +141,13 @@ def test_calibration_ranges_are_stored_for_exactly_the_planned_tensors(calibrate
     assert sorted(calibrated.table.ranges) == sorted(plan.calibrate)
     assert set(plan.methods().values()) <= {"minmax", "percentile"}
     assert np.isfinite([r.min for r in calibrated.table.ranges.values()]).all()
+
+
+def test_calibrate_collects_extra_statistics_for_a_later_rewrite(calibrated_once):
+    cfg, prepared, plan, _ = calibrated_once
+    gemm_input = next(t for t in plan.tensors if t in [n.input[0] for n in prepared.model.graph.node if n.name == "/8/Gemm"])
+    samples = take(open_samples(DIGITS_CALIB, input_specs(prepared.model)), 16)
+    got = stages.calibrate(prepared, plan, samples, cfg, extra={gemm_input: ("gram", "absmean")}).table.statistics
+    gram, absmean = got.get(gemm_input, "gram"), got.get(gemm_input, "absmean")
+    assert gram.rows == 16 and gram.matrix.shape == (absmean.mean.shape[0],) * 2
+    assert np.allclose(gram.matrix, gram.matrix.T) and (np.diag(gram.matrix) >= 0).all()
