@@ -12,6 +12,7 @@ import onnx
 from . import stages
 from .calib.data import input_specs, synthetic_samples
 from .calib.sources import calibration_data, take, validation_data
+from .calib.table import CalibrationTable
 from .config import QuantConfig
 from .errors import ModelSaveError
 from .io import same_file, save_model
@@ -77,8 +78,12 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, calib: Data = None, *, 
         qplan.save(save_plan)
     specs, held = input_specs(prepared.reference), []
     t = time.perf_counter()
+    needs_data = bool(qplan.calibrate or qplan.statistics)
     if load_calib is not None:
         calibrated = stages.load_calibration(load_calib, qplan, cfg)
+    elif not needs_data:
+        calibrated = stages.Calibrated(CalibrationTable(), {"source": None, "samples": 0, "tensors": 0,
+                                                            "note": "the plan needs no calibration data"})
     else:
         data = calibration_data(calib, specs, cfg, val_given=val is not None, subject=name)
         report.warnings += data.warnings
@@ -95,7 +100,8 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, calib: Data = None, *, 
     report.quantized_nodes, report.plan = rewritten.quantized_nodes, qplan.with_overrides().to_dict()
     report.sizes = {"input_bytes": stages.model_size(model, original), "output_bytes": rewritten.model.ByteSize()}
     t = time.perf_counter()
-    samples, desc = validation_data(val, specs, cfg, calib=calib, held=held, loaded_table=load_calib is not None)
+    samples, desc = validation_data(val, specs, cfg, calib=calib, held=held, loaded_table=load_calib is not None,
+                                    calibrated=needs_data)
     if samples is None:
         report.warnings.append("not validated: no held-out samples (give --val PATH or more calibration samples)")
     else:

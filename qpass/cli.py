@@ -11,7 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from . import __version__
-from .config import ACTIVATION_TYPES, FORMATS, METHOD_CHOICES, QuantConfig
+from .config import ACTIVATION_TYPES, FORMATS, METHOD_CHOICES, WEIGHT_ONLY_ALGORITHMS, WEIGHT_ONLY_TYPES, QuantConfig
 from .errors import QpassError
 
 EXAMPLES = """\
@@ -72,6 +72,14 @@ def build_parser() -> argparse.ArgumentParser:
     _config_option(run, "--exclude-before", action="append", metavar="OP",
                      help="keep in float a compute node whose output only this op type reads (repeatable; "
                           "e.g. HardSwish, which onnxruntime fuses into a float Conv but has no integer kernel for)")
+    _config_option(run, "--weight-only", choices=WEIGHT_ONLY_TYPES,
+                   help="weight-only mode: MatMul/Gemm weights block-wise int4 (symmetric), uint4 (asymmetric) or "
+                        "int8, activations float (standard DequantizeLinear with block_size, opset 21)")
+    _config_option(run, "--block-size", type=int, metavar="N",
+                   help="weight-only: input features per scale (default 128; a power of two >= 16 for MatMulNBits)")
+    _config_option(run, "--algorithm", choices=WEIGHT_ONLY_ALGORITHMS,
+                   help="weight-only: rtn (round to nearest, default), search (per-block scale search), gptq "
+                        "(needs --calib)")
     _config_option(run, "--max-calib-samples", type=int, metavar="N")
     _config_option(run, "--synthetic-calib", action="store_const", const=True, help="calibrate on random data (smoke runs only)")
     run.add_argument("--load-calib", metavar="JSON", help="use a saved calibration table instead of running calibration")

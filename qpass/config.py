@@ -27,6 +27,10 @@ ACTIVATION_TYPES = ("uint8", "int8", "uint16", "int16")
 SIXTEEN_BIT_TYPES = frozenset({"uint16", "int16"})
 CALIB_EPS = ("cpu", "cuda")
 WEIGHT_TYPES = ("int8",)
+#: weight-only mode types: int4/int8 symmetric (zero point 0), uint4 asymmetric (zero point from the block's range)
+WEIGHT_ONLY_TYPES = ("int4", "uint4", "int8")
+#: weight-only algorithms: round to nearest; a data-free per-block scale search; GPTQ (needs calibration data)
+WEIGHT_ONLY_ALGORITHMS = ("rtn", "search", "gptq")
 
 
 @dataclass(frozen=True)
@@ -105,6 +109,17 @@ class QuantConfig:
         max_val_samples: hold out at most this many samples for validation.
         external_data: write the weights to a ``.data`` file beside the model.
         allow_empty: a run that quantizes nothing is not an error.
+        weight_only: None (static quantization of weights and activations) or the weight type of the weight-only
+            mode: "int4" (symmetric), "uint4" (asymmetric, a zero point per block) or "int8" (symmetric). MatMul and
+            Gemm weights only, block-wise along the input dimension (DequantizeLinear with block_size, opset 21);
+            activations stay float.
+        block_size: rows of the weight (input features) that share a scale in the weight-only mode; a power of two
+            >= 16 lets onnxruntime fuse DequantizeLinear -> MatMul into its MatMulNBits kernel.
+        algorithm: weight-only algorithm: "rtn" (round to nearest), "search" (per-block scale search minimising
+            the weight error, weighted by the inputs' mean square when calibration data is given), "gptq" (GPTQ
+            with the inputs' Gram matrices from the calibration data).
+        gptq_damp: GPTQ's dampening, a share of the Hessian's mean diagonal added to its diagonal.
+        gptq_act_order: GPTQ quantizes input features in decreasing order of their Hessian diagonal.
     """
 
     format: str = "qdq"
@@ -145,6 +160,11 @@ class QuantConfig:
     latency: bool = True
     external_data: bool = False
     allow_empty: bool = False
+    weight_only: str | None = None
+    block_size: int = 128
+    algorithm: str = "rtn"
+    gptq_damp: float = 0.01
+    gptq_act_order: bool = True
     _exclude_patterns: tuple[re.Pattern, ...] = field(default=(), repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -157,6 +177,18 @@ class QuantConfig:
             raise bad("method", self.method, " or ".join(METHOD_CHOICES))
         if self.activation_type not in ACTIVATION_TYPES:
             raise bad("activation_type", self.activation_type, " or ".join(ACTIVATION_TYPES))
+        if self.weight_only is not None and self.weight_only not in WEIGHT_ONLY_TYPES:
+            raise bad("weight_only", self.weight_only, " or ".join(WEIGHT_ONLY_TYPES))
+        if not isinstance(self.block_size, int) or isinstance(self.block_size, bool) or self.block_size < 1:
+            raise bad("block_size", self.block_size, "a positive integer (a power of two >= 16 for MatMulNBits)")
+        if self.algorithm not in WEIGHT_ONLY_ALGORITHMS:
+            raise bad("algorithm", self.algorithm, " or ".join(WEIGHT_ONLY_ALGORITHMS))
+        if not (isinstance(self.gptq_damp, (int, float)) and 0.0 < float(self.gptq_damp) < 1.0):
+            raise bad("gptq_damp", self.gptq_damp, "a number in (0, 1)")
+        if not isinstance(self.gptq_act_order, bool):
+            raise bad("gptq_act_order", self.gptq_act_order, "true or false")
+        if self.weight_only is not None and self.format != "qdq":
+            raise bad("format", self.format, "qdq with weight_only (the weights stay DequantizeLinear -> MatMul)")
         if self.weight_type not in WEIGHT_TYPES:
             raise bad("weight_type", self.weight_type, " or ".join(WEIGHT_TYPES))
         for name, table in (("tensor_methods", self.tensor_methods), ("op_methods", self.op_methods)):

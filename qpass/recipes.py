@@ -14,6 +14,7 @@ from .passes.insert_qdq import InsertQDQ
 from .passes.lower_qop import LowerToQOperator
 from .passes.matmul_bias_gemm import MatMulBiasToGemm
 from .passes.single_reader_dq import SingleReaderDequantize
+from .passes.weight_only import WeightOnlyQuantize
 
 
 def prepare_passes(config: QuantConfig) -> list[Pass]:
@@ -22,7 +23,10 @@ def prepare_passes(config: QuantConfig) -> list[Pass]:
 
 
 def rewrite_passes(config: QuantConfig) -> list[Pass]:
-    """Static int8/16: Q/DQ pairs from the plan, then the output form (QDQ or integer operators)."""
+    """The rewrite of the configured mode: weight-only (block-wise integer weights, activations float), or static
+    int8/16 (Q/DQ pairs from the plan, then the output form: QDQ or integer operators)."""
+    if config.weight_only:
+        return [WeightOnlyQuantize(config.algorithm, damp=config.gptq_damp, act_order=config.gptq_act_order), Cleanup()]
     passes: list[Pass] = [InsertQDQ(), Cleanup()]
     if config.format == "qop":
         passes += [LowerToQOperator(), Cleanup()]

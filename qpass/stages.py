@@ -108,8 +108,8 @@ def plan(prepared: Prepared, config: QuantConfig | None = None) -> QuantPlan:
 def calibrate(prepared: Prepared, quant_plan: QuantPlan, samples: Iterable, config: QuantConfig | None = None, *,
               total: int | None = None, synthetic: bool = False, description: str = "",
               progress: ProgressFactory | None = None, extra: dict[str, tuple[str, ...]] | None = None) -> Calibrated:
-    """Stream ``samples`` ((feed, label) pairs) through onnxruntime and measure the ranges the plan needs, and any
-    ``extra`` statistics by tensor (e.g. ``{"x": ("gram", "absmean")}``; read them from ``table.statistics``)."""
+    """Stream ``samples`` ((feed, label) pairs) through onnxruntime and measure the ranges and statistics the plan
+    needs, and any ``extra`` statistics by tensor (e.g. ``{"x": ("gram", "absmean")}``; see ``table.statistics``)."""
     config = config or QuantConfig()
     tensors = quant_plan.calibrate
     methods = quant_plan.methods()
@@ -120,7 +120,8 @@ def calibrate(prepared: Prepared, quant_plan: QuantPlan, samples: Iterable, conf
     table = collect_ranges(prepared.model, tensors, samples, methods=methods, options=options, providers=providers,
                            batch_size=config.calib_batch_size, specs=input_specs(prepared.model), synthetic=synthetic,
                            on_sample=progress("calibrating", total) if progress else None,
-                           overlap=None if config.calib_overlap else False, stats=schedule, extra=extra)
+                           overlap=None if config.calib_overlap else False, stats=schedule,
+                           extra={**quant_plan.statistics, **(extra or {})} or None)
     info = {"source": description, "samples": table.samples, "tensors": len(table), "method": config.method,
             "methods_used": dict(Counter(methods.values())), "provider": providers[0], "synthetic": table.synthetic,
             "observer_thread": schedule.get("observer_thread", False)}

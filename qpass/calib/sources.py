@@ -63,9 +63,11 @@ def calibration_data(calib: Any, specs: list[InputSpec], config: QuantConfig, *,
 
 
 def validation_data(val: Any, specs: list[InputSpec], config: QuantConfig, *, calib: Any = None,
-                    held: list | None = None, loaded_table: bool = False) -> tuple[Iterable | None, str | None]:
+                    held: list | None = None, loaded_table: bool = False,
+                    calibrated: bool = True) -> tuple[Iterable | None, str | None]:
     """The validation samples and their description: ``val``; else random feeds when calibration was random too;
-    else the held-out split; else (a loaded table, whose data is unknown) the first samples of ``calib``."""
+    else the held-out split; else the first samples of ``calib`` when no calibration read it (a loaded table,
+    whose data is unknown, or a plan that needs no data)."""
     if val is not None:
         samples = open_samples(val, specs, what="validation data")
         return samples, samples.description
@@ -73,7 +75,8 @@ def validation_data(val: Any, specs: list[InputSpec], config: QuantConfig, *, ca
         return [(f, None) for f in synthetic_samples(specs, config.synthetic_samples, config.seed + 1)], "synthetic"
     if held:
         return held, f"{len(held)} held-out calibration samples"
-    if loaded_table and calib is not None:
-        return (take(open_samples(calib, specs), config.max_val_samples),
-                f"up to {config.max_val_samples} samples of {calib} (the loaded table's data is unknown)")
+    if calib is not None and (loaded_table or not calibrated):
+        why = "the loaded table's data is unknown" if loaded_table else "the plan needed no calibration"
+        return take(open_samples(calib, specs), config.max_val_samples), \
+            f"up to {config.max_val_samples} samples of {calib} ({why})"
     return None, None

@@ -8,7 +8,8 @@ from __future__ import annotations
 import onnx_graphsurgeon as gs
 
 from ..config import QuantConfig
-from ..graph import node_label
+from ..graph import is_float32, is_onnx_op, node_label
+from ..pass_manager import Skip
 from .placement import plan_quantization
 from .spec import BiasPlan, NodePlan, QSpec, QuantPlan, TensorPlan, WeightPlan
 from .targets import Target
@@ -36,6 +37,8 @@ def node_plan(t: Target, config: QuantConfig) -> NodePlan:
 
 def build_plan(graph: gs.Graph, config: QuantConfig) -> QuantPlan:
     """Which nodes and activations to quantize, with what spec, for ``graph`` (prepared) under ``config``."""
+    if config.weight_only:
+        return build_weight_only_plan(graph, config)
     placed = plan_quantization(graph, config)
     labels = {id(n): node_label(n) for n in graph.nodes}
     order = {id(n): i for i, n in enumerate(graph.nodes)}
@@ -47,3 +50,42 @@ def build_plan(graph: gs.Graph, config: QuantConfig) -> QuantPlan:
         tensors[q.name] = TensorPlan(q.name, activation_spec(config, methods.get(q.range_of, "minmax")), q.range_of,
                                      readers)
     return QuantPlan(tuple(node_plan(t, config) for t in placed.targets), tensors, tuple(placed.skips))
+
+
+#: weight-only algorithms that need each MatMul input's Gram matrix from calibration
+NEEDS_GRAM = frozenset({"gptq"})
+
+
+def weight_only_spec(config: QuantConfig, axis: int) -> QSpec:
+    """Block-wise along the input dimension; int4/int8 symmetric, uint4 asymmetric."""
+    return QSpec(dtype=config.weight_only, symmetric=config.weight_only != "uint4", granularity="block", axis=axis,
+                 block_size=config.block_size)
+
+
+def build_weight_only_plan(graph: gs.Graph, config: QuantConfig) -> QuantPlan:
+    """The weight-only plan: every MatMul/Gemm (of ``config.op_types``) with a constant 2-D float32 weight gets a
+    block-wise weight spec on its input-feature axis; activations stay float. GPTQ asks calibration for the Gram
+    matrix of each such node's input."""
+    nodes, skips, statistics = [], [], {}
+    for node in graph.nodes:
+        if node.op not in ("MatMul", "Gemm") or node.op not in config.op_types or not is_onnx_op(node):
+            continue
+        label = node_label(node)
+        if config.is_excluded(node.name or ""):
+            skips.append(Skip(label, node.op, "excluded by configuration"))
+            continue
+        if len(node.inputs) < 2:
+            continue
+        x, w = node.inputs[0], node.inputs[1]
+        if not (isinstance(w, gs.Constant) and is_float32(w)):
+            skips.append(Skip(label, node.op, f"input '{w.name}' is not a constant float32 weight; kept in float"))
+            continue
+        if len(w.shape) != 2:
+            skips.append(Skip(label, node.op, f"weight '{w.name}' has rank {len(w.shape)}, not 2; kept in float"))
+            continue
+        # MatMul: W [K, N], blocks along K (axis 0); Gemm with transB: W [N, K] (axis 1); alpha/transA change nothing
+        axis = 1 if node.op == "Gemm" and int(node.attrs.get("transB", 0)) else 0
+        nodes.append(NodePlan(label, node.op, (), WeightPlan(1, w.name, weight_only_spec(config, axis))))
+        if config.algorithm in NEEDS_GRAM and isinstance(x, gs.Variable) and is_float32(x):
+            statistics[x.name] = ("gram",)
+    return QuantPlan(tuple(nodes), {}, tuple(skips), (), statistics)

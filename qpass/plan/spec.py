@@ -219,6 +219,8 @@ class QuantPlan:
     tensors: dict[str, TensorPlan] = field(default_factory=dict)
     skipped: tuple[Skip, ...] = ()
     overrides: tuple[Override, ...] = ()
+    #: statistics calibration must collect besides ranges, by tensor (e.g. {"x": ("gram",)} for GPTQ)
+    statistics: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     @property
     def calibrate(self) -> list[str]:
@@ -272,7 +274,7 @@ class QuantPlan:
                 raise PlanError("matches no node or tensor of the plan", subject=where,
                                 hint="node names are as in the plan's 'nodes' list (Op(output) when unnamed); "
                                      "tensors as in its 'tensors' table")
-        return QuantPlan(tuple(nodes), tensors, tuple(skipped), ()).without_float_nodes()
+        return QuantPlan(tuple(nodes), tensors, tuple(skipped), (), self.statistics).without_float_nodes()
 
     def without_float_nodes(self) -> "QuantPlan":
         """Nodes marked ``precision: float`` dropped (reported as skipped) and removed from every reader list."""
@@ -289,7 +291,8 @@ class QuantPlan:
                 tp = replace(tp, readers=readers)
             tensors[name] = tp
         skipped = tuple(self.skipped) + tuple(Skip(n.node, n.op_type, "kept in float by the plan") for n in floats)
-        return QuantPlan(tuple(n for n in self.nodes if n.precision != "float"), tensors, skipped, self.overrides)
+        return QuantPlan(tuple(n for n in self.nodes if n.precision != "float"), tensors, skipped, self.overrides,
+                         self.statistics)
 
     # ------------------------------------------------------------------ JSON
     def to_dict(self) -> dict[str, Any]:
@@ -311,6 +314,7 @@ class QuantPlan:
                             "readers": None if t.readers is None else list(t.readers)} for k, t in self.tensors.items()},
             "skipped": [s.to_dict() for s in self.skipped],
             "overrides": [o.to_dict() for o in self.overrides],
+            "statistics": {k: list(v) for k, v in self.statistics.items()},
         }
 
     def to_json(self) -> str:
@@ -333,6 +337,7 @@ class QuantPlan:
             skipped = tuple(Skip(str(s["node"]), str(s["op_type"]), str(s["reason"])) for s in data.get("skipped", ()))
             overrides = tuple(Override.from_dict(o, where=f"{source}: override {i}")
                               for i, o in enumerate(data.get("overrides", ())))
+            statistics = {str(k): tuple(str(x) for x in v) for k, v in data.get("statistics", {}).items()}
         except PlanError:
             raise
         except (KeyError, TypeError, AttributeError, ValueError) as exc:
@@ -341,7 +346,7 @@ class QuantPlan:
             if t.range_of not in tensors:
                 raise PlanError(f"tensor '{name}' takes its range from '{t.range_of}', which the plan does not have",
                                 subject=source)
-        return cls(nodes, tensors, skipped, overrides)
+        return cls(nodes, tensors, skipped, overrides, statistics)
 
     @classmethod
     def from_json(cls, text: str, *, source: str = "plan") -> "QuantPlan":

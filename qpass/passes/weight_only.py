@@ -1,0 +1,136 @@
+"""MatMul(X, W) -> MatMul(X, DequantizeLinear(W_q int4|uint4|int8, scale[ceil(K/B), N], zero_point, axis=0, block_size=B)).
+
+The weight-only rewrite: each planned MatMul/Gemm weight (plan spec: dtype, symmetric, block axis and size) is
+quantized by the pass's algorithm (:mod:`qpass.weights`) and stored as integers, 4-bit ones packed two a byte;
+activations stay float. onnxruntime fuses this form into its MatMulNBits kernel (CPU, CUDA) when the block size is
+a power of two >= 16 and the weight is 2-D. A weight read by several planned nodes with the same spec is written
+once. GPTQ takes each node's Hessian from the Gram matrix of its input in the calibration table.
+"""
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.ir.tensor import LazyValues
+
+from ..errors import PreconditionError
+from ..graph import NameAllocator, node_label
+from ..ops import BLOCKED_MIN_OPSET
+from ..pass_manager import Pass, PassContext, PassResult, Skip
+from ..plan.bind import bind
+from ..plan.targets import Target
+from ..qparams import make_initializer
+from ..weights.rtn import QuantizedWeight, rtn
+
+
+class WeightOnlyQuantize(Pass):
+    role = "quantize"
+
+    def __init__(self, algorithm: str = "rtn", *, damp: float = 0.01, act_order: bool = True):
+        #: "rtn", "search" (per-block scale search; input-weighted when the table has the input's Gram matrix)
+        #: or "gptq" (needs the input's Gram matrix)
+        self.algorithm = algorithm
+        self.damp = damp
+        self.act_order = act_order
+
+    def requires(self, graph: gs.Graph, ctx: PassContext) -> None:
+        if ctx.plan is None:
+            raise PreconditionError("needs a plan", subject=self.name)
+        blocked = [n.node for n in ctx.plan.nodes if n.weight is not None and (
+            n.weight.spec.granularity == "block" or n.weight.spec.dtype in ("int4", "uint4"))]
+        if blocked and graph.opset < BLOCKED_MIN_OPSET:
+            raise PreconditionError(f"block-wise and 4-bit DequantizeLinear need opset >= {BLOCKED_MIN_OPSET}, graph has "
+                                    f"{graph.opset}", subject=blocked[0],
+                                    hint=f"use --target-opset {BLOCKED_MIN_OPSET}")
+        if self.algorithm == "gptq" and ctx.calib is None:
+            raise PreconditionError("GPTQ needs calibration statistics (the inputs' Gram matrices)", subject=self.name,
+                                    hint="give --calib DATA")
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        bound = bind(ctx.plan, graph)
+        names = NameAllocator(graph)
+        written: dict[tuple, gs.Variable] = {}
+        skipped = list(bound.skips)
+        done: Counter = Counter()
+        for t in bound.targets:
+            reason = self._rewrite(t, graph, ctx, names, written)
+            if reason:
+                skipped.append(Skip(node_label(t.node), t.node.op, reason))
+            else:
+                done[t.node.op] += 1
+        if done:
+            graph.cleanup(remove_unused_graph_inputs=False).toposort()
+        return PassResult(modified=bool(done), skipped=tuple(skipped), stats=dict(done))
+
+    def _rewrite(self, t: Target, graph: gs.Graph, ctx: PassContext, names: NameAllocator,
+                 written: dict[tuple, gs.Variable]) -> str | None:
+        node, spec = t.node, t.weight_spec
+        if spec is None or not spec.quantized:
+            return "no weight spec; kept in float"
+        w = node.inputs[t.weight]
+        if not isinstance(w, gs.Constant):
+            return f"weight '{w.name}' is no longer a constant; kept in float"
+        key = (w.name, spec)
+        if key not in written:
+            values = np.asarray(w.values, dtype=np.float32)
+            try:
+                qw = self.quantize(values, spec, self._hessian(node, ctx))
+            except ValueError as exc:
+                return f"weight '{w.name}' not quantizable ({exc}); kept in float"
+            written[key] = self._dq(graph, names, w, qw, spec.dtype)
+        node.inputs[t.weight] = written[key]
+        return None
+
+    def _hessian(self, node: gs.Node, ctx: PassContext) -> np.ndarray | None:
+        """The input's Gram matrix divided by its row count (mean x^T x), when calibration collected it."""
+        if ctx.calib is None or not node.inputs:
+            return None
+        stats = getattr(ctx.calib, "statistics", None)
+        gram = stats.get(node.inputs[0].name, "gram") if stats is not None else None
+        if gram is None or not gram.rows:
+            return None
+        return np.asarray(gram.matrix, dtype=np.float64) / gram.rows
+
+    def quantize(self, w: np.ndarray, spec, hessian: np.ndarray | None) -> QuantizedWeight:
+        """The algorithm on one weight; blocks along ``spec.axis`` (a weight blocked on axis 1 is transposed)."""
+        axis = spec.axis if spec.granularity != "tensor" else None
+        block = spec.block_size if spec.granularity == "block" else None
+        if self.algorithm == "rtn" or block is None or w.ndim != 2:
+            return rtn(w, spec.dtype, symmetric=spec.symmetric, axis=axis, block_size=block)
+        wk = w if axis == 0 else w.T  # [K, N]: blocks along K
+        if self.algorithm == "gptq":
+            if hessian is None:
+                raise ValueError("no Gram matrix of its input in the calibration table")
+            from ..weights.gptq import gptq
+
+            q, scale, zp = gptq(wk, hessian, block, spec.dtype, symmetric=spec.symmetric, damp=self.damp,
+                                act_order=self.act_order)
+        else:
+            from ..qparams import quantize
+            from ..weights.search import search_block_qparams
+
+            importance = None if hessian is None else np.diag(hessian)
+            scale, zp = search_block_qparams(wk, block, spec.dtype, symmetric=spec.symmetric, importance=importance)
+            q = quantize(wk, scale, zp, axis=0, block_size=block, qtype=spec.dtype)
+        if axis != 0:
+            q, scale, zp = q.T, scale.T, zp.T
+        return QuantizedWeight(np.ascontiguousarray(q), np.ascontiguousarray(scale, dtype=np.float32),
+                               np.ascontiguousarray(zp), axis, block)
+
+    @staticmethod
+    def _dq(graph: gs.Graph, names: NameAllocator, w: gs.Constant, qw: QuantizedWeight, qtype: str) -> gs.Variable:
+        base = w.name
+        q_name, zp_name = names(f"{base}_quantized"), names(f"{base}_zero_point")
+        q = gs.Constant(q_name, LazyValues(make_initializer(q_name, qw.q, qtype)))
+        scale = gs.Constant(names(f"{base}_scale"), np.asarray(qw.scale, dtype=np.float32))
+        zp = gs.Constant(zp_name, LazyValues(make_initializer(zp_name, np.asarray(qw.zero_point), qtype)))
+        attrs = {}
+        if qw.axis is not None:
+            attrs["axis"] = int(qw.axis)
+        if qw.block_size:
+            attrs["block_size"] = int(qw.block_size)
+        out = gs.Variable(names(f"{base}_dequantized"), dtype=np.float32, shape=list(w.shape))
+        graph.nodes.append(gs.Node("DequantizeLinear", names(f"{base}_DequantizeLinear"), attrs=attrs,
+                                   inputs=[q, scale, zp], outputs=[out]))
+        return out
