@@ -1,0 +1,146 @@
+"""Weight-only mode: block-wise int4/uint4/int8 DequantizeLinear -> MatMul, exact against onnx.reference, fused by
+onnxruntime into MatMulNBits, tied weights once, GPTQ through calibration statistics."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from onnx.reference import ReferenceEvaluator
+
+import qpass
+from qpass.errors import OpsetError
+from qpass.qparams import dequantize, unpack_4bit
+
+K, N = 64, 24
+
+
+def _mlp(opset: int = 21, *, tied: bool = False, gemm_trans_b: bool = False, seed: int = 0) -> onnx.ModelProto:
+    """x[M, K] -> MatMul(W1[K, K]) -> Tanh -> MatMul(W2[K, N]) (or Gemm with W2 stored [N, K]) -> y; optionally a
+    third MatMul reading W1 again (a tied weight)."""
+    rng = np.random.default_rng(seed)
+    w1 = rng.normal(0, 0.2, (K, K)).astype(np.float32)
+    w2 = rng.normal(0, 0.2, (K, N)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["h"], name="mm1"), helper.make_node("Tanh", ["h"], ["r"], name="tanh")]
+    if gemm_trans_b:
+        nodes.append(helper.make_node("Gemm", ["r", "W2"], ["y"], name="gemm", transB=1))
+        inits = [numpy_helper.from_array(w1, "W1"), numpy_helper.from_array(np.ascontiguousarray(w2.T), "W2")]
+    else:
+        nodes.append(helper.make_node("MatMul", ["r", "W2"], ["y"], name="mm2"))
+        inits = [numpy_helper.from_array(w1, "W1"), numpy_helper.from_array(w2, "W2")]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["M", N])]
+    if tied:
+        nodes.append(helper.make_node("MatMul", ["r", "W1"], ["z"], name="mm_tied"))
+        outputs.append(helper.make_tensor_value_info("z", TensorProto.FLOAT, ["M", K]))
+    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["M", K])], outputs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 10
+    return model
+
+
+def _feeds(n: int = 24, seed: int = 1, correlated: bool = False):
+    rng = np.random.default_rng(seed)
+    # one fixed mixing for every seed: calibration and validation feeds come from the same distribution
+    mix = np.random.default_rng(123).normal(size=(K, K)).astype(np.float32) if correlated else np.eye(K, dtype=np.float32)
+    return [{"x": (rng.normal(size=(4, K)).astype(np.float32) @ mix)} for _ in range(n)]
+
+
+def _dq_of(model: onnx.ModelProto, weight_reader: str) -> onnx.NodeProto:
+    node = next(n for n in model.graph.node if n.name == weight_reader)
+    return next(n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.output[0] == node.input[1])
+
+
+def _inits(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    return {t.name: t for t in model.graph.initializer}
+
+
+@pytest.mark.parametrize("qtype, elem, symmetric", [("int4", TensorProto.INT4, True), ("uint4", TensorProto.UINT4, False),
+                                                    ("int8", TensorProto.INT8, True)])
+def test_weights_become_packed_block_wise_dq_and_match_the_reference(qtype, elem, symmetric):
+    model = _mlp()
+    out = qpass.quantize(model, weight_only=qtype, block_size=16, per_layer=False, latency=False).model
+    onnx.checker.check_model(out, full_check=True)
+    dq = _dq_of(out, "mm1")
+    attrs = {a.name: helper.get_attribute_value(a) for a in dq.attribute}
+    assert attrs == {"axis": 0, "block_size": 16}
+    inits = _inits(out)
+    q, scale, zp = (inits[n] for n in dq.input)
+    assert q.data_type == elem and zp.data_type == elem and scale.data_type == TensorProto.FLOAT
+    assert list(scale.dims) == [K // 16, K]
+    if qtype != "int8":
+        assert len(q.raw_data) == K * K // 2  # two values a byte
+        values = unpack_4bit(np.frombuffer(q.raw_data, np.uint8), K * K, signed=qtype == "int4").reshape(K, K)
+        zeros = unpack_4bit(np.frombuffer(zp.raw_data, np.uint8), int(np.prod(zp.dims)), signed=qtype == "int4")
+        assert (zeros == 0).all() == symmetric
+        w = dequantize(values, numpy_helper.to_array(scale), zeros.reshape(scale.dims), axis=0, block_size=16)
+        assert np.abs(w - numpy_helper.to_array(_inits(model)["W1"])).max() <= numpy_helper.to_array(scale).max() * 0.51
+    assert not any(n.op_type == "QuantizeLinear" for n in out.graph.node)  # activations untouched
+    x = _feeds(1)[0]
+    ref = ReferenceEvaluator(out).run(None, x)[0]
+    plain = ort.SessionOptions()
+    plain.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    got = ort.InferenceSession(out.SerializeToString(), plain, providers=["CPUExecutionProvider"]).run(None, x)[0]
+    assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+def test_onnxruntime_fuses_the_int4_form_into_matmulnbits(tmp_path):
+    out = qpass.quantize(_mlp(), weight_only="int4", block_size=32, per_layer=False, latency=False).model
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+    sess = ort.InferenceSession(out.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node]
+    assert ops.count("MatMulNBits") == 2 and "DequantizeLinear" not in ops
+    x = _feeds(1)[0]
+    ref = ReferenceEvaluator(out).run(None, x)[0]
+    assert np.abs(sess.run(None, x)[0] - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+def test_a_tied_weight_is_stored_once_and_gemm_blocks_its_input_axis():
+    tied = qpass.quantize(_mlp(tied=True), weight_only="int4", block_size=16, per_layer=False, latency=False)
+    assert tied.report.quantized_nodes == {"MatMul": 3}
+    assert _dq_of(tied.model, "mm1").output[0] == _dq_of(tied.model, "mm_tied").output[0]
+    assert sum(n.op_type == "DequantizeLinear" for n in tied.model.graph.node) == 2
+    gemm = qpass.quantize(_mlp(gemm_trans_b=True), weight_only="int4", block_size=16, per_layer=False, latency=False).model
+    dq = _dq_of(gemm, "gemm")
+    assert {a.name: helper.get_attribute_value(a) for a in dq.attribute} == {"axis": 1, "block_size": 16}
+    assert list(_inits(gemm)[dq.input[1]].dims) == [N, K // 16]
+
+
+def test_rtn_needs_no_calibration_data_and_gptq_uses_it():
+    model = _mlp()
+    rtn = qpass.quantize(model, weight_only="int4", block_size=16, per_layer=False, latency=False,
+                         val=_feeds(8, seed=5, correlated=True))
+    assert rtn.report.calibration["samples"] == 0 and rtn.plan.statistics == {}
+    gptq = qpass.quantize(model, _feeds(48, correlated=True), weight_only="int4", block_size=16, algorithm="gptq",
+                          per_layer=False, latency=False, val=_feeds(8, seed=5, correlated=True))
+    assert set(gptq.plan.statistics) == {"x", "r"} and gptq.report.calibration["samples"] == 48
+    err = {name: r.report.validation["outputs"][0]["sqnr_db"] for name, r in (("rtn", rtn), ("gptq", gptq))}
+    assert err["gptq"] > err["rtn"] + 1.0, err  # GPTQ's output error is lower on correlated inputs
+
+
+def test_gptq_without_calibration_data_is_a_clear_error():
+    with pytest.raises(qpass.QpassError, match="calibration data"):
+        qpass.quantize(_mlp(), weight_only="int4", algorithm="gptq", per_layer=False, latency=False)
+
+
+def test_opset_below_21_is_refused_with_the_fix():
+    with pytest.raises(OpsetError, match="--target-opset 21"):
+        qpass.quantize(_mlp(opset=17), weight_only="int4", per_layer=False, latency=False)
+
+
+def test_a_second_run_on_the_output_changes_nothing():
+    from qpass.config import QuantConfig
+    from qpass.graph import WorkingGraph
+    from qpass.pass_manager import PassContext
+    from qpass.passes.weight_only import WeightOnlyQuantize
+    from qpass.plan.policy import build_plan
+
+    cfg = QuantConfig(weight_only="int4", block_size=16, per_layer=False, latency=False)
+    once = qpass.quantize(_mlp(), config=cfg).model
+    wg = WorkingGraph(once)
+    plan = build_plan(wg.graph, cfg)
+    assert not plan.nodes and len(plan.skipped) == 2  # the weights are DequantizeLinear outputs now
+    result = WeightOnlyQuantize().run(wg.graph, PassContext(plan))
+    assert not result.modified and wg.export().SerializeToString() == WorkingGraph(once).export().SerializeToString()
