@@ -158,8 +158,19 @@ def _timed(times: dict, key: str, fn, *args, **kwargs):
 
 
 def _check_writes(model: str | os.PathLike, **paths: Any) -> None:
-    """Every file this run writes, checked against the input before any work: qpass never writes its input."""
+    """Every file this run writes, checked before any work: never the input, never one path for two files, and the
+    side files (plan, table) into an existing folder."""
+    seen: dict[Path, str] = {}
     for what, path in paths.items():
-        if path is not None and same_file(path, model):
+        if path is None:
+            continue
+        if same_file(path, model):
             raise ModelSaveError(f"{what} path is the input model", subject=str(path),
                                  hint="qpass never writes its input; choose another path")
+        key = Path(path).resolve()
+        if key in seen:
+            raise ModelSaveError(f"{what} and {seen[key]} would be written to the same file", subject=str(path))
+        seen[key] = what
+        if what in ("save_calib", "save_plan") and (Path(path).is_dir() or not key.parent.is_dir()):
+            raise ModelSaveError("is a folder" if Path(path).is_dir() else "its folder does not exist",
+                                 subject=str(path), hint=f"give {what.replace('_', '-')} a file path in an existing folder")

@@ -191,14 +191,14 @@ def check_proto(model: onnx.ModelProto, error: type = ModelLoadError, *, name: s
                     hint="the ONNX checker rejects it") from None
 
 
-def keep_value_info_of(model: onnx.ModelProto, original: onnx.ModelProto) -> onnx.ModelProto:
+def keep_value_info_of(model: onnx.ModelProto, original: "onnx.ModelProto | frozenset[str] | set[str]") -> onnx.ModelProto:
     """Drop (in place) the main graph's value_info entries for tensors the original did not describe.
 
     qpass infers every shape for its own analysis; writing them all into the output is not neutral: given a
     fully annotated MiniLM, onnxruntime 1.32 fuses Add + LayerNormalization into SkipLayerNormalization,
     which ran at 2.05 ms against 0.50 + ~0.3 ms unfused on this CPU (docs/benchmark-notes.md). The output
     describes what the input described, and the runtime infers the rest as it does for the fp32 model."""
-    described = {vi.name for vi in original.graph.value_info}
+    described = set(original) if isinstance(original, (set, frozenset)) else {vi.name for vi in original.graph.value_info}
     kept = [vi for vi in model.graph.value_info if vi.name in described]
     if len(kept) != len(model.graph.value_info):
         del model.graph.value_info[:]

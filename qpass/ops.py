@@ -1,7 +1,9 @@
 """Op knowledge in one table: which ops qpass quantizes, their weight/bias slots and channel axes, data movement,
 joins, range-folding activations, the integer kernels of the standard opset, and the opset each feature needs.
 
-Planning (:mod:`qpass.plan`), the passes and the configuration read these; nothing else spells an op list.
+Planning (:mod:`qpass.plan`), the passes and the configuration read these. Op lists that belong to one
+consumer's own judgement stay with it: which float readers onnxruntime fuses (single_reader_dq.FLOAT_READERS),
+which nodes the per-layer ranking skips (evaluate/validate.py).
 """
 from __future__ import annotations
 
@@ -47,4 +49,3 @@ PER_CHANNEL_MIN_OPSET = 13
 INT16_MIN_OPSET = 21
 #: int4/uint4 values and the ``block_size`` attribute (block-wise scales)
 BLOCKED_MIN_OPSET = 21
-INT4_MIN_OPSET = 21

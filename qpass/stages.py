@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -20,10 +20,11 @@ from .calib.collect import collect_ranges
 from .calib.observers import RangeOptions
 from .calib.data import input_specs
 from .calib.table import CalibrationTable
-from .config import QuantConfig
-from .errors import CalibrationDataError, NothingQuantizedError, UnsupportedModelError, VerificationError
+from .config import SIXTEEN_BIT_TYPES, QuantConfig
+from .errors import CalibrationDataError, NothingQuantizedError, PlanError, UnsupportedModelError, VerificationError
 from .graph import WorkingGraph, op_types, used_quant_ops
 from .io import infer_shapes, keep_value_info_of, load_model
+from .ops import INT16_MIN_OPSET
 from .opset import apply_opset_policy
 from .pass_manager import PassContext, PassManager, PassRecord
 from .plan.bind import bind
@@ -54,6 +55,8 @@ class Prepared:
     warnings: list[str] = field(default_factory=list)
     #: initializers of the input's top-level graph (kept there when a subgraph reads them; graph.WorkingGraph)
     outer_initializers: frozenset[str] = frozenset()
+    #: tensors the input model (before any opset upgrade) described in its value_info: the output describes these
+    described: frozenset[str] = frozenset()
 
 
 @dataclass
@@ -93,7 +96,8 @@ def prepare(model: onnx.ModelProto, config: QuantConfig | None = None, *, name: 
     if absent:
         warnings.append(f"exclude_before: no node of op type {', '.join(absent)} in the model (op types are "
                         "case-sensitive, e.g. HardSwish); it changed nothing")
-    return Prepared(wg.export(), reference, records, opset, warnings, frozenset(wg.outer_initializers))
+    return Prepared(wg.export(), reference, records, opset, warnings, frozenset(wg.outer_initializers),
+                    frozenset(vi.name for vi in model.graph.value_info))
 
 
 def _working_graph(prepared: Prepared) -> WorkingGraph:
@@ -111,17 +115,22 @@ def calibrate(prepared: Prepared, quant_plan: QuantPlan, samples: Iterable, conf
     """Stream ``samples`` ((feed, label) pairs) through onnxruntime and measure the ranges and statistics the plan
     needs, and any ``extra`` statistics by tensor (e.g. ``{"x": ("gram", "absmean")}``; see ``table.statistics``)."""
     config = config or QuantConfig()
+    quant_plan = quant_plan.with_overrides()
     tensors = quant_plan.calibrate
     methods = quant_plan.methods()
     providers, note = pick_providers(config.calib_ep)
     options = RangeOptions(config.percentile, config.bins, config.kl_levels, config.activation_type,
                            config.activation_symmetric, config.hist_sample)
+    # a tensor whose spec names another grid than the configuration's is calibrated for its own grid
+    own = {name: replace(options, qtype=spec.dtype, symmetric=spec.symmetric)
+           for name, spec in ((n, quant_plan.tensors[n].spec) for n in tensors if n in quant_plan.tensors)
+           if (spec.dtype, spec.symmetric) != (options.qtype, options.symmetric)}
     schedule: dict = {}
     table = collect_ranges(prepared.model, tensors, samples, methods=methods, options=options, providers=providers,
                            batch_size=config.calib_batch_size, specs=input_specs(prepared.model), synthetic=synthetic,
                            on_sample=progress("calibrating", total) if progress else None,
                            overlap=None if config.calib_overlap else False, stats=schedule,
-                           extra={**quant_plan.statistics, **(extra or {})} or None)
+                           extra={**quant_plan.statistics, **(extra or {})} or None, tensor_options=own)
     info = {"source": description, "samples": table.samples, "tensors": len(table), "method": config.method,
             "methods_used": dict(Counter(methods.values())), "provider": providers[0], "synthetic": table.synthetic,
             "observer_thread": schedule.get("observer_thread", False)}
@@ -132,6 +141,7 @@ def calibrate(prepared: Prepared, quant_plan: QuantPlan, samples: Iterable, conf
 
 def load_calibration(path: str | os.PathLike, quant_plan: QuantPlan, config: QuantConfig | None = None) -> Calibrated:
     """A saved calibration table, checked to hold every range the plan needs."""
+    quant_plan = quant_plan.with_overrides()
     table = CalibrationTable.load(path)
     missing = [n for n in quant_plan.calibrate if n not in table]
     if missing:
@@ -147,10 +157,10 @@ def rewrite(prepared: Prepared, quant_plan: QuantPlan, table: CalibrationTable, 
     ``allow_empty``."""
     config = config or QuantConfig()
     wg = _working_graph(prepared)
-    bind(quant_plan, wg.graph)  # a plan that does not fit this model is named here, not as a failing pass
+    check_plan_fits(bind(quant_plan, wg.graph), wg.graph.opset, config)  # named here, not as a failing pass
     records = PassManager(rewrite_passes(config), export=wg.export, verify=verify_model,
                           dump_dir=dump_dir).run(wg.graph, PassContext(quant_plan, table))
-    quantized = keep_value_info_of(wg.export(), prepared.reference)
+    quantized = keep_value_info_of(wg.export(), prepared.described)
     counts = count_quantized(records)
     if not counts and not config.allow_empty:
         skipped = [s for r in prepared.records + records for s in r.skipped]
@@ -159,6 +169,18 @@ def rewrite(prepared: Prepared, quant_plan: QuantPlan, table: CalibrationTable, 
         raise NothingQuantizedError(f"nothing was quantized ({reasons})", subject=name,
                                     hint="pass allow_empty / --allow-empty to accept an unchanged model")
     return Rewritten(quantized, records, counts)
+
+
+def check_plan_fits(bound, opset: int, config: QuantConfig) -> None:
+    """What the plan asks that this model's opset or the output format cannot hold is a :class:`PlanError` naming
+    the tensor (16-bit activations need opset 21; integer operators exist for 8-bit activations only)."""
+    for t in bound.tensors:
+        if t.spec.dtype in SIXTEEN_BIT_TYPES and opset < INT16_MIN_OPSET:
+            raise PlanError(f"{t.spec.dtype} activations need opset {INT16_MIN_OPSET}, the model has {opset}",
+                            subject=f"plan: tensor '{t.name}'", hint=f"use --target-opset {INT16_MIN_OPSET}")
+        if t.spec.dtype in SIXTEEN_BIT_TYPES and config.format == "qop":
+            raise PlanError(f"{t.spec.dtype} activations have no integer operators (--format qop)",
+                            subject=f"plan: tensor '{t.name}'", hint="use --format qdq or an 8-bit dtype")
 
 
 def evaluate(reference: onnx.ModelProto, quantized: onnx.ModelProto, samples: Iterable, description: str,

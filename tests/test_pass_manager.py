@@ -6,7 +6,6 @@ import onnx
 import onnx_graphsurgeon as gs
 import pytest
 
-from qpass.config import QuantConfig
 from qpass.errors import PassError, PostconditionError, PreconditionError, VerificationError
 from qpass.graph import WorkingGraph
 from qpass.pass_manager import Pass, PassContext, PassManager, PassResult, Skip

@@ -132,8 +132,9 @@ def test_recorded_output_hashes_of_the_shipped_model():
     from tools import output_hashes
 
     record = json.loads(output_hashes.RECORD.read_text())
-    for fmt in output_hashes.FORMATS:
-        assert output_hashes.output_hash("digits_cnn", fmt) == record[f"digits_cnn.{fmt}"], fmt
+    for name in ("digits_cnn", "digits_cnn_opset21"):  # the second upgrades the opset first (value_info kept as input's)
+        for fmt in output_hashes.FORMATS:
+            assert output_hashes.output_hash(name, fmt) == record[f"{name}.{fmt}"], (name, fmt)
 
 
 def test_calibration_ranges_are_stored_for_exactly_the_planned_tensors(calibrated_once):
@@ -151,3 +152,85 @@ def test_calibrate_collects_extra_statistics_for_a_later_rewrite(calibrated_once
     gram, absmean = got.get(gemm_input, "gram"), got.get(gemm_input, "absmean")
     assert gram.rows == 16 and gram.matrix.shape == (absmean.mean.shape[0],) * 2
     assert np.allclose(gram.matrix, gram.matrix.T) and (np.diag(gram.matrix) >= 0).all()
+
+
+# ------------------------------------------------------------------------------------------ plans as users edit them
+def _with(plan: QuantPlan, **changes) -> QuantPlan:
+    return QuantPlan.from_dict({**plan.to_dict(), **changes})
+
+
+def test_overrides_reach_calibration_and_a_typo_fails_before_it(monkeypatch):
+    cfg = QuantConfig(latency=False, per_layer=False)
+    prepared = stages.prepare(stages.load(DIGITS_MODEL), cfg)
+    plan = stages.plan(prepared, cfg)
+    assert "percentile" in plan.methods().values()
+    all_minmax = _with(plan, overrides=[{"tensor_regex": ".*", "spec": {"method": "minmax"}}])
+    samples = take(open_samples(DIGITS_CALIB, input_specs(prepared.model)), 8)
+    assert stages.calibrate(prepared, all_minmax, samples, cfg).info["methods_used"] == {"minmax": len(plan.calibrate)}
+    calls = []
+    monkeypatch.setattr(stages, "collect_ranges", lambda *a, **k: calls.append(1))
+    typo = _with(plan, overrides=[{"node": "/6/gemm", "precision": "float"}])
+    with pytest.raises(PlanError, match="matches no node"):
+        qpass.quantize(DIGITS_MODEL, DIGITS_CALIB, plan=typo, latency=False, per_layer=False)
+    assert not calls
+
+
+def test_a_saved_plan_rerun_without_the_flags_writes_the_same_model(tmp_path):
+    kw = dict(max_calib_samples=24, latency=False, per_layer=False, val=DIGITS_TEST)
+    a = qpass.quantize(DIGITS_MODEL, DIGITS_CALIB, activation_type="int8", method="entropy",
+                       save_plan=tmp_path / "p.json", **kw)
+    b = qpass.quantize(DIGITS_MODEL, DIGITS_CALIB, plan=tmp_path / "p.json", **kw)  # config says uint8/auto
+    assert a.model.SerializeToString() == b.model.SerializeToString()
+
+
+def test_the_plan_in_the_report_loads_again_after_a_tensor_override(calibrated_once, tmp_path):
+    cfg, prepared, plan, calibrated = calibrated_once
+    shared = next(t for t in plan.tensors.values() if t.range_of != t.name)  # a range shared through data movement
+    dropped = _with(plan, overrides=[{"tensor": shared.range_of, "precision": "float"}])
+    result = qpass.quantize(DIGITS_MODEL, DIGITS_CALIB, plan=dropped, latency=False, per_layer=False)
+    again = QuantPlan.from_dict(result.report.plan)
+    assert shared.range_of not in again.tensors and shared.name in again.tensors
+    assert stages.rewrite(prepared, again, calibrated.table, cfg).quantized_nodes
+
+
+def test_a_node_marked_float_can_be_quantized_again_by_an_override(calibrated_once):
+    cfg, prepared, plan, calibrated = calibrated_once
+    data = plan.to_dict()
+    next(n for n in data["nodes"] if n["node"] == "/6/Gemm")["precision"] = "float"
+    back = QuantPlan.from_dict({**data, "overrides": [{"node": "/6/Gemm", "precision": "quantized"}]})
+    assert stages.rewrite(prepared, back, calibrated.table, cfg).quantized_nodes == {"Conv": 2, "Gemm": 2}
+
+
+def test_activation_specs_static_qdq_cannot_write(calibrated_once):
+    cfg, prepared, plan, calibrated = calibrated_once
+    first = next(iter(plan.tensors))
+    four = stages.rewrite(prepared, _with(plan, overrides=[{"tensor": first, "spec": {"dtype": "int4"}}]),
+                          calibrated.table, cfg)
+    assert any(s.node == first and "int4 activations are not written" in s.reason for r in four.records for s in r.skipped)
+    assert first not in {n.input[0] for n in four.model.graph.node if n.op_type == "QuantizeLinear"}
+    sixteen = _with(plan, overrides=[{"tensor": first, "spec": {"dtype": "uint16", "symmetric": False}}])
+    with pytest.raises(PlanError, match="need opset 21"):
+        stages.rewrite(prepared, sixteen, calibrated.table, cfg)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d["nodes"].append(dict(d["nodes"][0])), "listed twice"),
+    (lambda d: d["nodes"][0].update(activations=[5]), "activation input 5"),
+    (lambda d: d["nodes"][0]["bias"].update(axis=3), "bias axis 3"),
+    (lambda d: d["nodes"][0]["weight"]["spec"].update(axis=2), "go on axis 0"),
+])
+def test_hand_edited_entries_that_do_not_fit_are_named(calibrated_once, edit, message):
+    cfg, prepared, plan, calibrated = calibrated_once
+    data = plan.to_dict()
+    edit(data)
+    with pytest.raises(PlanError, match=message):
+        stages.rewrite(prepared, QuantPlan.from_dict(data), calibrated.table, cfg)
+
+
+def test_plan_and_table_paths_are_checked_before_any_work(tmp_path):
+    from qpass.errors import ModelSaveError
+
+    with pytest.raises(ModelSaveError, match="folder does not exist"):
+        qpass.quantize(DIGITS_MODEL, DIGITS_CALIB, save_plan=tmp_path / "no" / "p.json")
+    with pytest.raises(ModelSaveError, match="same file"):
+        qpass.quantize(DIGITS_MODEL, DIGITS_CALIB, output=tmp_path / "m.onnx", save_plan=tmp_path / "m.onnx")

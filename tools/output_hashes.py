@@ -36,21 +36,27 @@ MODELS = {
 }
 
 
+#: extra rows: name -> (model, settings); the opset upgrade path writes value_info as the input described it
+VARIANTS = {"digits_cnn_opset21": ("digits_cnn", {"target_opset": 21})}
+
+
 def output_hash(name: str, fmt: str) -> str:
     """sha256 of the model qpass writes for ``name`` in format ``fmt`` with the fixed settings."""
     import qpass
 
-    model, calib = MODELS[name]
+    base, extra = VARIANTS.get(name, (name, {}))
+    model, calib = MODELS[base]
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / f"{name}.{fmt}.onnx"
         qpass.quantize(model, calib, output=out, format=fmt, max_calib_samples=MAX_CALIB, per_layer=False,
                        latency=False, providers=("cpu",),
-                       target_opset=13 if name in UPGRADE else None)
+                       **{"target_opset": 13 if name in UPGRADE else None, **extra})
         return hashlib.sha256(out.read_bytes()).hexdigest()
 
 
 def available(names=None) -> list[str]:
-    return [n for n in (names or MODELS) if MODELS[n][0].exists() and MODELS[n][1].exists()]
+    names = names or [*MODELS, *VARIANTS]
+    return [n for n in names if all(p.exists() for p in MODELS[VARIANTS.get(n, (n,))[0]])]
 
 
 def main(argv=None) -> int:

@@ -205,7 +205,8 @@ def collect_ranges(model: onnx.ModelProto, tensors: list[str], samples: Iterable
                    providers: list[str] | None = None, batch_size: int = 1, specs: list[InputSpec] | None = None,
                    synthetic: bool = False, on_sample: Callable[[], None] | None = None,
                    overlap: bool | None = None, stats: dict | None = None,
-                   extra: Mapping[str, Sequence[str]] | None = None) -> CalibrationTable:
+                   extra: Mapping[str, Sequence[str]] | None = None,
+                   tensor_options: Mapping[str, RangeOptions] | None = None) -> CalibrationTable:
     """The range of each tensor in ``tensors`` over all ``samples``, by each tensor's method.
 
     Each statistic is an :class:`~qpass.calib.observers.Observer` that :func:`make_observer` creates by name: a
@@ -217,7 +218,8 @@ def collect_ranges(model: onnx.ModelProto, tensors: list[str], samples: Iterable
     more CPUs, some observer whose updates are ``costly`` (a histogram, a Gram matrix), model and a run's
     activations under ``OVERLAP_MAX_BYTES``); True overlaps after the first timed runs whatever the timing
     (tests); False keeps updates in turn. ``stats``, if given, gets ``observer_thread``: whether the updates
-    ended the run on the worker thread."""
+    ended the run on the worker thread. ``tensor_options`` replaces ``options`` for the tensors it names (a
+    tensor quantized to another integer type than the rest: its clipping search works on its own grid)."""
     known = set(tensors)
     run = list(tensors) + [name for name in (extra or {}) if name not in known]  # the outputs each run fetches
     if not run:
@@ -235,7 +237,7 @@ def collect_ranges(model: onnx.ModelProto, tensors: list[str], samples: Iterable
     if isinstance(methods, str):
         methods = {t: methods for t in tensors}
     augmented = augmented_model(model, run)
-    observers = _make_observers(tensors, methods, extra or {}, options)
+    observers = _make_observers(tensors, methods, extra or {}, options, tensor_options or {})
     cpus = cpu_count()
     model_bytes = augmented.ByteSize()
     enabled = (overlap is not False and cpus >= 2 and list(providers or ["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
@@ -280,10 +282,10 @@ def collect_ranges(model: onnx.ModelProto, tensors: list[str], samples: Iterable
 
 
 def _make_observers(tensors: list[str], methods: Mapping[str, str], extra: Mapping[str, Sequence[str]],
-                    options: RangeOptions) -> dict[str, list[Observer]]:
+                    options: RangeOptions, tensor_options: Mapping[str, RangeOptions]) -> dict[str, list[Observer]]:
     """Tensor name -> its observers: its range method's (tensors in ``tensors``), then ``extra``'s."""
-    observers: dict[str, list[Observer]] = {name: [make_observer(methods.get(name, "minmax"), options)]
-                                            for name in tensors}
+    observers: dict[str, list[Observer]] = {
+        name: [make_observer(methods.get(name, "minmax"), tensor_options.get(name, options))] for name in tensors}
     for name, names in extra.items():
         obs = observers.setdefault(name, [])
         for what in ((names,) if isinstance(names, str) else names):

@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 
 from ..io import infer_shapes
+from ..ops import RANGE_FOLDING
 from ..runtime import PROVIDERS, augmented_model, available_providers, make_session, profile_placement, with_cpu_fallback
 
 _DQ_SUFFIXES = ("_dequantized", "_DequantizeLinear_Output")
@@ -199,7 +200,7 @@ def per_layer_error(original: onnx.ModelProto, quantized: onnx.ModelProto, sampl
         if n.op_type in _NOT_LAYERS or not n.output:
             continue
         y = n.output[0]
-        if y not in matched and len(readers.get(y, [])) == 1 and readers[y][0].op_type in ("Relu", "Clip"):
+        if y not in matched and len(readers.get(y, [])) == 1 and readers[y][0].op_type in RANGE_FOLDING:
             y = readers[y][0].output[0]
         if y in matched:
             measured_at[idx] = y

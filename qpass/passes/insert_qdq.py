@@ -15,14 +15,15 @@ import onnx_graphsurgeon as gs
 
 from ..errors import PreconditionError
 from ..graph import NameAllocator, node_label
+from ..config import WEIGHT_TYPES
 from ..ops import PER_CHANNEL_MIN_OPSET
 from ..pass_manager import Pass, PassContext, PassResult, Skip
 from ..plan.bind import BoundPlan, bind
 from ..plan.targets import Target
 from ..qparams import INT32_MAX, INT_TYPES, compute_qparams, int32_bias, quantize, weight_qparams
 
-#: weight types this pass writes (block-wise and 4-bit weights belong to the weight-only mode)
-WEIGHT_DTYPES = ("int8",)
+#: activation types this pass writes (QuantizeLinear at run time; 4-bit activations are not written)
+ACTIVATION_DTYPES = ("uint8", "int8", "uint16", "int16")
 
 
 class InsertQDQ(Pass):
@@ -43,6 +44,7 @@ class InsertQDQ(Pass):
         self._graph = graph
         self._weights: dict[tuple[str, int | None], tuple[gs.Variable, np.ndarray]] = {}
         self._dq_source: dict[str, str] = {}
+        self._planned = {q.name for q in plan.tensors}
         skipped = list(plan.skips)
         act_scales = self._quantize_activations(plan, ctx, skipped)
         done: Counter = Counter()
@@ -62,6 +64,10 @@ class InsertQDQ(Pass):
         for q in plan.tensors:
             x = tensors[q.name]
             if not q.spec.quantized:
+                continue
+            if q.spec.dtype not in ACTIVATION_DTYPES:
+                skipped.append(Skip(q.name, "activation", f"{q.spec.dtype} activations are not written by static QDQ "
+                                                          f"(only {', '.join(ACTIVATION_DTYPES)}); left in float"))
                 continue
             if q.spec.granularity != "tensor" or q.spec.dynamic:
                 skipped.append(Skip(q.name, "activation", f"{q.spec.granularity}{' dynamic' if q.spec.dynamic else ''} "
@@ -96,13 +102,14 @@ class InsertQDQ(Pass):
             src = node.inputs[i]
             name = self._dq_source.get(src.name, src.name)
             if name not in act_scales:
-                skipped.append(Skip(label, node.op, f"input '{name}' has no calibration range; node left in float"))
+                why = "has no calibration range" if name in self._planned else "is not quantized by the plan"
+                skipped.append(Skip(label, node.op, f"input '{name}' {why}; node left in float"))
                 return False
             act_scale = act_scales[name]
         w_scale = None
         if t.weight is not None:
             spec = t.weight_spec
-            if spec is not None and (spec.granularity == "block" or spec.dtype not in WEIGHT_DTYPES or not spec.symmetric):
+            if spec is not None and (spec.granularity == "block" or spec.dtype not in WEIGHT_TYPES or not spec.symmetric):
                 skipped.append(Skip(label, node.op, f"weight spec {spec.dtype} {spec.granularity}"
                                                     f"{'' if spec.symmetric else ' asymmetric'} is not written by static "
                                                     "QDQ; node left in float"))

@@ -19,6 +19,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..graph import NameAllocator, node_label
+from ..ops import INTEGER_KERNELS
 from ..pass_manager import Pass, PassContext, PassResult, Skip
 
 
@@ -57,7 +58,7 @@ class LowerToQOperator(Pass):
             if node.op == "ConvTranspose" and any(_producer(t, "DequantizeLinear") for t in node.inputs[:2]):
                 skipped.append(Skip(node_label(node), node.op, "standard ONNX has no integer ConvTranspose; kept as QDQ"))
                 continue
-            if node.op not in ("Conv", "MatMul", "Gemm") or not node.outputs:
+            if node.op not in INTEGER_KERNELS or not node.outputs:
                 continue
             dqs = [_producer(t, "DequantizeLinear") for t in node.inputs[:2]]
             if not all(dqs):

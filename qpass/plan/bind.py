@@ -9,7 +9,7 @@ from ..errors import PlanError
 from ..graph import node_label
 from ..pass_manager import Skip
 from .spec import QSpec, QuantPlan
-from .targets import Target
+from .targets import Target, output_channel_axis
 
 
 @dataclass
@@ -28,6 +28,21 @@ class BoundPlan:
     skips: list[Skip]
 
 
+def _check_weight_axis(node: gs.Node, w: gs.Constant, spec: QSpec, where: str) -> None:
+    """A per-channel weight scale sits on the node's output channels (its int32 bias scale is per output channel
+    too); a block axis is one of the weight's axes."""
+    rank = len(w.shape)
+    if spec.granularity == "channel":
+        expected, why = output_channel_axis(node, rank)
+        if spec.axis != expected:
+            raise PlanError(f"per-channel weight scales of this {node.op} go on axis {expected} (its output channels), "
+                            f"the plan says {spec.axis}" if expected is not None else
+                            f"per-channel weight scales are not possible here: {why or 'no output-channel axis'}",
+                            subject=where, hint="use granularity 'tensor'" if expected is None else None)
+    elif spec.granularity == "block" and not 0 <= spec.axis < rank:
+        raise PlanError(f"block axis {spec.axis} is not an axis of the rank-{rank} weight", subject=where)
+
+
 def bind(plan: QuantPlan, graph: gs.Graph) -> BoundPlan:
     """The plan (its overrides applied) on ``graph``; a name the graph lacks raises :class:`PlanError`."""
     plan = plan.with_overrides()
@@ -41,22 +56,34 @@ def bind(plan: QuantPlan, graph: gs.Graph) -> BoundPlan:
                             hint="the plan was made for another model, or for this one before other preparation")
         return node
 
-    targets = []
+    targets, seen = [], set()
     for np_ in plan.nodes:
         node = find(np_.node, "node")
+        where = f"plan: node '{np_.node}'"
+        if np_.node in seen:
+            raise PlanError("is listed twice", subject=where)
+        seen.add(np_.node)
         if node.op != np_.op_type:
-            raise PlanError(f"node '{np_.node}' is a {node.op}, the plan says {np_.op_type}", subject="plan")
+            raise PlanError(f"is a {node.op}, the plan says {np_.op_type}", subject=where)
+        for i in np_.activations:
+            if not 0 <= i < len(node.inputs) or not isinstance(node.inputs[i], gs.Variable):
+                raise PlanError(f"activation input {i} is not a variable input of this {node.op}", subject=where)
         t = Target(node, activations=list(np_.activations), notes=list(np_.notes))
         if np_.weight is not None:
             w = np_.weight
-            if w.input >= len(node.inputs) or node.inputs[w.input].name != w.tensor:
-                raise PlanError(f"node '{np_.node}' has no weight '{w.tensor}' at input {w.input}", subject="plan")
+            if not 0 <= w.input < len(node.inputs) or node.inputs[w.input].name != w.tensor or not isinstance(
+                    node.inputs[w.input], gs.Constant):
+                raise PlanError(f"has no constant weight '{w.tensor}' at input {w.input}", subject=where)
+            _check_weight_axis(node, node.inputs[w.input], w.spec, where)
             t.weight, t.weight_spec = w.input, w.spec
             t.weight_axis = w.spec.axis if w.spec.granularity == "channel" else None
         if np_.bias is not None:
             b = np_.bias
-            if b.input >= len(node.inputs) or node.inputs[b.input].name != b.tensor:
-                raise PlanError(f"node '{np_.node}' has no bias '{b.tensor}' at input {b.input}", subject="plan")
+            if not 0 <= b.input < len(node.inputs) or node.inputs[b.input].name != b.tensor:
+                raise PlanError(f"has no bias '{b.tensor}' at input {b.input}", subject=where)
+            rank = len(node.inputs[b.input].shape or ())
+            if b.axis not in (None, -1) and not 0 <= b.axis < max(rank, 1):
+                raise PlanError(f"bias axis {b.axis} is not an axis of '{b.tensor}' (rank {rank})", subject=where)
             t.bias, t.bias_axis, t.bias_dtype = b.input, b.axis, b.dtype
         targets.append(t)
     tensors = []

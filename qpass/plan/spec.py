@@ -58,9 +58,10 @@ class QSpec:
             raise PlanError(f"granularity {self.granularity!r} is not one of {list(GRANULARITIES)}", subject=where)
         if self.granularity == "tensor" and (self.axis is not None or self.block_size is not None):
             raise PlanError("granularity 'tensor' takes no axis or block_size", subject=where)
-        if self.granularity != "tensor" and not isinstance(self.axis, int):
+        if self.granularity != "tensor" and (not isinstance(self.axis, int) or isinstance(self.axis, bool)):
             raise PlanError(f"granularity {self.granularity!r} needs an integer axis", subject=where)
-        if self.granularity == "block" and not (isinstance(self.block_size, int) and self.block_size > 0):
+        if self.granularity == "block" and not (isinstance(self.block_size, int) and not isinstance(self.block_size, bool)
+                                                and self.block_size > 0):
             raise PlanError("granularity 'block' needs a positive integer block_size", subject=where)
         if self.granularity == "channel" and self.block_size is not None:
             raise PlanError("granularity 'channel' takes no block_size", subject=where)
@@ -228,8 +229,14 @@ class QuantPlan:
         return list(dict.fromkeys(t.range_of for t in self.tensors.values()))
 
     def methods(self) -> dict[str, str]:
-        """Calibration method per calibrated tensor."""
-        return {name: self.tensors[name].spec.method or "minmax" for name in self.calibrate if name in self.tensors}
+        """Calibration method per calibrated tensor: its own spec's, or (a shared range whose source tensor is not
+        itself quantized) that of the first tensor using it."""
+        out: dict[str, str] = {}
+        for t in self.tensors.values():
+            if t.range_of not in out:
+                source = self.tensors.get(t.range_of, t)
+                out[t.range_of] = source.spec.method or "minmax"
+        return out
 
     def node(self, name: str) -> NodePlan | None:
         return next((n for n in self.nodes if n.node == name), None)
@@ -265,8 +272,8 @@ class QuantPlan:
                     if np_ is None or not ov.matches_node(np_):
                         continue
                     hit = True
-                    if ov.precision == "float":
-                        nodes[j] = replace(np_, precision="float")
+                    if ov.precision is not None:
+                        nodes[j] = replace(np_, precision=ov.precision)
                     if ov.weight and np_.weight is not None:
                         w = np_.weight
                         nodes[j] = replace(nodes[j], weight=replace(w, spec=w.spec.with_changes(ov.weight, where=where)))
@@ -331,7 +338,9 @@ class QuantPlan:
             nodes = tuple(_node_from_dict(n, f"{source}: node {i}") for i, n in enumerate(data["nodes"]))
             tensors = {}
             for name, t in data["tensors"].items():
-                readers = t.get("readers", ())
+                readers = t.get("readers", [])
+                if not (readers is None or isinstance(readers, list)):
+                    raise PlanError(f"tensor '{name}': readers must be a list of node names or null", subject=source)
                 tensors[name] = TensorPlan(name, QSpec.from_dict(t["spec"], where=f"{source}: tensor '{name}'"),
                                            str(t.get("range_of", name)), None if readers is None else tuple(map(str, readers)))
             skipped = tuple(Skip(str(s["node"]), str(s["op_type"]), str(s["reason"])) for s in data.get("skipped", ()))
@@ -342,10 +351,6 @@ class QuantPlan:
             raise
         except (KeyError, TypeError, AttributeError, ValueError) as exc:
             raise PlanError(f"malformed plan ({type(exc).__name__}: {exc})", subject=source) from None
-        for name, t in tensors.items():
-            if t.range_of not in tensors:
-                raise PlanError(f"tensor '{name}' takes its range from '{t.range_of}', which the plan does not have",
-                                subject=source)
         return cls(nodes, tensors, skipped, overrides, statistics)
 
     @classmethod
@@ -390,5 +395,10 @@ def _node_from_dict(d: Any, where: str) -> NodePlan:
             raise PlanError(f"bias dtype {b.get('dtype')!r} is not int32 or float", subject=where)
         axis = b.get("axis", 0)
         bias = BiasPlan(int(b["input"]), str(b["tensor"]), str(b.get("dtype", "int32")), None if axis is None else int(axis))
-    return NodePlan(str(d["node"]), str(d["op_type"]), tuple(int(i) for i in d.get("activations", ())), weight, bias,
+    for key in ("activations", "notes"):
+        if not isinstance(d.get(key, []), list):
+            raise PlanError(f"'{key}' must be a list", subject=where)
+    if any(isinstance(i, bool) or not isinstance(i, int) for i in d.get("activations", [])):
+        raise PlanError("'activations' must list input indices", subject=where)
+    return NodePlan(str(d["node"]), str(d["op_type"]), tuple(d.get("activations", ())), weight, bias,
                     tuple(str(x) for x in d.get("notes", ())), precision)

@@ -1,6 +1,7 @@
 """Analysis (not a pass): which compute nodes get quantized, on which inputs and axes, or why not.
 
-Shared by calibration planning (which activations need ranges) and :mod:`insert_qdq`.
+What :mod:`qpass.plan.policy` turns into the plan's node entries; :mod:`qpass.plan.bind` checks a loaded plan's
+weight axes against :func:`output_channel_axis`.
 """
 from __future__ import annotations
 
@@ -136,26 +137,31 @@ def subgraph_skips(graph: gs.Graph, config: QuantConfig, where: str = "") -> lis
     return skips
 
 
-def _weight_axis(node: gs.Node, w: gs.Constant, config: QuantConfig, t: Target) -> int | None:
-    if not config.per_channel:
-        return None
-    rank = len(w.shape)
+def output_channel_axis(node: gs.Node, rank: int) -> tuple[int | None, str | None]:
+    """The weight axis per-channel scales go on (its output channels), or None and the reason there is none."""
     if node.op == "ConvTranspose" and int(node.attrs.get("group", 1)) != 1:
-        t.notes.append("grouped ConvTranspose: per-tensor weight scale (output channels span axes 0 and 1)")
-        return None
+        return None, "grouped ConvTranspose: per-tensor weight scale (output channels span axes 0 and 1)"
     if node.op in WEIGHT_CHANNEL_AXIS:
-        return WEIGHT_CHANNEL_AXIS[node.op]
+        return WEIGHT_CHANNEL_AXIS[node.op], None
     if node.op == "Gemm":
-        return 0 if int(node.attrs.get("transB", 0)) else 1
+        return (0 if int(node.attrs.get("transB", 0)) else 1), None
     if node.op == "MatMul":
         if rank > 2:
             # one scale per column of a batched (rank > 2) B cannot be written in a form onnxruntime runs: its fused
             # MatMulIntegerToFloat (DQ -> MatMul at the default optimization level) rejects a 1-D per-axis zero point
             # for a B of rank > 2 ("b zero point is not valid")
-            t.notes.append(f"MatMul weight of rank {rank}: per-tensor weight scale (per-column scales need a 2-D weight)")
-            return None
-        return rank - 1 if rank == 2 else None
-    return None
+            return None, f"MatMul weight of rank {rank}: per-tensor weight scale (per-column scales need a 2-D weight)"
+        return (rank - 1 if rank == 2 else None), None
+    return None, None
+
+
+def _weight_axis(node: gs.Node, w: gs.Constant, config: QuantConfig, t: Target) -> int | None:
+    if not config.per_channel:
+        return None
+    axis, note = output_channel_axis(node, len(w.shape))
+    if note:
+        t.notes.append(note)
+    return axis
 
 
 def _bias_axis(node: gs.Node, b: gs.Constant, w: gs.Tensor, t: Target) -> int | None:

@@ -7,7 +7,6 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from qpass.config import QuantConfig
 from qpass.graph import WorkingGraph
 from qpass.pass_manager import PassContext
 from qpass.passes.constants_to_initializers import ConstantsToInitializers

@@ -9,7 +9,6 @@ import onnxruntime as ort
 import pytest
 
 import qpass
-from qpass.config import QuantConfig
 from qpass.graph import WorkingGraph
 from qpass.pass_manager import PassContext
 from qpass.passes.lower_qop import LowerToQOperator

@@ -7,7 +7,6 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 import qpass
-from qpass.config import QuantConfig
 from qpass.graph import WorkingGraph
 from qpass.pass_manager import PassContext
 from qpass.passes.matmul_bias_gemm import MatMulBiasToGemm

@@ -97,7 +97,10 @@ def test_malformed_overrides_name_what_is_wrong(override, message):
 @pytest.mark.parametrize("text, message", [
     ("{", "not JSON"),
     ("[]", "not a qpass plan"),
-    ('{"nodes": [], "tensors": {"a": {"spec": {"dtype": "int8"}, "range_of": "b"}}}', "takes its range from 'b'"),
+    ('{"nodes": [], "tensors": {"a": {"spec": {"dtype": "int8"}, "readers": "conv"}}}', "readers must be a list"),
+    ('{"nodes": [{"node": "n", "op_type": "Conv", "activations": [true]}], "tensors": {}}', "input indices"),
+    ('{"nodes": [{"node": "n", "op_type": "Conv", "notes": "hello"}], "tensors": {}}', "must be a list"),
+    ('{"nodes": [], "tensors": {"a": {"spec": {"granularity": "channel", "axis": true}}}}', "integer axis"),
     ('{"nodes": [{"node": "n"}], "tensors": {}}', "malformed plan"),
     ('{"nodes": [], "tensors": {}, "schema_version": 9}', "schema_version"),
 ])
