@@ -10,6 +10,7 @@ from importlib import resources
 import jsonschema
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
@@ -201,3 +202,41 @@ def test_per_layer_analysis_survives_bool_tensors_without_value_info():
     matmul, mul = r["per_layer"]
     assert mul["sqnr_db"] == "inf" and matmul["input_sqnr_db"] == "inf"  # the mask is exact
     assert 20 < matmul["sqnr_db"] < 30  # the weights are 5 % off: 20 log10(1/0.05) = 26 dB
+
+
+def _tiny_lm(vocab: int = 50, dim: int = 32, seed: int = 0) -> onnx.ModelProto:
+    """input_ids [B, S] -> Gather(E [V, D]) -> Tanh -> MatMul(W [D, V]) -> logits [B, S, V] (opset 21)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    e = rng.normal(0, 1, (vocab, dim)).astype(np.float32)
+    w = rng.normal(0, 0.5, (dim, vocab)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["E", "input_ids"], ["h"]), helper.make_node("Tanh", ["h"], ["t"]),
+         helper.make_node("MatMul", ["t", "W"], ["logits"], name="lm_head")], "lm",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["B", "S"])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["B", "S", vocab])],
+        [numpy_helper.from_array(e, "E"), numpy_helper.from_array(w, "W")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    return model
+
+
+def test_language_model_outputs_get_perplexity_and_kl():
+    model = _tiny_lm()
+    rng = np.random.default_rng(3)
+    samples = [({"input_ids": rng.integers(0, 50, (1, 16)).astype(np.int64)}, None) for _ in range(4)]
+    same = validate(model, model, samples, providers=["cpu"], per_layer=False, latency=False)["outputs"][0]
+    assert same["kl_mean"] == pytest.approx(0.0, abs=1e-9) and same["tokens"] == 4 * 15
+    assert same["perplexity_fp32"] == pytest.approx(same["perplexity_quantized"])
+    # the direct computation: exp(mean over positions of -log softmax(logits)[next token])
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    nll = []
+    for feed, _ in samples:
+        z = sess.run(None, feed)[0][0, :-1].astype(np.float64)
+        logp = z - z.max(-1, keepdims=True) - np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1, keepdims=True))
+        nll.extend(-logp[np.arange(15), feed["input_ids"][0, 1:]])
+    assert same["perplexity_fp32"] == pytest.approx(np.exp(np.mean(nll)), rel=1e-6)
+    q = qpass.quantize(model, weight_only="int4", block_size=16, per_layer=False, latency=False).model
+    got = validate(model, q, samples, providers=["cpu"], per_layer=False, latency=False)["outputs"][0]
+    assert got["kl_mean"] > 1e-4 and got["perplexity_quantized"] != got["perplexity_fp32"]

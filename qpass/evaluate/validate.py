@@ -48,6 +48,26 @@ class OutputStats:
     correct_ref: int = 0
     correct_q: int = 0
     labelled: int = 0
+    #: language-model outputs (logits [B, S, V] of token inputs [B, S]): next-token NLL sums and KL(ref || quantized)
+    nll_ref: float = 0.0
+    nll_q: float = 0.0
+    kl: float = 0.0
+    tokens: int = 0
+
+    def add_language_model(self, ref: np.ndarray, out: np.ndarray, ids: np.ndarray) -> None:
+        """Next-token log-likelihood of ``ids`` under both models (perplexity) and KL(softmax(ref) || softmax(out)),
+        per position, for logits [B, S, V] of the token ids [B, S] that produced them."""
+        ref = np.asarray(ref, dtype=np.float64)[:, :-1]
+        out = np.asarray(out, dtype=np.float64)[:, :-1]
+        target = np.asarray(ids)[:, 1:]
+        lse_r = _logsumexp(ref)
+        lse_q = _logsumexp(out)
+        pick = np.take_along_axis
+        self.nll_ref += float(np.sum(lse_r - pick(ref, target[..., None], -1)[..., 0]))
+        self.nll_q += float(np.sum(lse_q - pick(out, target[..., None], -1)[..., 0]))
+        p_ref = np.exp(ref - lse_r[..., None])
+        self.kl += float(np.sum(np.sum(p_ref * (ref - out), axis=-1) - (lse_r - lse_q)))
+        self.tokens += target.size
 
     def add(self, ref: np.ndarray, out: np.ndarray, label: Any = None) -> None:
         ref = np.asarray(ref, dtype=np.float64)
@@ -82,11 +102,29 @@ class OutputStats:
              "cosine_min": float(np.min(self.cosines)) if self.cosines else None, "max_abs_error": self.max_abs}
         if self.top1_total:
             d["top1_agreement"] = self.top1_same / self.top1_total
+        if self.tokens:
+            d["perplexity_fp32"] = math.exp(self.nll_ref / self.tokens)
+            d["perplexity_quantized"] = math.exp(self.nll_q / self.tokens)
+            d["kl_mean"] = self.kl / self.tokens
+            d["tokens"] = self.tokens
         if self.labelled:
             d["accuracy_fp32"] = self.correct_ref / self.labelled
             d["accuracy_quantized"] = self.correct_q / self.labelled
             d["labelled_samples"] = self.labelled
         return d
+
+
+def _logsumexp(x: np.ndarray) -> np.ndarray:
+    m = x.max(axis=-1)
+    return m + np.log(np.exp(x - m[..., None]).sum(axis=-1))
+
+
+def token_ids(feed: dict, logits: np.ndarray) -> np.ndarray | None:
+    """The integer input [B, S] that logits [B, S, V] (V > 1) are next-token scores of, if the feed has exactly one."""
+    if np.ndim(logits) != 3 or np.shape(logits)[-1] < 2:
+        return None
+    found = [v for v in feed.values() if np.asarray(v).dtype.kind in "iu" and np.shape(v) == np.shape(logits)[:2]]
+    return np.asarray(found[0]) if len(found) == 1 else None
 
 
 def sqnr_db(signal: float, noise: float) -> float:
@@ -313,6 +351,9 @@ def validate(original: onnx.ModelProto, quantized: onnx.ModelProto, samples: Ite
                     for n, r, o in zip(names, ref.run(names, feed), q.run(names, feed)):
                         if np.asarray(r).dtype.kind == "f":
                             stats[n].add(r, o, label)
+                            ids = token_ids(feed, r)
+                            if ids is not None:
+                                stats[n].add_language_model(r, o, ids)
             except Exception as exc:  # noqa: BLE001
                 entry["error"] = f"run failed: {_first_line(exc)}"
                 result["findings"].append(f"{prov}: {entry['error']}")
