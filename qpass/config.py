@@ -118,6 +118,9 @@ class QuantConfig:
         algorithm: weight-only algorithm: "rtn" (round to nearest), "search" (per-block scale search minimising
             the weight error, weighted by the inputs' mean square when calibration data is given), "gptq" (GPTQ
             with the inputs' Gram matrices from the calibration data).
+        weight_only_head: the weight-only type of the output head (a MatMul/Gemm whose output is a graph output, a
+            language model's lm_head): "int8" (block-wise, the default: a 4-bit head makes language models repeat
+            themselves), "same" (the mode's type) or "float".
         gptq_damp: GPTQ's dampening, a share of the Hessian's mean diagonal added to its diagonal.
         gptq_act_order: GPTQ quantizes input features in decreasing order of their Hessian diagonal.
     """
@@ -163,6 +166,7 @@ class QuantConfig:
     weight_only: str | None = None
     block_size: int = 128
     algorithm: str = "rtn"
+    weight_only_head: str = "int8"
     gptq_damp: float = 0.01
     gptq_act_order: bool = True
     _exclude_patterns: tuple[re.Pattern, ...] = field(default=(), repr=False, compare=False)
@@ -185,6 +189,8 @@ class QuantConfig:
             raise bad("algorithm", self.algorithm, " or ".join(WEIGHT_ONLY_ALGORITHMS))
         if not (isinstance(self.gptq_damp, (int, float)) and 0.0 < float(self.gptq_damp) < 1.0):
             raise bad("gptq_damp", self.gptq_damp, "a number in (0, 1)")
+        if self.weight_only_head not in ("int8", "same", "float"):
+            raise bad("weight_only_head", self.weight_only_head, "int8, same or float")
         if not isinstance(self.gptq_act_order, bool):
             raise bad("gptq_act_order", self.gptq_act_order, "true or false")
         if self.weight_only is not None and self.format != "qdq":

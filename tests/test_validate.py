@@ -237,6 +237,7 @@ def test_language_model_outputs_get_perplexity_and_kl():
         logp = z - z.max(-1, keepdims=True) - np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1, keepdims=True))
         nll.extend(-logp[np.arange(15), feed["input_ids"][0, 1:]])
     assert same["perplexity_fp32"] == pytest.approx(np.exp(np.mean(nll)), rel=1e-6)
-    q = qpass.quantize(model, weight_only="int4", block_size=16, per_layer=False, latency=False).model
+    q = qpass.quantize(model, weight_only="int4", block_size=16, per_layer=False, latency=False,
+                       weight_only_head="same").model
     got = validate(model, q, samples, providers=["cpu"], per_layer=False, latency=False)["outputs"][0]
     assert got["kl_mean"] > 1e-4 and got["perplexity_quantized"] != got["perplexity_fp32"]

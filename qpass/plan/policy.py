@@ -5,10 +5,13 @@ method) into specs; rewrite passes read the plan, not the configuration.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import onnx_graphsurgeon as gs
 
 from ..config import QuantConfig
 from ..graph import is_float32, is_onnx_op, node_label
+from ..ops import DATA_MOVEMENT
 from ..pass_manager import Skip
 from .placement import plan_quantization
 from .spec import BiasPlan, NodePlan, QSpec, QuantPlan, TensorPlan, WeightPlan
@@ -56,6 +59,16 @@ def build_plan(graph: gs.Graph, config: QuantConfig) -> QuantPlan:
 NEEDS_GRAM = frozenset({"gptq"})
 
 
+def _is_head(node: gs.Node, graph_outputs: set[str], depth: int = 0) -> bool:
+    """The node's output is a graph output, directly or through data movement (a language model's lm_head)."""
+    for y in node.outputs:
+        if y.name in graph_outputs:
+            return True
+        if depth < 4 and any(r.op in DATA_MOVEMENT and _is_head(r, graph_outputs, depth + 1) for r in y.outputs):
+            return True
+    return False
+
+
 def weight_only_spec(config: QuantConfig, axis: int) -> QSpec:
     """Block-wise along the input dimension; int4/int8 symmetric, uint4 asymmetric."""
     return QSpec(dtype=config.weight_only, symmetric=config.weight_only != "uint4", granularity="block", axis=axis,
@@ -67,6 +80,7 @@ def build_weight_only_plan(graph: gs.Graph, config: QuantConfig) -> QuantPlan:
     block-wise weight spec on its input-feature axis; activations stay float. GPTQ asks calibration for the Gram
     matrix of each such node's input."""
     nodes, skips, statistics = [], [], {}
+    outputs = {t.name for t in graph.outputs}
     for node in graph.nodes:
         if node.op not in ("MatMul", "Gemm") or node.op not in config.op_types or not is_onnx_op(node):
             continue
@@ -85,7 +99,13 @@ def build_weight_only_plan(graph: gs.Graph, config: QuantConfig) -> QuantPlan:
             continue
         # MatMul: W [K, N], blocks along K (axis 0); Gemm with transB: W [N, K] (axis 1); alpha/transA change nothing
         axis = 1 if node.op == "Gemm" and int(node.attrs.get("transB", 0)) else 0
-        nodes.append(NodePlan(label, node.op, (), WeightPlan(1, w.name, weight_only_spec(config, axis))))
+        spec = weight_only_spec(config, axis)
+        if _is_head(node, outputs) and config.weight_only_head != "same":
+            if config.weight_only_head == "float":
+                skips.append(Skip(label, node.op, "output head kept in float (weight_only_head)"))
+                continue
+            spec = replace(spec, dtype="int8", symmetric=True)
+        nodes.append(NodePlan(label, node.op, (), WeightPlan(1, w.name, spec)))
         if config.algorithm in NEEDS_GRAM and isinstance(x, gs.Variable) and is_float32(x):
             statistics[x.name] = ("gram",)
     return QuantPlan(tuple(nodes), {}, tuple(skips), (), statistics)

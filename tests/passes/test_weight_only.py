@@ -98,11 +98,13 @@ def test_onnxruntime_fuses_the_int4_form_into_matmulnbits(tmp_path):
 
 
 def test_a_tied_weight_is_stored_once_and_gemm_blocks_its_input_axis():
-    tied = qpass.quantize(_mlp(tied=True), weight_only="int4", block_size=16, per_layer=False, latency=False)
+    tied = qpass.quantize(_mlp(tied=True), weight_only="int4", block_size=16, per_layer=False, latency=False,
+                          weight_only_head="same")
     assert tied.report.quantized_nodes == {"MatMul": 3}
     assert _dq_of(tied.model, "mm1").output[0] == _dq_of(tied.model, "mm_tied").output[0]
     assert sum(n.op_type == "DequantizeLinear" for n in tied.model.graph.node) == 2
-    gemm = qpass.quantize(_mlp(gemm_trans_b=True), weight_only="int4", block_size=16, per_layer=False, latency=False).model
+    gemm = qpass.quantize(_mlp(gemm_trans_b=True), weight_only="int4", block_size=16, per_layer=False, latency=False,
+                          weight_only_head="same").model
     dq = _dq_of(gemm, "gemm")
     assert {a.name: helper.get_attribute_value(a) for a in dq.attribute} == {"axis": 1, "block_size": 16}
     assert list(_inits(gemm)[dq.input[1]].dims) == [N, K // 16]
@@ -144,3 +146,18 @@ def test_a_second_run_on_the_output_changes_nothing():
     assert not plan.nodes and len(plan.skipped) == 2  # the weights are DequantizeLinear outputs now
     result = WeightOnlyQuantize().run(wg.graph, PassContext(plan))
     assert not result.modified and wg.export().SerializeToString() == WorkingGraph(once).export().SerializeToString()
+
+
+def test_the_output_head_is_int8_by_default_or_as_configured():
+    def head_type(**kw):
+        out = qpass.quantize(_mlp(), weight_only="int4", block_size=16, per_layer=False, latency=False, **kw)
+        mm2 = next(n for n in out.model.graph.node if n.name == "mm2")
+        if mm2.input[1] in _inits(out.model):
+            return "float", out
+        return {TensorProto.INT4: "int4", TensorProto.INT8: "int8"}[_inits(out.model)[_dq_of(out.model, "mm2").input[0]].data_type], out
+
+    assert head_type()[0] == "int8"
+    assert head_type(weight_only_head="same")[0] == "int4"
+    kind, out = head_type(weight_only_head="float")
+    assert kind == "float" and any("output head" in s["reason"] for s in out.report.skipped)
+    assert _inits(out.model)[_dq_of(out.model, "mm1").input[0]].data_type == TensorProto.INT4  # the rest stays int4
