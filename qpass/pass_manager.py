@@ -111,9 +111,13 @@ class PassManager:
                 if not isinstance(result, PassResult):
                     raise TypeError(f"pass {p.name} returned {type(result).__name__}, not PassResult")
                 p.ensures(graph, ctx)
-                after = self.export(graph) if (self.verify is not None or self.dump_dir is not None) else None
-                if self.verify is not None:
-                    self.verify(after)
+                # an unchanged graph was verified after the pass before it (or on import): exporting and checking it
+                # again costs seconds on a large model and finds nothing new
+                after = before
+                if result.modified and (self.verify is not None or self.dump_dir is not None):
+                    after = self.export(graph)
+                    if self.verify is not None:
+                        self.verify(after)
             except Exception as exc:  # noqa: BLE001 - re-raised with the pass named
                 ran = [r.name for r in records]
                 dumped = self._dump(before, p.name)
