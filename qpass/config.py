@@ -121,6 +121,8 @@ class QuantConfig:
         weight_only_head: the weight-only type of the output head (a MatMul/Gemm whose output is a graph output, a
             language model's lm_head): "int8" (block-wise, the default: a 4-bit head makes language models repeat
             themselves), "same" (the mode's type) or "float".
+        weight_only_embeddings: the weight-only mode also stores embedding tables (a Gather of rows from a constant
+            2-D float table) as int8, one scale per row; the rows are dequantized after the lookup.
         gptq_damp: GPTQ's dampening, a share of the Hessian's mean diagonal added to its diagonal.
         gptq_act_order: GPTQ quantizes input features in decreasing order of their Hessian diagonal.
     """
@@ -167,6 +169,7 @@ class QuantConfig:
     block_size: int = 128
     algorithm: str = "rtn"
     weight_only_head: str = "int8"
+    weight_only_embeddings: bool = True
     gptq_damp: float = 0.01
     gptq_act_order: bool = True
     _exclude_patterns: tuple[re.Pattern, ...] = field(default=(), repr=False, compare=False)
@@ -191,6 +194,8 @@ class QuantConfig:
             raise bad("gptq_damp", self.gptq_damp, "a number in (0, 1)")
         if self.weight_only_head not in ("int8", "same", "float"):
             raise bad("weight_only_head", self.weight_only_head, "int8, same or float")
+        if not isinstance(self.weight_only_embeddings, bool):
+            raise bad("weight_only_embeddings", self.weight_only_embeddings, "true or false")
         if not isinstance(self.gptq_act_order, bool):
             raise bad("gptq_act_order", self.gptq_act_order, "true or false")
         if self.weight_only is not None and self.format != "qdq":

@@ -67,20 +67,21 @@ def _verify_qdq(graph: onnx.GraphProto) -> None:
     for t in inits.values():
         ranks[t.name] = len(t.dims)
         shapes[t.name] = list(t.dims)
+    gathered = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "Gather" and n.input and n.input[0] in inits}
     for node in graph.node:
         if node.op_type not in _QDQ:
             continue
         where = f"node '{node.name or node.output[0]}'"
+        if len(node.input) >= 2 and node.input[1] in gathered and node.op_type == "DequantizeLinear" and (
+                len(node.input) < 3 or not node.input[2]):
+            # rows of a constant scale table looked up at run time (an int8 embedding): the table is checked
+            _check_scale_values(inits[gathered[node.input[1]]], where)
+            continue
         if len(node.input) < 2 or node.input[1] not in inits:
-            raise VerificationError("scale must be a constant initializer", subject=where)
+            raise VerificationError("scale must be a constant initializer (or, for DequantizeLinear, a Gather of rows "
+                                    "of one)", subject=where)
         scale = inits[node.input[1]]
-        if scale.data_type not in _SCALE_TYPES:
-            raise VerificationError("scale must be float32, float16 or bfloat16", subject=where)
-        scale_arr = numpy_helper.to_array(scale)
-        if scale.data_type != onnx.TensorProto.FLOAT:
-            scale_arr = scale_arr.astype(np.float32)  # float16 / bfloat16: every value exact in float32
-        if not np.all(np.isfinite(scale_arr)) or np.any(scale_arr <= 0):
-            raise VerificationError("scale must be finite and > 0", subject=where)
+        _check_scale_values(scale, where)
         zp = None
         if len(node.input) > 2 and node.input[2]:
             if node.input[2] not in inits:
@@ -106,6 +107,16 @@ def _verify_qdq(graph: onnx.GraphProto) -> None:
             if shape is not None and shape[axis] != scale.dims[0]:
                 raise VerificationError(f"per-axis scale has {scale.dims[0]} values for axis of size {shape[axis]}",
                                         subject=where)
+
+
+def _check_scale_values(scale: onnx.TensorProto, where: str) -> None:
+    if scale.data_type not in _SCALE_TYPES:
+        raise VerificationError("scale must be float32, float16 or bfloat16", subject=where)
+    scale_arr = numpy_helper.to_array(scale)
+    if scale.data_type != onnx.TensorProto.FLOAT:
+        scale_arr = scale_arr.astype(np.float32)  # float16 / bfloat16: every value exact in float32
+    if not np.all(np.isfinite(scale_arr)) or np.any(scale_arr <= 0):
+        raise VerificationError("scale must be finite and > 0", subject=where)
 
 
 def _verify_blocked(node: onnx.NodeProto, scale: onnx.TensorProto, block_size: int, rank: int | None,

@@ -173,3 +173,26 @@ def test_scale_of_rank_above_one_needs_block_size(attrs):
 
 def test_blocked_axis_must_be_in_range():
     _rejects(dq_model("int4", (4, 40), (4, 3), axis=2, block_size=16), "axis 2 out of range for rank 2", "dq")
+
+
+def test_a_dequantize_scale_gathered_from_a_constant_table_is_checked_by_its_table():
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    from qpass.errors import VerificationError
+    from qpass.verify import verify_model
+
+    def model(scale_values):
+        nodes = [helper.make_node("Gather", ["Q", "ids"], ["q"]), helper.make_node("Gather", ["S", "ids"], ["s"]),
+                 helper.make_node("DequantizeLinear", ["q", "s"], ["y"], name="dq", axis=-1, block_size=4)]
+        graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["N"])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+                                  [numpy_helper.from_array(np.ones((3, 4), np.int8), "Q"),
+                                   numpy_helper.from_array(np.asarray(scale_values, np.float32).reshape(3, 1), "S")])
+        m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+        m.ir_version = 10
+        return m
+
+    verify_model(model([0.5, 1.0, 2.0]))
+    with pytest.raises(VerificationError, match="finite and > 0"):
+        verify_model(model([0.5, 0.0, 2.0]))

@@ -68,6 +68,8 @@ class WeightOnlyQuantize(Pass):
         node, spec = t.node, t.weight_spec
         if spec is None or not spec.quantized:
             return "no weight spec; kept in float"
+        if node.op == "Gather":
+            return self._embedding(t, graph, names, written)
         w = node.inputs[t.weight]
         if not isinstance(w, gs.Constant):
             return f"weight '{w.name}' is no longer a constant; kept in float"
@@ -80,6 +82,37 @@ class WeightOnlyQuantize(Pass):
                 return f"weight '{w.name}' not quantizable ({exc}); kept in float"
             written[key] = self._dq(graph, names, w, qw, spec.dtype)
         node.inputs[t.weight] = written[key]
+        return None
+
+    def _embedding(self, t: Target, graph: gs.Graph, names: NameAllocator, written: dict) -> str | None:
+        """Gather(E, ids) -> DequantizeLinear(Gather(E_q, ids), Gather(scale[V, 1], ids), axis=-1, block_size=D): the
+        table is stored int8 with one scale per row, and only the gathered rows are dequantized."""
+        node, spec = t.node, t.weight_spec
+        table, y = node.inputs[0], node.outputs[0]
+        if not isinstance(table, gs.Constant) or spec.dtype != "int8" or spec.granularity != "channel":
+            return f"embedding '{table.name}' spec {spec.dtype} {spec.granularity} is not written (int8 per row only)"
+        if y in graph.outputs:
+            return f"embedding output '{y.name}' is a graph output; kept in float"
+        key = ("rows", table.name)
+        if key not in written:
+            qw = rtn(np.asarray(table.values, dtype=np.float32), "int8", symmetric=True, axis=0)
+            written[key] = (gs.Constant(names(f"{table.name}_quantized"), np.asarray(qw.q, dtype=np.int8)),
+                            gs.Constant(names(f"{table.name}_row_scale"), np.asarray(qw.scale, np.float32).reshape(-1, 1)))
+        q, scale = written[key]
+        rows = gs.Variable(names(f"{y.name}_quantized"), dtype=np.int8)
+        row_scale = gs.Variable(names(f"{y.name}_scale"), dtype=np.float32)
+        dequantized = gs.Variable(names(f"{y.name}_dequantized"), dtype=np.float32, shape=y.shape)
+        graph.nodes.append(gs.Node("Gather", names(f"{node.name or y.name}_scale"), attrs={"axis": 0},
+                                   inputs=[scale, node.inputs[1]], outputs=[row_scale]))
+        graph.nodes.append(gs.Node("DequantizeLinear", names(f"{y.name}_DequantizeLinear"),
+                                   attrs={"axis": -1, "block_size": int(table.shape[1])}, inputs=[rows, row_scale],
+                                   outputs=[dequantized]))
+        for reader in list(y.outputs):
+            for i, inp in enumerate(reader.inputs):
+                if inp is y:
+                    reader.inputs[i] = dequantized
+        node.inputs[0] = q
+        node.outputs[0] = rows
         return None
 
     def _hessian(self, node: gs.Node, ctx: PassContext) -> np.ndarray | None:

@@ -82,6 +82,13 @@ def build_weight_only_plan(graph: gs.Graph, config: QuantConfig) -> QuantPlan:
     nodes, skips, statistics = [], [], {}
     outputs = {t.name for t in graph.outputs}
     for node in graph.nodes:
+        if node.op == "Gather" and config.weight_only_embeddings and is_onnx_op(node):
+            table = node.inputs[0] if node.inputs else None
+            if (isinstance(table, gs.Constant) and is_float32(table) and len(table.shape) == 2
+                    and int(node.attrs.get("axis", 0)) == 0 and not config.is_excluded(node.name or "")):
+                rows = QSpec(dtype="int8", symmetric=True, granularity="channel", axis=0)
+                nodes.append(NodePlan(node_label(node), node.op, (), WeightPlan(0, table.name, rows)))
+            continue
         if node.op not in ("MatMul", "Gemm") or node.op not in config.op_types or not is_onnx_op(node):
             continue
         label = node_label(node)

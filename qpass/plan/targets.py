@@ -143,6 +143,8 @@ def output_channel_axis(node: gs.Node, rank: int) -> tuple[int | None, str | Non
         return None, "grouped ConvTranspose: per-tensor weight scale (output channels span axes 0 and 1)"
     if node.op in WEIGHT_CHANNEL_AXIS:
         return WEIGHT_CHANNEL_AXIS[node.op], None
+    if node.op == "Gather":  # an embedding table: one scale per row (token)
+        return (0 if int(node.attrs.get("axis", 0)) == 0 else None), None
     if node.op == "Gemm":
         return (0 if int(node.attrs.get("transB", 0)) else 1), None
     if node.op == "MatMul":

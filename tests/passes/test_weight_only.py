@@ -161,3 +161,25 @@ def test_the_output_head_is_int8_by_default_or_as_configured():
     kind, out = head_type(weight_only_head="float")
     assert kind == "float" and any("output head" in s["reason"] for s in out.report.skipped)
     assert _inits(out.model)[_dq_of(out.model, "mm1").input[0]].data_type == TensorProto.INT4  # the rest stays int4
+
+
+def test_embedding_tables_are_int8_per_row_and_only_gathered_rows_are_dequantized():
+    from tests.test_validate import _tiny_lm
+
+    model = _tiny_lm(vocab=50, dim=32)
+    out = qpass.quantize(model, weight_only="int4", block_size=16, per_layer=False, latency=False)
+    assert out.report.quantized_nodes == {"Gather": 1, "MatMul": 1}
+    inits = _inits(out.model)
+    gathers = [n for n in out.model.graph.node if n.op_type == "Gather"]
+    table = next(inits[g.input[0]] for g in gathers if inits[g.input[0]].data_type == TensorProto.INT8)
+    assert list(table.dims) == [50, 32] and "E" not in inits  # the float table is gone
+    dq = next(n for n in out.model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in {g.output[0] for g in gathers})
+    assert {a.name: helper.get_attribute_value(a) for a in dq.attribute} == {"axis": -1, "block_size": 32}
+    ids = {"input_ids": np.array([[0, 7, 49, 7]], dtype=np.int64)}
+    emb = numpy_helper.to_array(_inits(model)["E"])
+    step = np.abs(emb).max(axis=1) / 127
+    rows = ReferenceEvaluator(out.model).run([dq.output[0]], ids)[0][0]
+    assert np.all(np.abs(rows - emb[ids["input_ids"][0]]) <= step[ids["input_ids"][0], None] / 2 + 1e-7)
+    off = qpass.quantize(model, weight_only="int4", block_size=16, per_layer=False, latency=False,
+                         weight_only_embeddings=False)
+    assert off.report.quantized_nodes == {"MatMul": 1} and "E" in _inits(off.model)
