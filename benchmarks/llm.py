@@ -2,6 +2,7 @@
 
     python -m benchmarks.llm quantize --kit ~/.cache/qpass-models/smollm2 --out /tmp/llm VARIANT [VARIANT ...]
     python -m benchmarks.llm score --kit ... MODEL.onnx [...] [--accuracy-level 0|4] [--n 40]
+    python -m benchmarks.llm latency MODEL.onnx [...] [--repeats 30]
 
 ``quantize`` runs each variant in a fresh process (wall time and peak RSS of that process), ``score`` scores
 models with the kit's own scorer (perplexity, next-token top-1 agreement and KL against fp32 on the kit's 40
@@ -60,9 +61,11 @@ def quantize_one(variant: str, kit: Path, out: Path, calib_windows: int) -> dict
         elif alg == "hqq":
             cfg = mnq.HQQWeightOnlyQuantConfig(block_size=block)
         else:
+            from onnxruntime.quantization import CalibrationDataReader
+
             files = sorted((kit / "calib").glob("*.npz"))[:calib_windows]
 
-            class Reader:
+            class Reader(CalibrationDataReader):
                 def __init__(self):
                     self.it = iter(files)
 
@@ -101,6 +104,46 @@ def _kit_scorer(kit: Path, level: int | None):
     return mod
 
 
+def latency(models: list[str], lengths=(1, 128), repeats: int = 30, levels=(0, 4), threads: int = 2) -> list[dict]:
+    """Median forward time per model, token count and MatMulNBits accuracy level, runs alternated between models
+    (each round runs every model once), after 3 warm-up runs each; also whether MatMulNBits was formed."""
+    import statistics
+    import tempfile
+
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    sessions, formed = {}, {}
+    for m in models:
+        for level in levels:
+            so = ort.SessionOptions()
+            so.intra_op_num_threads = threads
+            so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(level))
+            with tempfile.TemporaryDirectory() as tmp:
+                so.optimized_model_filepath = str(Path(tmp) / "opt.onnx")
+                sessions[(m, level)] = ort.InferenceSession(m, so, providers=["CPUExecutionProvider"])
+                ops = [n.op_type for n in onnx.load(so.optimized_model_filepath, load_external_data=False).graph.node]
+            formed[(m, level)] = ops.count("MatMulNBits")
+    rng = np.random.default_rng(0)
+    rows = []
+    for n in lengths:
+        feed = {"input_ids": rng.integers(0, 49152, (1, n)).astype(np.int64)}
+        times = {k: [] for k in sessions}
+        for s in sessions.values():
+            for _ in range(3):
+                s.run(None, feed)
+        for _ in range(repeats):
+            for k, s in sessions.items():
+                t = time.perf_counter()
+                s.run(None, feed)
+                times[k].append(time.perf_counter() - t)
+        for (m, level), ts in times.items():
+            rows.append({"model": m, "tokens": n, "accuracy_level": level, "median_ms": round(1000 * statistics.median(ts), 2),
+                         "matmulnbits": formed[(m, level)], "repeats": repeats})
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -117,7 +160,19 @@ def main(argv=None) -> int:
     s.add_argument("--accuracy-level", type=int, default=0)
     s.add_argument("--n", type=int, default=0)
     s.add_argument("--jsonl", type=Path)
+    lat = sub.add_parser("latency")
+    lat.add_argument("models", nargs="+")
+    lat.add_argument("--repeats", type=int, default=30)
+    lat.add_argument("--jsonl", type=Path)
     args = ap.parse_args(argv)
+    if args.cmd == "latency":
+        for r in latency(args.models, repeats=args.repeats):
+            line = json.dumps(r)
+            print(line, flush=True)
+            if args.jsonl:
+                with open(args.jsonl, "a") as f:
+                    f.write(line + "\n")
+        return 0
     if args.cmd == "quantize":
         args.out.mkdir(parents=True, exist_ok=True)
         if args.child:

@@ -912,3 +912,19 @@ def test_block_matches_onnx_reference_opset21(case, data):
         None, {"x": q.astype(_np_onnx_dtype(qtype)), "s": scale, "z": zp_onnx})[0]
     _assert_bit_equal(dequantize(q, scale, zp, axis=axis, block_size=block), ref_dq,
                       f"DequantizeLinear {qtype} axis={axis} block={block}")
+
+
+def test_full_range_symmetric_uses_the_lowest_level_and_is_never_coarser():
+    w = np.array([[-8.0, 7.0, 0.5], [1.0, -1.0, -0.25], [2.0, 3.5, 0.0], [3.0, -7.0, 0.1]], np.float32)
+    full, zf = block_qparams(w, 0, 4, "int4", symmetric=True, full_range=True)
+    plain, _ = block_qparams(w, 0, 4, "int4", symmetric=True)
+    assert np.all(zf == 0) and np.all(full <= plain)
+    assert full[0, 0] == np.float32(1.0) and full[0, 1] == np.float32(1.0)  # -8 -> level -8; +7 -> level 7
+    q = quantize(w, full, zf, axis=0, block_size=4, qtype="int4")
+    assert q[0, 0] == -8 and q[0, 1] == 7 and q.min() >= -8 and q.max() <= 7
+    assert np.abs(dequantize(q, full, zf, axis=0, block_size=4) - w).max() <= full.max() / 2 + 1e-7
+    # unsigned types and asymmetric specs are unaffected
+    for qtype, sym in (("uint4", False), ("int4", False), ("uint8", True)):
+        a = block_qparams(w, 0, 4, qtype, symmetric=sym, full_range=True)
+        b = block_qparams(w, 0, 4, qtype, symmetric=sym)
+        assert all(np.array_equal(x, y) for x, y in zip(a, b))

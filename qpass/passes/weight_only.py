@@ -130,7 +130,7 @@ class WeightOnlyQuantize(Pass):
         axis = spec.axis if spec.granularity != "tensor" else None
         block = spec.block_size if spec.granularity == "block" else None
         if self.algorithm == "rtn" or block is None or w.ndim != 2:
-            return rtn(w, spec.dtype, symmetric=spec.symmetric, axis=axis, block_size=block)
+            return rtn(w, spec.dtype, symmetric=spec.symmetric, axis=axis, block_size=block, full_range=bool(block))
         wk = w if axis == 0 else w.T  # [K, N]: blocks along K
         if self.algorithm == "gptq":
             if hessian is None:
@@ -138,7 +138,7 @@ class WeightOnlyQuantize(Pass):
             from ..weights.gptq import gptq
 
             q, scale, zp = gptq(wk, hessian, block, spec.dtype, symmetric=spec.symmetric, damp=self.damp,
-                                act_order=self.act_order)
+                                act_order=self.act_order, full_range=True)
         else:
             from ..qparams import quantize
             from ..weights.search import search_block_qparams

@@ -23,7 +23,7 @@ from .search import search_block_qparams
 
 def gptq(w: np.ndarray, hessian: np.ndarray, block_size: int, qtype: str, *, symmetric: bool,
          damp: float = 0.01, act_order: bool = True, lazy_batch: int = 128, static_groups: bool = False,
-         scale_search: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+         scale_search: bool = False, full_range: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """GPTQ-quantize ``w`` [K, N] (float32) for inputs with second moment ``hessian`` [K, K] (``x^T x / rows``).
 
     Row by row (in order of decreasing ``diag(H)`` when ``act_order``): ``q_k = quantize(w_k)`` with its block's
@@ -58,7 +58,7 @@ def gptq(w: np.ndarray, hessian: np.ndarray, block_size: int, qtype: str, *, sym
     dtype = INT_TYPES[qtype][0]
     n_groups = blocked_shape((k, n), 0, block_size)[0]  # validates block_size
     if w32.size == 0:
-        scale, zp = block_qparams(w32, 0, block_size, qtype, symmetric=symmetric)
+        scale, zp = block_qparams(w32, 0, block_size, qtype, symmetric=symmetric, full_range=full_range)
         return np.zeros((k, n), dtype=dtype), scale, zp
 
     W = w32.astype(np.float64)
@@ -74,7 +74,7 @@ def gptq(w: np.ndarray, hessian: np.ndarray, block_size: int, qtype: str, *, sym
         if scale_search:
             s, z = search_block_qparams(values, len(rows), qtype, symmetric=symmetric, importance=importance[rows])
         else:
-            s, z = block_qparams(values, 0, len(rows), qtype, symmetric=symmetric)
+            s, z = block_qparams(values, 0, len(rows), qtype, symmetric=symmetric, full_range=full_range)
         return s[0], z[0]
 
     groups = [np.arange(g * block_size, min((g + 1) * block_size, k)) for g in range(n_groups)]

@@ -20,12 +20,12 @@ class QuantizedWeight(NamedTuple):
 
 
 def rtn(w: np.ndarray, qtype: str, *, symmetric: bool, axis: int | None = 0,
-        block_size: int | None = None) -> QuantizedWeight:
+        block_size: int | None = None, full_range: bool = False) -> QuantizedWeight:
     """Each block of ``block_size`` values along ``axis`` (or the whole axis when None; the whole tensor when
     ``axis`` is None) gets the scale of its range, values round half to even and saturate."""
     w = np.asarray(w, dtype=np.float32)
     if block_size:
-        scale, zp = block_qparams(w, axis, block_size, qtype, symmetric=symmetric)
+        scale, zp = block_qparams(w, axis, block_size, qtype, symmetric=symmetric, full_range=full_range)
     else:
         if not symmetric:
             raise ValueError("asymmetric round to nearest is block-wise only here; give a block_size")
