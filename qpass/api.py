@@ -17,6 +17,7 @@ from .config import QuantConfig
 from .errors import ModelSaveError
 from .io import same_file, save_model
 from .plan.spec import QuantPlan
+from .recipes import resolve
 from .report import Report
 
 Data = "str | os.PathLike | Iterable[Mapping[str, Any]] | None"
@@ -61,6 +62,7 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, calib: Data = None, *, 
     Raises QpassError subclasses for bad input, each naming the file, node or tensor.
     """
     cfg = (config or QuantConfig()).replace(**overrides) if overrides else (config or QuantConfig())
+    cfg, notes = resolve(cfg, has_data=calib is not None or load_calib is not None)
     t0 = time.perf_counter()
     name = "<ModelProto>" if isinstance(model, onnx.ModelProto) else str(model)
     original = stages.load(model)
@@ -68,7 +70,7 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, calib: Data = None, *, 
     if not isinstance(model, onnx.ModelProto):
         _check_writes(model, output=output, report=output and report_path_for(output), save_calib=save_calib,
                       save_plan=save_plan)
-    report = Report(model=name, config=cfg.to_dict())
+    report = Report(model=name, config=cfg.to_dict(), warnings=notes)
     prepared = _timed(times, "prepare", stages.prepare, original, cfg, name=name, dump_dir=dump_dir)
     report.opset, report.passes = prepared.opset, list(prepared.records)
     report.warnings += prepared.warnings

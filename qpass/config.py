@@ -30,7 +30,7 @@ WEIGHT_TYPES = ("int8",)
 #: weight-only mode types: int4/int8 symmetric (zero point 0), uint4 asymmetric (zero point from the block's range)
 WEIGHT_ONLY_TYPES = ("int4", "uint4", "int8")
 #: weight-only algorithms: round to nearest; a data-free per-block scale search; GPTQ (needs calibration data)
-WEIGHT_ONLY_ALGORITHMS = ("rtn", "search", "gptq")
+WEIGHT_ONLY_ALGORITHMS = ("auto", "rtn", "search", "gptq")
 
 
 @dataclass(frozen=True)
@@ -115,9 +115,10 @@ class QuantConfig:
             activations stay float.
         block_size: rows of the weight (input features) that share a scale in the weight-only mode; a power of two
             >= 16 lets onnxruntime fuse DequantizeLinear -> MatMul into its MatMulNBits kernel.
-        algorithm: weight-only algorithm: "rtn" (round to nearest), "search" (per-block scale search minimising
-            the weight error, weighted by the inputs' mean square when calibration data is given), "gptq" (GPTQ
-            with the inputs' Gram matrices from the calibration data).
+        algorithm: weight-only algorithm: "auto" (GPTQ when calibration data is given, else round to nearest;
+            chosen by measurement on SmolLM2-135M, docs/benchmark-notes.md), "rtn" (round to nearest), "search"
+            (per-block scale search minimising the weight error), "gptq" (GPTQ with the inputs' Gram matrices
+            from the calibration data).
         weight_only_head: the weight-only type of the output head (a MatMul/Gemm whose output is a graph output, a
             language model's lm_head): "int8" (block-wise, the default: a 4-bit head makes language models repeat
             themselves), "same" (the mode's type) or "float".
@@ -167,7 +168,7 @@ class QuantConfig:
     allow_empty: bool = False
     weight_only: str | None = None
     block_size: int = 128
-    algorithm: str = "rtn"
+    algorithm: str = "auto"
     weight_only_head: str = "int8"
     weight_only_embeddings: bool = True
     gptq_damp: float = 0.01

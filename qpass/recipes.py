@@ -17,6 +17,18 @@ from .passes.single_reader_dq import SingleReaderDequantize
 from .passes.weight_only import WeightOnlyQuantize
 
 
+def resolve(config: QuantConfig, *, has_data: bool) -> tuple[QuantConfig, list[str]]:
+    """The configuration with ``auto`` choices made for this run, and what to tell the user about them: the
+    weight-only algorithm is GPTQ when calibration data is given, round to nearest otherwise."""
+    if config.weight_only and config.algorithm == "auto":
+        if has_data:
+            return config.replace(algorithm="gptq"), []
+        return config.replace(algorithm="rtn"), [
+            "weight-only without calibration data: round to nearest; give --calib for GPTQ, which measured far "
+            "closer to fp32 (SmolLM2-135M, docs/benchmark-notes.md)"]
+    return config, []
+
+
 def prepare_passes(config: QuantConfig) -> list[Pass]:
     """Folds and constants to initializers, before planning: the graph the plan and calibration see."""
     return [ConstantsToInitializers(config.op_types), FoldBatchNorm(), FoldConvBiasAdd(), Cleanup()]
