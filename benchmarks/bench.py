@@ -258,7 +258,28 @@ def render(results: dict) -> str:
         out += render_calibration(json.loads((here / "calibration.json").read_text()))
     if (here / "latency.json").exists():
         out += render_latency(json.loads((here / "latency.json").read_text()))
+    if (here / "llm.json").exists():
+        out += render_llm(json.loads((here / "llm.json").read_text()))
     return "\n".join(out)
+
+
+def render_llm(data: dict) -> list[str]:
+    """The weight-only language-model table (benchmarks/llm.py results, collected in benchmarks/llm.json)."""
+    out = ["## Language model: weight-only int4 on SmolLM2-135M", "", data.get("about", ""), "",
+           "| variant | block | perplexity | vs fp32 | top-1 agreement | KL (nats) | size MB | quantize s | peak RSS MB | note |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in data["rows"]:
+        vs = r.get("ppl_vs_fp32")
+        size = r["bytes"] / 1e6 if r.get("bytes") else None
+        out.append(f"| {r['variant']} | {r.get('block', '')} | {_fmt(r.get('ppl'), 2)} | "
+                   f"{'' if vs is None else f'+{100 * vs:.1f}%'} | {_fmt(r.get('top1_agree'), 3)} | "
+                   f"{_fmt(r.get('kl_mean'), 3)} | {_fmt(size, 1)} | {_fmt(r.get('seconds'), 1)} | "
+                   f"{_fmt(r.get('peak_rss_mb'), 0)} | {r.get('note', '')} |")
+    if data.get("latency"):
+        out += ["", "| model | tokens | MatMulNBits accuracy level | median ms | MatMulNBits nodes |", "|---|---|---|---|---|"]
+        for r in data["latency"]:
+            out.append(f"| {r['label']} | {r['tokens']} | {r['accuracy_level']} | {_fmt(r['median_ms'], 2)} | {r['matmulnbits']} |")
+    return out + [""]
 
 
 def main(argv=None) -> int:

@@ -45,8 +45,7 @@ def quantize_one(variant: str, kit: Path, out: Path, calib_windows: int) -> dict
         import qpass
 
         qpass.quantize(src, kit / "calib" if alg == "gptq" else None, output=dst, weight_only=kind, block_size=block,
-                       algorithm=alg, max_calib_samples=calib_windows, per_layer=False, latency=False,
-                       val=kit / "calib", max_val_samples=2, external_data=False)
+                       algorithm=alg, max_calib_samples=calib_windows, validate=False, external_data=False)
     else:
         import numpy as np
         import onnx

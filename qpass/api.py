@@ -103,8 +103,10 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, calib: Data = None, *, 
     report.sizes = {"input_bytes": stages.model_size(model, original), "output_bytes": rewritten.model.ByteSize()}
     t = time.perf_counter()
     samples, desc = validation_data(val, specs, cfg, calib=calib, held=held, loaded_table=load_calib is not None,
-                                    calibrated=needs_data)
-    if samples is None:
+                                    calibrated=needs_data) if cfg.validate else (None, None)
+    if not cfg.validate:
+        report.warnings.append("not validated (validate = false / --no-validate)")
+    elif samples is None:
         report.warnings.append("not validated: no held-out samples (give --val PATH or more calibration samples)")
     else:
         report.validation = stages.evaluate(prepared.reference, rewritten.model, samples, desc, cfg)

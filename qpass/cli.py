@@ -113,6 +113,9 @@ def _validation_args(p: argparse.ArgumentParser) -> None:
     _config_option(p, "--min-cosine", type=float, metavar="C", help="exit 1 if an output's mean cosine to fp32 is below C")
     _config_option(p, "--min-sqnr", type=float, metavar="DB", help="exit 1 if an output's SQNR is below DB")
     _config_option(p, "--min-top1", type=float, metavar="A", help="exit 1 if an output's top-1 agreement is below A")
+    if p.prog.endswith(" run"):
+        _config_option(p, "--no-validate", dest="validate", action="store_const", const=False,
+                       help="skip the comparison with the original (large models in pipelines that validate later)")
     _config_option(p, "--no-per-layer", dest="per_layer", action="store_const", const=False, help="skip the per-layer error ranking")
     _config_option(p, "--no-latency", dest="latency", action="store_const", const=False, help="skip the latency measurement")
 

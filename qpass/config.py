@@ -104,6 +104,7 @@ class QuantConfig:
         min_sqnr: if set, a validated output SQNR (dB) below this fails the run (exit 1).
         min_top1: if set, a validated output top-1 agreement below this fails the run (exit 1).
         providers: execution providers to validate on ("cpu", "cuda"); empty: CPU, and CUDA when available.
+        validate: compare the result with the original on onnxruntime (False: the report says it was not validated).
         per_layer: rank the layers by the error they add (one more run per validation sample).
         latency: time fp32 and quantized on each provider (median of alternated runs).
         max_val_samples: hold out at most this many samples for validation.
@@ -162,6 +163,7 @@ class QuantConfig:
     min_sqnr: float | None = None
     min_top1: float | None = None
     providers: tuple[str, ...] = ()
+    validate: bool = True
     per_layer: bool = True
     latency: bool = True
     external_data: bool = False
@@ -237,6 +239,8 @@ class QuantConfig:
             raise bad("calib_ep", self.calib_ep, " or ".join(CALIB_EPS))
         if not isinstance(self.single_reader_dq, bool):
             raise bad("single_reader_dq", self.single_reader_dq, "true or false")
+        if not isinstance(self.validate, bool):
+            raise bad("validate", self.validate, "true or false")
         if not isinstance(self.per_channel, bool):
             raise bad("per_channel", self.per_channel, "true or false")
         ops = tuple(self.op_types)

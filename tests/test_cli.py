@@ -601,3 +601,11 @@ def test_options_set_their_config_fields_and_unset_ones_keep_the_config_file(tmp
     toml.write_text("[qpass]\nper_channel = false\nmethod = \"entropy\"\n")
     from_file = _config_from_args(parse(["run", "m.onnx", "--config", str(toml), "--method", "minmax"]))
     assert (from_file.per_channel, from_file.method, from_file.latency) == (False, "minmax", True)
+
+
+def test_no_validate_skips_the_comparison_and_says_so(capsys, tmp_path):
+    rc, _, err = run_cli(capsys, "run", DIGITS_MODEL, "--calib", DIGITS_CALIB, "-o", tmp_path / "a.onnx", "-q",
+                         "--no-validate")
+    assert rc == 0, err
+    report = json.loads((tmp_path / "a.report.json").read_text())
+    assert report["validation"] is None and "not validated" in err
