@@ -143,6 +143,14 @@ def latency(models: list[str], lengths=(1, 128), repeats: int = 30, levels=(0, 4
     return rows
 
 
+def _emit(row: dict, jsonl: Path | None) -> None:
+    line = json.dumps(row)
+    print(line, flush=True)
+    if jsonl:
+        with open(jsonl, "a") as f:
+            f.write(line + "\n")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -166,11 +174,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.cmd == "latency":
         for r in latency(args.models, repeats=args.repeats):
-            line = json.dumps(r)
-            print(line, flush=True)
-            if args.jsonl:
-                with open(args.jsonl, "a") as f:
-                    f.write(line + "\n")
+            _emit(r, args.jsonl)
         return 0
     if args.cmd == "quantize":
         args.out.mkdir(parents=True, exist_ok=True)
@@ -181,12 +185,8 @@ def main(argv=None) -> int:
             cmd = [sys.executable, "-m", "benchmarks.llm", "quantize", "--child", "--kit", str(args.kit), "--out",
                    str(args.out), "--calib-windows", str(args.calib_windows), v]
             proc = subprocess.run(cmd, capture_output=True, text=True)
-            line = proc.stdout.strip().splitlines()[-1] if proc.returncode == 0 else json.dumps(
-                {"variant": v, "error": proc.stderr.strip().splitlines()[-1:]})
-            print(line, flush=True)
-            if args.jsonl:
-                with open(args.jsonl, "a") as f:
-                    f.write(line + "\n")
+            _emit(json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else
+                  {"variant": v, "error": proc.stderr.strip().splitlines()[-1:]}, args.jsonl)
         return 0
     import numpy as np
 
@@ -196,11 +196,7 @@ def main(argv=None) -> int:
         windows = windows[: args.n]
     for r in mod.evaluate(args.models, windows, str(args.kit / "smollm2_135m.onnx"), progress=False):
         r["accuracy_level"] = args.accuracy_level
-        line = json.dumps(r)
-        print(line, flush=True)
-        if args.jsonl:
-            with open(args.jsonl, "a") as f:
-                f.write(line + "\n")
+        _emit(r, args.jsonl)
     return 0
 
 
