@@ -81,11 +81,18 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, calib: Data = None, *, 
     specs, held = input_specs(prepared.reference), []
     t = time.perf_counter()
     needs_data = bool(qplan.calibrate or qplan.statistics)
+    sequential = None  # the calibration samples, when GPTQ measures its Hessians stage by stage while rewriting
     if load_calib is not None:
         calibrated = stages.load_calibration(load_calib, qplan, cfg)
     elif not needs_data:
         calibrated = stages.Calibrated(CalibrationTable(), {"source": None, "samples": 0, "tensors": 0,
                                                             "note": "the plan needs no calibration data"})
+    elif cfg.weight_only and cfg.algorithm == "gptq" and cfg.gptq_sequential:
+        data = calibration_data(calib, specs, cfg, val_given=val is not None, subject=name)
+        sequential, held = [s for s in data.stream], data.held
+        calibrated = stages.Calibrated(CalibrationTable(samples=len(sequential)), {
+            "source": data.description, "samples": len(sequential), "synthetic": data.synthetic,
+            "note": f"GPTQ Hessians measured while rewriting, {cfg.gptq_sequential} stage(s) a pass"})
     else:
         data = calibration_data(calib, specs, cfg, val_given=val is not None, subject=name)
         report.warnings += data.warnings
@@ -96,8 +103,11 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, calib: Data = None, *, 
             calibrated.table.save(save_calib)
     report.warnings += calibrated.info.pop("warnings", [])
     report.calibration, times["calibrate"] = calibrated.info, time.perf_counter() - t
-    rewritten = _timed(times, "quantize", stages.rewrite, prepared, qplan, calibrated.table, cfg, dump_dir=dump_dir,
-                       name=name)
+    if sequential is not None:
+        rewritten = _timed(times, "quantize", stages.rewrite_sequential, prepared, qplan, sequential, cfg, name=name)
+    else:
+        rewritten = _timed(times, "quantize", stages.rewrite, prepared, qplan, calibrated.table, cfg,
+                           dump_dir=dump_dir, name=name)
     report.passes += rewritten.records
     report.quantized_nodes, report.plan = rewritten.quantized_nodes, qplan.with_overrides().to_dict()
     report.sizes = {"input_bytes": stages.model_size(model, original), "output_bytes": rewritten.model.ByteSize()}

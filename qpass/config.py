@@ -127,6 +127,10 @@ class QuantConfig:
             2-D float table) as int8, one scale per row; the rows are dequantized after the lookup.
         gptq_damp: GPTQ's dampening, a share of the Hessian's mean diagonal added to its diagonal.
         gptq_act_order: GPTQ quantizes input features in decreasing order of their Hessian diagonal.
+        gptq_sequential: 0 takes every Hessian from the float model in one calibration pass; N > 0 measures them
+            stage by stage with the weights before them already quantized: the MatMuls are ordered by how many
+            planned MatMuls lie before them on the longest path (a transformer layer has 4 such stages), and each
+            calibration pass measures N consecutive stages (one pass over the samples per N stages).
     """
 
     format: str = "qdq"
@@ -175,6 +179,7 @@ class QuantConfig:
     weight_only_embeddings: bool = True
     gptq_damp: float = 0.01
     gptq_act_order: bool = True
+    gptq_sequential: int = 0
     _exclude_patterns: tuple[re.Pattern, ...] = field(default=(), repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -199,6 +204,8 @@ class QuantConfig:
             raise bad("weight_only_head", self.weight_only_head, "int8, same or float")
         if not isinstance(self.weight_only_embeddings, bool):
             raise bad("weight_only_embeddings", self.weight_only_embeddings, "true or false")
+        if not isinstance(self.gptq_sequential, int) or isinstance(self.gptq_sequential, bool) or self.gptq_sequential < 0:
+            raise bad("gptq_sequential", self.gptq_sequential, "0 (float-model Hessians) or a positive stage count")
         if not isinstance(self.gptq_act_order, bool):
             raise bad("gptq_act_order", self.gptq_act_order, "true or false")
         if self.weight_only is not None and self.format != "qdq":

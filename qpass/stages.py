@@ -22,7 +22,7 @@ from .calib.data import input_specs
 from .calib.table import CalibrationTable
 from .config import SIXTEEN_BIT_TYPES, QuantConfig
 from .errors import CalibrationDataError, NothingQuantizedError, PlanError, UnsupportedModelError, VerificationError
-from .graph import WorkingGraph, op_types, used_quant_ops
+from .graph import WorkingGraph, node_label, op_types, used_quant_ops
 from .io import infer_shapes, keep_value_info_of, load_model
 from .ops import INT16_MIN_OPSET
 from .opset import apply_opset_policy
@@ -167,6 +167,43 @@ def rewrite(prepared: Prepared, quant_plan: QuantPlan, table: CalibrationTable, 
         reasons = "; ".join(f"{s.node}: {s.reason}" for s in skipped[:3]) or \
             "no Conv/ConvTranspose/MatMul/Gemm with float weights"
         raise NothingQuantizedError(f"nothing was quantized ({reasons})", subject=name,
+                                    hint="pass allow_empty / --allow-empty to accept an unchanged model")
+    return Rewritten(quantized, records, counts)
+
+
+def rewrite_sequential(prepared: Prepared, quant_plan: QuantPlan, samples: list, config: QuantConfig, *,
+                       name: str = "<ModelProto>") -> Rewritten:
+    """Weight-only GPTQ with each Hessian measured on the model whose earlier weights are already quantized:
+    ``config.gptq_sequential`` dependency stages per calibration pass over ``samples`` (a list: it is read once a
+    pass), each pass followed by the rewrite of those stages."""
+    from .calib.data import input_specs as specs_of
+    from .passes.cleanup import Cleanup
+    from .passes.weight_only import WeightOnlyQuantize
+    from .plan.policy import dependency_stages
+
+    quant_plan = quant_plan.with_overrides()
+    wg = _working_graph(prepared)
+    check_plan_fits(bind(quant_plan, wg.graph), wg.graph.opset, config)
+    order = dependency_stages(wg.graph, quant_plan)
+    reads = {node_label(n): n.inputs[0].name for n in wg.graph.nodes if n.inputs}
+    levels = sorted(set(order.values()))
+    step = max(1, config.gptq_sequential)
+    quantizer = WeightOnlyQuantize("gptq", damp=config.gptq_damp, act_order=config.gptq_act_order)
+    records: list[PassRecord] = []
+    specs = specs_of(prepared.model)
+    for i in range(0, len(levels), step):
+        group = set(levels[i:i + step])
+        nodes = tuple(n for n in quant_plan.nodes if order.get(n.node) in group)
+        stats = {reads[n.node]: ("gram",) for n in nodes if n.op_type != "Gather" and n.node in reads}
+        table = collect_ranges(wg.export(), [], samples, specs=specs, extra=stats) if stats else CalibrationTable()
+        records += PassManager([quantizer], export=wg.export, verify=None).run(
+            wg.graph, PassContext(QuantPlan(nodes, {}, (), (), stats), table))
+    records += PassManager([Cleanup()], export=wg.export, verify=verify_model).run(wg.graph, PassContext())
+    quantized = keep_value_info_of(wg.export(), prepared.described)
+    verify_model(quantized)
+    counts = count_quantized(records)
+    if not counts and not config.allow_empty:
+        raise NothingQuantizedError("nothing was quantized", subject=name,
                                     hint="pass allow_empty / --allow-empty to accept an unchanged model")
     return Rewritten(quantized, records, counts)
 

@@ -75,6 +75,24 @@ def weight_only_spec(config: QuantConfig, axis: int) -> QSpec:
                  block_size=config.block_size)
 
 
+def dependency_stages(graph: gs.Graph, plan: QuantPlan) -> dict[str, int]:
+    """Planned node -> how many planned nodes lie before it on the longest path from the graph inputs (nodes that
+    read the same input, like a layer's q/k/v projections, share a stage)."""
+    planned = {n.node for n in plan.nodes}
+    level: dict[str, int] = {}
+    stages: dict[str, int] = {}
+    for node in graph.nodes:
+        before = max((level.get(t.name, 0) for t in node.inputs), default=0)
+        label = node_label(node)
+        after = before
+        if label in planned:
+            stages[label] = before
+            after = before + 1
+        for y in node.outputs:
+            level[y.name] = after
+    return stages
+
+
 def build_weight_only_plan(graph: gs.Graph, config: QuantConfig) -> QuantPlan:
     """The weight-only plan: every MatMul/Gemm (of ``config.op_types``) with a constant 2-D float32 weight gets a
     block-wise weight spec on its input-feature axis; activations stay float. GPTQ asks calibration for the Gram
