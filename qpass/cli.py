@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     _config_option(run, "--algorithm", choices=WEIGHT_ONLY_ALGORITHMS,
                    help="weight-only: rtn (round to nearest, default), search (per-block scale search), gptq "
                         "(needs --calib)")
+    _config_option(run, "--gptq-sequential", type=int, metavar="N",
+                   help="weight-only GPTQ: measure the Hessians N dependency stages at a time on the model whose "
+                        "earlier weights are already quantized (default 0: all from the float model in one pass)")
     _config_option(run, "--max-calib-samples", type=int, metavar="N")
     _config_option(run, "--synthetic-calib", action="store_const", const=True, help="calibrate on random data (smoke runs only)")
     run.add_argument("--load-calib", metavar="JSON", help="use a saved calibration table instead of running calibration")
