@@ -253,7 +253,7 @@ def print_summary(console: Console, r: dict) -> None:
                 console.print(f"{prov['provider']}: not available", highlight=False)
             elif prov.get("latency"):
                 lat = prov["latency"]
-                console.print(f"{prov['provider']}: latency fp32 {lat['fp32_ms']:.3f} ms, int8 {lat['quantized_ms']:.3f} ms "
+                console.print(f"{prov['provider']}: latency fp32 {lat['fp32_ms']:.3f} ms, quantized {lat['quantized_ms']:.3f} ms "
                               f"(x{lat['ratio']:.2f})", highlight=False)
         if v.get("per_layer"):
             worst = v["per_layer"][0]
@@ -261,7 +261,7 @@ def print_summary(console: Console, r: dict) -> None:
                           f"at its output", highlight=False, soft_wrap=True)
     if v and v.get("outputs"):
         vt = Table(title=f"validation on {v['data']} ({v['samples']} samples, {v.get('provider')})", show_edge=False)
-        for col in ("output", "SQNR dB", "cosine mean", "cosine min", "max abs err", "top-1 agree", "accuracy fp32 -> int8"):
+        for col in ("output", "SQNR dB", "cosine mean", "cosine min", "max abs err", "top-1 agree", "accuracy fp32 -> quantized"):
             vt.add_column(col)
         for o in v["outputs"]:
             acc = f"{o['accuracy_fp32']:.4f} -> {o['accuracy_quantized']:.4f}" if "accuracy_fp32" in o else "-"
@@ -270,6 +270,11 @@ def print_summary(console: Console, r: dict) -> None:
                        f"{o['cosine_min']:.5f}", f"{o['max_abs_error']:.4g}",
                        f"{o['top1_agreement']:.4f}" if "top1_agreement" in o else "-", acc)
         console.print(vt)
+        for o in v["outputs"]:
+            if "perplexity_fp32" in o:
+                console.print(f"{o['output']}: next-token perplexity fp32 {o['perplexity_fp32']:.2f} -> quantized "
+                              f"{o['perplexity_quantized']:.2f}, KL {o['kl_mean']:.4f} nats over {o['tokens']} tokens",
+                              highlight=False, soft_wrap=True)
 
 
 def _db(x) -> str:
