@@ -14,7 +14,7 @@ from .calib.data import input_specs, synthetic_samples
 from .calib.sources import calibration_data, take, validation_data
 from .calib.table import CalibrationTable
 from .config import QuantConfig
-from .errors import ModelSaveError
+from .errors import ConfigError, ModelSaveError, PlanError
 from .io import same_file, save_model
 from .plan.spec import QuantPlan
 from .recipes import resolve
@@ -76,6 +76,10 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, calib: Data = None, *, 
     report.warnings += prepared.warnings
     qplan = QuantPlan.load(plan) if isinstance(plan, (str, os.PathLike)) else plan
     qplan = qplan or _timed(times, "plan", stages.plan, prepared, cfg)
+    if cfg.weight_only and qplan.tensors:
+        raise PlanError(f"the plan quantizes {len(qplan.tensors)} activation(s): it was made for static quantization",
+                        subject=str(plan) if isinstance(plan, (str, os.PathLike)) else "plan",
+                        hint="save a plan with --weight-only, or run without --weight-only")
     if save_plan is not None:
         qplan.save(save_plan)
     specs, held = input_specs(prepared.reference), []
@@ -88,7 +92,11 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, calib: Data = None, *, 
         calibrated = stages.Calibrated(CalibrationTable(), {"source": None, "samples": 0, "tensors": 0,
                                                             "note": "the plan needs no calibration data"})
     elif cfg.weight_only and cfg.algorithm == "gptq" and cfg.gptq_sequential:
+        if save_calib is not None:
+            raise ConfigError("sequential GPTQ measures its statistics on partly quantized models: there is no one "
+                              "table to save", subject="save_calib", hint="drop --save-calib or --gptq-sequential")
         data = calibration_data(calib, specs, cfg, val_given=val is not None, subject=name)
+        report.warnings += data.warnings
         sequential, held = [s for s in data.stream], data.held
         calibrated = stages.Calibrated(CalibrationTable(samples=len(sequential)), {
             "source": data.description, "samples": len(sequential), "synthetic": data.synthetic,

@@ -78,8 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     _config_option(run, "--block-size", type=int, metavar="N",
                    help="weight-only: input features per scale (default 128; a power of two >= 16 for MatMulNBits)")
     _config_option(run, "--algorithm", choices=WEIGHT_ONLY_ALGORITHMS,
-                   help="weight-only: rtn (round to nearest, default), search (per-block scale search), gptq "
-                        "(needs --calib)")
+                   help="weight-only: auto (default: gptq with --calib or --load-calib, else rtn), rtn (round to "
+                        "nearest), search (per-block scale search), gptq (needs calibration data)")
     _config_option(run, "--gptq-sequential", type=int, metavar="N",
                    help="weight-only GPTQ: measure the Hessians N dependency stages at a time on the model whose "
                         "earlier weights are already quantized (default 0: all from the float model in one pass)")

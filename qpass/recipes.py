@@ -17,16 +17,27 @@ from .passes.single_reader_dq import SingleReaderDequantize
 from .passes.weight_only import WeightOnlyQuantize
 
 
+#: configuration fields that only static quantization reads (set with --weight-only, they change nothing)
+STATIC_ONLY = ("method", "activation_type", "per_channel", "bias", "percentile", "bins", "kl_levels", "tensor_methods",
+               "op_methods", "activation_matmuls", "exclude_before", "quantize_outputs", "neighbour_ops")
+
+
 def resolve(config: QuantConfig, *, has_data: bool) -> tuple[QuantConfig, list[str]]:
     """The configuration with ``auto`` choices made for this run, and what to tell the user about them: the
     weight-only algorithm is GPTQ when calibration data is given, round to nearest otherwise."""
+    notes = []
+    if config.weight_only:
+        default = QuantConfig()
+        static = [f for f in STATIC_ONLY if getattr(config, f) != getattr(default, f)]
+        if static:
+            notes.append(f"weight-only mode: {', '.join(static)} apply to static quantization and are ignored")
     if config.weight_only and config.algorithm == "auto":
         if has_data:
-            return config.replace(algorithm="gptq"), []
-        return config.replace(algorithm="rtn"), [
+            return config.replace(algorithm="gptq"), notes
+        return config.replace(algorithm="rtn"), notes + [
             "weight-only without calibration data: round to nearest; give --calib for GPTQ, which measured far "
             "closer to fp32 (SmolLM2-135M, docs/benchmark-notes.md)"]
-    return config, []
+    return config, notes
 
 
 def prepare_passes(config: QuantConfig) -> list[Pass]:

@@ -241,3 +241,22 @@ def test_language_model_outputs_get_perplexity_and_kl():
                        weight_only_head="same").model
     got = validate(model, q, samples, providers=["cpu"], per_layer=False, latency=False)["outputs"][0]
     assert got["kl_mean"] > 1e-4 and got["perplexity_quantized"] != got["perplexity_fp32"]
+
+
+
+def test_a_token_tagger_is_not_taken_for_a_language_model():
+    """Integer input [B, S] and float output [B, S, C] with ids >= C: no perplexity, and validation still works."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["E", "ids"], ["h"]), helper.make_node("MatMul", ["h", "W"], ["tags"])], "tagger",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["B", "S"])],
+        [helper.make_tensor_value_info("tags", TensorProto.FLOAT, ["B", "S", 5])],
+        [numpy_helper.from_array(rng.normal(size=(50, 8)).astype(np.float32), "E"),
+         numpy_helper.from_array(rng.normal(size=(8, 5)).astype(np.float32), "W")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    samples = [({"ids": rng.integers(10, 50, (1, 6)).astype(np.int64)}, None) for _ in range(3)]
+    [out] = validate(model, model, samples, providers=["cpu"], per_layer=False, latency=False)["outputs"]
+    assert "perplexity_fp32" not in out and out["cosine_mean"] == pytest.approx(1.0)

@@ -120,11 +120,16 @@ def _logsumexp(x: np.ndarray) -> np.ndarray:
 
 
 def token_ids(feed: dict, logits: np.ndarray) -> np.ndarray | None:
-    """The integer input [B, S] that logits [B, S, V] (V > 1) are next-token scores of, if the feed has exactly one."""
+    """The integer input [B, S] that logits [B, S, V] (V > 1) are next-token scores of: every value a valid index
+    below V; of several such inputs, the one named ``input_ids`` (an attention mask is another [B, S] input)."""
     if np.ndim(logits) != 3 or np.shape(logits)[-1] < 2:
         return None
-    found = [v for v in feed.values() if np.asarray(v).dtype.kind in "iu" and np.shape(v) == np.shape(logits)[:2]]
-    return np.asarray(found[0]) if len(found) == 1 else None
+    vocab = np.shape(logits)[-1]
+    found = {k: np.asarray(v) for k, v in feed.items() if np.asarray(v).dtype.kind in "iu"
+             and np.shape(v) == np.shape(logits)[:2] and np.size(v) and 0 <= np.min(v) and np.max(v) < vocab}
+    if len(found) > 1:
+        found = {k: v for k, v in found.items() if k == "input_ids"}
+    return next(iter(found.values())) if len(found) == 1 else None
 
 
 def sqnr_db(signal: float, noise: float) -> float:

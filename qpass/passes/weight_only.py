@@ -52,6 +52,7 @@ class WeightOnlyQuantize(Pass):
         names = NameAllocator(graph)
         written: dict[tuple, gs.Variable] = {}
         skipped = list(bound.skips)
+        self._notes: list[Skip] = []
         done: Counter = Counter()
         for t in bound.targets:
             reason = self._rewrite(t, graph, ctx, names, written)
@@ -61,7 +62,7 @@ class WeightOnlyQuantize(Pass):
                 done[t.node.op] += 1
         if done:
             graph.cleanup(remove_unused_graph_inputs=False).toposort()
-        return PassResult(modified=bool(done), skipped=tuple(skipped), stats=dict(done))
+        return PassResult(modified=bool(done), skipped=tuple(skipped + self._notes), stats=dict(done))
 
     def _rewrite(self, t: Target, graph: gs.Graph, ctx: PassContext, names: NameAllocator,
                  written: dict[tuple, gs.Variable]) -> str | None:
@@ -74,14 +75,20 @@ class WeightOnlyQuantize(Pass):
         if not isinstance(w, gs.Constant):
             return f"weight '{w.name}' is no longer a constant; kept in float"
         key = (w.name, spec)
+        note = None
         if key not in written:
             values = np.asarray(w.values, dtype=np.float32)
+            hessian = self._hessian(node, ctx)
+            if self.algorithm == "gptq" and hessian is None and spec.granularity == "block":
+                note = "no Gram matrix of its input (transposed Gemm input, or a table without one): round to nearest"
             try:
-                qw = self.quantize(values, spec, self._hessian(node, ctx))
+                qw = self.quantize(values, spec, hessian)
             except ValueError as exc:
                 return f"weight '{w.name}' not quantizable ({exc}); kept in float"
             written[key] = self._dq(graph, names, w, qw, spec.dtype)
         node.inputs[t.weight] = written[key]
+        if note:
+            self._notes.append(Skip(node_label(node), node.op, note))
         return None
 
     def _embedding(self, t: Target, graph: gs.Graph, names: NameAllocator, written: dict) -> str | None:
@@ -117,7 +124,7 @@ class WeightOnlyQuantize(Pass):
 
     def _hessian(self, node: gs.Node, ctx: PassContext) -> np.ndarray | None:
         """The input's Gram matrix divided by its row count (mean x^T x), when calibration collected it."""
-        if ctx.calib is None or not node.inputs:
+        if ctx.calib is None or not node.inputs or (node.op == "Gemm" and int(node.attrs.get("transA", 0))):
             return None
         stats = getattr(ctx.calib, "statistics", None)
         gram = stats.get(node.inputs[0].name, "gram") if stats is not None else None
@@ -133,8 +140,8 @@ class WeightOnlyQuantize(Pass):
             return rtn(w, spec.dtype, symmetric=spec.symmetric, axis=axis, block_size=block, full_range=bool(block))
         wk = w if axis == 0 else w.T  # [K, N]: blocks along K
         if self.algorithm == "gptq":
-            if hessian is None:
-                raise ValueError("no Gram matrix of its input in the calibration table")
+            if hessian is None:  # a transposed Gemm input, or a table without Gram matrices: reported by _rewrite
+                return rtn(w, spec.dtype, symmetric=spec.symmetric, axis=axis, block_size=block, full_range=True)
             from ..weights.gptq import gptq
 
             q, scale, zp = gptq(wk, hessian, block, spec.dtype, symmetric=spec.symmetric, damp=self.damp,

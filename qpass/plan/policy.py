@@ -59,14 +59,29 @@ def build_plan(graph: gs.Graph, config: QuantConfig) -> QuantPlan:
 NEEDS_GRAM = frozenset({"gptq"})
 
 
-def _is_head(node: gs.Node, graph_outputs: set[str], depth: int = 0) -> bool:
-    """The node's output is a graph output, directly or through data movement (a language model's lm_head)."""
+def _reaches_output(node: gs.Node, graph_outputs: set[str], depth: int = 0) -> bool:
+    """The node's output is a graph output, directly or through data movement."""
     for y in node.outputs:
         if y.name in graph_outputs:
             return True
-        if depth < 4 and any(r.op in DATA_MOVEMENT and _is_head(r, graph_outputs, depth + 1) for r in y.outputs):
+        if depth < 4 and any(r.op in DATA_MOVEMENT and _reaches_output(r, graph_outputs, depth + 1) for r in y.outputs):
             return True
     return False
+
+
+def _heads(graph: gs.Graph) -> set[str]:
+    """The output heads: of the MatMul/Gemm nodes with a constant 2-D weight whose output reaches a graph output
+    (through data movement), those with the widest output (a language model's lm_head, not the key/value
+    projections a model with a KV cache also outputs)."""
+    outputs = {t.name for t in graph.outputs}
+    width = {}
+    for node in graph.nodes:
+        w = node.inputs[1] if node.op in ("MatMul", "Gemm") and len(node.inputs) > 1 else None
+        if isinstance(w, gs.Constant) and len(w.shape) == 2 and _reaches_output(node, outputs):
+            transposed = node.op == "Gemm" and int(node.attrs.get("transB", 0))
+            width[node_label(node)] = int(w.shape[0] if transposed else w.shape[1])
+    widest = max(width.values(), default=0)
+    return {label for label, n in width.items() if n == widest}
 
 
 def weight_only_spec(config: QuantConfig, axis: int) -> QSpec:
@@ -98,7 +113,7 @@ def build_weight_only_plan(graph: gs.Graph, config: QuantConfig) -> QuantPlan:
     block-wise weight spec on its input-feature axis; activations stay float. GPTQ asks calibration for the Gram
     matrix of each such node's input."""
     nodes, skips, statistics = [], [], {}
-    outputs = {t.name for t in graph.outputs}
+    heads = _heads(graph)
     for node in graph.nodes:
         if node.op == "Gather" and config.weight_only_embeddings and is_onnx_op(node):
             table = node.inputs[0] if node.inputs else None
@@ -125,12 +140,13 @@ def build_weight_only_plan(graph: gs.Graph, config: QuantConfig) -> QuantPlan:
         # MatMul: W [K, N], blocks along K (axis 0); Gemm with transB: W [N, K] (axis 1); alpha/transA change nothing
         axis = 1 if node.op == "Gemm" and int(node.attrs.get("transB", 0)) else 0
         spec = weight_only_spec(config, axis)
-        if _is_head(node, outputs) and config.weight_only_head != "same":
+        if node_label(node) in heads and config.weight_only_head != "same":
             if config.weight_only_head == "float":
                 skips.append(Skip(label, node.op, "output head kept in float (weight_only_head)"))
                 continue
             spec = replace(spec, dtype="int8", symmetric=True)
         nodes.append(NodePlan(label, node.op, (), WeightPlan(1, w.name, spec)))
-        if config.algorithm in NEEDS_GRAM and isinstance(x, gs.Variable) and is_float32(x):
+        if (config.algorithm in NEEDS_GRAM and isinstance(x, gs.Variable) and is_float32(x)
+                and not (node.op == "Gemm" and int(node.attrs.get("transA", 0)))):  # x^T x of a transposed x is no Hessian
             statistics[x.name] = ("gram",)
     return QuantPlan(tuple(nodes), {}, tuple(skips), (), statistics)

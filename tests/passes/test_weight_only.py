@@ -132,21 +132,17 @@ def test_opset_below_21_is_refused_with_the_fix():
         qpass.quantize(_mlp(opset=17), weight_only="int4", per_layer=False, latency=False)
 
 
-def test_a_second_run_on_the_output_changes_nothing():
+def test_the_output_is_not_quantized_twice():
     from qpass.config import QuantConfig
     from qpass.graph import WorkingGraph
-    from qpass.pass_manager import PassContext
-    from qpass.passes.weight_only import WeightOnlyQuantize
     from qpass.plan.policy import build_plan
 
     cfg = QuantConfig(weight_only="int4", block_size=16, per_layer=False, latency=False)
     once = qpass.quantize(_mlp(), config=cfg).model
-    wg = WorkingGraph(once)
-    plan = build_plan(wg.graph, cfg)
-    assert not plan.nodes and len(plan.skipped) == 2  # the weights are DequantizeLinear outputs now
-    result = WeightOnlyQuantize().run(wg.graph, PassContext(plan))
-    assert not result.modified and wg.export().SerializeToString() == WorkingGraph(once).export().SerializeToString()
-
+    plan = build_plan(WorkingGraph(once).graph, cfg)
+    assert not plan.nodes and len(plan.skipped) == 2  # its weights are DequantizeLinear outputs, not constants
+    with pytest.raises(qpass.QpassError, match="already quantized"):
+        qpass.quantize(once, config=cfg)
 
 def test_the_output_head_is_int8_by_default_or_as_configured():
     def head_type(**kw):
@@ -221,3 +217,54 @@ def test_sequential_gptq_measures_later_hessians_on_the_quantized_earlier_layers
     err = [qpass.quantize(_mlp(), [f for f, _ in feeds], gptq_sequential=s, **kw).report.validation["outputs"][0]["sqnr_db"]
            for s in (0, 1)]
     assert err[1] >= err[0] - 0.5, err
+
+
+
+def _kv_model() -> onnx.ModelProto:
+    """x -> k_proj (output as present_key through Reshape) and -> MatMul(W_head [K, 4K]) -> logits: two graph
+    outputs, one head."""
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("MatMul", ["x", "Wk"], ["k"], name="k_proj"),
+             helper.make_node("Reshape", ["k", "shape"], ["present_key"], name="reshape"),
+             helper.make_node("MatMul", ["x", "Wh"], ["logits"], name="lm_head")]
+    inits = [numpy_helper.from_array(rng.normal(size=(K, K)).astype(np.float32), "Wk"),
+             numpy_helper.from_array(rng.normal(size=(K, 4 * K)).astype(np.float32), "Wh"),
+             numpy_helper.from_array(np.array([-1, 4, K // 4], np.int64), "shape")]
+    graph = helper.make_graph(nodes, "kv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["M", K])],
+                              [helper.make_tensor_value_info("present_key", TensorProto.FLOAT, ["M", 4, K // 4]),
+                               helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["M", 4 * K])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    return model
+
+
+def test_only_the_widest_output_matmul_is_the_head_not_a_kv_cache_projection():
+    out = qpass.quantize(_kv_model(), weight_only="int4", block_size=16, validate=False).model
+    types = {n: _inits(out)[_dq_of(out, n).input[0]].data_type for n in ("k_proj", "lm_head")}
+    assert types == {"k_proj": TensorProto.INT4, "lm_head": TensorProto.INT8}
+
+
+def test_gptq_on_a_transposed_gemm_input_falls_back_to_rtn_and_says_so():
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph([helper.make_node("Gemm", ["x", "W"], ["y"], name="gemm", transA=1)], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [K, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [8, N])],
+                              [numpy_helper.from_array(rng.normal(size=(K, N)).astype(np.float32), "W")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    feeds = [{"x": rng.normal(size=(K, 8)).astype(np.float32)} for _ in range(4)]
+    out = qpass.quantize(model, feeds, weight_only="int4", block_size=16, algorithm="gptq", weight_only_head="same",
+                         validate=False)
+    assert out.report.quantized_nodes == {"Gemm": 1} and not out.plan.statistics
+    assert any("round to nearest" in s["reason"] for s in out.report.skipped)
+
+
+def test_static_flags_and_plans_with_weight_only():
+    warned = qpass.quantize(_mlp(), weight_only="int4", block_size=16, validate=False, method="entropy")
+    assert any("method apply to static quantization" in w for w in warned.report.warnings)
+    static_plan = qpass.quantize(_mlp(), _feeds(8), latency=False, per_layer=False, target_opset=None).plan
+    with pytest.raises(qpass.QpassError, match="made for static quantization"):
+        qpass.quantize(_mlp(), _feeds(8), weight_only="int4", plan=static_plan, validate=False)
+    with pytest.raises(qpass.QpassError, match="no one table to save"):
+        qpass.quantize(_mlp(), _feeds(8), weight_only="int4", algorithm="gptq", gptq_sequential=1,
+                       save_calib="/tmp/never-written.json", validate=False)
