@@ -11,7 +11,8 @@ fuses DequantizeLinear(int4, block) -> MatMul into MatMulNBits with accuracy lev
 told otherwise, while its own MatMulNBits output carries the level the quantizer wrote (0 here).
 
 Variants: ``qpass:ALG:TYPE:BLOCK`` (ALG rtn|search|gptq|gptq-seqN, TYPE int4|uint4|int8) and ``ort:ALG:SYM:BLOCK``
-(ALG rtn|gptq|hqq, SYM sym|asym), ``ort-qdq:rtn:SYM:BLOCK`` (onnxruntime's standard QDQ output).
+(ALG rtn|gptq|hqq, SYM sym|asym), ``ort-qdq:rtn:SYM:BLOCK`` (onnxruntime's standard QDQ output). The onnxruntime
+variants need ``pip install -e '.[bench]'``; its GPTQ also needs torch (the SmolLM2 kit's venv has both).
 """
 from __future__ import annotations
 
