@@ -70,7 +70,7 @@ def compute_qparams(rmin, rmax, qtype: str, *, symmetric: bool, full_range: bool
     A zero range gets scale 1.0, so 0.0 maps exactly to the zero point and the scale is never 0.
     ``full_range`` (signed symmetric only): zero point 0 on the type's whole grid, scale = max(rmax / qmax,
     -rmin / -qmin) with qmin = -2^(b-1), so a block whose largest magnitude is negative uses level -2^(b-1) too
-    (int4: 16 levels instead of 15; what onnxruntime's MLAS quantizer gets with a signed scale).
+    (int4: 16 levels instead of 15).
     """
     dtype, _, _ = INT_TYPES[qtype]
     rmin = np.minimum(np.asarray(rmin, dtype=np.float64), 0.0)

@@ -28,7 +28,7 @@ from .ops import INT16_MIN_OPSET
 from .opset import apply_opset_policy
 from .pass_manager import PassContext, PassManager, PassRecord
 from .plan.bind import bind
-from .plan.policy import build_plan
+from .plan.policy import build_plan, dependency_stages
 from .plan.spec import QuantPlan
 from .recipes import prepare_passes, rewrite_passes
 from .report import count_quantized
@@ -160,6 +160,13 @@ def rewrite(prepared: Prepared, quant_plan: QuantPlan, table: CalibrationTable, 
     check_plan_fits(bind(quant_plan, wg.graph), wg.graph.opset, config)  # named here, not as a failing pass
     records = PassManager(rewrite_passes(config), export=wg.export, verify=verify_model,
                           dump_dir=dump_dir).run(wg.graph, PassContext(quant_plan, table))
+    return _rewritten(wg, prepared, records, config, name)
+
+
+def _rewritten(wg: WorkingGraph, prepared: Prepared, records: list[PassRecord], config: QuantConfig,
+               name: str) -> Rewritten:
+    """The rewritten model (value_info as the input described it), refused when nothing was quantized unless
+    ``allow_empty``."""
     quantized = keep_value_info_of(wg.export(), prepared.described)
     counts = count_quantized(records)
     if not counts and not config.allow_empty:
@@ -176,11 +183,6 @@ def rewrite_sequential(prepared: Prepared, quant_plan: QuantPlan, samples: list,
     """Weight-only GPTQ with each Hessian measured on the model whose earlier weights are already quantized:
     ``config.gptq_sequential`` dependency stages per calibration pass over ``samples`` (a list: it is read once a
     pass), each pass followed by the rewrite of those stages."""
-    from .calib.data import input_specs as specs_of
-    from .passes.cleanup import Cleanup
-    from .passes.weight_only import WeightOnlyQuantize
-    from .plan.policy import dependency_stages
-
     quant_plan = quant_plan.with_overrides()
     wg = _working_graph(prepared)
     check_plan_fits(bind(quant_plan, wg.graph), wg.graph.opset, config)
@@ -188,9 +190,9 @@ def rewrite_sequential(prepared: Prepared, quant_plan: QuantPlan, samples: list,
     reads = {node_label(n): n.inputs[0].name for n in wg.graph.nodes if n.inputs}
     levels = sorted(set(order.values()))
     step = max(1, config.gptq_sequential)
-    quantizer = WeightOnlyQuantize("gptq", damp=config.gptq_damp, act_order=config.gptq_act_order)
+    quantizer, *finish = rewrite_passes(config)  # the weight-only recipe: the quantizer, then what tidies up
     records: list[PassRecord] = []
-    specs = specs_of(prepared.model)
+    specs = input_specs(prepared.model)
     for i in range(0, len(levels), step):
         group = set(levels[i:i + step])
         nodes = tuple(n for n in quant_plan.nodes if order.get(n.node) in group)
@@ -198,14 +200,9 @@ def rewrite_sequential(prepared: Prepared, quant_plan: QuantPlan, samples: list,
         table = collect_ranges(wg.export(), [], samples, specs=specs, extra=stats) if stats else CalibrationTable()
         records += PassManager([quantizer], export=wg.export, verify=None).run(
             wg.graph, PassContext(QuantPlan(nodes, {}, (), (), stats), table))
-    records += PassManager([Cleanup()], export=wg.export, verify=verify_model).run(wg.graph, PassContext())
-    quantized = keep_value_info_of(wg.export(), prepared.described)
-    verify_model(quantized)
-    counts = count_quantized(records)
-    if not counts and not config.allow_empty:
-        raise NothingQuantizedError("nothing was quantized", subject=name,
-                                    hint="pass allow_empty / --allow-empty to accept an unchanged model")
-    return Rewritten(quantized, records, counts)
+    records += PassManager(finish, export=wg.export, verify=verify_model).run(wg.graph, PassContext())
+    verify_model(wg.export())  # the per-stage passes ran unverified: check the result once
+    return _rewritten(wg, prepared, records, config, name)
 
 
 def check_plan_fits(bound, opset: int, config: QuantConfig) -> None:

@@ -20,8 +20,10 @@ from ..ops import BLOCKED_MIN_OPSET
 from ..pass_manager import Pass, PassContext, PassResult, Skip
 from ..plan.bind import bind
 from ..plan.targets import Target
-from ..qparams import make_initializer
+from ..qparams import make_initializer, quantize
+from ..weights.gptq import gptq
 from ..weights.rtn import QuantizedWeight, rtn
+from ..weights.search import search_block_qparams
 
 
 class WeightOnlyQuantize(Pass):
@@ -142,14 +144,9 @@ class WeightOnlyQuantize(Pass):
         if self.algorithm == "gptq":
             if hessian is None:  # a transposed Gemm input, or a table without Gram matrices: reported by _rewrite
                 return rtn(w, spec.dtype, symmetric=spec.symmetric, axis=axis, block_size=block, full_range=True)
-            from ..weights.gptq import gptq
-
             q, scale, zp = gptq(wk, hessian, block, spec.dtype, symmetric=spec.symmetric, damp=self.damp,
                                 act_order=self.act_order, full_range=True)
         else:
-            from ..qparams import quantize
-            from ..weights.search import search_block_qparams
-
             importance = None if hessian is None else np.diag(hessian)
             scale, zp = search_block_qparams(wk, block, spec.dtype, symmetric=spec.symmetric, importance=importance)
             q = quantize(wk, scale, zp, axis=0, block_size=block, qtype=spec.dtype)
