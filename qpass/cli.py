@@ -270,11 +270,22 @@ def print_summary(console: Console, r: dict) -> None:
                        f"{o['cosine_min']:.5f}", f"{o['max_abs_error']:.4g}",
                        f"{o['top1_agreement']:.4f}" if "top1_agreement" in o else "-", acc)
         console.print(vt)
+        first = next((p for p in v.get("providers", []) if p.get("outputs") is not None), {})
+        level0 = {o["output"]: o for o in first.get("accuracy_level_0", [])}
         for o in v["outputs"]:
             if "perplexity_fp32" in o:
                 console.print(f"{o['output']}: next-token perplexity fp32 {o['perplexity_fp32']:.2f} -> quantized "
                               f"{o['perplexity_quantized']:.2f}, KL {o['kl_mean']:.4f} nats over {o['tokens']} tokens",
                               highlight=False, soft_wrap=True)
+                if o["output"] in level0:
+                    z = level0[o["output"]]
+                    console.print(f"  with MatMulNBits accuracy level 0 (float activations; onnxruntime's default is 4): "
+                                  f"perplexity {z['perplexity_quantized']:.2f}, KL {z['kl_mean']:.4f}",
+                                  highlight=False, soft_wrap=True)
+        if "matmulnbits" in first:
+            m = first["matmulnbits"]
+            console.print(f"onnxruntime fused {m['formed']} of {m['weight_only_matmuls']} block-wise weight MatMuls into "
+                          f"MatMulNBits ({first['provider']})", highlight=False)
 
 
 def _db(x) -> str:

@@ -284,3 +284,21 @@ def test_weight_only_output_runs_on_cuda():  # pragma: no cover - exercised on t
     samples = [({"input_ids": rng.integers(0, 64, (1, 8)).astype(np.int64)}, None) for _ in range(2)]
     r = validate(model, out.model, samples, providers=["cuda"], per_layer=False, latency=False)
     assert "error" not in r["providers"][0] and r["outputs"][0]["top1_agreement"] > 0.5
+
+
+def test_validation_says_whether_matmulnbits_formed_and_scores_accuracy_level_0_too():
+    import jsonschema
+
+    from tests.test_validate import SCHEMA, _tiny_lm
+
+    model = _tiny_lm(vocab=64, dim=32)
+    rng = np.random.default_rng(0)
+    val = [{"input_ids": rng.integers(0, 64, (1, 12)).astype(np.int64)} for _ in range(3)]
+    out = qpass.quantize(model, weight_only="int4", block_size=16, val=val, per_layer=False, latency=False)
+    cpu = out.report.validation["providers"][0]
+    assert cpu["matmulnbits"] == {"formed": 1, "weight_only_matmuls": 1}  # the lm_head, int8 block-wise
+    level0, default = cpu["accuracy_level_0"][0], cpu["outputs"][0]
+    assert level0["tokens"] == default["tokens"] == 3 * 11
+    # level 0 keeps activations float: a different number from the default level 4 (int8 activations)
+    assert level0["kl_mean"] != default["kl_mean"] and level0["perplexity_fp32"] == default["perplexity_fp32"]
+    jsonschema.validate(out.report.to_dict(), SCHEMA)
