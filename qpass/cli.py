@@ -25,7 +25,7 @@ examples:
   qpass run model.onnx --load-plan plan.json --load-calib table.json --val calib/   # edited plan, no recalibration
   qpass run model.onnx --synthetic-calib                        # smoke run on random data (loudly marked)
 
-exit codes: 0 success, 1 validation below --min-cosine, 2 bad input (one line names the file/node/tensor)
+exit codes: 0 success, 1 validation below --min-cosine (or an output broken, see --allow-collapse), 2 bad input (one line names the file/node/tensor)
 """
 
 
@@ -113,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _validation_args(p: argparse.ArgumentParser) -> None:
     _config_option(p, "--providers", type=_csv, metavar="LIST", help="comma-separated: cpu,cuda (default: cpu, and cuda when available)")
+    _config_option(p, "--allow-collapse", dest="collapse_check", action="store_const", const=False,
+                   help="with no --min-* set, do not fail (exit 1) an output that validation shows broken "
+                        "(a language model's perplexity over 2x fp32's, another output under 10 dB SQNR)")
     _config_option(p, "--min-cosine", type=float, metavar="C", help="exit 1 if an output's mean cosine to fp32 is below C")
     _config_option(p, "--min-sqnr", type=float, metavar="DB", help="exit 1 if an output's SQNR is below DB")
     _config_option(p, "--min-top1", type=float, metavar="A", help="exit 1 if an output's top-1 agreement is below A")
