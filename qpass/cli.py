@@ -115,7 +115,7 @@ def _validation_args(p: argparse.ArgumentParser) -> None:
     _config_option(p, "--providers", type=_csv, metavar="LIST", help="comma-separated: cpu,cuda (default: cpu, and cuda when available)")
     _config_option(p, "--allow-collapse", dest="collapse_check", action="store_const", const=False,
                    help="with no --min-* set, do not fail (exit 1) an output that validation shows broken "
-                        "(a language model's perplexity over 2x fp32's, another output under 10 dB SQNR)")
+                        "(a language model's perplexity over 1.5x fp32's, another output under 10 dB SQNR)")
     _config_option(p, "--min-cosine", type=float, metavar="C", help="exit 1 if an output's mean cosine to fp32 is below C")
     _config_option(p, "--min-sqnr", type=float, metavar="DB", help="exit 1 if an output's SQNR is below DB")
     _config_option(p, "--min-top1", type=float, metavar="A", help="exit 1 if an output's top-1 agreement is below A")

@@ -104,7 +104,7 @@ class QuantConfig:
         min_sqnr: if set, a validated output SQNR (dB) below this fails the run (exit 1).
         min_top1: if set, a validated output top-1 agreement below this fails the run (exit 1).
         collapse_check: with no minimum set, a validated output that is broken rather than degraded fails the run
-            (exit 1): a language model's perplexity over twice fp32's, another output under 10 dB SQNR.
+            (exit 1): a language model's perplexity over 1.5x fp32's, another output under 10 dB SQNR.
         providers: execution providers to validate on ("cpu", "cuda"); empty: CPU, and CUDA when available.
         validate: compare the result with the original on onnxruntime (False: the report says it was not validated).
         per_layer: rank the layers by the error they add (one more run per validation sample).
