@@ -77,8 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "int8, nf4 (NormalFloat codebook) or ternary (int2, needs --target-opset 25), activations "
                         "float (standard DequantizeLinear with block_size, opset 21)")
     _config_option(run, "--double-quant", action="store_const", const=True,
-                   help="weight-only: store the block scales as uint8 with a float scale per output channel (smaller; "
-                        "onnxruntime then does not fuse MatMulNBits)")
+                   help="weight-only: store the block scales as uint8 with a float scale per output channel")
+    _config_option(run, "--double-quant-form", choices=("cast-mul", "dequantize"),
+                   help="double-quantized scales as Mul(Cast(codes), s2) (default; onnxruntime folds it and still "
+                        "fuses MatMulNBits) or DequantizeLinear(codes, s2) (no MatMulNBits on onnxruntime)")
     _config_option(run, "--block-size", type=int, metavar="N",
                    help="weight-only: input features per scale (default 128; a power of two >= 16 for MatMulNBits)")
     _config_option(run, "--algorithm", choices=WEIGHT_ONLY_ALGORITHMS,

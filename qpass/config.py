@@ -137,8 +137,11 @@ class QuantConfig:
             planned MatMuls lie before them on the longest path (a transformer layer has 4 such stages), and each
             calibration pass measures N consecutive stages (one pass over the samples per N stages).
         double_quant: the weight-only block scales are stored as uint8 with one float32 scale per output channel
-            (a DequantizeLinear computes them; QLoRA's and GGUF's double quantization). It costs onnxruntime's
-            MatMulNBits fusion, which needs a constant scale (measured: docs/benchmark-notes.md).
+            (QLoRA's and GGUF's double quantization).
+        double_quant_form: how the double-quantized scales are computed: "cast-mul" (Mul(Cast(codes), s2), which
+            onnxruntime folds into a constant at load, so DequantizeLinear -> MatMul still fuses into MatMulNBits) or
+            "dequantize" (DequantizeLinear(codes, s2), which onnxruntime does not fold: no MatMulNBits). Measured:
+            docs/benchmark-notes.md.
     """
 
     format: str = "qdq"
@@ -189,6 +192,7 @@ class QuantConfig:
     gptq_act_order: bool = True
     gptq_sequential: int = 0
     double_quant: bool = False
+    double_quant_form: str = "cast-mul"
     _exclude_patterns: tuple[re.Pattern, ...] = field(default=(), repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -219,6 +223,8 @@ class QuantConfig:
             raise bad("gptq_act_order", self.gptq_act_order, "true or false")
         if not isinstance(self.double_quant, bool):
             raise bad("double_quant", self.double_quant, "true or false")
+        if self.double_quant_form not in ("cast-mul", "dequantize"):
+            raise bad("double_quant_form", self.double_quant_form, "cast-mul or dequantize")
         if self.weight_only in NEAREST_ONLY_TYPES and self.algorithm not in ("auto", "rtn"):
             raise bad("algorithm", self.algorithm, f"auto or rtn with weight_only {self.weight_only} (nearest level only)")
         if self.weight_only is not None and self.format != "qdq":

@@ -53,7 +53,7 @@ def rewrite_passes(config: QuantConfig) -> list[Pass]:
     int8/16 (Q/DQ pairs from the plan, then the output form: QDQ or integer operators)."""
     if config.weight_only in NEAREST_ONLY_TYPES or (config.weight_only and config.double_quant):
         return [WeightOnlyCodebook(config.algorithm, damp=config.gptq_damp, act_order=config.gptq_act_order,
-                                   double_quant=config.double_quant), Cleanup()]
+                                   double_quant=config.double_quant, scale_form=config.double_quant_form), Cleanup()]
     if config.weight_only:
         return [WeightOnlyQuantize(config.algorithm, damp=config.gptq_damp, act_order=config.gptq_act_order), Cleanup()]
     passes: list[Pass] = [InsertQDQ(), Cleanup()]

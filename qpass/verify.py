@@ -68,9 +68,12 @@ def _verify_qdq(graph: onnx.GraphProto) -> None:
         ranks[t.name] = len(t.dims)
         shapes[t.name] = list(t.dims)
     gathered = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "Gather" and n.input and n.input[0] in inits}
-    # double-quantized scales: a DequantizeLinear of constants (checked as a DequantizeLinear itself)
-    scale_dqs = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear" and n.input
-                 and all(i in inits for i in n.input if i)}
+    # double-quantized scales: a DequantizeLinear of constants (checked as a DequantizeLinear itself), or a Mul of a
+    # constant and a Cast of a constant
+    cast_of_const = {n.output[0] for n in graph.node if n.op_type == "Cast" and n.input and n.input[0] in inits}
+    scale_dqs = {n.output[0] for n in graph.node if n.input and (
+        (n.op_type == "DequantizeLinear" and all(i in inits for i in n.input if i))
+        or (n.op_type == "Mul" and len(n.input) == 2 and n.input[0] in cast_of_const and n.input[1] in inits))}
     for node in graph.node:
         if node.op_type not in _QDQ:
             continue

@@ -1,6 +1,6 @@
 """MatMul(X, W) -> MatMul(X, W') for the weight grids beyond affine int4/int8: NF4 codes (uint4 -> Cast -> Gather of a
 16-level codebook -> x block absmax), ternary int2 DequantizeLinear (absmean scale), and block scales stored as uint8
-with a float32 scale per output channel (a DequantizeLinear feeding the weight DequantizeLinear's scale).
+with a float32 scale per output channel (Mul(Cast(codes), s2) or a DequantizeLinear, feeding the weight's scale).
 
 The affine types (int4, uint4, int8, and the int8 head) go through :class:`WeightOnlyQuantize`; this pass changes only
 the grid and the scales' storage. NF4 and ternary values are nearest-level rounding (no GPTQ or scale search).
@@ -30,10 +30,14 @@ NEAREST_ONLY = ("nf4", "int2")
 class WeightOnlyCodebook(WeightOnlyQuantize):
     """Weight-only quantization with NF4 / ternary grids and optionally double-quantized (uint8) block scales."""
 
-    def __init__(self, algorithm: str = "rtn", *, damp: float = 0.01, act_order: bool = True, double_quant: bool = False):
+    def __init__(self, algorithm: str = "rtn", *, damp: float = 0.01, act_order: bool = True, double_quant: bool = False,
+                 scale_form: str = "cast-mul"):
         super().__init__(algorithm, damp=damp, act_order=act_order)
         #: store every block-wise scale as uint8 x a float32 scale per output channel
         self.double_quant = double_quant
+        #: how the scales are computed from their codes: "cast-mul" (Mul(Cast(codes), s2)) or "dequantize"
+        #: (DequantizeLinear(codes, s2, axis))
+        self.scale_form = scale_form
         self._scales: dict[int, tuple] = {}
         self._codebook_const: gs.Constant | None = None
 
@@ -103,16 +107,27 @@ class WeightOnlyCodebook(WeightOnlyQuantize):
 
     def _scale_dq(self, graph: gs.Graph, names: NameAllocator, base: str, qw: QuantizedWeight,
                   shape: list[int]) -> gs.Variable:
-        """DequantizeLinear(scale codes uint8, s2 [N], axis = the output channel's) -> the block scales, ``shape``."""
+        """The block scales, ``shape``, from their uint8 codes and s2 [N] (on the output channel's axis):
+        DequantizeLinear(codes, s2, axis), or Mul(Cast(codes, float), s2), which onnxruntime folds into a constant."""
         _, q, s2 = self._scales[id(qw.scale)]
         q = q if qw.axis == 0 else q.T  # codes were taken on [blocks, N]
-        q = q.reshape(shape)
+        q = np.ascontiguousarray(q.reshape(shape), dtype=np.uint8)
         channel_axis = len(shape) - 1 if qw.axis == 0 else 0
+        codes = gs.Constant(names(f"{base}_scale_quantized"), q)
         out = gs.Variable(names(f"{base}_scale_dequantized"), dtype=np.float32, shape=shape)
+        if self.scale_form == "dequantize":
+            graph.nodes.append(gs.Node(
+                "DequantizeLinear", names(f"{base}_scale_DequantizeLinear"), attrs={"axis": channel_axis},
+                inputs=[codes, gs.Constant(names(f"{base}_scale_scale"), np.asarray(s2, np.float32))], outputs=[out]))
+            return out
+        broadcast = [1] * len(shape)
+        broadcast[channel_axis] = -1
+        widened = gs.Variable(names(f"{base}_scale_widened"), dtype=np.float32, shape=shape)
+        graph.nodes.append(gs.Node("Cast", names(f"{base}_scale_Cast"), attrs={"to": int(onnx.TensorProto.FLOAT)},
+                                   inputs=[codes], outputs=[widened]))
         graph.nodes.append(gs.Node(
-            "DequantizeLinear", names(f"{base}_scale_DequantizeLinear"), attrs={"axis": channel_axis},
-            inputs=[gs.Constant(names(f"{base}_scale_quantized"), np.ascontiguousarray(q, dtype=np.uint8)),
-                    gs.Constant(names(f"{base}_scale_scale"), np.asarray(s2, np.float32))], outputs=[out]))
+            "Mul", names(f"{base}_scale_Mul"), outputs=[out],
+            inputs=[widened, gs.Constant(names(f"{base}_scale_scale"), np.asarray(s2, np.float32).reshape(broadcast))]))
         return out
 
     def _codebook(self, graph: gs.Graph, names: NameAllocator, w: gs.Constant, qw: QuantizedWeight) -> gs.Variable:

@@ -62,33 +62,51 @@ def test_nf4_is_a_codebook_gather_matching_numpy_bit_for_bit(double_quant):
     c1 = next(t for t in codes if tuple(t.dims) == (72, K))
     stored = unpack_4bit(np.frombuffer(c1.raw_data, np.uint8), 72 * K, signed=False).reshape(72, K)
     np.testing.assert_array_equal(NF4_CODEBOOK[stored[K:]], 0.0)
-    if double_quant:  # every block scale is a uint8 DequantizeLinear's output, one float scale per output channel
-        scale_dqs = [n for n in out.graph.node if n.op_type == "DequantizeLinear"
-                     and _inits(out)[n.input[0]].data_type == TensorProto.UINT8]
-        assert len(scale_dqs) == 2 and {tuple(_inits(out)[n.input[1]].dims) for n in scale_dqs} == {(K,), (N,)}
+    if double_quant:  # every block scale is uint8 codes (3 blocks) x a float scale per output channel
+        uint8 = {tuple(t.dims) for t in out.graph.initializer if t.data_type == TensorProto.UINT8}
+        assert uint8 == {(3, 1, K), (N, 3, 1)}
+        assert not any(t.data_type == TensorProto.FLOAT and len(t.dims) == 3 and 3 in t.dims for t in out.graph.initializer)
     x = _feeds(1)[0]
     y = ort.InferenceSession(out.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, x)[0]
     np.testing.assert_allclose(y, np.tanh(x["x"] @ expected["mm1"]) @ expected["gemm"], atol=1e-4)
 
 
-def test_double_quant_int4_scales_are_a_uint8_dequantize_linear():
+def _fused(model: onnx.ModelProto, tmp_path) -> list[str]:
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return [n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node]
+
+
+@pytest.mark.parametrize("form", ["cast-mul", "dequantize"])
+def test_double_quant_int4_scales_are_uint8_codes_times_a_channel_scale(form, tmp_path):
     model = _mlp()
-    out = qpass.quantize(model, weight_only="int4", block_size=16, double_quant=True, per_layer=False,
-                         latency=False).model
+    out = qpass.quantize(model, weight_only="int4", block_size=16, double_quant=True, double_quant_form=form,
+                         per_layer=False, latency=False).model
     onnx.checker.check_model(out, full_check=True)
     inits = _inits(out)
-    mm1 = next(n for n in out.graph.node if n.name == "mm1")
-    dq = next(n for n in out.graph.node if n.output[0] == mm1.input[1])
-    assert dq.input[1] not in inits  # the block scale is computed
-    sdq = next(n for n in out.graph.node if n.output[0] == dq.input[1])
-    assert sdq.op_type == "DequantizeLinear" and inits[sdq.input[0]].data_type == TensorProto.UINT8
-    assert list(inits[sdq.input[0]].dims) == [K // 16, K] and list(inits[sdq.input[1]].dims) == [K]
-    assert {a.name: helper.get_attribute_value(a) for a in sdq.attribute} == {"axis": 1}
+    producer = {o: n for n in out.graph.node for o in n.output}
+    dq = producer[next(n for n in out.graph.node if n.name == "mm1").input[1]]
+    assert dq.op_type == "DequantizeLinear" and dq.input[1] not in inits  # the block scale is computed
+    sdq = producer[dq.input[1]]
+    if form == "dequantize":
+        assert sdq.op_type == "DequantizeLinear"
+        assert {a.name: helper.get_attribute_value(a) for a in sdq.attribute} == {"axis": 1}
+        codes, s2 = inits[sdq.input[0]], inits[sdq.input[1]]
+        assert list(s2.dims) == [K]
+    else:
+        assert sdq.op_type == "Mul" and producer[sdq.input[0]].op_type == "Cast"
+        codes, s2 = inits[producer[sdq.input[0]].input[0]], inits[sdq.input[1]]
+        assert list(s2.dims) == [1, K]
+    assert codes.data_type == TensorProto.UINT8 and list(codes.dims) == [K // 16, K]
     w1 = _float(model, "W1")
     s, zp = block_qparams(w1, 0, 16, "int4", symmetric=True, full_range=True)
     _, _, s_dq = quantize_scales(s, channel_axis=1)
     q = quantize(w1, s_dq, zp, axis=0, block_size=16, qtype="int4")  # the values rounded again to the uint8 scales
     np.testing.assert_array_equal(_weights(out)["mm1"], dequantize(q, s_dq, zp, axis=0, block_size=16))
+    # onnxruntime folds Mul(Cast(constant)) into a constant scale and fuses MatMulNBits; a DequantizeLinear it keeps
+    ops = _fused(out, tmp_path)
+    assert ops.count("MatMulNBits") == (2 if form == "cast-mul" else 0)
 
 
 def test_ternary_writes_int2_at_opset_25_and_refuses_lower_opsets():
