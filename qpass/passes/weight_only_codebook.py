@@ -1,5 +1,5 @@
 """MatMul(X, W) -> MatMul(X, W') for the weight grids beyond affine int4/int8: NF4 codes (uint4 -> Cast -> Gather of a
-16-level codebook -> x block absmax), ternary int2 DequantizeLinear (absmean scale), and block scales stored as uint8
+16-level codebook, x the block absmax gathered per input feature), ternary int2 DequantizeLinear (absmean scale), and block scales stored as uint8
 with a float32 scale per output channel (Mul(Cast(codes), s2) or a DequantizeLinear, feeding the weight's scale).
 
 The affine types (int4, uint4, int8, and the int8 head) go through :class:`WeightOnlyQuantize`; this pass changes only
@@ -18,7 +18,7 @@ from ..ops import INT2_MIN_OPSET
 from ..pass_manager import PassContext, PassResult
 from ..qparams import dequantize, make_initializer, quantize
 from ..weights.double_quant import quantize_scales
-from ..weights.nf4 import NF4_CODEBOOK, NF4_ZERO, block_absmax, nf4_quantize
+from ..weights.nf4 import NF4_CODEBOOK, block_absmax, nf4_quantize
 from ..weights.rtn import QuantizedWeight
 from ..weights.ternary import block_absmean, ternary
 from .weight_only import WeightOnlyQuantize
@@ -40,9 +40,10 @@ class WeightOnlyCodebook(WeightOnlyQuantize):
         self.scale_form = scale_form
         self._scales: dict[int, tuple] = {}
         self._codebook_const: gs.Constant | None = None
+        self._block_index: dict[tuple[int, int], gs.Constant] = {}
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        self._scales, self._codebook_const = {}, None
+        self._scales, self._codebook_const, self._block_index = {}, None, {}
         return super().run(graph, ctx)
 
     def requires(self, graph: gs.Graph, ctx: PassContext) -> None:
@@ -131,45 +132,32 @@ class WeightOnlyCodebook(WeightOnlyQuantize):
         return out
 
     def _codebook(self, graph: gs.Graph, names: NameAllocator, w: gs.Constant, qw: QuantizedWeight) -> gs.Variable:
-        """codes uint4 (padded to whole blocks with the code of 0.0) -> Cast int32 -> Gather(codebook) -> Reshape to
-        blocks -> Mul(scale) -> Reshape -> Slice to the weight's shape when it was padded."""
+        """Mul(Gather(codebook, Cast(codes uint4, int32)), Gather(scale, block of each input feature, axis)): the
+        levels of the codes times their block's scale, expanded along the block axis by a constant index [K]."""
         base, axis, block = w.name, qw.axis, qw.block_size
         shape = [int(d) for d in w.shape]
         k = shape[axis]
-        blocks = -(-k // block)
-        padded = list(shape)
-        padded[axis] = blocks * block
-        codes = np.full(padded, NF4_ZERO, dtype=np.uint8)
-        codes[tuple(slice(0, d) for d in shape)] = qw.q
-        blocked = [blocks, block, shape[1]] if axis == 0 else [shape[0], blocks, block]
-        scale_shape = [blocks, 1, shape[1]] if axis == 0 else [shape[0], blocks, 1]
 
-        def var(suffix, dims, dtype=np.float32):
-            return gs.Variable(names(f"{base}_{suffix}"), dtype=dtype, shape=dims)
+        def var(suffix, dtype=np.float32):
+            return gs.Variable(names(f"{base}_{suffix}"), dtype=dtype, shape=shape)
 
         def node(op, suffix, inputs, output, **attrs):
             graph.nodes.append(gs.Node(op, names(f"{base}_{suffix}"), attrs=attrs, inputs=inputs, outputs=[output]))
             return output
 
         code_name = names(f"{base}_nf4_codes")
-        q = gs.Constant(code_name, LazyValues(make_initializer(code_name, codes, "uint4")))
+        q = gs.Constant(code_name, LazyValues(make_initializer(code_name, qw.q, "uint4")))
         if self.double_quant and id(qw.scale) in self._scales:
-            scale = self._scale_dq(graph, names, base, qw, scale_shape)
+            scale = self._scale_dq(graph, names, base, qw, list(qw.scale.shape))
         else:
-            scale = gs.Constant(names(f"{base}_nf4_scale"), np.ascontiguousarray(qw.scale.reshape(scale_shape)))
+            scale = gs.Constant(names(f"{base}_nf4_scale"), np.ascontiguousarray(qw.scale, dtype=np.float32))
         if self._codebook_const is None:
             self._codebook_const = gs.Constant(names("nf4_codebook"), NF4_CODEBOOK.copy())
-        codebook = self._codebook_const
-        idx = node("Cast", "nf4_Cast", [q], var("nf4_index", padded, np.int32), to=int(onnx.TensorProto.INT32))
-        levels = node("Gather", "nf4_Gather", [codebook, idx], var("nf4_levels", padded), axis=0)
-        grouped = node("Reshape", "nf4_Reshape_blocks", [levels, gs.Constant(names(f"{base}_nf4_blocks_shape"),
-                                                                          np.array(blocked, np.int64))],
-                       var("nf4_blocks", blocked))
-        scaled = node("Mul", "nf4_Mul", [grouped, scale], var("nf4_scaled", blocked))
-        flat = node("Reshape", "nf4_Reshape", [scaled, gs.Constant(names(f"{base}_nf4_shape"), np.array(padded, np.int64))],
-                    var("nf4_padded" if padded != shape else "dequantized", padded))
-        if padded == shape:
-            return flat
-        const = lambda suffix, v: gs.Constant(names(f"{base}_{suffix}"), np.array([v], np.int64))  # noqa: E731
-        return node("Slice", "nf4_Slice", [flat, const("nf4_start", 0), const("nf4_end", k), const("nf4_axis", axis)],
-                    var("dequantized", shape))
+        if (k, block) not in self._block_index:
+            self._block_index[(k, block)] = gs.Constant(names(f"nf4_block_of_row_{k}_{block}"),
+                                                        (np.arange(k) // block).astype(np.int32))
+        idx = node("Cast", "nf4_Cast", [q], var("nf4_index", np.int32), to=int(onnx.TensorProto.INT32))
+        levels = node("Gather", "nf4_Gather", [self._codebook_const, idx], var("nf4_levels"), axis=0)
+        full = node("Gather", "nf4_scale_Gather", [scale, self._block_index[(k, block)]], var("nf4_scale_rows"),
+                    axis=axis)
+        return node("Mul", "nf4_Mul", [levels, full], var("dequantized"))

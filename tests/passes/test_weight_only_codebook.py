@@ -14,13 +14,13 @@ from qpass.cli import main
 from qpass.errors import ConfigError, OpsetError
 from qpass.qparams import block_qparams, dequantize, quantize, unpack_4bit
 from qpass.weights.double_quant import quantize_scales
-from qpass.weights.nf4 import NF4_CODEBOOK, block_absmax, nf4_dequantize, nf4_quantize
+from qpass.weights.nf4 import block_absmax, nf4_dequantize, nf4_quantize
 from qpass.weights.ternary import ternary
 
 from .test_weight_only import K, N, _feeds, _inits, _mlp
 
 B = 24  # K = 64: blocks of 24, 24 and 16 (a ragged last block)
-STANDARD = {"Cast", "Gather", "Reshape", "Mul", "Slice", "DequantizeLinear", "MatMul", "Gemm", "Tanh"}
+STANDARD = {"Cast", "Gather", "Mul", "DequantizeLinear", "MatMul", "Gemm", "Tanh"}
 
 
 def _weights(out: onnx.ModelProto) -> dict[str, np.ndarray]:
@@ -50,7 +50,7 @@ def test_nf4_is_a_codebook_gather_matching_numpy_bit_for_bit(double_quant):
     onnx.checker.check_model(out, full_check=True)
     assert {n.op_type for n in out.graph.node} <= STANDARD
     codes = [t for t in out.graph.initializer if t.data_type == TensorProto.UINT4]
-    assert sorted(tuple(t.dims) for t in codes) == [(N, 72), (72, K)]  # K padded to whole blocks
+    assert sorted(tuple(t.dims) for t in codes) == [(N, K), (K, K)]
     got = _weights(out)
     w1, w2t = _float(model, "W1"), _float(model, "W2").T
     expected = {}
@@ -58,14 +58,15 @@ def test_nf4_is_a_codebook_gather_matching_numpy_bit_for_bit(double_quant):
         scale = quantize_scales(block_absmax(w, B), channel_axis=1)[2] if double_quant else None
         expected[name] = nf4_dequantize(*nf4_quantize(w, B, scale), B)
         np.testing.assert_array_equal(got[name] if name == "mm1" else got[name].T, expected[name])
-    # the stored codes are the numpy codes (padded with the code of 0.0)
-    c1 = next(t for t in codes if tuple(t.dims) == (72, K))
-    stored = unpack_4bit(np.frombuffer(c1.raw_data, np.uint8), 72 * K, signed=False).reshape(72, K)
-    np.testing.assert_array_equal(NF4_CODEBOOK[stored[K:]], 0.0)
+    c1 = next(t for t in codes if tuple(t.dims) == (K, K))  # the stored codes are the numpy codes
+    stored = unpack_4bit(np.frombuffer(c1.raw_data, np.uint8), K * K, signed=False).reshape(K, K)
+    np.testing.assert_array_equal(stored, nf4_quantize(w1, B, quantize_scales(block_absmax(w1, B), 1)[2]
+                                                       if double_quant else None)[0])
+    assert len(c1.raw_data) == K * K // 2
     if double_quant:  # every block scale is uint8 codes (3 blocks) x a float scale per output channel
         uint8 = {tuple(t.dims) for t in out.graph.initializer if t.data_type == TensorProto.UINT8}
-        assert uint8 == {(3, 1, K), (N, 3, 1)}
-        assert not any(t.data_type == TensorProto.FLOAT and len(t.dims) == 3 and 3 in t.dims for t in out.graph.initializer)
+        assert uint8 == {(3, K), (N, 3)}
+        assert not any(t.data_type == TensorProto.FLOAT and 3 in t.dims for t in out.graph.initializer)
     x = _feeds(1)[0]
     y = ort.InferenceSession(out.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, x)[0]
     np.testing.assert_allclose(y, np.tanh(x["x"] @ expected["mm1"]) @ expected["gemm"], atol=1e-4)
