@@ -1,6 +1,7 @@
 """MatMul(X, W) -> MatMul(X, W') for the weight grids beyond affine int4/int8: NF4 codes (uint4 -> Cast -> Gather of a
-16-level codebook, x the block absmax gathered per input feature), ternary int2 DequantizeLinear (absmean scale), and block scales stored as uint8
-with a float32 scale per output channel (Mul(Cast(codes), s2) or a DequantizeLinear, feeding the weight's scale).
+16-level codebook, x the block absmax gathered per input feature), ternary int2 DequantizeLinear (absmean scale),
+and block scales stored as uint8 with a float32 scale per output channel (Mul(Cast(codes), s2) or a
+DequantizeLinear, feeding the weight's scale).
 
 The affine types (int4, uint4, int8, and the int8 head) go through :class:`WeightOnlyQuantize`; this pass changes only
 the grid and the scales' storage. NF4 and ternary values are nearest-level rounding (no GPTQ or scale search).
@@ -64,7 +65,7 @@ class WeightOnlyCodebook(WeightOnlyQuantize):
             wk = w if spec.axis == 0 else w.T  # [K, N]: blocks along K
             scale = (block_absmax if spec.dtype == "nf4" else block_absmean)(wk, block)
             if self.double_quant:
-                scale = self._keep_scales(scale, spec.axis)
+                scale = self._keep_scales(scale)
             if spec.dtype == "nf4":
                 q, scale = nf4_quantize(wk, block, scale)
                 zp = None
@@ -81,12 +82,12 @@ class WeightOnlyCodebook(WeightOnlyQuantize):
         # (round to nearest, search), or from the algorithm's dequantized weight (GPTQ's error compensation kept)
         source = w if self.algorithm != "gptq" else dequantize(qw.q, qw.scale, qw.zero_point, axis=qw.axis,
                                                                 block_size=qw.block_size)
-        scale = self._keep_scales(qw.scale if qw.axis == 0 else qw.scale.T, qw.axis)
+        scale = self._keep_scales(qw.scale if qw.axis == 0 else qw.scale.T)
         scale = scale if qw.axis == 0 else np.ascontiguousarray(scale.T)
         q = quantize(source, scale, qw.zero_point, axis=qw.axis, block_size=qw.block_size, qtype=spec.dtype)
         return self._remember(QuantizedWeight(q, scale, qw.zero_point, qw.axis, qw.block_size))
 
-    def _keep_scales(self, scale_kn: np.ndarray, axis: int) -> np.ndarray:
+    def _keep_scales(self, scale_kn: np.ndarray) -> np.ndarray:
         """Scales [blocks, N] on their uint8 grid (per output channel N); the codes are kept for :meth:`_dq`."""
         q, s2, deq = quantize_scales(scale_kn, channel_axis=1)
         self._pending = (q, s2)
