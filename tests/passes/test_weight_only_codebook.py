@@ -137,3 +137,15 @@ def test_nearest_only_types_refuse_gptq_and_the_cli_names_the_opset(tmp_path, ca
     rc = main(["run", str(path), "--weight-only", "ternary", "-o", str(tmp_path / "out.onnx"), "--no-per-layer"])
     err = capsys.readouterr().err
     assert rc == 2 and "--target-opset 25" in err and not (tmp_path / "out.onnx").exists()
+
+
+def test_gptq_keeps_its_gain_with_double_quantized_scales_and_nf4_with_data_rounds_to_nearest():
+    model, feeds = _mlp(), _feeds(48, correlated=True)
+    kw = dict(weight_only="int4", block_size=16, per_layer=False, latency=False)
+    rtn = qpass.quantize(model, feeds, algorithm="rtn", **kw)
+    gptq = qpass.quantize(model, feeds, algorithm="gptq", double_quant=True, **kw)
+    assert any(t.data_type == TensorProto.UINT8 for t in gptq.model.graph.initializer)  # the scales' codes
+    sqnr = {name: r.report.validation["outputs"][0]["sqnr_db"] for name, r in (("rtn", rtn), ("gptq", gptq))}
+    assert sqnr["gptq"] > sqnr["rtn"] + 1.0, sqnr  # GPTQ's values rounded again to the uint8 scales stay better
+    nf4 = qpass.quantize(model, feeds, weight_only="nf4", block_size=16, per_layer=False, latency=False)
+    assert nf4.report.config["algorithm"] == "rtn" and not nf4.plan.statistics  # auto: no calibration pass needed
