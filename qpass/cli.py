@@ -73,8 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="keep in float a compute node whose output only this op type reads (repeatable; "
                           "e.g. HardSwish, which onnxruntime fuses into a float Conv but has no integer kernel for)")
     _config_option(run, "--weight-only", choices=WEIGHT_ONLY_TYPES,
-                   help="weight-only mode: MatMul/Gemm weights block-wise int4 (symmetric), uint4 (asymmetric) or "
-                        "int8, activations float (standard DequantizeLinear with block_size, opset 21)")
+                   help="weight-only mode: MatMul/Gemm weights block-wise int4 (symmetric), uint4 (asymmetric), "
+                        "int8, nf4 (NormalFloat codebook) or ternary (int2, needs --target-opset 25), activations "
+                        "float (standard DequantizeLinear with block_size, opset 21)")
+    _config_option(run, "--double-quant", action="store_const", const=True,
+                   help="weight-only: store the block scales as uint8 with a float scale per output channel")
+    _config_option(run, "--double-quant-form", choices=("cast-mul", "dequantize"),
+                   help="double-quantized scales as Mul(Cast(codes), s2) (default; onnxruntime folds it and still "
+                        "fuses MatMulNBits) or DequantizeLinear(codes, s2) (no MatMulNBits on onnxruntime)")
     _config_option(run, "--block-size", type=int, metavar="N",
                    help="weight-only: input features per scale (default 128; a power of two >= 16 for MatMulNBits)")
     _config_option(run, "--algorithm", choices=WEIGHT_ONLY_ALGORITHMS,

@@ -4,7 +4,7 @@ Passes take their settings in their constructors; the pass context carries artif
 """
 from __future__ import annotations
 
-from .config import QuantConfig
+from .config import NEAREST_ONLY_TYPES, QuantConfig
 from .pass_manager import Pass
 from .passes.cleanup import Cleanup
 from .passes.constants_to_initializers import ConstantsToInitializers
@@ -15,6 +15,7 @@ from .passes.lower_qop import LowerToQOperator
 from .passes.matmul_bias_gemm import MatMulBiasToGemm
 from .passes.single_reader_dq import SingleReaderDequantize
 from .passes.weight_only import WeightOnlyQuantize
+from .passes.weight_only_codebook import WeightOnlyCodebook
 
 
 #: configuration fields that only static quantization reads (set with --weight-only, they change nothing)
@@ -32,8 +33,10 @@ def resolve(config: QuantConfig, *, has_data: bool) -> tuple[QuantConfig, list[s
         if static:
             notes.append(f"weight-only mode: {', '.join(static)} apply to static quantization and are ignored")
     if config.weight_only and config.algorithm == "auto":
-        if has_data:
+        if has_data and config.weight_only not in NEAREST_ONLY_TYPES:
             return config.replace(algorithm="gptq"), notes
+        if config.weight_only in NEAREST_ONLY_TYPES:
+            return config.replace(algorithm="rtn"), notes
         return config.replace(algorithm="rtn"), notes + [
             "weight-only without calibration data: round to nearest; give --calib for GPTQ, which measured far "
             "closer to fp32 (SmolLM2-135M, docs/benchmark-notes.md)"]
@@ -48,6 +51,9 @@ def prepare_passes(config: QuantConfig) -> list[Pass]:
 def rewrite_passes(config: QuantConfig) -> list[Pass]:
     """The rewrite of the configured mode: weight-only (block-wise integer weights, activations float), or static
     int8/16 (Q/DQ pairs from the plan, then the output form: QDQ or integer operators)."""
+    if config.weight_only in NEAREST_ONLY_TYPES or (config.weight_only and config.double_quant):
+        return [WeightOnlyCodebook(config.algorithm, damp=config.gptq_damp, act_order=config.gptq_act_order,
+                                   double_quant=config.double_quant, scale_form=config.double_quant_form), Cleanup()]
     if config.weight_only:
         return [WeightOnlyQuantize(config.algorithm, damp=config.gptq_damp, act_order=config.gptq_act_order), Cleanup()]
     passes: list[Pass] = [InsertQDQ(), Cleanup()]

@@ -11,7 +11,7 @@ from .io import check_proto
 
 _QDQ = {"QuantizeLinear", "DequantizeLinear"}
 _INT_TYPES = {onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT16, onnx.TensorProto.UINT16,
-              onnx.TensorProto.INT32, onnx.TensorProto.INT4, onnx.TensorProto.UINT4}
+              onnx.TensorProto.INT32, onnx.TensorProto.INT4, onnx.TensorProto.UINT4, onnx.TensorProto.INT2}
 #: scale types (float16 / bfloat16 from opset 19; the ONNX checker rejects them below it)
 _SCALE_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
 
@@ -68,6 +68,12 @@ def _verify_qdq(graph: onnx.GraphProto) -> None:
         ranks[t.name] = len(t.dims)
         shapes[t.name] = list(t.dims)
     gathered = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "Gather" and n.input and n.input[0] in inits}
+    # double-quantized scales: a DequantizeLinear of constants (checked as a DequantizeLinear itself), or a Mul of a
+    # constant and a Cast of a constant
+    cast_of_const = {n.output[0] for n in graph.node if n.op_type == "Cast" and n.input and n.input[0] in inits}
+    scale_dqs = {n.output[0] for n in graph.node if n.input and (
+        (n.op_type == "DequantizeLinear" and all(i in inits for i in n.input if i))
+        or (n.op_type == "Mul" and len(n.input) == 2 and n.input[0] in cast_of_const and n.input[1] in inits))}
     for node in graph.node:
         if node.op_type not in _QDQ:
             continue
@@ -76,6 +82,8 @@ def _verify_qdq(graph: onnx.GraphProto) -> None:
                 len(node.input) < 3 or not node.input[2]):
             # rows of a constant scale table looked up at run time (an int8 embedding): the table is checked
             _check_scale_values(inits[gathered[node.input[1]]], where)
+            continue
+        if node.op_type == "DequantizeLinear" and len(node.input) >= 2 and node.input[1] in scale_dqs:
             continue
         if len(node.input) < 2 or node.input[1] not in inits:
             raise VerificationError("scale must be a constant initializer (or, for DequantizeLinear, a Gather of rows "

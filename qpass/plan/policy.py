@@ -85,8 +85,9 @@ def _heads(graph: gs.Graph) -> set[str]:
 
 
 def weight_only_spec(config: QuantConfig, axis: int) -> QSpec:
-    """Block-wise along the input dimension; int4/int8 symmetric, uint4 asymmetric."""
-    return QSpec(dtype=config.weight_only, symmetric=config.weight_only != "uint4", granularity="block", axis=axis,
+    """Block-wise along the input dimension; int4/int8/nf4 symmetric, uint4 asymmetric, ternary as int2."""
+    dtype = "int2" if config.weight_only == "ternary" else config.weight_only
+    return QSpec(dtype=dtype, symmetric=config.weight_only != "uint4", granularity="block", axis=axis,
                  block_size=config.block_size)
 
 
