@@ -169,7 +169,8 @@ def bodies(node: gs.Node) -> list[tuple[str, gs.Graph]]:
         for body in (value if isinstance(value, (list, tuple)) else [value]):
             if isinstance(body, gs.Graph):
                 found.append((attr, body))
-    return found
+    order = list(BODY_ATTRS)  # then before else, whatever order the attributes were written in
+    return sorted(found, key=lambda ab: order.index(ab[0]) if ab[0] in order else len(order))
 
 
 def scopes(graph: gs.Graph, _parent: Scope | None = None) -> list[Scope]:

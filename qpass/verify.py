@@ -77,8 +77,10 @@ def _verify_nodes(graph: onnx.GraphProto, where: str) -> None:
             produced.add(out)
 
 
-def _verify_qdq(graph: onnx.GraphProto, inits: dict[str, onnx.TensorProto], where_: str = "") -> None:
-    """Q/DQ nodes of ``graph``; ``inits``: the initializers it can read (its own and those of enclosing graphs)."""
+def _verify_qdq(graph: onnx.GraphProto, inits: dict[str, onnx.TensorProto] | None = None, where_: str = "") -> None:
+    """Q/DQ nodes of ``graph``; ``inits``: the initializers it can read (its own and those of enclosing graphs;
+    default its own)."""
+    inits = {t.name: t for t in graph.initializer} if inits is None else inits
     ranks = {}
     shapes: dict[str, list[int | None]] = {}  # None: a dimension that is not a known number
     for vi in list(graph.value_info) + list(graph.input) + list(graph.output):

@@ -12,7 +12,7 @@ ELSE_SCALE = 0.5
 
 
 def _branch(src: onnx.GraphProto, prefix: str, *, scale: float | None, constants: bool) -> onnx.GraphProto:
-    """The digits stack as an If branch reading the outer ``input``: tensors and nodes renamed under ``prefix``;
+    """The digits stack as an If branch reading the outer ``input``: tensors renamed under ``prefix``;
     ``constants``: its weights as Constant nodes inside the branch (else it reads the outer initializers)."""
     rename = {o: f"{prefix}{o}" for n in src.node for o in n.output}
     nodes = []
@@ -31,7 +31,7 @@ def _branch(src: onnx.GraphProto, prefix: str, *, scale: float | None, constants
     for n in src.node:
         new = onnx.NodeProto()
         new.CopyFrom(n)
-        new.name = f"{prefix}{n.name}"
+        new.name = n.name  # the same node names in both branches: their labels (If_0/then//0/Conv) tell them apart
         new.input[:] = [rename.get(i, i) for i in n.input]
         new.output[:] = [rename[o] for o in n.output]
         nodes.append(new)
@@ -61,3 +61,61 @@ def digits_in_if() -> onnx.ModelProto:
 def feeds(images: np.ndarray, flags) -> list[dict[str, np.ndarray]]:
     """One feed per image (batch 1), with the flag of each."""
     return [{"input": images[i:i + 1], "flag": np.array(bool(f))} for i, f in zip(range(len(images)), flags)]
+
+
+def _mm_branch(name: str, w: np.ndarray, x: str = "x", *, inner: onnx.NodeProto | None = None) -> onnx.GraphProto:
+    """A branch computing MatMul(x, w) (w a Constant node inside it) -> Relu, or (``inner``) holding a nested If."""
+    if inner is not None:
+        out = helper.make_tensor_value_info(inner.output[0], TensorProto.FLOAT, ["N", w.shape[1]])
+        return helper.make_graph([inner], name, [], [out])
+    nodes = [helper.make_node("Constant", [], [f"{name}_w"], name=f"{name}_w_const",
+                              value=numpy_helper.from_array(w, "v")),
+             helper.make_node("MatMul", [x, f"{name}_w"], [f"{name}_mm"], name="mm"),
+             helper.make_node("Relu", [f"{name}_mm"], [f"{name}_y"], name="relu")]
+    return helper.make_graph(nodes, name, [], [helper.make_tensor_value_info(f"{name}_y", TensorProto.FLOAT,
+                                                                             ["N", w.shape[1]])])
+
+
+def nested_if(seed: int = 0) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """x[N,8], a, b (bool scalars) -> If_0(a): then If_1(b) (then MatMul(x, W_tt), else MatMul(x, W_te)), else
+    MatMul(x, W_e); each followed by Relu. Returns the model and the weights by branch ("tt", "te", "e")."""
+    rng = np.random.default_rng(seed)
+    w = {k: rng.normal(0, 0.5, (8, 6)).astype(np.float32) for k in ("tt", "te", "e")}
+    inner = helper.make_node("If", ["b"], ["inner_y"], name="If_1", then_branch=_mm_branch("tt", w["tt"]),
+                             else_branch=_mm_branch("te", w["te"]))
+    outer = helper.make_node("If", ["a"], ["y"], name="If_0", then_branch=_mm_branch("t", w["tt"], inner=inner),
+                             else_branch=_mm_branch("e", w["e"]))
+    graph = helper.make_graph([outer], "nested_if",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8]),
+                               helper.make_tensor_value_info("a", TensorProto.BOOL, []),
+                               helper.make_tensor_value_info("b", TensorProto.BOOL, [])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 6])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    return model, w
+
+
+def matmul_in_loop(seed: int = 0) -> onnx.ModelProto:
+    """x[N,8] -> Loop(3 iterations) whose body computes v = MatMul(v, W) (W a Constant inside the body) -> y."""
+    rng = np.random.default_rng(seed)
+    w = rng.normal(0, 0.3, (8, 8)).astype(np.float32)
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond_in"], ["cond_out"], name="keep_going"),
+         helper.make_node("Constant", [], ["loop_w"], name="loop_w_const", value=numpy_helper.from_array(w, "v")),
+         helper.make_node("MatMul", ["v_in", "loop_w"], ["v_out"], name="mm")],
+        "body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("v_in", TensorProto.FLOAT, ["N", 8])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("v_out", TensorProto.FLOAT, ["N", 8])])
+    graph = helper.make_graph(
+        [helper.make_node("Loop", ["trips", "", "x"], ["y"], name="Loop_0", body=body)], "loop",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])],
+        initializer=[numpy_helper.from_array(np.array(3, np.int64), "trips")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    return model

@@ -134,10 +134,11 @@ class _Level:
                 inner_inits = {**self.inits, **{t.name: t for t in branch.graph.initializer}}
                 branch.level = _Level(branch.graph, branch.wanted, inner_inits, f"{branch.where}/")
                 branch.feeds = sorted(n for n in free_names(branch.graph) if n not in self.inits)
-                branch.session = session_for(_branch_model(branch, model, values, self.inits), branch.where)
+                if branch.level.fetch:  # else it only holds Ifs whose inputs come from outside: nothing to run
+                    branch.session = session_for(_branch_model(branch, model, values, self.inits), branch.where)
             feed = {n: self._value(n, values) for n in branch.feeds}
             try:
-                got = branch.session.run(branch.level.fetch, feed)
+                got = branch.session.run(branch.level.fetch, feed) if branch.session is not None else []
             except Exception as exc:  # noqa: BLE001 - onnxruntime raises several unrelated types
                 raise CalibrationDataError(f"onnxruntime failed on the branch model: {str(exc).splitlines()[0]}",
                                            subject=f"If branch '{branch.where}'") from None

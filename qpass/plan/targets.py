@@ -95,7 +95,7 @@ def scope_targets(scope: Scope, config: QuantConfig) -> tuple[list[Target], list
             skip(f"{node.op} of domain '{node.domain}' is not the ONNX operator; left alone")
             continue
 
-        if config.is_excluded(node.name or ""):
+        if config.is_excluded(node.name or "") or (scope.prefix and config.is_excluded(label)):
             skip("excluded by configuration")
             continue
         if config.exclude_before:
