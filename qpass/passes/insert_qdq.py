@@ -3,6 +3,8 @@
 The QDQ format: only standard ONNX QuantizeLinear / DequantizeLinear. Which activations get a pair,
 which consumers read it and every spec come from the plan (:mod:`qpass.plan`); activation ranges come from the
 calibration table; weight ranges from the constants.
+Inside If branches too: a pair goes into the graph whose nodes read it (a branch quantizes the outer values it
+reads there), weights and their scales become initializers of the branch that holds the node.
 A bias whose integer value would overflow int32 widens its channel's weight scale until it fits (recorded in the
 report); only where that cannot apply (a scalar bias on per-channel weights, say) does it stay float, with the reason.
 """
