@@ -119,3 +119,31 @@ def matmul_in_loop(seed: int = 0) -> onnx.ModelProto:
     model.ir_version = 8
     onnx.checker.check_model(model, full_check=True)
     return model
+
+
+def matmul_in_scan(seed: int = 0, *, opset: int = 13) -> tuple[onnx.ModelProto, np.ndarray]:
+    """x[T,1,8] -> Scan (state h[1,8] from h0, one step per row of x): h = MatMul(x_t, W) + h (W a Constant inside
+    the body); outputs the last h and every step's h. Returns the model and W."""
+    rng = np.random.default_rng(seed)
+    w = rng.normal(0, 0.3, (8, 8)).astype(np.float32)
+    body = helper.make_graph(
+        [helper.make_node("Constant", [], ["scan_w"], name="scan_w_const", value=numpy_helper.from_array(w, "v")),
+         helper.make_node("MatMul", ["x_t", "scan_w"], ["xw"], name="mm"),
+         helper.make_node("Add", ["xw", "h_in"], ["h_out"], name="add"),
+         helper.make_node("Identity", ["h_out"], ["y_t"], name="copy")],
+        "body",
+        [helper.make_tensor_value_info("h_in", TensorProto.FLOAT, [1, 8]),
+         helper.make_tensor_value_info("x_t", TensorProto.FLOAT, [1, 8])],
+        [helper.make_tensor_value_info("h_out", TensorProto.FLOAT, [1, 8]),
+         helper.make_tensor_value_info("y_t", TensorProto.FLOAT, [1, 8])])
+    graph = helper.make_graph(
+        [helper.make_node("Scan", ["h0", "x"], ["h_last", "ys"], name="Scan_0", body=body, num_scan_inputs=1)],
+        "scan",
+        [helper.make_tensor_value_info("h0", TensorProto.FLOAT, [1, 8]),
+         helper.make_tensor_value_info("x", TensorProto.FLOAT, ["T", 1, 8])],
+        [helper.make_tensor_value_info("h_last", TensorProto.FLOAT, [1, 8]),
+         helper.make_tensor_value_info("ys", TensorProto.FLOAT, ["T", 1, 8])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    return model, w

@@ -88,3 +88,31 @@ def test_a_saved_plan_of_nested_nodes_loads_and_gives_the_same_model(model, cali
     again = qpass.quantize(model, data, per_layer=False, latency=False, plan=tmp_path / "plan.json")
     assert again.plan.to_dict() == first.plan.to_dict()
     assert again.model.SerializeToString() == first.model.SerializeToString()
+
+
+@pytest.mark.parametrize("kind", ["loop", "scan"])
+def test_loop_and_scan_bodies_are_quantized_and_run(kind):
+    from .subgraph_models import matmul_in_loop, matmul_in_scan
+
+    rng = np.random.default_rng(7)
+    if kind == "loop":
+        model = matmul_in_loop()
+        data = [{"x": rng.normal(size=(2, 8)).astype(np.float32)} for _ in range(20)]
+    else:
+        model = matmul_in_scan()[0]
+        data = [{"x": rng.normal(size=(5, 1, 8)).astype(np.float32), "h0": np.zeros((1, 8), np.float32)}
+                for _ in range(20)]
+    result = qpass.quantize(model, data, per_layer=False, latency=False)
+    q = result.model
+    onnx.checker.check_model(q, full_check=True)
+    verify_model(q)
+    assert result.report.quantized_nodes == {"MatMul": 1}
+    body = next(a.g for a in q.graph.node[-1].attribute if a.name == "body")
+    ops = _ops(body)
+    assert ops.count("QuantizeLinear") >= 1 and ops.count("DequantizeLinear") >= 2
+    assert any(t.data_type == onnx.TensorProto.INT8 and list(t.dims) == [8, 8] for t in body.initializer)
+    feed = data[0]
+    a = np.concatenate([np.ravel(v) for v in make_session(model).run(None, feed)])
+    b = np.concatenate([np.ravel(v) for v in make_session(q).run(None, feed)])
+    assert float(a @ b / np.linalg.norm(a) / np.linalg.norm(b)) > 0.999
+    assert result.passed

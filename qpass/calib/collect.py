@@ -237,7 +237,7 @@ def collect_ranges(model: onnx.ModelProto, tensors: list[str], samples: Iterable
         return CalibrationTable({}, samples=n, synthetic=synthetic)
     if isinstance(methods, str):
         methods = {t: methods for t in tensors}
-    # tensors inside If branches: the main run fetches what their branch models need (calib.subgraphs)
+    # tensors inside If branches and Loop/Scan bodies: the main run fetches what their models need (calib.subgraphs)
     branches = BranchValues(model, run, lambda m, where: make_session(
         m, providers, what=f"calibration model of If branch '{where}'")) if has_bodies(model) else None
     if branches is not None and not branches.needed:
@@ -261,11 +261,12 @@ def collect_ranges(model: onnx.ModelProto, tensors: list[str], samples: Iterable
                 raise CalibrationDataError(f"onnxruntime failed on calibration sample {n}: {str(exc).splitlines()[0]}",
                                            subject=f"sample {n}") from None
             names = run
-            if branches is not None:
+            if branches is not None:  # the main run's values, then each body run's (one per Loop/Scan iteration)
                 got = {**feed, **dict(zip(fetch, values))}
-                got.update(branches.expand(got))
-                names = [name for name in run if name in got]
-                values = [got[name] for name in names]
+                inner = branches.expand(got)
+                pairs = [(name, got[name]) for name in run if name in got]
+                pairs += [(name, v) for name in run for v in inner.get(name, ())]
+                names, values = [p[0] for p in pairs], [p[1] for p in pairs]
             t1 = time.perf_counter()
             nbytes = sum(np.asarray(v).nbytes for v in values) if schedule.stage != "fixed" else 0
             schedule.handle(observers, names, values, n, count, t0, t1, nbytes)

@@ -53,19 +53,26 @@ def _is_activation(t: gs.Tensor) -> bool:
     return isinstance(t, gs.Variable) and is_float32(t) and not _from_dq(t)
 
 
-#: control-flow ops whose bodies run once per call, so a body is calibrated as a model of its own
-#: (qpass.calib.subgraphs); a Loop or Scan body's inputs change per iteration and are not calibrated
-CALIBRATED_BODIES = frozenset({"If"})
+#: control-flow ops whose bodies get quantized: each is calibrated as a model of its own (qpass.calib.subgraphs), a
+#: Loop or Scan body once per iteration; a Scan of opset 8 (the batched form) is not
+CALIBRATED_BODIES = frozenset({"If", "Loop", "Scan"})
+#: the first opset of the Scan that calibration follows
+SCAN_MIN_OPSET = 9
+
+
+def _calibrated(scope: Scope, opset: int) -> bool:
+    return all(op in CALIBRATED_BODIES and (op != "Scan" or opset >= SCAN_MIN_OPSET) for op in scope.owners)
 
 
 def quantizable_scopes(graph: gs.Graph) -> list[Scope]:
-    """The top-level graph and the If branches (nested in If branches only) whose compute gets quantized."""
-    return [s for s in scopes(graph) if all(op in CALIBRATED_BODIES for op in s.owners)]
+    """The top-level graph and the If branches and Loop/Scan bodies (nested in those only) whose compute gets
+    quantized."""
+    return [s for s in scopes(graph) if _calibrated(s, graph.opset)]
 
 
 def find_targets(graph: gs.Graph, config: QuantConfig) -> tuple[list[Target], list[Skip]]:
-    """Targets in the top-level graph and in If branches, and the candidates skipped with a reason (compute in
-    Loop/Scan bodies, recurrent ops).
+    """Targets in the top-level graph, If branches and Loop/Scan bodies, and the candidates skipped with a reason
+    (recurrent ops; compute in a body calibration cannot follow).
 
     A node whose inputs are all already behind DequantizeLinear is neither (it is done).
     """
@@ -146,18 +153,18 @@ def scope_targets(scope: Scope, config: QuantConfig) -> tuple[list[Target], list
 
 
 def subgraph_skips(graph: gs.Graph, config: QuantConfig) -> list[Skip]:
-    """Recurrent ops anywhere, and compute ops inside Loop/Scan bodies: not quantized, and said so."""
+    """Recurrent ops anywhere, and compute ops in bodies calibration cannot follow: not quantized, and said so."""
     skips: list[Skip] = []
     for scope in scopes(graph):
-        loops = [op for op in scope.owners if op not in CALIBRATED_BODIES]
+        followed = _calibrated(scope, graph.opset)
         for node in scope.graph.nodes:
             if node.op in RECURRENT:
                 where = f" (inside {scope.prefix[:-1]})" if scope.prefix else ""
                 skips.append(Skip(scope.label(node), node.op, f"recurrent op{where}: not quantized; kept in float"))
-            elif loops and node.op in config.op_types:
+            elif not followed and node.op in config.op_types:
                 skips.append(Skip(scope.label(node), node.op,
-                                  f"inside a {loops[0]} body, whose inputs change per iteration: calibrating it is not "
-                                  "implemented (only If branches are); kept in float"))
+                                  f"inside {scope.prefix[:-1]}, a body calibration does not follow (a Scan of "
+                                  f"opset < {SCAN_MIN_OPSET}, or under an op other than If/Loop/Scan); kept in float"))
     return skips
 
 

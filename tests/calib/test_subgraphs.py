@@ -8,14 +8,16 @@ from qpass.calib.subgraphs import BranchValues
 from qpass.runtime import augmented_model, make_session
 
 from ..builders import DIGITS_CALIB, DIGITS_MODEL
-from ..subgraph_models import ELSE_SCALE, digits_in_if, matmul_in_loop, nested_if
+from ..subgraph_models import ELSE_SCALE, digits_in_if, matmul_in_loop, matmul_in_scan, nested_if
 
 
 def _values(model, wanted, feed):
     bv = BranchValues(model, wanted, lambda m, where: make_session(m))
     main = make_session(augmented_model(model, bv.fetch)).run(bv.fetch, feed)
     got = {**feed, **dict(zip(bv.fetch, main))}
-    got.update(bv.expand(got))
+    inner = bv.expand(got)
+    assert all(len(v) == 1 for v in inner.values())  # an If branch runs once per main run
+    got.update({k: v[0] for k, v in inner.items()})
     return bv, got
 
 
@@ -51,10 +53,42 @@ def test_nested_branches_are_followed_and_untaken_ones_reported():
     assert stats["branches_not_taken"] == ["If_0/else (1 tensor(s))"]
 
 
-def test_a_tensor_in_a_loop_body_is_reported_unreachable():
+def _weight(model, node_name):
+    from onnx import numpy_helper
+
+    body = model.graph.node[0].attribute[0].g
+    return numpy_helper.to_array(next(n for n in body.node if n.name == node_name).attribute[0].t)
+
+
+def test_a_loop_body_is_observed_at_every_iteration():
     model = matmul_in_loop()
-    x = np.ones((2, 8), np.float32)
+    w = _weight(model, "loop_w_const")
+    x = np.random.default_rng(4).normal(size=(2, 8)).astype(np.float32)
     stats: dict = {}
-    table = collect_ranges(model, ["x", "v_out"], [({"x": x}, None)], stats=stats)
-    assert table.get("x").max == 1.0 and table.get("v_out") is None
-    assert stats["unreachable"] == {"v_out": "inside the body of Loop 'Loop_0'"}
+    table = collect_ranges(model, ["x", "v_in", "v_out"], [({"x": x}, None)], stats=stats)
+    ins, outs, v = [], [], x
+    for _ in range(3):  # the model's trip count
+        ins.append(v)
+        v = v @ w
+        outs.append(v)
+    for name, seen in (("v_in", ins), ("v_out", outs)):
+        r = table.get(name)
+        assert np.isclose(r.min, min(a.min() for a in seen), rtol=1e-6) and np.isclose(r.max, max(a.max() for a in seen), rtol=1e-6)
+    assert table.get("x").max == float(x.max())
+    assert stats["branches_not_taken"] == [] and stats["unreachable"] == {}
+
+
+def test_a_scan_body_is_observed_at_every_step_with_its_state_carried():
+    model, w = matmul_in_scan()
+    x = np.random.default_rng(5).normal(size=(6, 1, 8)).astype(np.float32)
+    h = np.full((1, 8), 0.25, np.float32)
+    table = collect_ranges(model, ["x_t", "xw", "h_in"], [({"x": x, "h0": h}, None)])
+    states = []
+    for t in range(len(x)):
+        states.append(h)
+        h = x[t] @ w + h
+    xw = x[:, 0] @ w
+    assert table.get("x_t").min == float(x.min()) and table.get("x_t").max == float(x.max())
+    assert np.isclose(table.get("xw").min, xw.min(), rtol=1e-6) and np.isclose(table.get("xw").max, xw.max(), rtol=1e-6)
+    assert np.isclose(table.get("h_in").max, max(s.max() for s in states), rtol=1e-5)
+    assert np.isclose(table.get("h_in").min, min(s.min() for s in states), rtol=1e-5)

@@ -1,4 +1,4 @@
-"""ConstantsToInitializers inside If branches: a branch's Constant weights become that branch's initializers."""
+"""ConstantsToInitializers inside bodies: a branch's (or a Loop body's) Constant weights become its initializers."""
 from __future__ import annotations
 
 import numpy as np
@@ -33,6 +33,8 @@ def test_branch_constants_become_branch_initializers_once_and_compute_the_same()
         np.testing.assert_array_equal(make_session(out).run(None, feed)[0], make_session(model).run(None, feed)[0])
 
 
-def test_a_loop_body_is_left_alone():
+def test_a_loop_body_constant_weight_becomes_a_body_initializer():
     wg = WorkingGraph(matmul_in_loop())
-    assert not ConstantsToInitializers().run(wg.graph, PassContext()).modified
+    assert ConstantsToInitializers().run(wg.graph, PassContext()).stats == {"MatMul": 1}
+    body = wg.export().graph.node[0].attribute[0].g
+    assert [n.op_type for n in body.node] == ["Identity", "MatMul"] and len(body.initializer) == 1

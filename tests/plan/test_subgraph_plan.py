@@ -10,7 +10,7 @@ from qpass.plan.policy import build_plan
 from qpass.plan.spec import QuantPlan
 from qpass.stages import plan, prepare
 
-from ..subgraph_models import digits_in_if, matmul_in_loop, nested_if
+from ..subgraph_models import digits_in_if, matmul_in_loop, matmul_in_scan, nested_if
 
 
 def _plan(model) -> QuantPlan:
@@ -48,11 +48,13 @@ def test_constant_weights_in_a_branch_become_initializers_of_that_branch():
     assert [n.op_type for n in other.node].count("Constant") == 1  # the input scale (not a weight) stays
 
 
-def test_compute_in_a_loop_body_is_skipped_with_its_reason():
-    p = _plan(matmul_in_loop())
-    assert p.nodes == ()
-    skip = next(s for s in p.skipped if s.node == "Loop_0/body/mm")
-    assert "inside a Loop body" in skip.reason and "kept in float" in skip.reason
+def test_loop_and_scan_bodies_are_planned_with_their_labels():
+    loop = _plan(matmul_in_loop())
+    assert [n.node for n in loop.nodes] == ["Loop_0/body/mm"]
+    assert loop.tensors["v_in"].readers == ("Loop_0/body/mm",)  # a body input, quantized inside the body
+    scan = _plan(matmul_in_scan()[0])
+    assert [n.node for n in scan.nodes] == ["Scan_0/body/mm"]
+    assert set(scan.tensors) >= {"x_t"}
 
 
 def test_a_top_level_graph_plans_as_before_when_there_are_no_bodies():
