@@ -119,6 +119,10 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, calib: Data = None, *, 
     report.passes += rewritten.records
     report.quantized_nodes, report.plan = rewritten.quantized_nodes, qplan.with_overrides().to_dict()
     report.sizes = {"input_bytes": stages.model_size(model, original), "output_bytes": rewritten.model.ByteSize()}
+    # what validation and saving need is the reference and the result: the prepared model (a copy of every weight)
+    # and the loaded input (another, when the opset policy upgraded it) go now
+    reference = prepared.reference
+    del prepared, original
     t = time.perf_counter()
     samples, desc = validation_data(val, specs, cfg, calib=calib, held=held, loaded_table=load_calib is not None,
                                     calibrated=needs_data) if cfg.validate else (None, None)
@@ -127,7 +131,7 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, calib: Data = None, *, 
     elif samples is None:
         report.warnings.append("not validated: no held-out samples (give --val PATH or more calibration samples)")
     else:
-        report.validation = stages.evaluate(prepared.reference, rewritten.model, samples, desc, cfg)
+        report.validation = stages.evaluate(reference, rewritten.model, samples, desc, cfg)
         report.warnings.extend(report.validation["findings"])
     times["validate"] = time.perf_counter() - t
     result = QuantizeResult(rewritten.model, report, plan=qplan)

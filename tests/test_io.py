@@ -271,9 +271,17 @@ def test_failed_save_keeps_previous_output(tmp_path, monkeypatch, failing_save):
     assert entries(tmp_path) == {"m.onnx"}
 
 
-@pytest.mark.parametrize("failing_save", [_raise_before_writing, _write_half_then_raise], ids=["raise", "half-written"])
+def _write_external_half_then_raise(model, path, data_name):
+    with open(path.parent / data_name, "wb") as fh:
+        fh.write(b"\0" * 1000)
+    path.write_bytes(b"\0" * 10)
+    raise OSError(28, "No space left on device")
+
+
+@pytest.mark.parametrize("failing_save", [_raise_before_writing, _write_external_half_then_raise],
+                         ids=["raise", "half-written"])
 def test_failed_external_data_save_leaves_nothing(tmp_path, monkeypatch, failing_save):
-    monkeypatch.setattr(onnx, "save_model", failing_save)
+    monkeypatch.setattr(qio, "write_external", failing_save)
     with pytest.raises(ModelSaveError):
         save_model(digits(), tmp_path / "m.onnx", external_data=True)
     assert entries(tmp_path) == set()
