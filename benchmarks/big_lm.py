@@ -203,14 +203,14 @@ def run_stage(args: argparse.Namespace) -> dict:
     elif stage == "rtn":
         info = _qpass_stage(args, "rtn", ["--algorithm", "rtn"])
     elif stage == "rtn-novalidate":
-        info = _qpass_stage(args, "rtn_novalidate", ["--algorithm", "rtn", "--no-validate"])
+        info = _qpass_stage(args, "rtn_novalidate", ["--algorithm", "rtn", "--no-validate", "--external-data"])
     elif stage == "gptq":
         calib = args.out / "calib.npz"
         rng = np.random.default_rng(2)
         np.savez(calib, input_ids=rng.integers(0, args.vocab, (args.gptq, 1, args.seq), dtype=np.int64))
         info = _qpass_stage(args, "gptq", ["--algorithm", "gptq", "--calib", str(calib), "--no-validate"])
     elif stage == "check":
-        outs = [args.out / n for n in ("rtn.onnx", "gptq.onnx") if (args.out / n).exists()]
+        outs = [args.out / n for n in ("rtn.onnx", "rtn_novalidate.onnx", "gptq.onnx") if (args.out / n).exists()]
         info = check(args.out / "big_lm.onnx", outs, vocab=args.vocab, seq=args.seq)
     else:
         raise SystemExit(f"unknown stage {stage}")

@@ -23,7 +23,7 @@ from .calib.table import CalibrationTable
 from .config import SIXTEEN_BIT_TYPES, QuantConfig
 from .errors import CalibrationDataError, NothingQuantizedError, PlanError, UnsupportedModelError, VerificationError
 from .graph import WorkingGraph, node_label, op_types, used_quant_ops
-from .io import inferred_view, keep_value_info_of, load_model
+from .io import inferred_view, initializer_bytes, keep_value_info_of, load_model
 from .ops import INT16_MIN_OPSET
 from .opset import apply_opset_policy
 from .pass_manager import PassContext, PassManager, PassRecord
@@ -232,7 +232,14 @@ def evaluate(reference: onnx.ModelProto, quantized: onnx.ModelProto, samples: It
 
 
 def model_size(source: Any, model: onnx.ModelProto) -> int:
-    """Bytes of the file ``source`` names, or of the serialised model when it is not a file."""
+    """Bytes of the file ``source`` names (with the external data files it names), or of the serialised model when
+    it is not a file."""
     if isinstance(source, (str, os.PathLike)):
-        return Path(source).stat().st_size
+        path = Path(source)
+        size = path.stat().st_size
+        if size < initializer_bytes(model):  # weights in external data: the .onnx file alone is small to parse
+            files = {e.value for t in onnx.load(str(path), load_external_data=False).graph.initializer
+                     for e in t.external_data if e.key == "location"}
+            size += sum((path.parent / f).stat().st_size for f in files if (path.parent / f).is_file())
+        return size
     return model.ByteSize()
