@@ -200,9 +200,22 @@ SKELETON_BYTES = 1 << 16
 SKELETON_DATA = "qpass-skeleton.data"
 
 
+def tensor_bytes(t: onnx.TensorProto) -> int:
+    """Bytes of ``t``'s data, from its shape when the data is raw (ByteSize serialises the tensor to count them)."""
+    if t.HasField("raw_data") and t.data_type != onnx.TensorProto.STRING:
+        n = 1
+        for d in t.dims:
+            n *= d
+        try:
+            return n * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+        except (KeyError, TypeError, ValueError):
+            pass
+    return t.ByteSize()
+
+
 def _stubbable(t: onnx.TensorProto, min_bytes: int) -> bool:
     return (t.data_location != onnx.TensorProto.EXTERNAL and t.data_type != onnx.TensorProto.STRING
-            and t.HasField("raw_data") and t.ByteSize() >= min_bytes)
+            and t.HasField("raw_data") and tensor_bytes(t) >= min_bytes)
 
 
 def _shell(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -322,13 +335,22 @@ def infer_shapes_skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def initializer_bytes(model: onnx.ModelProto) -> int:
-    """Serialised bytes of the main graph's initializers (without copying their data)."""
-    return sum(t.ByteSize() for t in model.graph.initializer)
+    """Bytes of the main graph's initializers' data (from their shapes: nothing is serialised or copied)."""
+    return sum(tensor_bytes(t) for t in model.graph.initializer)
+
+
+def model_bytes(model: onnx.ModelProto) -> int:
+    """The serialised size of ``model``; over 2 GB of weights (where upb's ByteSize, which serialises the whole
+    message, fails) its skeleton's size plus the stubbed weights' bytes."""
+    if initializer_bytes(model) < EXTERNAL_DATA_THRESHOLD:
+        return model.ByteSize()
+    return skeleton(model).ByteSize() + sum(tensor_bytes(t) for t in model.graph.initializer
+                                            if _stubbable(t, SKELETON_BYTES))
 
 
 def _too_big(model: onnx.ModelProto) -> bool:
     size = initializer_bytes(model)
-    return size >= EXTERNAL_DATA_THRESHOLD or (size > 2**30 and model.ByteSize() >= EXTERNAL_DATA_THRESHOLD)
+    return size >= EXTERNAL_DATA_THRESHOLD or (size > 2**30 and model_bytes(model) >= EXTERNAL_DATA_THRESHOLD)
 
 
 #: external data: a tensor of at least this many bytes is written to the data file (onnx's own default is 1024)

@@ -14,7 +14,7 @@ from pathlib import Path
 import onnx
 
 from .errors import QpassError
-from .io import write_external
+from .io import initializer_bytes, write_external
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
@@ -125,7 +125,7 @@ def make_session(model: onnx.ModelProto, providers: list[str] | None = None, *, 
         opts.profile_file_prefix = profile_prefix
     providers = providers or [CPU]
     try:
-        if model.ByteSize() < FILE_SESSION_BYTES:
+        if initializer_bytes(model) < FILE_SESSION_BYTES:
             return ort.InferenceSession(model.SerializeToString(), opts, providers=providers)
         # a large model goes through a file, its weights written tensor by tensor to external data (the model is
         # neither copied whole nor serialised into one buffer; over 2 GB there is no other way)

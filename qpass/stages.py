@@ -23,7 +23,7 @@ from .calib.table import CalibrationTable
 from .config import SIXTEEN_BIT_TYPES, QuantConfig
 from .errors import CalibrationDataError, NothingQuantizedError, PlanError, UnsupportedModelError, VerificationError
 from .graph import WorkingGraph, node_label, op_types, used_quant_ops
-from .io import inferred_view, initializer_bytes, keep_value_info_of, load_model
+from .io import inferred_view, initializer_bytes, keep_value_info_of, load_model, model_bytes
 from .ops import INT16_MIN_OPSET
 from .opset import apply_opset_policy
 from .pass_manager import PassContext, PassManager, PassRecord
@@ -242,4 +242,4 @@ def model_size(source: Any, model: onnx.ModelProto) -> int:
                      for e in t.external_data if e.key == "location"}
             size += sum((path.parent / f).stat().st_size for f in files if (path.parent / f).is_file())
         return size
-    return model.ByteSize()
+    return model_bytes(model)
