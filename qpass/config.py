@@ -103,6 +103,8 @@ class QuantConfig:
         min_cosine: if set, a validated output cosine below this fails the run (exit 1).
         min_sqnr: if set, a validated output SQNR (dB) below this fails the run (exit 1).
         min_top1: if set, a validated output top-1 agreement below this fails the run (exit 1).
+        collapse_check: with no minimum set, a validated output that is broken rather than degraded fails the run
+            (exit 1): a language model's perplexity over 1.5x fp32's, another output under 10 dB SQNR.
         providers: execution providers to validate on ("cpu", "cuda"); empty: CPU, and CUDA when available.
         validate: compare the result with the original on onnxruntime (False: the report says it was not validated).
         per_layer: rank the layers by the error they add (one more run per validation sample).
@@ -166,6 +168,7 @@ class QuantConfig:
     min_cosine: float | None = None
     min_sqnr: float | None = None
     min_top1: float | None = None
+    collapse_check: bool = True
     providers: tuple[str, ...] = ()
     validate: bool = True
     per_layer: bool = True
@@ -248,6 +251,8 @@ class QuantConfig:
             raise bad("single_reader_dq", self.single_reader_dq, "true or false")
         if not isinstance(self.validate, bool):
             raise bad("validate", self.validate, "true or false")
+        if not isinstance(self.collapse_check, bool):
+            raise bad("collapse_check", self.collapse_check, "true or false")
         if not isinstance(self.per_channel, bool):
             raise bad("per_channel", self.per_channel, "true or false")
         ops = tuple(self.op_types)
