@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from .errors import UnsupportedModelError
 from .io import ModelMeta
@@ -131,6 +132,14 @@ def hoist_outer_initializers(model: onnx.ModelProto, outer_names: set[str]) -> i
 
     walk(main)
     return removed
+
+
+def constant_values(c: gs.Constant) -> np.ndarray:
+    """The values of ``c``, read without caching them in ``c`` (``c.values`` keeps what it loads, and a gs tensor
+    sits in reference cycles that only the cycle collector frees: a pass that replaces every weight would hold all
+    of them in float until then)."""
+    lazy = c._values
+    return lazy.load() if isinstance(lazy, LazyValues) else c.values
 
 
 def is_onnx_op(node: gs.Node) -> bool:

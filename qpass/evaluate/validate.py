@@ -17,9 +17,9 @@ from typing import Any, Iterable
 import numpy as np
 import onnx
 
-from ..io import infer_shapes
+from ..io import infer_shapes_skeleton
 from ..ops import RANGE_FOLDING
-from ..runtime import PROVIDERS, augmented_model, available_providers, make_session, profile_placement, with_cpu_fallback
+from ..runtime import PROVIDERS, available_providers, extra_outputs, make_session, profile_placement, with_cpu_fallback
 
 _DQ_SUFFIXES = ("_dequantized", "_DequantizeLinear_Output")
 #: ops whose outputs are not worth ranking as layers (shapes, constants, pure data movement)
@@ -165,10 +165,9 @@ def _session(model: onnx.ModelProto, provider: str, *, profile_prefix: str | Non
     for timing two sessions in turn: a session's threads otherwise keep spinning after its run and slow the
     next session's (measured: alternated Magika runs 2-4x slower than either alone). onnxruntime's default
     optimisation level (all), and its own exception when the model does not load (reported as a finding)."""
-    if outputs:
-        model = augmented_model(model, outputs)
-    return make_session(model, with_cpu_fallback(provider), what=None, level=None, spin=spin,
-                        profile_prefix=profile_prefix, config=config)
+    with extra_outputs(model, outputs or []):  # the session is made before the outputs are removed again
+        return make_session(model, with_cpu_fallback(provider), what=None, level=None, spin=spin,
+                            profile_prefix=profile_prefix, config=config)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -227,7 +226,7 @@ def _matched_tensors(original: onnx.ModelProto, quantized: onnx.ModelProto) -> d
 
 def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
     """The element type of each tensor of ``model`` that shape inference (or the model itself) knows."""
-    graph = infer_shapes(model).graph
+    graph = infer_shapes_skeleton(model).graph
     types = {t.name: t.data_type for t in graph.initializer}
     for vi in list(graph.input) + list(graph.value_info) + list(graph.output):
         if vi.type.WhichOneof("value") == "tensor_type" and vi.type.tensor_type.elem_type:
@@ -352,14 +351,17 @@ def validate(original: onnx.ModelProto, quantized: onnx.ModelProto, samples: Ite
             entry["note"] = f"{prov} is not available in this onnxruntime ({', '.join(have)})"
             continue
         try:
-            ref = _session(original, prov)
+            # one pair of sessions per provider serves the metrics and then the latency (made without spin-wait for
+            # that: see _session); building a session costs seconds and a copy of the weights on a large model
+            ref = _session(original, prov, spin=not latency)
         except Exception as exc:  # noqa: BLE001 - a finding, not a crash
             entry["error"] = f"original model does not load: {_first_line(exc)}"
             result["findings"].append(f"{prov}: {entry['error']}")
             continue
         with tempfile.TemporaryDirectory(prefix="qpass-prof-") as tmp:
             try:
-                q = _session(quantized, prov, profile_prefix=os.path.join(tmp, "q") if placement else None)
+                q = _session(quantized, prov, profile_prefix=os.path.join(tmp, "q") if placement else None,
+                             spin=not latency)
             except Exception as exc:  # noqa: BLE001
                 entry["error"] = f"quantized model does not load: {_first_line(exc)}"
                 result["findings"].append(f"{prov}: {entry['error']}")
@@ -408,10 +410,10 @@ def validate(original: onnx.ModelProto, quantized: onnx.ModelProto, samples: Ite
                         result["findings"].append(f"{prov}: {len(fell_back)} node(s) fell back to the CPU ({', '.join(ops)}), "
                                                   f"{entry['placement']['memcpy_nodes']} Memcpy node(s)")
         if latency and samples:
-            entry["latency"] = lat = _latency(_session(original, prov, spin=False), _session(quantized, prov, spin=False),
-                                              samples[0][0], latency_repeats)
+            entry["latency"] = lat = _latency(ref, q, samples[0][0], latency_repeats)  # profiling ended above
             if lat["ratio"] is not None and lat["ratio"] > SLOWER_THAN_ORIGINAL:
                 result["findings"].append(_slower_finding(prov, lat, entry.get("placement", {}).get("op_time_share")))
+        del ref, q, q0
         if "outputs" not in result:
             result["outputs"] = entry["outputs"]
             result["provider"] = prov

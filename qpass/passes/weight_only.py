@@ -16,7 +16,7 @@ import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from ..errors import PreconditionError
-from ..graph import NameAllocator, node_label
+from ..graph import NameAllocator, constant_values, node_label
 from ..ops import BLOCKED_MIN_OPSET
 from ..pass_manager import Pass, PassContext, PassResult, Skip
 from ..plan.bind import bind
@@ -80,7 +80,7 @@ class WeightOnlyQuantize(Pass):
         key = (w.name, spec)
         note = None
         if key not in written:
-            values = np.asarray(w.values, dtype=np.float32)
+            values = np.asarray(constant_values(w), dtype=np.float32)
             hessian = self._hessian(node, ctx)
             if self.algorithm == "gptq" and hessian is None and spec.granularity == "block":
                 note = "no Gram matrix of its input (transposed Gemm input, or a table without one): round to nearest"
@@ -106,7 +106,7 @@ class WeightOnlyQuantize(Pass):
             return f"embedding output '{y.name}' is a graph output; kept in float"
         key = ("rows", table.name)
         if key not in written:
-            qw = rtn(np.asarray(table.values, dtype=np.float32), "int8", symmetric=True, axis=0)
+            qw = rtn(np.asarray(constant_values(table), dtype=np.float32), "int8", symmetric=True, axis=0)
             written[key] = (gs.Constant(names(f"{table.name}_quantized"), np.asarray(qw.q, dtype=np.int8)),
                             gs.Constant(names(f"{table.name}_row_scale"), np.asarray(qw.scale, np.float32).reshape(-1, 1)))
         q, scale = written[key]
