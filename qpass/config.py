@@ -29,8 +29,9 @@ CALIB_EPS = ("cpu", "cuda")
 WEIGHT_TYPES = ("int8",)
 #: weight-only mode types: int4/int8 symmetric (zero point 0), uint4 asymmetric (zero point from the block's range)
 WEIGHT_ONLY_TYPES = ("int4", "uint4", "int8")
-#: weight-only algorithms: round to nearest; a data-free per-block scale search; GPTQ (needs calibration data)
-WEIGHT_ONLY_ALGORITHMS = ("auto", "rtn", "search", "gptq")
+#: weight-only algorithms: round to nearest; a data-free per-block scale search; GPTQ; activation-aware scaling with a
+#: clipping search (AWQ); AWQ's scaling then GPTQ (the last three need calibration data)
+WEIGHT_ONLY_ALGORITHMS = ("auto", "rtn", "search", "gptq", "awq", "awq-gptq")
 
 
 @dataclass(frozen=True)
@@ -119,7 +120,8 @@ class QuantConfig:
         algorithm: weight-only algorithm: "auto" (GPTQ when calibration data is given, else round to nearest;
             chosen by measurement on SmolLM2-135M, docs/benchmark-notes.md), "rtn" (round to nearest), "search"
             (per-block scale search minimising the weight error), "gptq" (GPTQ with the inputs' Gram matrices
-            from the calibration data).
+            from the calibration data), "awq" (activation-aware input-channel scales from each input's mean |x|,
+            searched by the output error, then a per-block clipping search), "awq-gptq" (those scales, then GPTQ).
         weight_only_head: the weight-only type of the output head (a MatMul/Gemm whose output is a graph output, a
             language model's lm_head): "int8" (block-wise, the default: a 4-bit head makes language models repeat
             themselves), "same" (the mode's type) or "float".

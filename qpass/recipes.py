@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from .config import QuantConfig
 from .pass_manager import Pass
+from .passes.activation_scale import ActivationScale
 from .passes.cleanup import Cleanup
 from .passes.constants_to_initializers import ConstantsToInitializers
 from .passes.fold_batchnorm import FoldBatchNorm
@@ -49,6 +50,9 @@ def rewrite_passes(config: QuantConfig) -> list[Pass]:
     """The rewrite of the configured mode: weight-only (block-wise integer weights, activations float), or static
     int8/16 (Q/DQ pairs from the plan, then the output form: QDQ or integer operators)."""
     if config.weight_only:
+        if config.algorithm in ("awq", "awq-gptq"):
+            return [ActivationScale(), WeightOnlyQuantize(config.algorithm, damp=config.gptq_damp,
+                                                          act_order=config.gptq_act_order), Cleanup()]
         return [WeightOnlyQuantize(config.algorithm, damp=config.gptq_damp, act_order=config.gptq_act_order), Cleanup()]
     passes: list[Pass] = [InsertQDQ(), Cleanup()]
     if config.format == "qop":
