@@ -31,9 +31,12 @@ def _float_constant(t) -> bool:
 
 
 class ActivationScale(Pass):
-    def __init__(self, grid: int = 20):
+    def __init__(self, grid: int = 20, qtypes: tuple[str, ...] = ("int4", "uint4")):
         #: alpha candidates: 0, 1/grid, ..., 1
         self.grid = grid
+        #: a group is scaled when one of its weights is planned as one of these types (an 8-bit weight's rounding
+        #: error is 16x smaller than a 4-bit one's, and the search costs as much: the int8 output head is left alone)
+        self.qtypes = tuple(qtypes)
 
     def requires(self, graph: gs.Graph, ctx: PassContext) -> None:
         if ctx.plan is None:
@@ -77,6 +80,8 @@ class ActivationScale(Pass):
         gram, absmean = stats.get(x.name, "gram"), stats.get(x.name, "absmean")
         if gram is None or absmean is None or not gram.rows:
             return f"no mean |x| and Gram matrix of input '{x.name}' in the table (already scaled, or not calibrated)"
+        if not any(t.weight_spec.dtype in self.qtypes for t in targets):
+            return f"weights planned as {targets[0].weight_spec.dtype}, not {'/'.join(self.qtypes)}: not scaled"
         readers = {id(t.node) for t in targets}
         weights, specs, seen = [], [], {}
         for t in targets:

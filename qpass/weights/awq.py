@@ -18,7 +18,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..qparams import block_qparams, compute_qparams, dequantize, quantize
+from ..qparams import INT_TYPES, block_qparams, compute_qparams, dequantize, quantize
 
 #: smallest mean |x| a channel's scale is computed from, as a share of the largest (a dead channel's scale stays finite)
 FLOOR = 1e-4
@@ -42,11 +42,19 @@ def _check(w: np.ndarray, hessian: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def rtn_dequantized(w: np.ndarray, block_size: int, qtype: str, *, symmetric: bool) -> np.ndarray:
     """``w`` [K, N] rounded to nearest with block-wise scales along K (each block's full range, as the weight-only
-    pass writes round to nearest), dequantized (float32)."""
+    pass writes round to nearest), dequantized (float32): what ``qparams.quantize`` / ``dequantize`` with
+    ``block_qparams(..., full_range=True)`` give, computed on the blocks directly (the search calls it often)."""
     w = np.asarray(w, dtype=np.float32)
-    scale, zp = block_qparams(w, 0, block_size, qtype, symmetric=symmetric, full_range=True)
-    return dequantize(quantize(w, scale, zp, axis=0, block_size=block_size, qtype=qtype), scale, zp, axis=0,
-                      block_size=block_size)
+    k, n = w.shape
+    nb = -(-k // block_size) if k else 0
+    blocks = np.pad(w, ((0, nb * block_size - k), (0, 0))).reshape(nb, block_size, n)
+    # the padded zeros change no range: compute_qparams widens every range to include 0
+    scale, zp = compute_qparams(blocks.min(axis=1, initial=0.0), blocks.max(axis=1, initial=0.0), qtype,
+                                symmetric=symmetric, full_range=True)
+    _, qmin, qmax = INT_TYPES[qtype]
+    s3, z3 = scale[:, None, :], zp.astype(np.float32)[:, None, :]
+    q = np.clip(np.rint(blocks / s3) + z3, qmin, qmax)
+    return ((q - z3) * s3).reshape(nb * block_size, n)[:k]
 
 
 def output_error(w: np.ndarray, w_hat: np.ndarray, hessian: np.ndarray) -> float:

@@ -150,3 +150,14 @@ def test_awq_is_closer_to_float_than_rtn_and_awq_gptq_than_gptq_with_an_outlier_
 def test_awq_without_calibration_data_is_a_clear_error():
     with pytest.raises(CalibrationDataError, match="no calibration data"):
         qpass.quantize(norm_mul(), weight_only="int4", algorithm="awq", per_layer=False, latency=False)
+
+
+def test_8_bit_weights_are_not_scaled():
+    cfg = CFG.replace(weight_only="int8")
+    prepared = stages.prepare(norm_mul(), cfg)
+    plan = stages.plan(prepared, cfg)
+    table = stages.calibrate(prepared, plan, [(f, str(i)) for i, f in enumerate(_feeds(8))], cfg).table
+    wg = WorkingGraph(prepared.model)
+    records = PassManager([ActivationScale()], export=wg.export, verify=None).run(wg.graph, PassContext(plan, table))
+    assert not records[0].modified and {s.node for s in records[0].skipped} == {"q", "k"}
+    assert all("int8" in s.reason for s in records[0].skipped)
