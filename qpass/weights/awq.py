@@ -18,7 +18,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..qparams import INT_TYPES, block_qparams, compute_qparams, dequantize, quantize
+from ..qparams import INT_TYPES, block_qparams, compute_qparams
 
 #: smallest mean |x| a channel's scale is computed from, as a share of the largest (a dead channel's scale stays finite)
 FLOOR = 1e-4
@@ -82,11 +82,12 @@ def scaled_error(weights: Sequence[np.ndarray], specs: Sequence[WeightSpec], s: 
     """The group's output error with input scales ``s``: the sum over its weights of ``tr(D^T H D)``,
     ``D = W - diag(1/s) Q(diag(s) W)``, Q round to nearest with the weight's block spec."""
     s32 = np.asarray(s, dtype=np.float32)[:, None]
+    h32 = np.asarray(hessian, dtype=np.float32)
     total = 0.0
     for w, (block, qtype, symmetric) in zip(weights, specs):
         w = np.asarray(w, dtype=np.float32)
-        w_hat = rtn_dequantized(w * s32, block, qtype, symmetric=symmetric) / s32
-        total += output_error(w, w_hat, hessian)
+        d = w - rtn_dequantized(w * s32, block, qtype, symmetric=symmetric) / s32
+        total += float(np.sum(d * (h32 @ d), dtype=np.float64))  # float32 products: the search's cost
     return total
 
 
@@ -136,15 +137,20 @@ def search_clip(w: np.ndarray, hessian: np.ndarray, block_size: int, qtype: str,
     pad = nb * block_size - k
     blocks = np.pad(w, ((0, pad), (0, 0))).reshape(nb, block_size, n)
     hp = np.pad(h, ((0, pad), (0, pad)))
-    hb = np.stack([hp[b * block_size:(b + 1) * block_size, b * block_size:(b + 1) * block_size] for b in range(nb)])
+    hb = np.stack([hp[b * block_size:(b + 1) * block_size, b * block_size:(b + 1) * block_size]
+                   for b in range(nb)]).astype(np.float32)
     starts = np.arange(0, k, block_size)
     lo = np.minimum.reduceat(w, starts, axis=0).astype(np.float64)
     hi = np.maximum.reduceat(w, starts, axis=0).astype(np.float64)
 
+    _, qmin, qmax = INT_TYPES[qtype]
+
     def error(s: np.ndarray, z: np.ndarray) -> np.ndarray:
-        s3, z3 = s[:, None, :], z[:, None, :]
-        d = blocks.astype(np.float64) - dequantize(quantize(blocks, s3, z3, qtype=qtype), s3, z3).astype(np.float64)
-        return np.sum(d * np.matmul(hb, d), axis=1)  # [nb, N]
+        # qparams.quantize / dequantize (ONNX semantics, float32) on the blocks directly
+        s3, z3 = s.astype(np.float32)[:, None, :], z.astype(np.float32)[:, None, :]
+        q = np.clip(np.rint(blocks / s3) + z3, qmin, qmax)
+        d = blocks - (q - z3) * s3
+        return np.sum(d * np.matmul(hb, d), axis=1, dtype=np.float64)  # [nb, N]; float32 products (speed)
 
     best = error(scale, zero_point)
     for step in range(1, grid + 1):

