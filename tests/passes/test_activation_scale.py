@@ -130,6 +130,12 @@ def test_the_scaled_inputs_gram_matrix_is_what_calibration_measures_on_the_rewri
         np.testing.assert_allclose(got.matrix, want.matrix, rtol=1e-4, atol=1e-6 * np.abs(want.matrix).max())
 
 
+def test_the_plan_asks_for_each_planned_inputs_gram_matrix_and_mean_abs():
+    _, plan, table, _, _, _ = _scaled(ffn())
+    assert plan.statistics == {"x": ("gram", "absmean"), "m": ("gram", "absmean")}
+    assert table.statistics.get("m", "absmean").mean.shape == (K,)
+
+
 def test_a_second_run_changes_nothing():
     _, _, _, wg, ctx, _ = _scaled(norm_mul())
     again = PassManager([ActivationScale()], export=wg.export, verify=verify_model).run(wg.graph, ctx)
