@@ -32,6 +32,9 @@ def resolve(config: QuantConfig, *, has_data: bool) -> tuple[QuantConfig, list[s
         static = [f for f in STATIC_ONLY if getattr(config, f) != getattr(default, f)]
         if static:
             notes.append(f"weight-only mode: {', '.join(static)} apply to static quantization and are ignored")
+    if config.weight_only and config.algorithm in ("awq", "awq-gptq") and config.gptq_sequential:
+        notes.append(f"gptq_sequential applies to --algorithm gptq only; {config.algorithm} takes every Hessian from "
+                     "the float model")
     if config.weight_only and config.algorithm == "auto":
         if has_data:
             return config.replace(algorithm="gptq"), notes

@@ -167,3 +167,9 @@ def test_8_bit_weights_are_not_scaled():
     records = PassManager([ActivationScale()], export=wg.export, verify=None).run(wg.graph, PassContext(plan, table))
     assert not records[0].modified and {s.node for s in records[0].skipped} == {"q", "k"}
     assert all("int8" in s.reason for s in records[0].skipped)
+
+
+def test_gptq_sequential_with_awq_gptq_is_said_to_be_ignored():
+    out = qpass.quantize(norm_mul(), _feeds(16), weight_only="int4", block_size=16, algorithm="awq-gptq",
+                         gptq_sequential=2, per_layer=False, latency=False, validate=False)
+    assert any("gptq_sequential applies to --algorithm gptq only" in w for w in out.report.warnings)
