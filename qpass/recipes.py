@@ -4,7 +4,7 @@ Passes take their settings in their constructors; the pass context carries artif
 """
 from __future__ import annotations
 
-from .config import QuantConfig
+from .config import NEAREST_ONLY_TYPES, QuantConfig
 from .pass_manager import Pass
 from .passes.activation_scale import ActivationScale
 from .passes.cleanup import Cleanup
@@ -16,6 +16,7 @@ from .passes.lower_qop import LowerToQOperator
 from .passes.matmul_bias_gemm import MatMulBiasToGemm
 from .passes.single_reader_dq import SingleReaderDequantize
 from .passes.weight_only import WeightOnlyQuantize
+from .passes.weight_only_codebook import WeightOnlyCodebook
 
 
 #: configuration fields that only static quantization reads (set with --weight-only, they change nothing)
@@ -36,8 +37,10 @@ def resolve(config: QuantConfig, *, has_data: bool) -> tuple[QuantConfig, list[s
         notes.append(f"gptq_sequential applies to --algorithm gptq only; {config.algorithm} takes every Hessian from "
                      "the float model")
     if config.weight_only and config.algorithm == "auto":
-        if has_data:
+        if has_data and config.weight_only not in NEAREST_ONLY_TYPES:
             return config.replace(algorithm="gptq"), notes
+        if config.weight_only in NEAREST_ONLY_TYPES:
+            return config.replace(algorithm="rtn"), notes
         return config.replace(algorithm="rtn"), notes + [
             "weight-only without calibration data: round to nearest; give --calib for GPTQ, which measured far "
             "closer to fp32 (SmolLM2-135M, docs/benchmark-notes.md)"]
@@ -52,6 +55,9 @@ def prepare_passes(config: QuantConfig) -> list[Pass]:
 def rewrite_passes(config: QuantConfig) -> list[Pass]:
     """The rewrite of the configured mode: weight-only (block-wise integer weights, activations float), or static
     int8/16 (Q/DQ pairs from the plan, then the output form: QDQ or integer operators)."""
+    if config.weight_only in NEAREST_ONLY_TYPES or (config.weight_only and config.double_quant):
+        return [WeightOnlyCodebook(config.algorithm, damp=config.gptq_damp, act_order=config.gptq_act_order,
+                                   double_quant=config.double_quant, scale_form=config.double_quant_form), Cleanup()]
     if config.weight_only:
         if config.algorithm in ("awq", "awq-gptq"):
             return [ActivationScale(), WeightOnlyQuantize(config.algorithm, damp=config.gptq_damp,

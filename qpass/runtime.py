@@ -75,14 +75,15 @@ def augmented_model(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelPro
 # ---------------------------------------------------------------------------------------------- sessions
 def make_session(model: onnx.ModelProto, providers: list[str] | None = None, *, what: str | None = "model",
                  level: str | None = "basic", threads: int | None = None, spin: bool = True,
-                 profile_prefix: str | None = None):
+                 profile_prefix: str | None = None, config: dict[str, str] | None = None):
     """An onnxruntime session for an in-memory model (through a temporary file with external data when it is
     over 2 GB), on ``providers`` (default: the CPU).
 
     ``level``: graph optimisation level, a key of :data:`LEVELS`; None keeps onnxruntime's default.
     ``threads``: intra-op threads (default: onnxruntime's, one per core). ``spin=False`` turns off the
     intra-op threads' spin-wait (for timing two sessions in turn). ``profile_prefix``: profile the session into
-    files of that prefix (read them with :func:`profile_placement`). ``what`` names the model in the
+    files of that prefix (read them with :func:`profile_placement`). ``config``: session configuration entries
+    (e.g. ``{"session.qdq_matmulnbits_accuracy_level": "0"}``). ``what`` names the model in the
     :class:`QpassError` raised when onnxruntime cannot load it; None lets onnxruntime's own exception through.
     """
     ort = _ort()
@@ -97,6 +98,8 @@ def make_session(model: onnx.ModelProto, providers: list[str] | None = None, *, 
     if profile_prefix:
         opts.enable_profiling = True
         opts.profile_file_prefix = profile_prefix
+    for key, value in (config or {}).items():
+        opts.add_session_config_entry(key, str(value))
     providers = providers or [CPU]
     try:
         if model.ByteSize() < EXTERNAL_DATA_BYTES:

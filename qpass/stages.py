@@ -136,6 +136,9 @@ def calibrate(prepared: Prepared, quant_plan: QuantPlan, samples: Iterable, conf
             "observer_thread": schedule.get("observer_thread", False)}
     if note:
         info["warnings"] = [note]
+    for key in ("branches_not_taken", "unreachable"):  # If branches no sample took; tensors in Loop/Scan bodies
+        if schedule.get(key):
+            info[key] = schedule[key]
     return Calibrated(table, info)
 
 

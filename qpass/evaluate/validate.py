@@ -145,8 +145,22 @@ def _json_float(x: float) -> float | str:
 
 
 # ---------------------------------------------------------------------------------------------- sessions
+#: onnxruntime's session setting for the MatMulNBits it fuses from DequantizeLinear -> MatMul (4, int8 activations,
+#: unless told otherwise)
+ACCURACY_LEVEL = "session.qdq_matmulnbits_accuracy_level"
+
+
+def blocked_weight_matmuls(model: onnx.ModelProto) -> int:
+    """MatMul nodes whose weight is a block-wise DequantizeLinear of constants: what onnxruntime may fuse into
+    MatMulNBits (the weight-only form)."""
+    inits = {t.name for t in model.graph.initializer}
+    blocked = {n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits
+               and any(a.name == "block_size" and a.i for a in n.attribute)}
+    return sum(1 for n in model.graph.node if n.op_type == "MatMul" and len(n.input) > 1 and n.input[1] in blocked)
+
+
 def _session(model: onnx.ModelProto, provider: str, *, profile_prefix: str | None = None, outputs: list[str] | None = None,
-             spin: bool = True):
+             spin: bool = True, config: dict[str, str] | None = None):
     """A session on ``provider`` (CPU as the fallback). ``spin=False`` turns off the intra-op threads' spin-wait,
     for timing two sessions in turn: a session's threads otherwise keep spinning after its run and slow the
     next session's (measured: alternated Magika runs 2-4x slower than either alone). onnxruntime's default
@@ -154,7 +168,7 @@ def _session(model: onnx.ModelProto, provider: str, *, profile_prefix: str | Non
     if outputs:
         model = augmented_model(model, outputs)
     return make_session(model, with_cpu_fallback(provider), what=None, level=None, spin=spin,
-                        profile_prefix=profile_prefix)
+                        profile_prefix=profile_prefix, config=config)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -327,6 +341,7 @@ def validate(original: onnx.ModelProto, quantized: onnx.ModelProto, samples: Ite
     """
     samples = list(samples)
     providers = providers or default_providers()
+    weight_only_matmuls = blocked_weight_matmuls(quantized)
     result: dict[str, Any] = {"samples": len(samples), "providers": [], "per_layer": [], "findings": []}
     have = available_providers()
     for key in providers:
@@ -351,21 +366,40 @@ def validate(original: onnx.ModelProto, quantized: onnx.ModelProto, samples: Ite
                 continue
             names = [o.name for o in ref.get_outputs()]
             stats = {n: OutputStats(n) for n in names}
+            # weight-only outputs: the same model again with float activations in MatMulNBits (accuracy level 0)
+            q0 = _session(quantized, prov, config={ACCURACY_LEVEL: "0"}) if weight_only_matmuls else None
+            stats0 = {n: OutputStats(n) for n in names}
             try:
                 for feed, label in samples:
-                    for n, r, o in zip(names, ref.run(names, feed), q.run(names, feed)):
+                    refs = ref.run(names, feed)
+                    for n, r, o in zip(names, refs, q.run(names, feed)):
                         if np.asarray(r).dtype.kind == "f":
                             stats[n].add(r, o, label)
                             ids = token_ids(feed, r)
                             if ids is not None:
                                 stats[n].add_language_model(r, o, ids)
+                    for n, r, o in zip(names, refs, q0.run(names, feed) if q0 is not None else ()):
+                        if np.asarray(r).dtype.kind == "f":
+                            stats0[n].add(r, o, label)
+                            ids = token_ids(feed, r)
+                            if ids is not None:
+                                stats0[n].add_language_model(r, o, ids)
             except Exception as exc:  # noqa: BLE001
                 entry["error"] = f"run failed: {_first_line(exc)}"
                 result["findings"].append(f"{prov}: {entry['error']}")
                 continue
             entry["outputs"] = [s.to_dict() for s in stats.values() if s.cosines]
+            if q0 is not None:
+                entry["accuracy_level_0"] = [s.to_dict() for s in stats0.values() if s.cosines]
             if placement:
                 entry["placement"] = profile_placement(q)
+                if weight_only_matmuls:
+                    formed = sum(ops.get("MatMulNBits", 0) for ops in entry["placement"]["ops_by_provider"].values())
+                    entry["matmulnbits"] = {"formed": formed, "weight_only_matmuls": weight_only_matmuls}
+                    if formed < weight_only_matmuls:
+                        result["findings"].append(
+                            f"{prov}: onnxruntime fused {formed} of {weight_only_matmuls} block-wise weight MatMuls into "
+                            "MatMulNBits; the others dequantize their weight on every run")
                 if prov != "CPUExecutionProvider":
                     fell_back = [n for n in entry["placement"]["nodes"] if n["provider"] != prov]
                     entry["placement"]["fallback_nodes"] = fell_back

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections import Counter
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
@@ -96,8 +97,9 @@ class WeightOnlyQuantize(Pass):
         return None
 
     def _embedding(self, t: Target, graph: gs.Graph, names: NameAllocator, written: dict) -> str | None:
-        """Gather(E, ids) -> DequantizeLinear(Gather(E_q, ids), Gather(scale[V, 1], ids), axis=-1, block_size=D): the
-        table is stored int8 with one scale per row, and only the gathered rows are dequantized."""
+        """Gather(E, ids) -> Mul(Cast(Gather(E_q, ids), float), Gather(scale[V, 1], ids)): the table is stored int8
+        with one scale per row, and only the gathered rows are dequantized. (Not a DequantizeLinear with block_size:
+        onnxruntime's CUDA provider fails on a block-wise DequantizeLinear it has not fused into a MatMul.)"""
         node, spec = t.node, t.weight_spec
         table, y = node.inputs[0], node.outputs[0]
         if not isinstance(table, gs.Constant) or spec.dtype != "int8" or spec.granularity != "channel":
@@ -112,11 +114,13 @@ class WeightOnlyQuantize(Pass):
         q, scale = written[key]
         rows = gs.Variable(names(f"{y.name}_quantized"), dtype=np.int8)
         row_scale = gs.Variable(names(f"{y.name}_scale"), dtype=np.float32)
+        widened = gs.Variable(names(f"{y.name}_widened"), dtype=np.float32)
         dequantized = gs.Variable(names(f"{y.name}_dequantized"), dtype=np.float32, shape=y.shape)
         graph.nodes.append(gs.Node("Gather", names(f"{node.name or y.name}_scale"), attrs={"axis": 0},
                                    inputs=[scale, node.inputs[1]], outputs=[row_scale]))
-        graph.nodes.append(gs.Node("DequantizeLinear", names(f"{y.name}_DequantizeLinear"),
-                                   attrs={"axis": -1, "block_size": int(table.shape[1])}, inputs=[rows, row_scale],
+        graph.nodes.append(gs.Node("Cast", names(f"{y.name}_Cast"), attrs={"to": int(onnx.TensorProto.FLOAT)},
+                                   inputs=[rows], outputs=[widened]))
+        graph.nodes.append(gs.Node("Mul", names(f"{y.name}_dequantize"), inputs=[widened, row_scale],
                                    outputs=[dequantized]))
         for reader in list(y.outputs):
             for i, inp in enumerate(reader.inputs):

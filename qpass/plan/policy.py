@@ -10,7 +10,7 @@ from dataclasses import replace
 import onnx_graphsurgeon as gs
 
 from ..config import QuantConfig
-from ..graph import is_float32, is_onnx_op, node_label
+from ..graph import is_float32, is_onnx_op, node_label, scoped_labels
 from ..ops import DATA_MOVEMENT
 from ..pass_manager import Skip
 from .placement import plan_quantization
@@ -35,7 +35,7 @@ def node_plan(t: Target, config: QuantConfig) -> NodePlan:
         weight = WeightPlan(t.weight, node.inputs[t.weight].name, weight_spec(config, t.weight_axis))
     if t.bias is not None:
         bias = BiasPlan(t.bias, node.inputs[t.bias].name, config.bias, t.bias_axis)
-    return NodePlan(node_label(node), node.op, tuple(t.activations), weight, bias, tuple(t.notes))
+    return NodePlan(t.label, node.op, tuple(t.activations), weight, bias, tuple(t.notes))
 
 
 def build_plan(graph: gs.Graph, config: QuantConfig) -> QuantPlan:
@@ -43,8 +43,9 @@ def build_plan(graph: gs.Graph, config: QuantConfig) -> QuantPlan:
     if config.weight_only:
         return build_weight_only_plan(graph, config)
     placed = plan_quantization(graph, config)
-    labels = {id(n): node_label(n) for n in graph.nodes}
-    order = {id(n): i for i, n in enumerate(graph.nodes)}
+    scoped = scoped_labels(graph)  # nodes of If branches read planned tensors too
+    labels = {key: label for key, (label, _) in scoped.items()}
+    order = {key: i for i, key in enumerate(scoped)}
     calibrate = set(placed.calibrate)
     methods = {name: config.method_for(name, ops) for name, ops in placed.related_ops().items() if name in calibrate}
     tensors = {}
@@ -87,8 +88,9 @@ def _heads(graph: gs.Graph) -> set[str]:
 
 
 def weight_only_spec(config: QuantConfig, axis: int) -> QSpec:
-    """Block-wise along the input dimension; int4/int8 symmetric, uint4 asymmetric."""
-    return QSpec(dtype=config.weight_only, symmetric=config.weight_only != "uint4", granularity="block", axis=axis,
+    """Block-wise along the input dimension; int4/int8/nf4 symmetric, uint4 asymmetric, ternary as int2."""
+    dtype = "int2" if config.weight_only == "ternary" else config.weight_only
+    return QSpec(dtype=dtype, symmetric=config.weight_only != "uint4", granularity="block", axis=axis,
                  block_size=config.block_size)
 
 

@@ -173,3 +173,8 @@ def test_gptq_sequential_with_awq_gptq_is_said_to_be_ignored():
     out = qpass.quantize(norm_mul(), _feeds(16), weight_only="int4", block_size=16, algorithm="awq-gptq",
                          gptq_sequential=2, per_layer=False, latency=False, validate=False)
     assert any("gptq_sequential applies to --algorithm gptq only" in w for w in out.report.warnings)
+
+
+def test_awq_with_double_quant_is_a_configuration_error():
+    with pytest.raises(qpass.QpassError, match="double_quant"):
+        QuantConfig(weight_only="int4", double_quant=True, algorithm="awq")
