@@ -10,7 +10,7 @@ evaluation windows), with onnxruntime's ``session.qdq_matmulnbits_accuracy_level
 fuses DequantizeLinear(int4, block) -> MatMul into MatMulNBits with accuracy level 4 (int8 activations) unless
 told otherwise, while its own MatMulNBits output carries the level the quantizer wrote (0 here).
 
-Variants: ``qpass:ALG:TYPE:BLOCK`` (ALG rtn|search|gptq|gptq-seqN, TYPE int4|uint4|int8|nf4|ternary, a ``-dq``
+Variants: ``qpass:ALG:TYPE:BLOCK`` (ALG rtn|search|gptq|gptq-seqN|awq|awq-gptq, TYPE int4|uint4|int8|nf4|ternary, a ``-dq``
 suffix for uint8 block scales as Mul(Cast), ``-dqdq`` as DequantizeLinear, e.g. ``qpass:rtn:int4-dq:128``; ternary
 is written at opset 25) and ``ort:ALG:SYM:BLOCK``
 (ALG rtn|gptq|hqq, SYM sym|asym), ``ort-qdq:rtn:SYM:BLOCK`` (onnxruntime's standard QDQ output). The onnxruntime
@@ -51,7 +51,8 @@ def quantize_one(variant: str, kit: Path, out: Path, calib_windows: int) -> dict
         alg = "gptq" if seq else alg
         form = {"dq": "cast-mul", "dqdq": "dequantize"}.get(kind.partition("-")[2])
         kind = kind.partition("-")[0]
-        qpass.quantize(src, kit / "calib" if alg == "gptq" else None, output=dst, weight_only=kind, block_size=block,
+        calibrated = alg in ("gptq", "awq", "awq-gptq")
+        qpass.quantize(src, kit / "calib" if calibrated else None, output=dst, weight_only=kind, block_size=block,
                        algorithm=alg, max_calib_samples=calib_windows, validate=False, external_data=False,
                        gptq_sequential=seq, double_quant=form is not None,
                        double_quant_form=form or "cast-mul",
@@ -91,7 +92,7 @@ def quantize_one(variant: str, kit: Path, out: Path, calib_windows: int) -> dict
         q.model.save_model_to_file(str(dst), use_external_data_format=False)
     seconds = time.perf_counter() - t
     return {"variant": variant, "path": str(dst), "seconds": round(seconds, 1), "peak_rss_mb": round(_peak_rss_mb()),
-            "bytes": dst.stat().st_size, "calib_windows": calib_windows if "gptq" in alg else 0}
+            "bytes": dst.stat().st_size, "calib_windows": calib_windows if "gptq" in alg or "awq" in alg else 0}
 
 
 def _kit_scorer(kit: Path, level: int | None):

@@ -85,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight-only: input features per scale (default 128; a power of two >= 16 for MatMulNBits)")
     _config_option(run, "--algorithm", choices=WEIGHT_ONLY_ALGORITHMS,
                    help="weight-only: auto (default: gptq with --calib or --load-calib, else rtn), rtn (round to "
-                        "nearest), search (per-block scale search), gptq (needs calibration data)")
+                        "nearest), search (per-block scale search), gptq, awq (activation-aware scales + clipping search), "
+                        "awq-gptq (awq's scales, then gptq); the last three need calibration data")
     _config_option(run, "--gptq-sequential", type=int, metavar="N",
                    help="weight-only GPTQ: measure the Hessians N dependency stages at a time on the model whose "
                         "earlier weights are already quantized (default 0: all from the float model in one pass)")

@@ -32,8 +32,9 @@ WEIGHT_TYPES = ("int8",)
 WEIGHT_ONLY_TYPES = ("int4", "uint4", "int8", "nf4", "ternary")
 #: weight-only types rounded to the nearest level of their grid only (no GPTQ or scale search)
 NEAREST_ONLY_TYPES = ("nf4", "ternary")
-#: weight-only algorithms: round to nearest; a data-free per-block scale search; GPTQ (needs calibration data)
-WEIGHT_ONLY_ALGORITHMS = ("auto", "rtn", "search", "gptq")
+#: weight-only algorithms: round to nearest; a data-free per-block scale search; GPTQ; activation-aware scaling with a
+#: clipping search (AWQ); AWQ's scaling then GPTQ (the last three need calibration data)
+WEIGHT_ONLY_ALGORITHMS = ("auto", "rtn", "search", "gptq", "awq", "awq-gptq")
 
 
 @dataclass(frozen=True)
@@ -126,7 +127,8 @@ class QuantConfig:
         algorithm: weight-only algorithm: "auto" (GPTQ when calibration data is given, else round to nearest;
             chosen by measurement on SmolLM2-135M, docs/benchmark-notes.md), "rtn" (round to nearest), "search"
             (per-block scale search minimising the weight error), "gptq" (GPTQ with the inputs' Gram matrices
-            from the calibration data).
+            from the calibration data), "awq" (activation-aware input-channel scales from each input's mean |x|,
+            searched by the output error, then a per-block clipping search), "awq-gptq" (those scales, then GPTQ).
         weight_only_head: the weight-only type of the output head (a MatMul/Gemm whose output is a graph output, a
             language model's lm_head): "int8" (block-wise, the default: a 4-bit head makes language models repeat
             themselves), "same" (the mode's type) or "float".
@@ -230,6 +232,8 @@ class QuantConfig:
             raise bad("double_quant_form", self.double_quant_form, "cast-mul or dequantize")
         if self.weight_only in NEAREST_ONLY_TYPES and self.algorithm not in ("auto", "rtn"):
             raise bad("algorithm", self.algorithm, f"auto or rtn with weight_only {self.weight_only} (nearest level only)")
+        if self.double_quant and self.algorithm in ("awq", "awq-gptq"):
+            raise bad("algorithm", self.algorithm, "rtn, search or gptq with double_quant (awq is not combined with it)")
         if self.weight_only is not None and self.format != "qdq":
             raise bad("format", self.format, "qdq with weight_only (the weights stay DequantizeLinear -> MatMul)")
         if self.weight_type not in WEIGHT_TYPES:

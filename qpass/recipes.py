@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from .config import NEAREST_ONLY_TYPES, QuantConfig
 from .pass_manager import Pass
+from .passes.activation_scale import ActivationScale
 from .passes.cleanup import Cleanup
 from .passes.constants_to_initializers import ConstantsToInitializers
 from .passes.fold_batchnorm import FoldBatchNorm
@@ -32,6 +33,9 @@ def resolve(config: QuantConfig, *, has_data: bool) -> tuple[QuantConfig, list[s
         static = [f for f in STATIC_ONLY if getattr(config, f) != getattr(default, f)]
         if static:
             notes.append(f"weight-only mode: {', '.join(static)} apply to static quantization and are ignored")
+    if config.weight_only and config.algorithm in ("awq", "awq-gptq") and config.gptq_sequential:
+        notes.append(f"gptq_sequential applies to --algorithm gptq only; {config.algorithm} takes every Hessian from "
+                     "the float model")
     if config.weight_only and config.algorithm == "auto":
         if has_data and config.weight_only not in NEAREST_ONLY_TYPES:
             return config.replace(algorithm="gptq"), notes
@@ -55,6 +59,9 @@ def rewrite_passes(config: QuantConfig) -> list[Pass]:
         return [WeightOnlyCodebook(config.algorithm, damp=config.gptq_damp, act_order=config.gptq_act_order,
                                    double_quant=config.double_quant, scale_form=config.double_quant_form), Cleanup()]
     if config.weight_only:
+        if config.algorithm in ("awq", "awq-gptq"):
+            return [ActivationScale(), WeightOnlyQuantize(config.algorithm, damp=config.gptq_damp,
+                                                          act_order=config.gptq_act_order), Cleanup()]
         return [WeightOnlyQuantize(config.algorithm, damp=config.gptq_damp, act_order=config.gptq_act_order), Cleanup()]
     passes: list[Pass] = [InsertQDQ(), Cleanup()]
     if config.format == "qop":

@@ -22,6 +22,7 @@ from ..pass_manager import Pass, PassContext, PassResult, Skip
 from ..plan.bind import bind
 from ..plan.targets import Target
 from ..qparams import make_initializer, quantize
+from ..weights.awq import search_clip
 from ..weights.gptq import gptq
 from ..weights.rtn import QuantizedWeight, rtn
 from ..weights.search import search_block_qparams
@@ -32,7 +33,8 @@ class WeightOnlyQuantize(Pass):
 
     def __init__(self, algorithm: str = "rtn", *, damp: float = 0.01, act_order: bool = True):
         #: "rtn", "search" (per-block scale search; input-weighted when the table has the input's Gram matrix)
-        #: or "gptq" (needs the input's Gram matrix)
+        #: "gptq" (needs the input's Gram matrix), "awq" (a clipping search weighted by the input's Gram matrix, after
+        #: the activation-scale pass) or "awq-gptq" (GPTQ after the activation-scale pass)
         self.algorithm = algorithm
         self.damp = damp
         self.act_order = act_order
@@ -46,8 +48,8 @@ class WeightOnlyQuantize(Pass):
             raise PreconditionError(f"block-wise and 4-bit DequantizeLinear need opset >= {BLOCKED_MIN_OPSET}, graph has "
                                     f"{graph.opset}", subject=blocked[0],
                                     hint=f"use --target-opset {BLOCKED_MIN_OPSET}")
-        if self.algorithm == "gptq" and ctx.calib is None:
-            raise PreconditionError("GPTQ needs calibration statistics (the inputs' Gram matrices)", subject=self.name,
+        if self.algorithm in ("gptq", "awq", "awq-gptq") and ctx.calib is None:
+            raise PreconditionError(f"{self.algorithm} needs calibration statistics (the inputs' Gram matrices)", subject=self.name,
                                     hint="give --calib DATA")
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
@@ -82,7 +84,7 @@ class WeightOnlyQuantize(Pass):
         if key not in written:
             values = np.asarray(constant_values(w), dtype=np.float32)
             hessian = self._hessian(node, ctx)
-            if self.algorithm == "gptq" and hessian is None and spec.granularity == "block":
+            if self.algorithm in ("gptq", "awq", "awq-gptq") and hessian is None and spec.granularity == "block":
                 note = "no Gram matrix of its input (transposed Gemm input, or a table without one): round to nearest"
             try:
                 qw = self.quantize(values, spec, hessian)
@@ -145,7 +147,12 @@ class WeightOnlyQuantize(Pass):
         if self.algorithm == "rtn" or block is None or w.ndim != 2:
             return rtn(w, spec.dtype, symmetric=spec.symmetric, axis=axis, block_size=block, full_range=bool(block))
         wk = w if axis == 0 else w.T  # [K, N]: blocks along K
-        if self.algorithm == "gptq":
+        if hessian is None and self.algorithm == "awq":
+            return rtn(w, spec.dtype, symmetric=spec.symmetric, axis=axis, block_size=block, full_range=True)
+        if self.algorithm == "awq":
+            scale, zp = search_clip(wk, hessian, block, spec.dtype, symmetric=spec.symmetric)
+            q = quantize(wk, scale, zp, axis=0, block_size=block, qtype=spec.dtype)
+        elif self.algorithm in ("gptq", "awq-gptq"):
             if hessian is None:  # a transposed Gemm input, or a table without Gram matrices: reported by _rewrite
                 return rtn(w, spec.dtype, symmetric=spec.symmetric, axis=axis, block_size=block, full_range=True)
             q, scale, zp = gptq(wk, hessian, block, spec.dtype, symmetric=spec.symmetric, damp=self.damp,

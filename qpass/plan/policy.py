@@ -57,7 +57,9 @@ def build_plan(graph: gs.Graph, config: QuantConfig) -> QuantPlan:
 
 
 #: weight-only algorithms that need each MatMul input's Gram matrix from calibration
-NEEDS_GRAM = frozenset({"gptq"})
+NEEDS_GRAM = frozenset({"gptq", "awq", "awq-gptq"})
+#: weight-only algorithms that also need each MatMul input's mean |x| per channel (activation-aware scaling)
+NEEDS_ABSMEAN = frozenset({"awq", "awq-gptq"})
 
 
 def _reaches_output(node: gs.Node, graph_outputs: set[str], depth: int = 0) -> bool:
@@ -150,5 +152,5 @@ def build_weight_only_plan(graph: gs.Graph, config: QuantConfig) -> QuantPlan:
         nodes.append(NodePlan(label, node.op, (), WeightPlan(1, w.name, spec)))
         if (config.algorithm in NEEDS_GRAM and isinstance(x, gs.Variable) and is_float32(x)
                 and not (node.op == "Gemm" and int(node.attrs.get("transA", 0)))):  # x^T x of a transposed x is no Hessian
-            statistics[x.name] = ("gram",)
+            statistics[x.name] = ("gram", "absmean") if config.algorithm in NEEDS_ABSMEAN else ("gram",)
     return QuantPlan(tuple(nodes), {}, tuple(skips), (), statistics)
