@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     _config_option(run, "--block-size", type=int, metavar="N",
                    help="weight-only: input features per scale (default 128; a power of two >= 16 for MatMulNBits)")
     _config_option(run, "--algorithm", choices=WEIGHT_ONLY_ALGORITHMS,
-                   help="weight-only: auto (default: gptq with --calib or --load-calib, else rtn), rtn (round to "
+                   help="weight-only: auto (default: awq-gptq with --calib or --load-calib, else rtn), rtn (round to "
                         "nearest), search (per-block scale search), gptq, awq (activation-aware scales + clipping search), "
                         "awq-gptq (awq's scales, then gptq); the last three need calibration data")
     _config_option(run, "--gptq-sequential", type=int, metavar="N",

@@ -124,8 +124,9 @@ class QuantConfig:
             activations stay float.
         block_size: rows of the weight (input features) that share a scale in the weight-only mode; a power of two
             >= 16 lets onnxruntime fuse DequantizeLinear -> MatMul into its MatMulNBits kernel.
-        algorithm: weight-only algorithm: "auto" (GPTQ when calibration data is given, else round to nearest;
-            chosen by measurement on SmolLM2-135M, docs/benchmark-notes.md), "rtn" (round to nearest), "search"
+        algorithm: weight-only algorithm: "auto" (awq-gptq when calibration data is given, gptq with
+            double_quant or gptq_sequential, else round to nearest; chosen by measurement on SmolLM2-135M,
+            docs/benchmark-notes.md), "rtn" (round to nearest), "search"
             (per-block scale search minimising the weight error), "gptq" (GPTQ with the inputs' Gram matrices
             from the calibration data), "awq" (activation-aware input-channel scales from each input's mean |x|,
             searched by the output error, then a per-block clipping search), "awq-gptq" (those scales, then GPTQ).

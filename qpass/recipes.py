@@ -26,7 +26,8 @@ STATIC_ONLY = ("method", "activation_type", "per_channel", "bias", "percentile",
 
 def resolve(config: QuantConfig, *, has_data: bool) -> tuple[QuantConfig, list[str]]:
     """The configuration with ``auto`` choices made for this run, and what to tell the user about them: the
-    weight-only algorithm is GPTQ when calibration data is given, round to nearest otherwise."""
+    weight-only algorithm is activation-aware scaling then GPTQ (awq-gptq) when calibration data is given (plain GPTQ
+    with double-quantized scales or sequential GPTQ, which awq does not combine with), round to nearest otherwise."""
     notes = []
     if config.weight_only:
         default = QuantConfig()
@@ -38,12 +39,13 @@ def resolve(config: QuantConfig, *, has_data: bool) -> tuple[QuantConfig, list[s
                      "the float model")
     if config.weight_only and config.algorithm == "auto":
         if has_data and config.weight_only not in NEAREST_ONLY_TYPES:
-            return config.replace(algorithm="gptq"), notes
+            plain = config.double_quant or config.gptq_sequential
+            return config.replace(algorithm="gptq" if plain else "awq-gptq"), notes
         if config.weight_only in NEAREST_ONLY_TYPES:
             return config.replace(algorithm="rtn"), notes
         return config.replace(algorithm="rtn"), notes + [
-            "weight-only without calibration data: round to nearest; give --calib for GPTQ, which measured far "
-            "closer to fp32 (SmolLM2-135M, docs/benchmark-notes.md)"]
+            "weight-only without calibration data: round to nearest; give --calib for activation-aware scaling and "
+            "GPTQ, which measured far closer to fp32 (SmolLM2-135M, docs/benchmark-notes.md)"]
     return config, notes
 
 

@@ -183,13 +183,13 @@ def test_embedding_tables_are_int8_per_row_and_only_gathered_rows_are_dequantize
     assert off.report.quantized_nodes == {"MatMul": 1} and "E" in _inits(off.model)
 
 
-def test_auto_is_gptq_with_calibration_data_and_round_to_nearest_without():
+def test_auto_is_awq_gptq_with_calibration_data_and_round_to_nearest_without():
     with_data = qpass.quantize(_mlp(), _feeds(16, correlated=True), weight_only="int4", block_size=16, per_layer=False,
                                latency=False)
-    assert with_data.report.config["algorithm"] == "gptq" and with_data.plan.statistics
+    assert with_data.report.config["algorithm"] == "awq-gptq" and with_data.plan.statistics
     without = qpass.quantize(_mlp(), weight_only="int4", block_size=16, per_layer=False, latency=False)
     assert without.report.config["algorithm"] == "rtn" and not without.plan.statistics
-    assert any("--calib for GPTQ" in w for w in without.report.warnings)
+    assert any("--calib for activation-aware scaling and GPTQ" in w for w in without.report.warnings)
 
 
 def test_sequential_gptq_measures_later_hessians_on_the_quantized_earlier_layers():
