@@ -10,7 +10,8 @@ evaluation windows), with onnxruntime's ``session.qdq_matmulnbits_accuracy_level
 fuses DequantizeLinear(int4, block) -> MatMul into MatMulNBits with accuracy level 4 (int8 activations) unless
 told otherwise, while its own MatMulNBits output carries the level the quantizer wrote (0 here).
 
-Variants: ``qpass:ALG:TYPE:BLOCK`` (ALG rtn|search|gptq|gptq-seqN, TYPE int4|uint4|int8) and ``ort:ALG:SYM:BLOCK``
+Variants: ``qpass:ALG:TYPE:BLOCK[:OPTIONS]`` (ALG rtn|search|gptq|gptq-seqN, TYPE int4|uint4|int8; OPTIONS a
+comma-separated list of ``tied=once|separate``, ``mix=k-mix``, ``contrib``) and ``ort:ALG:SYM:BLOCK``
 (ALG rtn|gptq|hqq, SYM sym|asym), ``ort-qdq:rtn:SYM:BLOCK`` (onnxruntime's standard QDQ output). The onnxruntime
 variants need ``pip install -e '.[bench]'``; its GPTQ also needs torch (the SmolLM2 kit's venv has both).
 """
@@ -37,10 +38,15 @@ def _peak_rss_mb() -> float:
 
 def quantize_one(variant: str, kit: Path, out: Path, calib_windows: int) -> dict:
     """Quantize in this process; returns wall seconds, peak RSS and the output path."""
-    tool, alg, kind, block = variant.split(":")
+    tool, alg, kind, block, *extra = variant.split(":")
     block = int(block)
+    names = {"tied": "weight_only_tied", "mix": "weight_only_mix"}
+    options = {}
+    for item in (extra[0].split(",") if extra else ()):
+        key, _, value = item.partition("=")
+        options["allow_contrib_ops" if key == "contrib" else names[key]] = True if key == "contrib" else value
     src = kit / "smollm2_135m.onnx"
-    dst = out / (variant.replace(":", "_") + ".onnx")
+    dst = out / (variant.replace(":", "_").replace(",", "_").replace("=", "-") + ".onnx")
     t = time.perf_counter()
     if tool == "qpass":
         import qpass
@@ -49,7 +55,7 @@ def quantize_one(variant: str, kit: Path, out: Path, calib_windows: int) -> dict
         alg = "gptq" if seq else alg
         qpass.quantize(src, kit / "calib" if alg == "gptq" else None, output=dst, weight_only=kind, block_size=block,
                        algorithm=alg, max_calib_samples=calib_windows, validate=False, external_data=False,
-                       gptq_sequential=seq)
+                       gptq_sequential=seq, **options)
     else:
         import numpy as np
         import onnx

@@ -49,7 +49,8 @@ def rewrite_passes(config: QuantConfig) -> list[Pass]:
     """The rewrite of the configured mode: weight-only (block-wise integer weights, activations float), or static
     int8/16 (Q/DQ pairs from the plan, then the output form: QDQ or integer operators)."""
     if config.weight_only:
-        return [WeightOnlyQuantize(config.algorithm, damp=config.gptq_damp, act_order=config.gptq_act_order), Cleanup()]
+        return [WeightOnlyQuantize(config.algorithm, damp=config.gptq_damp, act_order=config.gptq_act_order,
+                                   tied=config.weight_only_tied), Cleanup()]
     passes: list[Pass] = [InsertQDQ(), Cleanup()]
     if config.format == "qop":
         passes += [LowerToQOperator(), Cleanup()]
