@@ -8,6 +8,8 @@ from .config import QuantConfig
 from .pass_manager import Pass
 from .passes.cleanup import Cleanup
 from .passes.constants_to_initializers import ConstantsToInitializers
+from .passes.contrib_gather_block_quantized import ContribGatherBlockQuantized
+from .passes.contrib_matmul_nbits import ContribMatMulNBits
 from .passes.fold_batchnorm import FoldBatchNorm
 from .passes.fold_conv_bias_add import FoldConvBiasAdd
 from .passes.insert_qdq import InsertQDQ
@@ -50,7 +52,8 @@ def rewrite_passes(config: QuantConfig) -> list[Pass]:
     int8/16 (Q/DQ pairs from the plan, then the output form: QDQ or integer operators)."""
     if config.weight_only:
         return [WeightOnlyQuantize(config.algorithm, damp=config.gptq_damp, act_order=config.gptq_act_order,
-                                   tied=config.weight_only_tied), Cleanup()]
+                                   tied=config.weight_only_tied), Cleanup()] + (
+            [ContribMatMulNBits(), ContribGatherBlockQuantized(), Cleanup()] if config.allow_contrib_ops else [])
     passes: list[Pass] = [InsertQDQ(), Cleanup()]
     if config.format == "qop":
         passes += [LowerToQOperator(), Cleanup()]

@@ -62,7 +62,10 @@ class WeightOnlyQuantize(Pass):
         written: dict[tuple, gs.Variable] = {}
         skipped = list(bound.skips)
         self._notes: list[Skip] = []
-        self._tables: list[tuple[gs.Constant, gs.Constant, gs.Constant]] = []  # (float table, rows int8, scale [V, 1])
+        # (float table, rows int8, scale [V, 1]) of the tables quantized so far, kept across runs on the same graph
+        # (sequential GPTQ rewrites the embedding and the head in different runs)
+        tensors = graph.tensors()
+        self._tables = [e for e in getattr(self, "_tables", []) if tensors.get(e[1].name) is e[1]]
         done: Counter = Counter()
         for t in sorted(bound.targets, key=lambda t: t.node.op != "Gather"):  # tables first: a tied head reads them
             reason = self._rewrite(t, graph, ctx, names, written)
