@@ -135,3 +135,20 @@ def test_k_mix_is_a_set_of_plan_overrides_that_the_rewrite_follows(tmp_path):
 def test_mix_name_is_validated():
     with pytest.raises(qpass.QpassError, match="weight_only_mix"):
         QuantConfig(weight_only="int4", weight_only_mix="q4_k_m")
+
+
+def test_the_command_line_options_reach_the_plan_and_the_output(tmp_path, capsys):
+    from qpass.cli import main
+
+    src, out, plan = tmp_path / "tf.onnx", tmp_path / "tf.q.onnx", tmp_path / "plan.json"
+    onnx.save(_transformer(8), src)
+    rc = main(["run", str(src), "-o", str(out), "--weight-only", "int4", "--block-size", "16", "--weight-only-mix",
+               "k-mix", "--tied-head", "separate", "--allow-contrib-ops", "--save-plan", str(plan), "--no-per-layer",
+               "--no-latency", "-q"])
+    assert rc == 0, capsys.readouterr().err
+    saved = json.loads(plan.read_text())
+    assert len(saved["overrides"]) == 8 and {o["weight"]["dtype"] for o in saved["overrides"]} == {"int8"}
+    model = onnx.load(out)
+    nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    bits = sorted(next(a.i for a in n.attribute if a.name == "bits") for n in nbits)
+    assert bits == [4] * 48 + [8] * 8  # 7 weight MatMuls in each of 8 layers, 8 of them int8
