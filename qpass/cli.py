@@ -89,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "rows (once, the default: the table is stored once) or gets its own int8 copy (separate)")
     _config_option(run, "--weight-only-mix", choices=WEIGHT_ONLY_MIXES,
                    help="weight-only: a mixed-precision preset written into the plan as overrides: k-mix (int8 value "
-                        "and FFN down projections of the first, last and every third layer, after llama.cpp's Q4_K_M)")
+                        "and FFN down projections of the first, last and every third layer, after llama.cpp's Q4_K_M); "
+                        "k-mix-o (their attention output projections too)")
     _config_option(run, "--allow-contrib-ops", action="store_const", const=True,
                    help="weight-only: write onnxruntime's com.microsoft MatMulNBits / GatherBlockQuantized (runs on "
                         "onnxruntime only) instead of standard DequantizeLinear")

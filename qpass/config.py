@@ -34,8 +34,9 @@ WEIGHT_ONLY_ALGORITHMS = ("auto", "rtn", "search", "gptq")
 #: weight-only output head tied to the embedding table: "once" (the head reads the table's int8 rows), "separate"
 WEIGHT_ONLY_TIED = ("once", "separate")
 #: weight-only mixed-precision presets (qpass.plan.policy.MIXES): "none", or "k-mix" (int8 for the attention value
-#: and FFN down projections of the first, last and every third layer, after llama.cpp's Q4_K_M)
-WEIGHT_ONLY_MIXES = ("none", "k-mix")
+#: and FFN down projections of the first, last and every third layer, after llama.cpp's Q4_K_M), "k-mix-o" (the
+#: attention output projections of those layers too)
+WEIGHT_ONLY_MIXES = ("none", "k-mix", "k-mix-o")
 
 
 @dataclass(frozen=True)
@@ -135,8 +136,9 @@ class QuantConfig:
             rows and row scales, the table is stored once) or "separate" (the head gets its own block-wise int8
             copy).
         weight_only_mix: a mixed-precision preset of the weight-only mode, written into the plan as overrides (see
-            the saved plan): "none" or "k-mix" (int8 for the value and FFN down projections of the first eighth,
-            the last eighth and every third layer between; roles found from the graph's structure).
+            the saved plan): "none", "k-mix" (int8 for the value and FFN down projections of the first eighth,
+            the last eighth and every third layer between; roles found from the graph's structure) or "k-mix-o"
+            (the attention output projections of those layers too).
         allow_contrib_ops: the weight-only mode writes onnxruntime's com.microsoft MatMulNBits (4/8-bit MatMul
             weights) and GatherBlockQuantized (int8 embedding rows) instead of standard DequantizeLinear forms;
             such a model runs on onnxruntime only.

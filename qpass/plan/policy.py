@@ -174,7 +174,9 @@ def more_bits(layer: int, layers: int) -> bool:
 
 #: weight-only mixed-precision presets: role (qpass.plan.roles) -> weight spec changes, applied in the layers
 #: chosen by :func:`more_bits`
-MIXES = {"k-mix": {"v_proj": {"dtype": "int8", "symmetric": True}, "ffn_down": {"dtype": "int8", "symmetric": True}}}
+_INT8 = {"dtype": "int8", "symmetric": True}
+MIXES = {"k-mix": {"v_proj": _INT8, "ffn_down": _INT8},
+         "k-mix-o": {"v_proj": _INT8, "o_proj": _INT8, "ffn_down": _INT8}}
 
 
 def mix_overrides(graph: gs.Graph, plan: QuantPlan, mix: str) -> tuple[Override, ...]:

@@ -132,6 +132,16 @@ def test_k_mix_is_a_set_of_plan_overrides_that_the_rewrite_follows(tmp_path):
         t.SerializeToString() for t in out.model.graph.initializer)
 
 
+def test_k_mix_o_adds_the_output_projections_of_the_same_layers():
+    model = _transformer(8, names=False)
+    cfg = QuantConfig(weight_only="int4", block_size=16, weight_only_mix="k-mix-o")
+    graph = WorkingGraph(model).graph
+    plan = build_plan(graph, cfg)
+    weight_of = {node_label(n): n.inputs[1].name for n in graph.nodes if n.op == "MatMul"}
+    assert sorted(weight_of[o.value] for o in plan.overrides) == sorted(
+        f"L{i}.{w}" for i in (0, 3, 6, 7) for w in ("wv", "wo", "wd"))
+
+
 def test_mix_name_is_validated():
     with pytest.raises(qpass.QpassError, match="weight_only_mix"):
         QuantConfig(weight_only="int4", weight_only_mix="q4_k_m")
