@@ -53,6 +53,15 @@ def test_contrib_matmul_nbits_only_with_the_flag_and_it_matches_the_standard_for
     assert np.abs(a - b).max() <= 0.02 * np.abs(a).max()
     ref = _run(model, x)
     assert np.abs(b - ref).max() <= np.abs(a - ref).max() + 0.02 * np.abs(a).max()
+    # a second run on its own output changes nothing
+    from qpass.graph import WorkingGraph
+    from qpass.pass_manager import PassContext
+    from qpass.passes.contrib_gather_block_quantized import ContribGatherBlockQuantized
+    from qpass.passes.contrib_matmul_nbits import ContribMatMulNBits
+
+    graph = WorkingGraph(contrib.model).graph
+    assert not ContribMatMulNBits().run(graph, PassContext()).modified
+    assert not ContribGatherBlockQuantized().run(graph, PassContext()).modified
 
 
 def test_the_packed_layout_dequantizes_back_to_the_weight():
