@@ -260,6 +260,9 @@ def render(results: dict) -> str:
         out += render_latency(json.loads((here / "latency.json").read_text()))
     if (here / "llm.json").exists():
         out += render_llm(json.loads((here / "llm.json").read_text()))
+    if (here / "cuda" / "llm_cuda_h200.json").exists():
+        out += render_llm_cuda(json.loads((here / "cuda" / "llm_cuda_h200.json").read_text()),
+                               json.loads((here / "cuda" / "dq_forms_h200.json").read_text()))
     return "\n".join(out)
 
 
@@ -279,6 +282,36 @@ def render_llm(data: dict) -> list[str]:
         out += ["", "| model | tokens | MatMulNBits accuracy level | median ms | MatMulNBits nodes |", "|---|---|---|---|---|"]
         for r in data["latency"]:
             out.append(f"| {r['label']} | {r['tokens']} | {r['accuracy_level']} | {_fmt(r['median_ms'], 2)} | {r['matmulnbits']} |")
+    return out + [""]
+
+
+def render_llm_cuda(run: dict, forms: dict) -> list[str]:
+    """The CUDA-provider table (benchmarks/llm_cuda.py and benchmarks/cuda_dq_forms.py results from the GPU machine)."""
+    out = ["### On the CUDA provider", "",
+           f"`benchmarks/llm_cuda.py` on {run['gpu']} (GPU, driver, memory), onnxruntime-gpu {run['onnxruntime']}, "
+           f"onnx {run['onnx']}. The model is the qpass default (GPTQ int4 block 128, 16 windows, int8 head and "
+           "embedding; its embedding written as Gather -> Cast -> Mul, the form qpass now writes). fp32 for speed is "
+           "that model with every weight dequantized (the same graph and shapes; the 651 MB original does not pass "
+           "the GPU machine's 64 MiB transfers). Written as a block-wise DequantizeLinear after the Gather (qpass's "
+           "form before this run), the embedding failed on this provider ('Unsupported quantization type'). Median of "
+           f"{run['latency_cuda'][0]['repeats']} runs, models alternated each round, after 5 warm-ups.", "",
+           "| model | accuracy level | tokens | median ms | tokens/s | vs fp32 |", "|---|---|---|---|---|---|"]
+    fp32 = {r["tokens"]: r["median_ms"] for r in run["latency_cuda"] if r["model"] == "fp32"}
+    for r in run["latency_cuda"]:
+        out.append(f"| {r['model']} | {r['accuracy_level'] if r['model'] != 'fp32' else ''} | {r['tokens']} | "
+                   f"{_fmt(r['median_ms'], 2)} | {_fmt(r['tokens_per_s'], 1)} | "
+                   f"{_fmt(fp32[r['tokens']] / r['median_ms'], 2)}x |")
+    graphs = "; ".join(f"{k}: " + ", ".join(f"{op} {n}" for op, n in v.items()) for k, v in run["optimized_ops"].items())
+    acc = run["accuracy"]
+    out += ["", f"Optimized graphs on CUDA: {graphs}. Perplexity on the {run['windows']} evaluation windows: CPU "
+            f"{acc['int4_cpu_level0']['ppl']}, CUDA {acc['int4_cuda_level0']['ppl']} (top-1 agreement with the CPU "
+            f"{acc['int4_cuda_level0']['top1_agree_with_cpu']}).", "",
+            f"Which DequantizeLinear forms the CUDA provider runs (`benchmarks/cuda_dq_forms.py`, onnxruntime-gpu "
+            f"{forms['onnxruntime']}):", "", "| form | optimized graph | ran on CUDA |", "|---|---|---|"]
+    for name, r in forms["forms"].items():
+        ops = ", ".join(f"{op} {n}" for op, n in r.get("optimized_ops", {}).items())
+        ran = "yes" if r.get("ran") else "no: " + r.get("error", "").split("Status Message: ")[-1]
+        out.append(f"| {name} | {ops} | {ran} |")
     return out + [""]
 
 

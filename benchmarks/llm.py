@@ -10,8 +10,10 @@ evaluation windows), with onnxruntime's ``session.qdq_matmulnbits_accuracy_level
 fuses DequantizeLinear(int4, block) -> MatMul into MatMulNBits with accuracy level 4 (int8 activations) unless
 told otherwise, while its own MatMulNBits output carries the level the quantizer wrote (0 here).
 
-Variants: ``qpass:ALG:TYPE:BLOCK[:OPTIONS]`` (ALG rtn|search|gptq|gptq-seqN, TYPE int4|uint4|int8; OPTIONS a
-comma-separated list of ``tied=once|separate``, ``mix=k-mix``, ``contrib``) and ``ort:ALG:SYM:BLOCK``
+Variants: ``qpass:ALG:TYPE:BLOCK`` (ALG rtn|search|gptq|gptq-seqN|awq|awq-gptq, TYPE int4|uint4|int8|nf4|ternary, a ``-dq``
+suffix for uint8 block scales as Mul(Cast), ``-dqdq`` as DequantizeLinear, e.g. ``qpass:rtn:int4-dq:128``; ternary
+is written at opset 25; a fifth field OPTIONS, a comma-separated list of ``tied=once|separate``,
+``mix=k-mix|k-mix-o``, ``contrib``) and ``ort:ALG:SYM:BLOCK``
 (ALG rtn|gptq|hqq, SYM sym|asym), ``ort-qdq:rtn:SYM:BLOCK`` (onnxruntime's standard QDQ output). The onnxruntime
 variants need ``pip install -e '.[bench]'``; its GPTQ also needs torch (the SmolLM2 kit's venv has both).
 """
@@ -53,9 +55,14 @@ def quantize_one(variant: str, kit: Path, out: Path, calib_windows: int) -> dict
 
         seq = int(alg[len("gptq-seq"):]) if alg.startswith("gptq-seq") else 0  # gptq-seqN: N stages a pass
         alg = "gptq" if seq else alg
-        qpass.quantize(src, kit / "calib" if alg == "gptq" else None, output=dst, weight_only=kind, block_size=block,
+        form = {"dq": "cast-mul", "dqdq": "dequantize"}.get(kind.partition("-")[2])
+        kind = kind.partition("-")[0]
+        calibrated = alg in ("gptq", "awq", "awq-gptq")
+        qpass.quantize(src, kit / "calib" if calibrated else None, output=dst, weight_only=kind, block_size=block,
                        algorithm=alg, max_calib_samples=calib_windows, validate=False, external_data=False,
-                       gptq_sequential=seq, **options)
+                       gptq_sequential=seq, double_quant=form is not None,
+                       double_quant_form=form or "cast-mul",
+                       target_opset=25 if kind == "ternary" else None, **options)
     else:
         import numpy as np
         import onnx
@@ -91,7 +98,7 @@ def quantize_one(variant: str, kit: Path, out: Path, calib_windows: int) -> dict
         q.model.save_model_to_file(str(dst), use_external_data_format=False)
     seconds = time.perf_counter() - t
     return {"variant": variant, "path": str(dst), "seconds": round(seconds, 1), "peak_rss_mb": round(_peak_rss_mb()),
-            "bytes": dst.stat().st_size, "calib_windows": calib_windows if "gptq" in alg else 0}
+            "bytes": dst.stat().st_size, "calib_windows": calib_windows if "gptq" in alg or "awq" in alg else 0}
 
 
 def _kit_scorer(kit: Path, level: int | None):
@@ -133,7 +140,7 @@ def latency(models: list[str], lengths=(1, 128), repeats: int = 30, levels=(0, 4
                 so.optimized_model_filepath = str(Path(tmp) / "opt.onnx")
                 sessions[(m, level)] = ort.InferenceSession(m, so, providers=["CPUExecutionProvider"])
                 ops = [n.op_type for n in onnx.load(so.optimized_model_filepath, load_external_data=False).graph.node]
-            formed[(m, level)] = ops.count("MatMulNBits")
+            formed[(m, level)] = (ops.count("MatMulNBits"), ops.count("DequantizeLinear"))
     rng = np.random.default_rng(0)
     rows = []
     for n in lengths:
@@ -149,7 +156,8 @@ def latency(models: list[str], lengths=(1, 128), repeats: int = 30, levels=(0, 4
                 times[k].append(time.perf_counter() - t)
         for (m, level), ts in times.items():
             rows.append({"model": m, "tokens": n, "accuracy_level": level, "median_ms": round(1000 * statistics.median(ts), 2),
-                         "matmulnbits": formed[(m, level)], "repeats": repeats})
+                         "matmulnbits": formed[(m, level)][0], "dequantizelinear": formed[(m, level)][1],
+                         "repeats": repeats})
     return rows
 
 
@@ -180,10 +188,12 @@ def main(argv=None) -> int:
     lat = sub.add_parser("latency")
     lat.add_argument("models", nargs="+")
     lat.add_argument("--repeats", type=int, default=30)
+    lat.add_argument("--lengths", type=int, nargs="+", default=[1, 128], help="token counts timed")
+    lat.add_argument("--levels", type=int, nargs="+", default=[0, 4], help="MatMulNBits accuracy levels")
     lat.add_argument("--jsonl", type=Path)
     args = ap.parse_args(argv)
     if args.cmd == "latency":
-        for r in latency(args.models, repeats=args.repeats):
+        for r in latency(args.models, lengths=args.lengths, repeats=args.repeats, levels=args.levels):
             _emit(r, args.jsonl)
         return 0
     if args.cmd == "quantize":

@@ -1,6 +1,7 @@
 """quantize() and validate_models(): the stages called in order, and the report assembled from their artifacts."""
 from __future__ import annotations
 
+import gc
 import os
 import time
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from .calib.sources import calibration_data, take, validation_data
 from .calib.table import CalibrationTable
 from .config import QuantConfig
 from .errors import ConfigError, ModelSaveError, PlanError
-from .io import same_file, save_model
+from .io import model_bytes, same_file, save_model
 from .plan.spec import QuantPlan
 from .recipes import resolve
 from .report import Report
@@ -74,6 +75,7 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, calib: Data = None, *, 
     prepared = _timed(times, "prepare", stages.prepare, original, cfg, name=name, dump_dir=dump_dir)
     report.opset, report.passes = prepared.opset, list(prepared.records)
     report.warnings += prepared.warnings
+    gc.collect()  # prepare's working graph (reference cycles) holds exports and loaded values until collected
     qplan = QuantPlan.load(plan) if isinstance(plan, (str, os.PathLike)) else plan
     qplan = qplan or _timed(times, "plan", stages.plan, prepared, cfg)
     if cfg.weight_only and qplan.tensors:
@@ -118,7 +120,13 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, calib: Data = None, *, 
                            dump_dir=dump_dir, name=name)
     report.passes += rewritten.records
     report.quantized_nodes, report.plan = rewritten.quantized_nodes, qplan.with_overrides().to_dict()
-    report.sizes = {"input_bytes": stages.model_size(model, original), "output_bytes": rewritten.model.ByteSize()}
+    report.sizes = {"input_bytes": stages.model_size(model, original), "output_bytes": model_bytes(rewritten.model)}
+    # what validation and saving need is the reference and the result: the prepared model (a copy of every weight)
+    # and the loaded input (another, when the opset policy upgraded it) go now, with the working graphs (gs tensors
+    # sit in reference cycles, which only the cycle collector frees)
+    reference = prepared.reference
+    del prepared, original
+    gc.collect()
     t = time.perf_counter()
     samples, desc = validation_data(val, specs, cfg, calib=calib, held=held, loaded_table=load_calib is not None,
                                     calibrated=needs_data) if cfg.validate else (None, None)
@@ -127,7 +135,7 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, calib: Data = None, *, 
     elif samples is None:
         report.warnings.append("not validated: no held-out samples (give --val PATH or more calibration samples)")
     else:
-        report.validation = stages.evaluate(prepared.reference, rewritten.model, samples, desc, cfg)
+        report.validation = stages.evaluate(reference, rewritten.model, samples, desc, cfg)
         report.warnings.extend(report.validation["findings"])
     times["validate"] = time.perf_counter() - t
     result = QuantizeResult(rewritten.model, report, plan=qplan)

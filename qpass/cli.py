@@ -26,7 +26,7 @@ examples:
   qpass run model.onnx --load-plan plan.json --load-calib table.json --val calib/   # edited plan, no recalibration
   qpass run model.onnx --synthetic-calib                        # smoke run on random data (loudly marked)
 
-exit codes: 0 success, 1 validation below --min-cosine, 2 bad input (one line names the file/node/tensor)
+exit codes: 0 success, 1 validation below --min-cosine (or an output broken, see --allow-collapse), 2 bad input (one line names the file/node/tensor)
 """
 
 
@@ -74,13 +74,20 @@ def build_parser() -> argparse.ArgumentParser:
                      help="keep in float a compute node whose output only this op type reads (repeatable; "
                           "e.g. HardSwish, which onnxruntime fuses into a float Conv but has no integer kernel for)")
     _config_option(run, "--weight-only", choices=WEIGHT_ONLY_TYPES,
-                   help="weight-only mode: MatMul/Gemm weights block-wise int4 (symmetric), uint4 (asymmetric) or "
-                        "int8, activations float (standard DequantizeLinear with block_size, opset 21)")
+                   help="weight-only mode: MatMul/Gemm weights block-wise int4 (symmetric), uint4 (asymmetric), "
+                        "int8, nf4 (NormalFloat codebook) or ternary (int2, needs --target-opset 25), activations "
+                        "float (standard DequantizeLinear with block_size, opset 21)")
+    _config_option(run, "--double-quant", action="store_const", const=True,
+                   help="weight-only: store the block scales as uint8 with a float scale per output channel")
+    _config_option(run, "--double-quant-form", choices=("cast-mul", "dequantize"),
+                   help="double-quantized scales as Mul(Cast(codes), s2) (default; onnxruntime folds it and still "
+                        "fuses MatMulNBits) or DequantizeLinear(codes, s2) (no MatMulNBits on onnxruntime)")
     _config_option(run, "--block-size", type=int, metavar="N",
                    help="weight-only: input features per scale (default 128; a power of two >= 16 for MatMulNBits)")
     _config_option(run, "--algorithm", choices=WEIGHT_ONLY_ALGORITHMS,
                    help="weight-only: auto (default: gptq with --calib or --load-calib, else rtn), rtn (round to "
-                        "nearest), search (per-block scale search), gptq (needs calibration data)")
+                        "nearest), search (per-block scale search), gptq, awq (activation-aware scales + clipping search), "
+                        "awq-gptq (awq's scales, then gptq); the last three need calibration data")
     _config_option(run, "--gptq-sequential", type=int, metavar="N",
                    help="weight-only GPTQ: measure the Hessians N dependency stages at a time on the model whose "
                         "earlier weights are already quantized (default 0: all from the float model in one pass)")
@@ -124,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _validation_args(p: argparse.ArgumentParser) -> None:
     _config_option(p, "--providers", type=_csv, metavar="LIST", help="comma-separated: cpu,cuda (default: cpu, and cuda when available)")
+    _config_option(p, "--allow-collapse", dest="collapse_check", action="store_const", const=False,
+                   help="with no --min-* set, do not fail (exit 1) an output that validation shows broken "
+                        "(a language model's perplexity over 1.5x fp32's, another output under 10 dB SQNR)")
     _config_option(p, "--min-cosine", type=float, metavar="C", help="exit 1 if an output's mean cosine to fp32 is below C")
     _config_option(p, "--min-sqnr", type=float, metavar="DB", help="exit 1 if an output's SQNR is below DB")
     _config_option(p, "--min-top1", type=float, metavar="A", help="exit 1 if an output's top-1 agreement is below A")
@@ -281,11 +291,22 @@ def print_summary(console: Console, r: dict) -> None:
                        f"{o['cosine_min']:.5f}", f"{o['max_abs_error']:.4g}",
                        f"{o['top1_agreement']:.4f}" if "top1_agreement" in o else "-", acc)
         console.print(vt)
+        first = next((p for p in v.get("providers", []) if p.get("outputs") is not None), {})
+        level0 = {o["output"]: o for o in first.get("accuracy_level_0", [])}
         for o in v["outputs"]:
             if "perplexity_fp32" in o:
                 console.print(f"{o['output']}: next-token perplexity fp32 {o['perplexity_fp32']:.2f} -> quantized "
                               f"{o['perplexity_quantized']:.2f}, KL {o['kl_mean']:.4f} nats over {o['tokens']} tokens",
                               highlight=False, soft_wrap=True)
+                if o["output"] in level0:
+                    z = level0[o["output"]]
+                    console.print(f"  with MatMulNBits accuracy level 0 (float activations; onnxruntime's default is 4): "
+                                  f"perplexity {z['perplexity_quantized']:.2f}, KL {z['kl_mean']:.4f}",
+                                  highlight=False, soft_wrap=True)
+        if "matmulnbits" in first:
+            m = first["matmulnbits"]
+            console.print(f"onnxruntime fused {m['formed']} of {m['weight_only_matmuls']} block-wise weight MatMuls into "
+                          f"MatMulNBits ({first['provider']})", highlight=False)
 
 
 def _db(x) -> str:

@@ -27,10 +27,14 @@ ACTIVATION_TYPES = ("uint8", "int8", "uint16", "int16")
 SIXTEEN_BIT_TYPES = frozenset({"uint16", "int16"})
 CALIB_EPS = ("cpu", "cuda")
 WEIGHT_TYPES = ("int8",)
-#: weight-only mode types: int4/int8 symmetric (zero point 0), uint4 asymmetric (zero point from the block's range)
-WEIGHT_ONLY_TYPES = ("int4", "uint4", "int8")
-#: weight-only algorithms: round to nearest; a data-free per-block scale search; GPTQ (needs calibration data)
-WEIGHT_ONLY_ALGORITHMS = ("auto", "rtn", "search", "gptq")
+#: weight-only mode types: int4/int8 symmetric (zero point 0), uint4 asymmetric (zero point from the block's range),
+#: nf4 (QLoRA's NormalFloat codebook, block absmax), ternary ({-1, 0, 1} x block absmean, int2, opset 25)
+WEIGHT_ONLY_TYPES = ("int4", "uint4", "int8", "nf4", "ternary")
+#: weight-only types rounded to the nearest level of their grid only (no GPTQ or scale search)
+NEAREST_ONLY_TYPES = ("nf4", "ternary")
+#: weight-only algorithms: round to nearest; a data-free per-block scale search; GPTQ; activation-aware scaling with a
+#: clipping search (AWQ); AWQ's scaling then GPTQ (the last three need calibration data)
+WEIGHT_ONLY_ALGORITHMS = ("auto", "rtn", "search", "gptq", "awq", "awq-gptq")
 #: weight-only output head tied to the embedding table: "once" (the head reads the table's int8 rows), "separate"
 WEIGHT_ONLY_TIED = ("once", "separate")
 #: weight-only mixed-precision presets (qpass.plan.policy.MIXES): "none", or "k-mix" (int8 for the attention value
@@ -109,6 +113,8 @@ class QuantConfig:
         min_cosine: if set, a validated output cosine below this fails the run (exit 1).
         min_sqnr: if set, a validated output SQNR (dB) below this fails the run (exit 1).
         min_top1: if set, a validated output top-1 agreement below this fails the run (exit 1).
+        collapse_check: with no minimum set, a validated output that is broken rather than degraded fails the run
+            (exit 1): a language model's perplexity over 1.5x fp32's, another output under 10 dB SQNR.
         providers: execution providers to validate on ("cpu", "cuda"); empty: CPU, and CUDA when available.
         validate: compare the result with the original on onnxruntime (False: the report says it was not validated).
         per_layer: rank the layers by the error they add (one more run per validation sample).
@@ -117,7 +123,9 @@ class QuantConfig:
         external_data: write the weights to a ``.data`` file beside the model.
         allow_empty: a run that quantizes nothing is not an error.
         weight_only: None (static quantization of weights and activations) or the weight type of the weight-only
-            mode: "int4" (symmetric), "uint4" (asymmetric, a zero point per block) or "int8" (symmetric). MatMul and
+            mode: "int4" (symmetric), "uint4" (asymmetric, a zero point per block), "int8" (symmetric), "nf4" (QLoRA's
+            16-level NormalFloat codebook x block absmax, written as uint4 codes -> Cast -> Gather -> Mul) or
+            "ternary" ({-1, 0, 1} x block absmean, BitNet b1.58's rounding; int2 DequantizeLinear, opset 25). MatMul and
             Gemm weights only, block-wise along the input dimension (DequantizeLinear with block_size, opset 21);
             activations stay float.
         block_size: rows of the weight (input features) that share a scale in the weight-only mode; a power of two
@@ -125,7 +133,8 @@ class QuantConfig:
         algorithm: weight-only algorithm: "auto" (GPTQ when calibration data is given, else round to nearest;
             chosen by measurement on SmolLM2-135M, docs/benchmark-notes.md), "rtn" (round to nearest), "search"
             (per-block scale search minimising the weight error), "gptq" (GPTQ with the inputs' Gram matrices
-            from the calibration data).
+            from the calibration data), "awq" (activation-aware input-channel scales from each input's mean |x|,
+            searched by the output error, then a per-block clipping search), "awq-gptq" (those scales, then GPTQ).
         weight_only_head: the weight-only type of the output head (a MatMul/Gemm whose output is a graph output, a
             language model's lm_head): "int8" (block-wise, the default: a 4-bit head makes language models repeat
             themselves), "same" (the mode's type) or "float".
@@ -148,6 +157,12 @@ class QuantConfig:
             stage by stage with the weights before them already quantized: the MatMuls are ordered by how many
             planned MatMuls lie before them on the longest path (a transformer layer has 4 such stages), and each
             calibration pass measures N consecutive stages (one pass over the samples per N stages).
+        double_quant: the weight-only block scales are stored as uint8 with one float32 scale per output channel
+            (QLoRA's and GGUF's double quantization).
+        double_quant_form: how the double-quantized scales are computed: "cast-mul" (Mul(Cast(codes), s2), which
+            onnxruntime folds into a constant at load, so DequantizeLinear -> MatMul still fuses into MatMulNBits) or
+            "dequantize" (DequantizeLinear(codes, s2), which onnxruntime does not fold: no MatMulNBits). Measured:
+            docs/benchmark-notes.md.
     """
 
     format: str = "qdq"
@@ -183,6 +198,7 @@ class QuantConfig:
     min_cosine: float | None = None
     min_sqnr: float | None = None
     min_top1: float | None = None
+    collapse_check: bool = True
     providers: tuple[str, ...] = ()
     validate: bool = True
     per_layer: bool = True
@@ -200,6 +216,8 @@ class QuantConfig:
     gptq_damp: float = 0.01
     gptq_act_order: bool = True
     gptq_sequential: int = 0
+    double_quant: bool = False
+    double_quant_form: str = "cast-mul"
     _exclude_patterns: tuple[re.Pattern, ...] = field(default=(), repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -234,6 +252,14 @@ class QuantConfig:
             raise bad("gptq_sequential", self.gptq_sequential, "0 (float-model Hessians) or a positive stage count")
         if not isinstance(self.gptq_act_order, bool):
             raise bad("gptq_act_order", self.gptq_act_order, "true or false")
+        if not isinstance(self.double_quant, bool):
+            raise bad("double_quant", self.double_quant, "true or false")
+        if self.double_quant_form not in ("cast-mul", "dequantize"):
+            raise bad("double_quant_form", self.double_quant_form, "cast-mul or dequantize")
+        if self.weight_only in NEAREST_ONLY_TYPES and self.algorithm not in ("auto", "rtn"):
+            raise bad("algorithm", self.algorithm, f"auto or rtn with weight_only {self.weight_only} (nearest level only)")
+        if self.double_quant and self.algorithm in ("awq", "awq-gptq"):
+            raise bad("algorithm", self.algorithm, "rtn, search or gptq with double_quant (awq is not combined with it)")
         if self.weight_only is not None and self.format != "qdq":
             raise bad("format", self.format, "qdq with weight_only (the weights stay DequantizeLinear -> MatMul)")
         if self.weight_type not in WEIGHT_TYPES:
@@ -274,6 +300,8 @@ class QuantConfig:
             raise bad("single_reader_dq", self.single_reader_dq, "true or false")
         if not isinstance(self.validate, bool):
             raise bad("validate", self.validate, "true or false")
+        if not isinstance(self.collapse_check, bool):
+            raise bad("collapse_check", self.collapse_check, "true or false")
         if not isinstance(self.per_channel, bool):
             raise bad("per_channel", self.per_channel, "true or false")
         ops = tuple(self.op_types)

@@ -1,9 +1,12 @@
 """The working IR: onnx-graphsurgeon import/export with model metadata kept, and small graph helpers."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from .errors import UnsupportedModelError
 from .io import ModelMeta
@@ -62,7 +65,7 @@ class WorkingGraph:
         self.outer_initializers = (set(outer_initializers) if outer_initializers is not None
                                    else {t.name for t in model.graph.initializer})
         self.graph = gs.import_onnx(model)
-        self.renamed_nodes = unique_node_names(self.graph)
+        self.renamed_nodes = sum(unique_node_names(s.graph) for s in scopes(self.graph))
 
     def export(self, graph: gs.Graph | None = None) -> onnx.ModelProto:
         graph = graph or self.graph
@@ -131,6 +134,14 @@ def hoist_outer_initializers(model: onnx.ModelProto, outer_names: set[str]) -> i
     return removed
 
 
+def constant_values(c: gs.Constant) -> np.ndarray:
+    """The values of ``c``, read without caching them in ``c`` (``c.values`` keeps what it loads, and a gs tensor
+    sits in reference cycles that only the cycle collector frees: a pass that replaces every weight would hold all
+    of them in float until then)."""
+    lazy = c._values
+    return lazy.load() if isinstance(lazy, LazyValues) else c.values
+
+
 def is_onnx_op(node: gs.Node) -> bool:
     """The node is an operator of the default ONNX domain (a ``Conv`` of a vendor domain is another op)."""
     return (getattr(node, "domain", None) or "") in ("", "ai.onnx")
@@ -138,6 +149,53 @@ def is_onnx_op(node: gs.Node) -> bool:
 
 def node_label(node: gs.Node) -> str:
     return node.name or f"{node.op}({node.outputs[0].name if node.outputs else '?'})"
+
+
+#: body attributes of control-flow nodes -> the short name a nested node's label uses (``If_0/then/Conv_3``)
+BODY_ATTRS = {"then_branch": "then", "else_branch": "else", "body": "body"}
+
+
+@dataclass(frozen=True)
+class Scope:
+    """A graph of the model and where it lives: ``prefix`` is prepended to its nodes' labels ("" for the top-level
+    graph), ``owners`` are the op types of the control-flow nodes it is nested in (outermost first), ``owner`` the
+    innermost such node (None at the top level) and ``branch`` its attribute's short name (then / else / body)."""
+
+    graph: gs.Graph
+    prefix: str = ""
+    owners: tuple[str, ...] = ()
+    owner: "gs.Node | None" = None
+    branch: str = ""
+
+    def label(self, node: gs.Node) -> str:
+        return self.prefix + node_label(node)
+
+
+def bodies(node: gs.Node) -> list[tuple[str, gs.Graph]]:
+    """The subgraphs a node holds as attributes, with their attribute names (If branches, Loop/Scan bodies)."""
+    found = []
+    for attr, value in node.attrs.items():
+        for body in (value if isinstance(value, (list, tuple)) else [value]):
+            if isinstance(body, gs.Graph):
+                found.append((attr, body))
+    order = list(BODY_ATTRS)  # then before else, whatever order the attributes were written in
+    return sorted(found, key=lambda ab: order.index(ab[0]) if ab[0] in order else len(order))
+
+
+def scopes(graph: gs.Graph, _parent: Scope | None = None) -> list[Scope]:
+    """The top-level graph and every body nested in it (depth first, in node order)."""
+    here = _parent or Scope(graph)
+    found = [here]
+    for node in graph.nodes:
+        for attr, body in bodies(node):
+            short = BODY_ATTRS.get(attr, attr)
+            found += scopes(body, Scope(body, f"{here.label(node)}/{short}/", here.owners + (node.op,), node, short))
+    return found
+
+
+def scoped_labels(graph: gs.Graph) -> dict[int, tuple[str, Scope]]:
+    """id(node) -> (its label, its scope), for the nodes of every graph of the model."""
+    return {id(n): (s.label(n), s) for s in scopes(graph) for n in s.graph.nodes}
 
 
 def producer(tensor: gs.Tensor) -> gs.Node | None:
@@ -182,6 +240,8 @@ class NameAllocator:
 
     def __init__(self, graph: gs.Graph):
         self.used = set(graph.tensors().keys()) | {n.name for n in graph.nodes if n.name}
+        for s in scopes(graph)[1:]:  # names inside bodies too: a new tensor must not shadow one there
+            self.used |= set(s.graph.tensors().keys()) | {n.name for n in s.graph.nodes if n.name}
 
     def __call__(self, base: str) -> str:
         name, i = base, 1

@@ -172,23 +172,95 @@ def non_utf8_string(msg, path: str = "model") -> str | None:
 
 def check_proto(model: onnx.ModelProto, error: type = ModelLoadError, *, name: str = "model",
                 path: Path | None = None) -> None:
-    """Run the full ONNX checker (with strict shape inference); raise ``error`` with its first line."""
+    """Run the full ONNX checker (with strict shape inference); raise ``error`` with its first line.
+
+    The checker runs on :func:`skeleton` of the model (large weights stubbed as external data, with an empty data
+    file beside it), written to a temporary folder: what the checker looks at (structure, types, shapes, the small
+    constants shape inference reads) is all there, and the weights are neither serialised nor copied, whatever the
+    model's size. ``path`` is accepted for compatibility; the model in memory is what is checked."""
+    del path
     try:
-        if path is not None:
-            onnx.checker.check_model(str(path), full_check=True)
-        elif _too_big(model):
-            with tempfile.TemporaryDirectory(prefix="qpass-check-") as tmp:
-                tmp_path = Path(tmp) / "model.onnx"
-                _write_model(model, tmp_path, external_data=True)
-                onnx.checker.check_model(str(tmp_path), full_check=True)
-        else:
-            onnx.checker.check_model(model, full_check=True)
+        with tempfile.TemporaryDirectory(prefix="qpass-check-") as tmp:
+            tmp_path = Path(tmp) / "model.onnx"
+            sk = skeleton(model, SKELETON_DATA)
+            (Path(tmp) / SKELETON_DATA).touch()
+            tmp_path.write_bytes(sk.SerializeToString())
+            onnx.checker.check_model(str(tmp_path), full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, DecodeError, ValueError) as exc:
         # the checker also raises ValueError ("Invalid tensor data type 33.") and UnicodeDecodeError (a
         # ValueError: a string field that is not UTF-8) on corrupted files
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise error(f"invalid ONNX model: {first}", subject=name,
                     hint="the ONNX checker rejects it") from None
+
+
+#: weights of at least this many bytes are stubbed in :func:`skeleton` (shape inference reads smaller constants)
+SKELETON_BYTES = 1 << 16
+#: the (empty) external data file a skeleton's stubs name
+SKELETON_DATA = "qpass-skeleton.data"
+
+
+def tensor_bytes(t: onnx.TensorProto) -> int:
+    """Bytes of ``t``'s data, from its shape when the data is raw (ByteSize serialises the tensor to count them)."""
+    if t.HasField("raw_data") and t.data_type != onnx.TensorProto.STRING:
+        n = 1
+        for d in t.dims:
+            n *= d
+        try:
+            return n * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+        except (KeyError, TypeError, ValueError):
+            pass
+    return t.ByteSize()
+
+
+def _stubbable(t: onnx.TensorProto, min_bytes: int) -> bool:
+    return (t.data_location != onnx.TensorProto.EXTERNAL and t.data_type != onnx.TensorProto.STRING
+            and t.HasField("raw_data") and tensor_bytes(t) >= min_bytes)
+
+
+def _shell(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` without its main graph's initializers (everything else is copied)."""
+    out = onnx.ModelProto()
+    for fd, value in model.ListFields():
+        if fd.name != "graph":
+            _set_field(out, fd.name, value)
+    for fd, value in model.graph.ListFields():
+        if fd.name != "initializer":
+            _set_field(out.graph, fd.name, value)
+    out.graph.SetInParent()
+    return out
+
+
+def _repeated(fd) -> bool:
+    return fd.is_repeated if hasattr(fd, "is_repeated") else fd.label == fd.LABEL_REPEATED
+
+
+def _stub(t: onnx.TensorProto, location: str, offset: int = 0, length: int | None = None) -> onnx.TensorProto:
+    """``t`` with its raw bytes replaced by a reference to ``location`` (offset, length)."""
+    out = onnx.TensorProto(name=t.name, data_type=t.data_type, dims=t.dims, doc_string=t.doc_string,
+                           data_location=onnx.TensorProto.EXTERNAL)
+    if t.HasField("segment"):
+        out.segment.CopyFrom(t.segment)
+    out.metadata_props.extend(t.metadata_props)
+    out.external_data.add(key="location", value=location)
+    if length is not None:
+        out.external_data.add(key="offset", value=str(offset))
+        out.external_data.add(key="length", value=str(length))
+    return out
+
+
+def skeleton(model: onnx.ModelProto, location: str = SKELETON_DATA,
+             min_bytes: int = SKELETON_BYTES) -> onnx.ModelProto:
+    """A copy of ``model`` whose main-graph initializers of ``min_bytes`` or more are stubs naming external data in
+    ``location`` (their bytes are not copied). For the checker and shape inference, which read the values of small
+    constants only (a Reshape's shape); never for running."""
+    out = _shell(model)
+    for t in model.graph.initializer:
+        if _stubbable(t, min_bytes):
+            out.graph.initializer.append(_stub(t, location))
+        else:
+            out.graph.initializer.append(t)
+    return out
 
 
 def keep_value_info_of(model: onnx.ModelProto, original: "onnx.ModelProto | frozenset[str] | set[str]") -> onnx.ModelProto:
@@ -207,29 +279,120 @@ def keep_value_info_of(model: onnx.ModelProto, original: "onnx.ModelProto | froz
 
 
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Shape-inferred copy of ``model`` for analysis (value_info filled in; the input is untouched)."""
-    if _too_big(model):
-        with tempfile.TemporaryDirectory(prefix="qpass-infer-") as tmp:
-            src = Path(tmp) / "in.onnx"
-            dst = Path(tmp) / "out.onnx"
-            _write_model(model, src, external_data=True)
-            onnx.shape_inference.infer_shapes_path(str(src), str(dst))
-            return onnx.load(str(dst))
+    """Shape-inferred copy of ``model`` for analysis (value_info filled in; the input is untouched).
+
+    Inference runs on :func:`skeleton` of the model (the weights are not serialised, at any size); the copy then
+    gets the real initializers back."""
+    inferred = infer_shapes_skeleton(model)
+    if len(inferred.graph.initializer) != len(model.graph.initializer):  # never seen: inference keeps initializers
+        out = onnx.ModelProto()
+        out.CopyFrom(model)
+        return out
+    for i, t in enumerate(model.graph.initializer):
+        if inferred.graph.initializer[i].data_location == onnx.TensorProto.EXTERNAL and \
+                t.data_location != onnx.TensorProto.EXTERNAL:
+            inferred.graph.initializer[i].CopyFrom(t)
+    return inferred
+
+
+@contextlib.contextmanager
+def inferred_view(model: onnx.ModelProto):
+    """``model`` with the value_info (and graph outputs) of its shape inference, for the duration of the block.
+
+    Gives what :func:`infer_shapes` gives without copying the weights: for importing a working graph whose
+    constants are read from ``model``'s own initializers. The graph's other fields are put back on exit."""
+    inferred = infer_shapes_skeleton(model)
+    saved = _shell(model)
+    changed = [fd.name for fd in onnx.GraphProto.DESCRIPTOR.fields if fd.name != "initializer"
+               and getattr(inferred.graph, fd.name) != getattr(saved.graph, fd.name)]
     try:
-        return onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
+        for f in changed:
+            _set_field(model.graph, f, getattr(inferred.graph, f))
+        yield model
+    finally:
+        for f in changed:
+            _set_field(model.graph, f, getattr(saved.graph, f))
+
+
+def _set_field(msg, name: str, value) -> None:
+    fd = msg.DESCRIPTOR.fields_by_name[name]
+    if _repeated(fd):
+        del getattr(msg, name)[:]
+        getattr(msg, name).extend(value)
+    elif fd.type == fd.TYPE_MESSAGE:
+        getattr(msg, name).CopyFrom(value)
+    else:
+        setattr(msg, name, value)
+
+
+def infer_shapes_skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Shape inference of :func:`skeleton` of ``model`` (its large initializers are stubs)."""
+    sk = skeleton(model)
+    try:
+        return onnx.shape_inference.infer_shapes(sk, check_type=False, strict_mode=False, data_prop=True)
     except Exception:  # noqa: BLE001 - inference is a best-effort analysis aid
-        return model
+        return sk
+
+
+def initializer_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of the main graph's initializers' data (from their shapes: nothing is serialised or copied)."""
+    return sum(tensor_bytes(t) for t in model.graph.initializer)
+
+
+def model_bytes(model: onnx.ModelProto) -> int:
+    """The serialised size of ``model``; over 2 GB of weights (where upb's ByteSize, which serialises the whole
+    message, fails) its skeleton's size plus the stubbed weights' bytes."""
+    if initializer_bytes(model) < EXTERNAL_DATA_THRESHOLD:
+        return model.ByteSize()
+    return skeleton(model).ByteSize() + sum(tensor_bytes(t) for t in model.graph.initializer
+                                            if _stubbable(t, SKELETON_BYTES))
 
 
 def _too_big(model: onnx.ModelProto) -> bool:
-    size = sum(len(t.raw_data) for t in model.graph.initializer)
-    return size >= EXTERNAL_DATA_THRESHOLD or (size > 2**30 and model.ByteSize() >= EXTERNAL_DATA_THRESHOLD)
+    size = initializer_bytes(model)
+    return size >= EXTERNAL_DATA_THRESHOLD or (size > 2**30 and model_bytes(model) >= EXTERNAL_DATA_THRESHOLD)
+
+
+#: external data: a tensor of at least this many bytes is written to the data file (onnx's own default is 1024)
+EXTERNAL_MIN_BYTES = 1024
+#: and one of at least ALIGN_FROM bytes starts at a multiple of ALIGN (onnxruntime can then map it from the file)
+ALIGN, ALIGN_FROM = 1 << 16, 1 << 20
+
+
+def write_external(model: onnx.ModelProto, path: Path, data_name: str) -> bool:
+    """Write ``model`` to ``path`` with its main graph's initializers of ``EXTERNAL_MIN_BYTES`` or more in
+    ``data_name`` beside it, one tensor at a time: the model is not mutated and never copied whole (onnx's
+    save_as_external_data converts its argument in place). Returns whether a data file was written."""
+    shell = _shell(model)
+    offset = 0
+    data_path = Path(path).parent / data_name
+    fh = None
+    try:
+        for t in model.graph.initializer:
+            if not _stubbable(t, EXTERNAL_MIN_BYTES):
+                shell.graph.initializer.append(t)
+                continue
+            raw = t.raw_data
+            if fh is None:
+                fh = open(data_path, "wb")  # noqa: SIM115 - closed below
+            if len(raw) >= ALIGN_FROM and offset % ALIGN:
+                pad = ALIGN - offset % ALIGN
+                fh.write(b"\0" * pad)
+                offset += pad
+            fh.write(raw)
+            shell.graph.initializer.append(_stub(t, data_name, offset, len(raw)))
+            offset += len(raw)
+            del raw
+    finally:
+        if fh is not None:
+            fh.close()
+    Path(path).write_bytes(shell.SerializeToString())
+    return fh is not None
 
 
 def _write_model(model: onnx.ModelProto, path: Path, *, external_data: bool, data_name: str | None = None) -> None:
     if external_data:
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data_name or (path.name + ".data"), size_threshold=1024)
+        write_external(model, path, data_name or (path.name + ".data"))
     else:
         onnx.save_model(model, str(path))
 
@@ -268,11 +431,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, input_path: s
         raise ModelSaveError(f"cannot write in output directory ({exc.strerror})", subject=str(out_dir)) from None
     try:
         tmp_model = tmp_dir / out.name
-        to_write = model
-        if use_external:
-            to_write = onnx.ModelProto()
-            to_write.CopyFrom(model)  # save_as_external_data mutates its argument
-        _write_model(to_write, tmp_model, external_data=use_external, data_name=data_name)
+        _write_model(model, tmp_model, external_data=use_external, data_name=data_name)
         # onnx writes no .data file when no tensor reaches size_threshold
         new_data = tmp_dir / data_name if use_external and (tmp_dir / data_name).exists() else None
         backup = None

@@ -49,3 +49,5 @@ PER_CHANNEL_MIN_OPSET = 13
 INT16_MIN_OPSET = 21
 #: int4/uint4 values and the ``block_size`` attribute (block-wise scales)
 BLOCKED_MIN_OPSET = 21
+#: int2 values in DequantizeLinear (ternary weights)
+INT2_MIN_OPSET = 25

@@ -7,7 +7,7 @@ import onnx
 from .config import SIXTEEN_BIT_TYPES, QuantConfig
 from .errors import OpsetError
 from .io import default_opset, min_ir_version
-from .ops import BLOCKED_MIN_OPSET, INT16_MIN_OPSET, PER_CHANNEL_MIN_OPSET, QDQ_MIN_OPSET
+from .ops import BLOCKED_MIN_OPSET, INT2_MIN_OPSET, INT16_MIN_OPSET, PER_CHANNEL_MIN_OPSET, QDQ_MIN_OPSET
 
 
 def interface(model: onnx.ModelProto) -> tuple[dict, dict]:
@@ -50,6 +50,9 @@ def apply_opset_policy(model: onnx.ModelProto, cfg: QuantConfig, name: str) -> t
         raise OpsetError(f"weight-only {cfg.weight_only} writes block-wise DequantizeLinear, which needs opset "
                          f"{BLOCKED_MIN_OPSET}; the model would have {final}", subject=name,
                          hint=f"use --target-opset {BLOCKED_MIN_OPSET} (onnx.version_converter)")
+    if cfg.weight_only == "ternary" and final < INT2_MIN_OPSET:
+        raise OpsetError(f"weight-only ternary writes int2 DequantizeLinear, which needs opset {INT2_MIN_OPSET}; the "
+                         f"model would have {final}", subject=name, hint=f"use --target-opset {INT2_MIN_OPSET}")
     if cfg.activation_type in SIXTEEN_BIT_TYPES and final < INT16_MIN_OPSET:
         raise OpsetError(f"{cfg.activation_type} activations need QuantizeLinear from opset {INT16_MIN_OPSET}; "
                          f"the model would have {final}", subject=name,

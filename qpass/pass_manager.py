@@ -99,6 +99,9 @@ class PassManager:
         self.export = export
         self.verify = verify
         self.dump_dir = Path(dump_dir) if dump_dir is not None else None
+        #: the graph as exported after the last pass that changed it (None when none did): callers reuse it
+        #: instead of exporting the unchanged graph again (an export copies every weight)
+        self.last_export: onnx.ModelProto | None = None
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> list[PassRecord]:
         records: list[PassRecord] = []
@@ -127,6 +130,8 @@ class PassManager:
                 raise PassError(msg, hint=hint) from exc
             records.append(PassRecord(p.name, time.perf_counter() - start, result.modified, tuple(result.skipped),
                                       dict(result.stats), p.role))
+            if result.modified:  # exported just now, or (nothing asked for an export) not at all
+                self.last_export = after if after is not before else None
             before = after
         return records
 

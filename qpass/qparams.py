@@ -30,6 +30,8 @@ INT_TYPES: dict[str, tuple[type, int, int]] = {
     # 4-bit types: unpacked, one value per int8 / uint8 element (see the module docstring)
     "int4": (np.int8, -8, 7),
     "uint4": (np.uint8, 0, 15),
+    # 2-bit: unpacked, one value per int8 element (ternary weights use -1..1 of it; DequantizeLinear from opset 25)
+    "int2": (np.int8, -2, 1),
 }
 
 #: the 4-bit types, whose numpy dtype is wider than the type (the range is the one in INT_TYPES)
@@ -44,6 +46,7 @@ ONNX_TYPES: dict[str, int] = {
     "int32": TensorProto.INT32,
     "int4": TensorProto.INT4,
     "uint4": TensorProto.UINT4,
+    "int2": TensorProto.INT2,
 }
 
 #: smallest scale written; keeps 1/scale finite for tensors whose range is (nearly) zero
@@ -273,6 +276,17 @@ def unpack_4bit(packed, count: int, signed: bool) -> np.ndarray:
     return (nibbles.astype(np.int8) ^ np.int8(8)) - np.int8(8)  # sign-extend bit 3
 
 
+def pack_2bit(values) -> np.ndarray:
+    """int2 values (-2..1) packed as ONNX stores INT2: flattened (C order), four values a byte, the first in the
+    lowest two bits; padded with 0. Returns ``uint8`` of length ``ceil(n / 4)``; values out of range raise."""
+    flat = np.asarray(values).reshape(-1).astype(np.int64)
+    if flat.size and (flat.min() < -2 or flat.max() > 1):
+        raise ValueError("values outside the int2 range [-2, 1]")
+    crumbs = np.zeros(-(-flat.size // 4) * 4, dtype=np.uint8)
+    crumbs[:flat.size] = flat & 0x03
+    return (crumbs[0::4] | (crumbs[1::4] << 2) | (crumbs[2::4] << 4) | (crumbs[3::4] << 6)).astype(np.uint8)
+
+
 def make_initializer(name: str, values, qtype: str) -> TensorProto:
     """An ONNX initializer holding integer ``values`` as ``qtype`` (a name in :data:`INT_TYPES`), shape
     ``values.shape``. int4 / uint4 values (unpacked, in range) are packed with :func:`pack_4bit` into
@@ -285,6 +299,8 @@ def make_initializer(name: str, values, qtype: str) -> TensorProto:
         raise ValueError(f"values outside the {qtype} range [{qmin}, {qmax}]")
     if qtype in FOUR_BIT_TYPES:
         raw = pack_4bit(values, signed=qtype == "int4").tobytes()
+    elif qtype == "int2":
+        raw = pack_2bit(values).tobytes()
     else:
         raw = values.astype(np.dtype(dtype).newbyteorder("<")).tobytes()
     return helper.make_tensor(name, ONNX_TYPES[qtype], values.shape, raw, raw=True)

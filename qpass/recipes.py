@@ -4,8 +4,9 @@ Passes take their settings in their constructors; the pass context carries artif
 """
 from __future__ import annotations
 
-from .config import QuantConfig
+from .config import NEAREST_ONLY_TYPES, QuantConfig
 from .pass_manager import Pass
+from .passes.activation_scale import ActivationScale
 from .passes.cleanup import Cleanup
 from .passes.constants_to_initializers import ConstantsToInitializers
 from .passes.contrib_gather_block_quantized import ContribGatherBlockQuantized
@@ -17,6 +18,7 @@ from .passes.lower_qop import LowerToQOperator
 from .passes.matmul_bias_gemm import MatMulBiasToGemm
 from .passes.single_reader_dq import SingleReaderDequantize
 from .passes.weight_only import WeightOnlyQuantize
+from .passes.weight_only_codebook import WeightOnlyCodebook
 
 
 #: configuration fields that only static quantization reads (set with --weight-only, they change nothing)
@@ -33,9 +35,14 @@ def resolve(config: QuantConfig, *, has_data: bool) -> tuple[QuantConfig, list[s
         static = [f for f in STATIC_ONLY if getattr(config, f) != getattr(default, f)]
         if static:
             notes.append(f"weight-only mode: {', '.join(static)} apply to static quantization and are ignored")
+    if config.weight_only and config.algorithm in ("awq", "awq-gptq") and config.gptq_sequential:
+        notes.append(f"gptq_sequential applies to --algorithm gptq only; {config.algorithm} takes every Hessian from "
+                     "the float model")
     if config.weight_only and config.algorithm == "auto":
-        if has_data:
+        if has_data and config.weight_only not in NEAREST_ONLY_TYPES:
             return config.replace(algorithm="gptq"), notes
+        if config.weight_only in NEAREST_ONLY_TYPES:
+            return config.replace(algorithm="rtn"), notes
         return config.replace(algorithm="rtn"), notes + [
             "weight-only without calibration data: round to nearest; give --calib for GPTQ, which measured far "
             "closer to fp32 (SmolLM2-135M, docs/benchmark-notes.md)"]
@@ -50,10 +57,16 @@ def prepare_passes(config: QuantConfig) -> list[Pass]:
 def rewrite_passes(config: QuantConfig) -> list[Pass]:
     """The rewrite of the configured mode: weight-only (block-wise integer weights, activations float), or static
     int8/16 (Q/DQ pairs from the plan, then the output form: QDQ or integer operators)."""
+    if config.weight_only in NEAREST_ONLY_TYPES or (config.weight_only and config.double_quant):
+        return [WeightOnlyCodebook(config.algorithm, damp=config.gptq_damp, act_order=config.gptq_act_order,
+                                   double_quant=config.double_quant, scale_form=config.double_quant_form), Cleanup()]
     if config.weight_only:
-        return [WeightOnlyQuantize(config.algorithm, damp=config.gptq_damp, act_order=config.gptq_act_order,
-                                   tied=config.weight_only_tied), Cleanup()] + (
-            [ContribMatMulNBits(), ContribGatherBlockQuantized(), Cleanup()] if config.allow_contrib_ops else [])
+        contrib = [ContribMatMulNBits(), ContribGatherBlockQuantized(), Cleanup()] if config.allow_contrib_ops else []
+        quantize = WeightOnlyQuantize(config.algorithm, damp=config.gptq_damp, act_order=config.gptq_act_order,
+                                      tied=config.weight_only_tied)
+        if config.algorithm in ("awq", "awq-gptq"):
+            return [ActivationScale(), quantize, Cleanup()] + contrib
+        return [quantize, Cleanup()] + contrib
     passes: list[Pass] = [InsertQDQ(), Cleanup()]
     if config.format == "qop":
         passes += [LowerToQOperator(), Cleanup()]

@@ -6,6 +6,7 @@ onnxruntime is imported on first use, so that importing qpass (the CLI's --help)
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import tempfile
 from pathlib import Path
@@ -13,6 +14,7 @@ from pathlib import Path
 import onnx
 
 from .errors import QpassError
+from .io import initializer_bytes, write_external
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
@@ -22,6 +24,10 @@ PROVIDERS = {"cpu": CPU, "cuda": CUDA}
 LEVELS = {"none": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
 #: an in-memory model at least this large goes to onnxruntime through a file with external data (protobuf's 2 GB)
 EXTERNAL_DATA_BYTES = 2**31 - 2**26
+#: an in-memory model at least this large goes to onnxruntime through a file with external data (make_session):
+#: measured on a 651 MB model, the session kept 0.55 GB of RSS made that way against 1.38 GB from one serialised
+#: buffer, and was built in 3.5 s against 4.5 s (docs/benchmark-notes.md)
+FILE_SESSION_BYTES = 1 << 26
 
 
 def _ort():
@@ -62,27 +68,48 @@ def augmented_model(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelPro
     type (tensor(bool))")."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    existing = {o.name for o in out.graph.output}
-    types = {vi.name: vi for vi in list(out.graph.value_info) + list(out.graph.input) if vi.type.WhichOneof("value")}
+    _add_outputs(out, tensors)
+    return out
+
+
+def _add_outputs(model: onnx.ModelProto, tensors: list[str]) -> int:
+    existing = {o.name for o in model.graph.output}
+    types = {vi.name: vi for vi in list(model.graph.value_info) + list(model.graph.input) if vi.type.WhichOneof("value")}
+    added = 0
     for name in tensors:
         if name in existing:
             continue
         vi = types.get(name)
-        out.graph.output.append(vi if vi is not None else onnx.ValueInfoProto(name=name))
-    return out
+        model.graph.output.append(vi if vi is not None else onnx.ValueInfoProto(name=name))
+        existing.add(name)
+        added += 1
+    return added
+
+
+@contextlib.contextmanager
+def extra_outputs(model: onnx.ModelProto, tensors: list[str]):
+    """``model`` itself with :func:`augmented_model`'s extra outputs for the duration of the block (no copy of the
+    weights: make a session inside it); the outputs are removed on exit."""
+    n = len(model.graph.output)
+    _add_outputs(model, tensors)
+    try:
+        yield model
+    finally:
+        del model.graph.output[n:]
 
 
 # ---------------------------------------------------------------------------------------------- sessions
 def make_session(model: onnx.ModelProto, providers: list[str] | None = None, *, what: str | None = "model",
                  level: str | None = "basic", threads: int | None = None, spin: bool = True,
-                 profile_prefix: str | None = None):
+                 profile_prefix: str | None = None, config: dict[str, str] | None = None):
     """An onnxruntime session for an in-memory model (through a temporary file with external data when it is
     over 2 GB), on ``providers`` (default: the CPU).
 
     ``level``: graph optimisation level, a key of :data:`LEVELS`; None keeps onnxruntime's default.
     ``threads``: intra-op threads (default: onnxruntime's, one per core). ``spin=False`` turns off the
     intra-op threads' spin-wait (for timing two sessions in turn). ``profile_prefix``: profile the session into
-    files of that prefix (read them with :func:`profile_placement`). ``what`` names the model in the
+    files of that prefix (read them with :func:`profile_placement`). ``config``: session configuration entries
+    (e.g. ``{"session.qdq_matmulnbits_accuracy_level": "0"}``). ``what`` names the model in the
     :class:`QpassError` raised when onnxruntime cannot load it; None lets onnxruntime's own exception through.
     """
     ort = _ort()
@@ -97,13 +124,17 @@ def make_session(model: onnx.ModelProto, providers: list[str] | None = None, *, 
     if profile_prefix:
         opts.enable_profiling = True
         opts.profile_file_prefix = profile_prefix
+    for key, value in (config or {}).items():
+        opts.add_session_config_entry(key, str(value))
     providers = providers or [CPU]
     try:
-        if model.ByteSize() < EXTERNAL_DATA_BYTES:
+        if initializer_bytes(model) < FILE_SESSION_BYTES:
             return ort.InferenceSession(model.SerializeToString(), opts, providers=providers)
+        # a large model goes through a file, its weights written tensor by tensor to external data (the model is
+        # neither copied whole nor serialised into one buffer; over 2 GB there is no other way)
         with tempfile.TemporaryDirectory(prefix="qpass-session-") as tmp:
             path = Path(tmp) / "model.onnx"
-            onnx.save_model(model, str(path), save_as_external_data=True, location="model.data")
+            write_external(model, path, "model.data")
             return ort.InferenceSession(str(path), opts, providers=providers)
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises several unrelated types
         if what is None:

@@ -23,7 +23,7 @@ from .calib.table import CalibrationTable
 from .config import SIXTEEN_BIT_TYPES, QuantConfig
 from .errors import CalibrationDataError, NothingQuantizedError, PlanError, UnsupportedModelError, VerificationError
 from .graph import WorkingGraph, node_label, op_types, used_quant_ops
-from .io import infer_shapes, keep_value_info_of, load_model
+from .io import inferred_view, initializer_bytes, keep_value_info_of, load_model, model_bytes
 from .ops import INT16_MIN_OPSET
 from .opset import apply_opset_policy
 from .pass_manager import PassContext, PassManager, PassRecord
@@ -83,21 +83,22 @@ def prepare(model: onnx.ModelProto, config: QuantConfig | None = None, *, name: 
         raise UnsupportedModelError(f"already quantized: it contains {sorted(present)}", subject=name,
                                     hint="qpass quantizes float models; give it the original fp32 model")
     reference, opset, warnings = apply_opset_policy(model, config, name)
-    wg = WorkingGraph(infer_shapes(reference))
+    with inferred_view(reference):  # the working graph reads the reference's weights: no copy of them is made
+        wg = WorkingGraph(reference)
     try:  # what the verifier rejects before any pass ran is the input's doing, not the first pass's
         verify_model(wg.export())
     except VerificationError as exc:
         raise UnsupportedModelError(f"the model is not valid after qpass's graph import/export, before any rewrite: "
                                     f"{exc.one_line()}", subject=name,
                                     hint="the ONNX checker accepts it, qpass's verifier does not") from exc
-    records = PassManager(prepare_passes(config), export=wg.export, verify=verify_model,
-                          dump_dir=dump_dir).run(wg.graph, PassContext())
+    manager = PassManager(prepare_passes(config), export=wg.export, verify=verify_model, dump_dir=dump_dir)
+    records = manager.run(wg.graph, PassContext())
     absent = sorted(set(config.exclude_before) - op_types(reference))
     if absent:
         warnings.append(f"exclude_before: no node of op type {', '.join(absent)} in the model (op types are "
                         "case-sensitive, e.g. HardSwish); it changed nothing")
-    return Prepared(wg.export(), reference, records, opset, warnings, frozenset(wg.outer_initializers),
-                    frozenset(vi.name for vi in model.graph.value_info))
+    return Prepared(manager.last_export or wg.export(), reference, records, opset, warnings,
+                    frozenset(wg.outer_initializers), frozenset(vi.name for vi in model.graph.value_info))
 
 
 def _working_graph(prepared: Prepared) -> WorkingGraph:
@@ -136,6 +137,9 @@ def calibrate(prepared: Prepared, quant_plan: QuantPlan, samples: Iterable, conf
             "observer_thread": schedule.get("observer_thread", False)}
     if note:
         info["warnings"] = [note]
+    for key in ("branches_not_taken", "unreachable"):  # If branches no sample took; tensors in Loop/Scan bodies
+        if schedule.get(key):
+            info[key] = schedule[key]
     return Calibrated(table, info)
 
 
@@ -158,16 +162,16 @@ def rewrite(prepared: Prepared, quant_plan: QuantPlan, table: CalibrationTable, 
     config = config or QuantConfig()
     wg = _working_graph(prepared)
     check_plan_fits(bind(quant_plan, wg.graph), wg.graph.opset, config)  # named here, not as a failing pass
-    records = PassManager(rewrite_passes(config), export=wg.export, verify=verify_model,
-                          dump_dir=dump_dir).run(wg.graph, PassContext(quant_plan, table))
-    return _rewritten(wg, prepared, records, config, name)
+    manager = PassManager(rewrite_passes(config), export=wg.export, verify=verify_model, dump_dir=dump_dir)
+    records = manager.run(wg.graph, PassContext(quant_plan, table))
+    return _rewritten(wg, prepared, records, config, name, manager.last_export)
 
 
 def _rewritten(wg: WorkingGraph, prepared: Prepared, records: list[PassRecord], config: QuantConfig,
-               name: str) -> Rewritten:
+               name: str, exported: onnx.ModelProto | None = None) -> Rewritten:
     """The rewritten model (value_info as the input described it), refused when nothing was quantized unless
-    ``allow_empty``."""
-    quantized = keep_value_info_of(wg.export(), prepared.described)
+    ``allow_empty``. ``exported``: the working graph as last exported, when nothing changed it since."""
+    quantized = keep_value_info_of(exported or wg.export(), prepared.described)
     counts = count_quantized(records)
     if not counts and not config.allow_empty:
         skipped = [s for r in prepared.records + records for s in r.skipped]
@@ -201,8 +205,9 @@ def rewrite_sequential(prepared: Prepared, quant_plan: QuantPlan, samples: list,
         records += PassManager([quantizer], export=wg.export, verify=None).run(
             wg.graph, PassContext(QuantPlan(nodes, {}, (), (), stats), table))
     records += PassManager(finish, export=wg.export, verify=verify_model).run(wg.graph, PassContext())
-    verify_model(wg.export())  # the per-stage passes ran unverified: check the result once
-    return _rewritten(wg, prepared, records, config, name)
+    exported = wg.export()
+    verify_model(exported)  # the per-stage passes ran unverified: check the result once
+    return _rewritten(wg, prepared, records, config, name, exported)
 
 
 def check_plan_fits(bound, opset: int, config: QuantConfig) -> None:
@@ -230,7 +235,14 @@ def evaluate(reference: onnx.ModelProto, quantized: onnx.ModelProto, samples: It
 
 
 def model_size(source: Any, model: onnx.ModelProto) -> int:
-    """Bytes of the file ``source`` names, or of the serialised model when it is not a file."""
+    """Bytes of the file ``source`` names (with the external data files it names), or of the serialised model when
+    it is not a file."""
     if isinstance(source, (str, os.PathLike)):
-        return Path(source).stat().st_size
-    return model.ByteSize()
+        path = Path(source)
+        size = path.stat().st_size
+        if size < initializer_bytes(model):  # weights in external data: the .onnx file alone is small to parse
+            files = {e.value for t in onnx.load(str(path), load_external_data=False).graph.initializer
+                     for e in t.external_data if e.key == "location"}
+            size += sum((path.parent / f).stat().st_size for f in files if (path.parent / f).is_file())
+        return size
+    return model_bytes(model)

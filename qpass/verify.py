@@ -11,7 +11,7 @@ from .io import check_proto
 
 _QDQ = {"QuantizeLinear", "DequantizeLinear"}
 _INT_TYPES = {onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT16, onnx.TensorProto.UINT16,
-              onnx.TensorProto.INT32, onnx.TensorProto.INT4, onnx.TensorProto.UINT4}
+              onnx.TensorProto.INT32, onnx.TensorProto.INT4, onnx.TensorProto.UINT4, onnx.TensorProto.INT2}
 #: scale types (float16 / bfloat16 from opset 19; the ONNX checker rejects them below it)
 _SCALE_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
 
@@ -34,29 +34,53 @@ def node_graph(graph: onnx.GraphProto) -> nx.DiGraph:
 
 def verify_model(model: onnx.ModelProto) -> None:
     """Raise :class:`VerificationError` naming the node or tensor that breaks an invariant."""
-    graph = model.graph
     check_proto(model, VerificationError)
+    _verify_graph(model.graph, {}, "")
+
+
+def _bodies(graph: onnx.GraphProto):
+    """(node, attribute name, subgraph) for each If branch / Loop or Scan body of the graph's nodes."""
+    for node in graph.node:
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                yield node, a.name, a.g
+            elif a.type == onnx.AttributeProto.GRAPHS:
+                for g in a.graphs:
+                    yield node, a.name, g
+
+
+def _verify_graph(graph: onnx.GraphProto, outer_inits: dict[str, onnx.TensorProto], where: str) -> None:
+    """The invariants in one graph, then in each body (whose Q/DQ may read scales of an enclosing graph)."""
+    _verify_nodes(graph, where)
+    inits = {**outer_inits, **{t.name: t for t in graph.initializer}}
+    _verify_qdq(graph, inits, where)
+    for node, attr, body in _bodies(graph):
+        _verify_graph(body, inits, f"{where}{node.name or node.op_type}/{attr}: ")
+
+
+def _verify_nodes(graph: onnx.GraphProto, where: str) -> None:
     if not nx.is_directed_acyclic_graph(node_graph(graph)):
         cycle = nx.find_cycle(node_graph(graph))
         raise VerificationError(f"graph has a cycle through nodes {[graph.node[a].name for a, _ in cycle]}",
-                                subject="graph")
+                                subject=f"{where}graph" if where else "graph")
     seen: set[str] = set()
     for node in graph.node:
         if node.name:
             if node.name in seen:
-                raise VerificationError("duplicate node name", subject=f"node '{node.name}'")
+                raise VerificationError("duplicate node name", subject=f"node '{where}{node.name}'")
             seen.add(node.name)
     produced: set[str] = set()
     for node in graph.node:
         for out in node.output:
             if out and out in produced:
-                raise VerificationError("tensor produced twice", subject=f"tensor '{out}'")
+                raise VerificationError("tensor produced twice", subject=f"tensor '{where}{out}'")
             produced.add(out)
-    _verify_qdq(graph)
 
 
-def _verify_qdq(graph: onnx.GraphProto) -> None:
-    inits = {t.name: t for t in graph.initializer}
+def _verify_qdq(graph: onnx.GraphProto, inits: dict[str, onnx.TensorProto] | None = None, where_: str = "") -> None:
+    """Q/DQ nodes of ``graph``; ``inits``: the initializers it can read (its own and those of enclosing graphs;
+    default its own)."""
+    inits = {t.name: t for t in graph.initializer} if inits is None else inits
     ranks = {}
     shapes: dict[str, list[int | None]] = {}  # None: a dimension that is not a known number
     for vi in list(graph.value_info) + list(graph.input) + list(graph.output):
@@ -68,14 +92,22 @@ def _verify_qdq(graph: onnx.GraphProto) -> None:
         ranks[t.name] = len(t.dims)
         shapes[t.name] = list(t.dims)
     gathered = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "Gather" and n.input and n.input[0] in inits}
+    # double-quantized scales: a DequantizeLinear of constants (checked as a DequantizeLinear itself), or a Mul of a
+    # constant and a Cast of a constant
+    cast_of_const = {n.output[0] for n in graph.node if n.op_type == "Cast" and n.input and n.input[0] in inits}
+    scale_dqs = {n.output[0] for n in graph.node if n.input and (
+        (n.op_type == "DequantizeLinear" and all(i in inits for i in n.input if i))
+        or (n.op_type == "Mul" and len(n.input) == 2 and n.input[0] in cast_of_const and n.input[1] in inits))}
     for node in graph.node:
         if node.op_type not in _QDQ:
             continue
-        where = f"node '{node.name or node.output[0]}'"
+        where = f"node '{where_}{node.name or node.output[0]}'"
         if len(node.input) >= 2 and node.input[1] in gathered and node.op_type == "DequantizeLinear" and (
                 len(node.input) < 3 or not node.input[2]):
             # rows of a constant scale table looked up at run time (an int8 embedding): the table is checked
             _check_scale_values(inits[gathered[node.input[1]]], where)
+            continue
+        if node.op_type == "DequantizeLinear" and len(node.input) >= 2 and node.input[1] in scale_dqs:
             continue
         if len(node.input) < 2 or node.input[1] not in inits:
             raise VerificationError("scale must be a constant initializer (or, for DequantizeLinear, a Gather of rows "

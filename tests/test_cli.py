@@ -609,3 +609,14 @@ def test_no_validate_skips_the_comparison_and_says_so(capsys, tmp_path):
     assert rc == 0, err
     report = json.loads((tmp_path / "a.report.json").read_text())
     assert report["validation"] is None and "not validated" in err
+
+
+def test_awq_without_calibration_data_exits_2_naming_the_fix(tmp_path, capsys):
+    from tests.passes.test_activation_scale import norm_mul
+
+    model = tmp_path / "m.onnx"
+    onnx.save(norm_mul(), model)
+    rc, _, err = run_cli(capsys, "run", model, "-o", tmp_path / "q.onnx", "--weight-only", "int4", "--algorithm", "awq")
+    assert rc == 2
+    line = assert_one_line_error(err, "no calibration data")
+    assert "--calib" in line and not (tmp_path / "q.onnx").exists()

@@ -271,9 +271,17 @@ def test_failed_save_keeps_previous_output(tmp_path, monkeypatch, failing_save):
     assert entries(tmp_path) == {"m.onnx"}
 
 
-@pytest.mark.parametrize("failing_save", [_raise_before_writing, _write_half_then_raise], ids=["raise", "half-written"])
+def _write_external_half_then_raise(model, path, data_name):
+    with open(path.parent / data_name, "wb") as fh:
+        fh.write(b"\0" * 1000)
+    path.write_bytes(b"\0" * 10)
+    raise OSError(28, "No space left on device")
+
+
+@pytest.mark.parametrize("failing_save", [_raise_before_writing, _write_external_half_then_raise],
+                         ids=["raise", "half-written"])
 def test_failed_external_data_save_leaves_nothing(tmp_path, monkeypatch, failing_save):
-    monkeypatch.setattr(onnx, "save_model", failing_save)
+    monkeypatch.setattr(qio, "write_external", failing_save)
     with pytest.raises(ModelSaveError):
         save_model(digits(), tmp_path / "m.onnx", external_data=True)
     assert entries(tmp_path) == set()
@@ -514,3 +522,83 @@ def test_output_keeps_only_the_value_info_the_input_had():
     model.graph.value_info.append(onnx.helper.make_tensor_value_info("c", onnx.TensorProto.FLOAT, ["N", 4, 8, 8]))
     res = qpass.quantize(model, builders.feeds(model, n=4, batch=1), val_fraction=0.0)
     assert [vi.name for vi in res.model.graph.value_info] == ["c"]
+
+
+# ---------------------------------------------------------------------------------------------- large models
+def _tiny_lm(folder: Path) -> Path:
+    """A two-layer decoder (benchmarks/big_lm.py's builder, tiny sizes) with its weights in external data."""
+    from benchmarks.big_lm import build
+
+    path = folder / "lm.onnx"
+    build(path, layers=2, hidden=64, ffn=128, heads=4, vocab=96, seq=8)
+    return path
+
+
+def test_skeleton_stubs_large_weights_and_inference_matches_the_full_model():
+    model = onnx.load(DIGITS_MODEL)
+    sk = qio.skeleton(model, min_bytes=1024)
+    stubbed = [t for t in sk.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    assert stubbed and all(not t.raw_data for t in stubbed) and sk.ByteSize() < model.ByteSize() // 2
+    full = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
+    assert qio.infer_shapes(model).SerializeToString() == full.SerializeToString()
+    before = model.SerializeToString()
+    with qio.inferred_view(model) as view:
+        assert list(view.graph.value_info) == list(full.graph.value_info)
+    assert model.SerializeToString() == before  # put back as it was
+
+
+def test_write_external_streams_tensors_without_mutating_the_model(tmp_path, monkeypatch):
+    model = onnx.load(DIGITS_MODEL)
+    before = model.SerializeToString()
+    assert qio.write_external(model, tmp_path / "m.onnx", "m.onnx.data")
+    assert model.SerializeToString() == before
+    back = onnx.load(str(tmp_path / "m.onnx"), load_external_data=False)
+    ext = [t for t in back.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    big = [t for t in ext if int(dict((e.key, e.value) for e in t.external_data)["length"]) >= qio.ALIGN_FROM]
+    assert ext and all(int(dict((e.key, e.value) for e in t.external_data)["offset"]) % qio.ALIGN == 0 for t in big)
+    assert_same_weights(model, load_model(tmp_path / "m.onnx"))
+
+
+def test_weight_only_on_an_external_data_model_writes_external_data_beside_the_output_only(tmp_path, monkeypatch):
+    """An input whose weights are in external data loads; the >2 GB branches (output with external data, validation
+    sessions through files) are taken by lowering the thresholds; nothing is written beside the input."""
+    from qpass import runtime
+
+    src = tmp_path / "in"
+    src.mkdir()
+    path = _tiny_lm(src)
+    listing = {p.name: p.stat().st_mtime_ns for p in src.iterdir()}
+    assert listing.keys() == {"lm.onnx", "lm.onnx.data"}
+    monkeypatch.setattr(qio, "EXTERNAL_DATA_THRESHOLD", 0)  # every model counts as over 2 GB
+    monkeypatch.setattr(runtime, "FILE_SESSION_BYTES", 0)
+    made = []
+    real = runtime.write_external
+    monkeypatch.setattr(runtime, "write_external", lambda *a: (made.append(a[1]), real(*a))[1])
+    out = tmp_path / "out" / "lm.q.onnx"
+    out.parent.mkdir()
+    result = qpass.quantize(path, output=out, weight_only="int4", block_size=32, algorithm="rtn", per_layer=False)
+    assert {p.name for p in out.parent.iterdir()} == {"lm.q.onnx", "lm.q.onnx.data", "lm.q.report.json",
+                                                       "lm.q.report.html"}
+    assert {p.name: p.stat().st_mtime_ns for p in src.iterdir()} == listing
+    assert len(made) >= 2  # the reference and the quantized model went to onnxruntime through files
+    q = onnx.load(str(out), load_external_data=False)
+    assert any(t.data_location == onnx.TensorProto.EXTERNAL for t in q.graph.initializer)
+    assert result.report.validation["outputs"][0]["cosine_mean"] > 0.9
+    assert result.report.sizes["input_bytes"] == sum(p.stat().st_size for p in src.iterdir())  # .onnx and .data
+    import onnxruntime as ort
+
+    ids = {"input_ids": np.arange(8, dtype=np.int64).reshape(1, 8)}
+    want = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, ids)[0].ravel()
+    got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, ids)[0].ravel()
+    assert got @ want / (np.linalg.norm(got) * np.linalg.norm(want)) > 0.9
+
+
+def test_external_data_flag_writes_data_beside_a_small_output(tmp_path):
+    path = _tiny_lm(tmp_path)
+    out = tmp_path / "q.onnx"
+    qpass.quantize(path, output=out, weight_only="int4", block_size=32, algorithm="rtn", validate=False,
+                   external_data=True)
+    assert (tmp_path / "q.onnx.data").is_file()
+    qpass.quantize(path, output=tmp_path / "q2.onnx", weight_only="int4", block_size=32, algorithm="rtn",
+                   validate=False)
+    assert not (tmp_path / "q2.onnx.data").exists()

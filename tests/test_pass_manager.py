@@ -128,3 +128,26 @@ def test_dump_dir_keeps_the_model_from_just_before_the_failing_pass(tmp_path):
     onnx.checker.check_model(model, full_check=True)
     assert [n.op_type for n in model.graph.node] == ["Conv", "Relu"]
     assert next(n for n in model.graph.node if n.op_type == "Relu").input[0] == "c"
+
+
+class Rename(Pass):
+    def run(self, graph, ctx):
+        graph.nodes[0].name = "renamed"
+        return PassResult(modified=True)
+
+
+def test_last_export_is_the_graph_after_the_last_change_or_none():
+    """Stages reuse the export verified after the last changing pass instead of exporting (copying every weight)
+    again; it is None when no pass changed the graph, or when nothing was exported (no verifier)."""
+    wg = WorkingGraph(builders.conv_model())
+    pm = PassManager([Rename(), Noop()], export=wg.export, verify=verify_model)
+    pm.run(wg.graph, PassContext())
+    assert pm.last_export is not None
+    assert pm.last_export.SerializeToString() == wg.export().SerializeToString()
+    assert pm.last_export.graph.node[0].name == "renamed"
+    unchanged = PassManager([Noop()], export=wg.export, verify=verify_model)
+    unchanged.run(wg.graph, PassContext())
+    assert unchanged.last_export is None
+    unverified = PassManager([Rename()], export=wg.export, verify=None)
+    unverified.run(wg.graph, PassContext())
+    assert unverified.last_export is None

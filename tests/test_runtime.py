@@ -7,9 +7,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
 
+from qpass import io as qio
 from qpass import runtime
 from qpass.errors import QpassError
 from tests import builders
@@ -122,17 +122,21 @@ def test_session_options_follow_the_arguments(tmp_path):
         assert got == getattr(ort.GraphOptimizationLevel, level)
 
 
-def test_a_model_over_the_protobuf_limit_goes_through_external_data(monkeypatch):
-    """The temporary-file path (models over 2 GB), exercised by lowering the threshold: same outputs."""
+def test_a_large_model_goes_through_a_file_with_external_data_and_is_not_mutated(monkeypatch):
+    """The temporary-file path (large models, and the only one over 2 GB), exercised by lowering the threshold:
+    same outputs, the weights written to external data, and the caller's model left as it was."""
     model = builders.conv_model()
+    before = model.SerializeToString()
     want = runtime.make_session(model).run(None, _feed())[0]
-    monkeypatch.setattr(runtime, "EXTERNAL_DATA_BYTES", 0)
-    saved = []
-    real_save = onnx.save_model
-    monkeypatch.setattr(onnx, "save_model", lambda m, path, **kw: (saved.append(kw), real_save(m, path, **kw))[1])
+    monkeypatch.setattr(runtime, "FILE_SESSION_BYTES", 0)
+    monkeypatch.setattr(qio, "EXTERNAL_MIN_BYTES", 1)  # the test model's weights are small
+    written = []
+    real = runtime.write_external
+    monkeypatch.setattr(runtime, "write_external", lambda m, path, data: (written.append(real(m, path, data)), None)[1])
     got = runtime.make_session(model).run(None, _feed())[0]
-    assert saved and saved[0]["save_as_external_data"] is True
+    assert written == [True]  # a data file was written
     np.testing.assert_array_equal(got, want)
+    assert model.SerializeToString() == before
 
 
 def test_a_model_that_does_not_load_is_a_qpass_error_or_onnxruntime_s_own():

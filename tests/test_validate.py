@@ -118,8 +118,11 @@ def test_html_report_renders_in_headless_chromium_with_its_chart(tmp_path):
     assert "Per-layer error" in dom and "CPUExecutionProvider" in dom
 
 
-def test_latency_sessions_do_not_spin_wait_but_accuracy_sessions_keep_the_default(digits_qdq):
-    """fp32 and int8 are timed in turn: a spinning thread pool would slow whichever session runs next."""
+@pytest.mark.parametrize("latency", [True, False])
+def test_one_pair_of_sessions_serves_metrics_and_latency_without_spin_wait(digits_qdq, latency):
+    """fp32 and int8 are timed in turn: a spinning thread pool would slow whichever session runs next. The pair
+    that compares outputs is the pair timed (a session of a large model costs seconds and a copy of its weights);
+    without latency the sessions keep onnxruntime's default."""
     from unittest import mock
 
     import qpass.evaluate.validate as v
@@ -135,11 +138,13 @@ def test_latency_sessions_do_not_spin_wait_but_accuracy_sessions_keep_the_defaul
 
     with mock.patch.object(v, "_session", spy):
         report = validate(onnx.load(builders.DIGITS_MODEL), digits_qdq, _digits_samples(6), providers=["cpu"],
-                          per_layer=False, placement=False, latency_repeats=3)
-    assert report["providers"][0]["latency"]["repeats"] == 3
-    no_spin = [entry for entry in made if entry[0] is False]
-    assert len(no_spin) == 2 and all(value == "0" for _, value in no_spin)
-    assert any(spin for spin, _ in made)  # the sessions that compare outputs keep onnxruntime's default
+                          per_layer=False, placement=False, latency=latency, latency_repeats=3)
+    assert len(made) == 2
+    if latency:
+        assert report["providers"][0]["latency"]["repeats"] == 3
+        assert all(spin is False and value == "0" for spin, value in made)
+    else:
+        assert "latency" not in report["providers"][0] and all(spin is True for spin, _ in made)
 
 
 def test_a_quantized_model_slower_than_the_original_is_a_finding_naming_where_its_time_went(digits_qdq):

@@ -29,6 +29,7 @@ from ..errors import CalibrationDataError
 from ..runtime import augmented_model, make_session
 from .data import InputSpec
 from .observers import Observer, RangeOptions, make_observer
+from .subgraphs import BranchValues, has_bodies
 from .stats import RANGE, Statistics
 from .table import CalibrationTable
 
@@ -236,7 +237,13 @@ def collect_ranges(model: onnx.ModelProto, tensors: list[str], samples: Iterable
         return CalibrationTable({}, samples=n, synthetic=synthetic)
     if isinstance(methods, str):
         methods = {t: methods for t in tensors}
-    augmented = augmented_model(model, run)
+    # tensors inside If branches and Loop/Scan bodies: the main run fetches what their models need (calib.subgraphs)
+    branches = BranchValues(model, run, lambda m, where: make_session(
+        m, providers, what=f"calibration model of If branch '{where}'")) if has_bodies(model) else None
+    if branches is not None and not branches.needed:
+        branches = None
+    fetch = run if branches is None else branches.fetch
+    augmented = augmented_model(model, fetch)
     observers = _make_observers(tensors, methods, extra or {}, options, tensor_options or {})
     cpus = cpu_count()
     model_bytes = augmented.ByteSize()
@@ -249,13 +256,20 @@ def collect_ranges(model: onnx.ModelProto, tensors: list[str], samples: Iterable
         for feed, count in batches(samples, batch_size, batchable(specs) if specs is not None else False):
             t0 = time.perf_counter()
             try:
-                values = schedule.session.run(run, feed)
+                values = schedule.session.run(fetch, feed)
             except Exception as exc:  # noqa: BLE001
                 raise CalibrationDataError(f"onnxruntime failed on calibration sample {n}: {str(exc).splitlines()[0]}",
                                            subject=f"sample {n}") from None
+            names = run
+            if branches is not None:  # the main run's values, then each body run's (one per Loop/Scan iteration)
+                got = {**feed, **dict(zip(fetch, values))}
+                inner = branches.expand(got)
+                pairs = [(name, got[name]) for name in run if name in got]
+                pairs += [(name, v) for name in run for v in inner.get(name, ())]
+                names, values = [p[0] for p in pairs], [p[1] for p in pairs]
             t1 = time.perf_counter()
             nbytes = sum(np.asarray(v).nbytes for v in values) if schedule.stage != "fixed" else 0
-            schedule.handle(observers, run, values, n, count, t0, t1, nbytes)
+            schedule.handle(observers, names, values, n, count, t0, t1, nbytes)
             del values
             n += count
             if on_sample:
@@ -263,6 +277,9 @@ def collect_ranges(model: onnx.ModelProto, tensors: list[str], samples: Iterable
                     on_sample()
         if stats is not None:
             stats["observer_thread"] = schedule.worker is not None
+            if branches is not None:
+                stats["branches_not_taken"] = branches.not_taken()
+                stats["unreachable"] = branches.unreachable()
         schedule.finish()  # waits for the last updates, and raises their error
     finally:
         schedule.close()  # an error of the loop itself is the one reported

@@ -17,9 +17,9 @@ from typing import Any, Iterable
 import numpy as np
 import onnx
 
-from ..io import infer_shapes
+from ..io import infer_shapes_skeleton
 from ..ops import RANGE_FOLDING
-from ..runtime import PROVIDERS, augmented_model, available_providers, make_session, profile_placement, with_cpu_fallback
+from ..runtime import PROVIDERS, available_providers, extra_outputs, make_session, profile_placement, with_cpu_fallback
 
 _DQ_SUFFIXES = ("_dequantized", "_DequantizeLinear_Output")
 #: ops whose outputs are not worth ranking as layers (shapes, constants, pure data movement)
@@ -145,16 +145,29 @@ def _json_float(x: float) -> float | str:
 
 
 # ---------------------------------------------------------------------------------------------- sessions
+#: onnxruntime's session setting for the MatMulNBits it fuses from DequantizeLinear -> MatMul (4, int8 activations,
+#: unless told otherwise)
+ACCURACY_LEVEL = "session.qdq_matmulnbits_accuracy_level"
+
+
+def blocked_weight_matmuls(model: onnx.ModelProto) -> int:
+    """MatMul nodes whose weight is a block-wise DequantizeLinear of constants: what onnxruntime may fuse into
+    MatMulNBits (the weight-only form)."""
+    inits = {t.name for t in model.graph.initializer}
+    blocked = {n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits
+               and any(a.name == "block_size" and a.i for a in n.attribute)}
+    return sum(1 for n in model.graph.node if n.op_type == "MatMul" and len(n.input) > 1 and n.input[1] in blocked)
+
+
 def _session(model: onnx.ModelProto, provider: str, *, profile_prefix: str | None = None, outputs: list[str] | None = None,
-             spin: bool = True):
+             spin: bool = True, config: dict[str, str] | None = None):
     """A session on ``provider`` (CPU as the fallback). ``spin=False`` turns off the intra-op threads' spin-wait,
     for timing two sessions in turn: a session's threads otherwise keep spinning after its run and slow the
     next session's (measured: alternated Magika runs 2-4x slower than either alone). onnxruntime's default
     optimisation level (all), and its own exception when the model does not load (reported as a finding)."""
-    if outputs:
-        model = augmented_model(model, outputs)
-    return make_session(model, with_cpu_fallback(provider), what=None, level=None, spin=spin,
-                        profile_prefix=profile_prefix)
+    with extra_outputs(model, outputs or []):  # the session is made before the outputs are removed again
+        return make_session(model, with_cpu_fallback(provider), what=None, level=None, spin=spin,
+                            profile_prefix=profile_prefix, config=config)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -213,7 +226,7 @@ def _matched_tensors(original: onnx.ModelProto, quantized: onnx.ModelProto) -> d
 
 def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
     """The element type of each tensor of ``model`` that shape inference (or the model itself) knows."""
-    graph = infer_shapes(model).graph
+    graph = infer_shapes_skeleton(model).graph
     types = {t.name: t.data_type for t in graph.initializer}
     for vi in list(graph.input) + list(graph.value_info) + list(graph.output):
         if vi.type.WhichOneof("value") == "tensor_type" and vi.type.tensor_type.elem_type:
@@ -327,6 +340,7 @@ def validate(original: onnx.ModelProto, quantized: onnx.ModelProto, samples: Ite
     """
     samples = list(samples)
     providers = providers or default_providers()
+    weight_only_matmuls = blocked_weight_matmuls(quantized)
     result: dict[str, Any] = {"samples": len(samples), "providers": [], "per_layer": [], "findings": []}
     have = available_providers()
     for key in providers:
@@ -337,35 +351,57 @@ def validate(original: onnx.ModelProto, quantized: onnx.ModelProto, samples: Ite
             entry["note"] = f"{prov} is not available in this onnxruntime ({', '.join(have)})"
             continue
         try:
-            ref = _session(original, prov)
+            # one pair of sessions per provider serves the metrics and then the latency (made without spin-wait for
+            # that: see _session); building a session costs seconds and a copy of the weights on a large model
+            ref = _session(original, prov, spin=not latency)
         except Exception as exc:  # noqa: BLE001 - a finding, not a crash
             entry["error"] = f"original model does not load: {_first_line(exc)}"
             result["findings"].append(f"{prov}: {entry['error']}")
             continue
         with tempfile.TemporaryDirectory(prefix="qpass-prof-") as tmp:
             try:
-                q = _session(quantized, prov, profile_prefix=os.path.join(tmp, "q") if placement else None)
+                q = _session(quantized, prov, profile_prefix=os.path.join(tmp, "q") if placement else None,
+                             spin=not latency)
             except Exception as exc:  # noqa: BLE001
                 entry["error"] = f"quantized model does not load: {_first_line(exc)}"
                 result["findings"].append(f"{prov}: {entry['error']}")
                 continue
             names = [o.name for o in ref.get_outputs()]
             stats = {n: OutputStats(n) for n in names}
+            # weight-only outputs: the same model again with float activations in MatMulNBits (accuracy level 0)
+            q0 = _session(quantized, prov, config={ACCURACY_LEVEL: "0"}) if weight_only_matmuls else None
+            stats0 = {n: OutputStats(n) for n in names}
             try:
                 for feed, label in samples:
-                    for n, r, o in zip(names, ref.run(names, feed), q.run(names, feed)):
+                    refs = ref.run(names, feed)
+                    for n, r, o in zip(names, refs, q.run(names, feed)):
                         if np.asarray(r).dtype.kind == "f":
                             stats[n].add(r, o, label)
                             ids = token_ids(feed, r)
                             if ids is not None:
                                 stats[n].add_language_model(r, o, ids)
+                    for n, r, o in zip(names, refs, q0.run(names, feed) if q0 is not None else ()):
+                        if np.asarray(r).dtype.kind == "f":
+                            stats0[n].add(r, o, label)
+                            ids = token_ids(feed, r)
+                            if ids is not None:
+                                stats0[n].add_language_model(r, o, ids)
             except Exception as exc:  # noqa: BLE001
                 entry["error"] = f"run failed: {_first_line(exc)}"
                 result["findings"].append(f"{prov}: {entry['error']}")
                 continue
             entry["outputs"] = [s.to_dict() for s in stats.values() if s.cosines]
+            if q0 is not None:
+                entry["accuracy_level_0"] = [s.to_dict() for s in stats0.values() if s.cosines]
             if placement:
                 entry["placement"] = profile_placement(q)
+                if weight_only_matmuls:
+                    formed = sum(ops.get("MatMulNBits", 0) for ops in entry["placement"]["ops_by_provider"].values())
+                    entry["matmulnbits"] = {"formed": formed, "weight_only_matmuls": weight_only_matmuls}
+                    if formed < weight_only_matmuls:
+                        result["findings"].append(
+                            f"{prov}: onnxruntime fused {formed} of {weight_only_matmuls} block-wise weight MatMuls into "
+                            "MatMulNBits; the others dequantize their weight on every run")
                 if prov != "CPUExecutionProvider":
                     fell_back = [n for n in entry["placement"]["nodes"] if n["provider"] != prov]
                     entry["placement"]["fallback_nodes"] = fell_back
@@ -374,10 +410,10 @@ def validate(original: onnx.ModelProto, quantized: onnx.ModelProto, samples: Ite
                         result["findings"].append(f"{prov}: {len(fell_back)} node(s) fell back to the CPU ({', '.join(ops)}), "
                                                   f"{entry['placement']['memcpy_nodes']} Memcpy node(s)")
         if latency and samples:
-            entry["latency"] = lat = _latency(_session(original, prov, spin=False), _session(quantized, prov, spin=False),
-                                              samples[0][0], latency_repeats)
+            entry["latency"] = lat = _latency(ref, q, samples[0][0], latency_repeats)  # profiling ended above
             if lat["ratio"] is not None and lat["ratio"] > SLOWER_THAN_ORIGINAL:
                 result["findings"].append(_slower_finding(prov, lat, entry.get("placement", {}).get("op_time_share")))
+        del ref, q, q0
         if "outputs" not in result:
             result["outputs"] = entry["outputs"]
             result["provider"] = prov

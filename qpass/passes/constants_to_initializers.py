@@ -1,5 +1,7 @@
 """Constant(value=W) -> initializer W, for Constant nodes (and Identity chains of constants) feeding a compute op's weight or bias.
 
+In If branches too: a branch's Constant weight becomes an initializer of that branch.
+
 Exporters often hold weights in ``Constant`` nodes or pass initializers through ``Identity``;
 both hide a weight behind a Variable. Only weight/bias slots of the configured compute ops are
 touched; shape constants and everything else stay as they are.
@@ -13,6 +15,7 @@ import onnx_graphsurgeon as gs
 from ..graph import NameAllocator, is_onnx_op
 from ..ops import WEIGHT_SLOTS
 from ..pass_manager import Pass, PassContext, PassResult
+from ..plan.targets import quantizable_scopes
 
 
 
@@ -38,10 +41,17 @@ class ConstantsToInitializers(Pass):
         self.op_types = tuple(op_types)
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        outputs = {t.name for t in graph.outputs}
         done: Counter = Counter()
         made: dict[str, gs.Constant] = {}
         new_name = NameAllocator(graph)
+        for scope in quantizable_scopes(graph):  # an If branch's Constant weights become that branch's initializers
+            self._convert(scope.graph, done, made, new_name)
+        if done:
+            graph.cleanup()
+        return PassResult(modified=bool(done), stats=dict(done))
+
+    def _convert(self, graph: gs.Graph, done: Counter, made: dict[str, gs.Constant], new_name: NameAllocator) -> None:
+        outputs = {t.name for t in graph.outputs}
         for node in graph.nodes:
             slots = WEIGHT_SLOTS.get(node.op) if is_onnx_op(node) else None
             if not slots or node.op not in self.op_types:
@@ -60,6 +70,3 @@ class ConstantsToInitializers(Pass):
                     made[t.name] = gs.Constant(new_name(f"{t.name}_const"), const.values)
                 node.inputs[i] = made[t.name]
                 done[node.op] += 1
-        if done:
-            graph.cleanup()
-        return PassResult(modified=bool(done), stats=dict(done))

@@ -1,4 +1,4 @@
-"""DequantizeLinear(Gather(E_q int8 [V, D], ids), Gather(scale[V, 1], ids), axis=-1, block_size=D) -> com.microsoft.GatherBlockQuantized(E_q + 128 as uint8, ids, scale, gather_axis=0, quantize_axis=1, block_size=D, bits=8).
+"""Mul(Cast(Gather(E_q int8 [V, D], ids)), Gather(scale[V, 1], ids)) (or the same as a blocked DequantizeLinear) -> com.microsoft.GatherBlockQuantized(E_q + 128 as uint8, ids, scale, gather_axis=0, quantize_axis=1, block_size=D, bits=8).
 
 onnxruntime's contrib form of the int8 embedding lookup (only with ``--allow-contrib-ops``). onnxruntime takes block
 sizes that are powers of two >= 16 only, so a table whose row length D is not one keeps the standard form; so does
@@ -24,16 +24,20 @@ class ContribGatherBlockQuantized(Pass):
         names = NameAllocator(graph)
         skipped, done = [], 0
         for dq in list(graph.nodes):
-            if dq.op != "DequantizeLinear" or not is_onnx_op(dq) or len(dq.inputs) < 2:
+            if dq.op not in ("DequantizeLinear", "Mul") or not is_onnx_op(dq) or len(dq.inputs) != 2:
                 continue
             rows, scales = _producer(dq.inputs[0]), _producer(dq.inputs[1])
+            if dq.op == "Mul":  # Mul(Cast(rows to float), scale rows)
+                if rows is None or rows.op != "Cast" or len(dq.inputs[0].outputs) != 1:
+                    continue
+                rows = _producer(rows.inputs[0])
             if rows is None or scales is None or rows.op != "Gather" or scales.op != "Gather":
                 continue
             table, scale, ids = rows.inputs[0], scales.inputs[0], rows.inputs[1]
             if not (isinstance(table, gs.Constant) and isinstance(scale, gs.Constant) and scales.inputs[1] is ids):
                 continue
             values = np.asarray(table.values)
-            if values.dtype != np.int8 or values.ndim != 2 or len(dq.inputs) > 2:
+            if values.dtype != np.int8 or values.ndim != 2:
                 continue
             d = int(values.shape[1])
             reason = None

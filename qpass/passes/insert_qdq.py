@@ -3,6 +3,8 @@
 The QDQ format: only standard ONNX QuantizeLinear / DequantizeLinear. Which activations get a pair,
 which consumers read it and every spec come from the plan (:mod:`qpass.plan`); activation ranges come from the
 calibration table; weight ranges from the constants.
+Inside If branches too: a pair goes into the graph whose nodes read it (a branch quantizes the outer values it
+reads there), weights and their scales become initializers of the branch that holds the node.
 A bias whose integer value would overflow int32 widens its channel's weight scale until it fits (recorded in the
 report); only where that cannot apply (a scalar bias on per-channel weights, say) does it stay float, with the reason.
 """
@@ -14,7 +16,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..errors import PreconditionError
-from ..graph import NameAllocator, node_label
+from ..graph import NameAllocator, scopes
 from ..config import WEIGHT_TYPES
 from ..ops import PER_CHANNEL_MIN_OPSET
 from ..pass_manager import Pass, PassContext, PassResult, Skip
@@ -42,6 +44,10 @@ class InsertQDQ(Pass):
         plan = bind(ctx.plan, graph)
         self._names = NameAllocator(graph)
         self._graph = graph
+        self._scopes = {id(sc.graph): sc for sc in scopes(graph)}
+        #: id(node) -> the graph (top level or an If branch) that holds it; Q/DQ nodes go where their readers are
+        self._home = {id(n): sc.graph for sc in self._scopes.values() for n in sc.graph.nodes}
+        self._into = graph
         self._weights: dict[tuple[str, int | None], tuple[gs.Variable, np.ndarray]] = {}
         self._dq_source: dict[str, str] = {}
         self._planned = {q.name for q in plan.tensors}
@@ -59,7 +65,10 @@ class InsertQDQ(Pass):
     # ------------------------------------------------------------------ activations
     def _quantize_activations(self, plan: BoundPlan, ctx: PassContext, skipped: list[Skip]) -> dict[str, np.ndarray]:
         """Insert one Q/DQ pair per planned tensor and rewire its readers; returns tensor name -> scale."""
-        tensors = self._graph.tensors()
+        tensors = dict(self._graph.tensors())
+        for sc in list(self._scopes.values())[1:]:
+            for name, t in sc.graph.tensors().items():
+                tensors.setdefault(name, t)
         scales: dict[str, np.ndarray] = {}
         for q in plan.tensors:
             x = tensors[q.name]
@@ -73,13 +82,17 @@ class InsertQDQ(Pass):
                 skipped.append(Skip(q.name, "activation", f"{q.spec.granularity}{' dynamic' if q.spec.dynamic else ''} "
                                                           "activation specs are not written by static QDQ; left in float"))
                 continue
+            readers = [n for n in list(x.outputs) if q.consumers is None or id(n) in q.consumers]
             rng = ctx.calib.get(q.range_of)
             if rng is None:
-                skipped.append(Skip(q.name, "activation", f"no calibration range for '{q.range_of}'; left in float"))
+                inside = [self._scopes[id(self._home[id(n)])] for n in readers if self._home.get(id(n)) is not self._graph]
+                why = (f" (read inside {inside[0].prefix[:-1]}: no calibration sample took that branch)"
+                       if inside and len(inside) == len(readers) else "")
+                skipped.append(Skip(q.name, "activation", f"no calibration range for '{q.range_of}'{why}; left in float"))
                 continue
-            readers = [n for n in list(x.outputs) if q.consumers is None or id(n) in q.consumers]
             if not readers:
                 continue
+            self._into = self._graph_for(x, readers)
             try:
                 scale, zp = compute_qparams(rng.min, rng.max, q.spec.dtype, symmetric=q.spec.symmetric)
             except ValueError as exc:
@@ -94,9 +107,21 @@ class InsertQDQ(Pass):
             self._dq_source[dq.name] = q.name
         return scales
 
+    def _graph_for(self, x: gs.Tensor, readers: list[gs.Node]) -> gs.Graph:
+        """Where x's Q/DQ pair goes: the graph of its readers when they all lie in one (an If branch reading an
+        outer value quantizes it there), else the graph that produces x (its value is visible in every body)."""
+        homes = {id(self._home.get(id(n), self._graph)): self._home.get(id(n), self._graph) for n in readers}
+        if len(homes) == 1:
+            return next(iter(homes.values()))
+        made = x.inputs[0] if isinstance(x, gs.Variable) and x.inputs else None
+        if made is not None and id(made) in self._home:
+            return self._home[id(made)]
+        return next((sc.graph for sc in self._scopes.values() if any(i is x for i in sc.graph.inputs)), self._graph)
+
     # ------------------------------------------------------------------ per compute node
     def _quantize_target(self, t: Target, ctx: PassContext, act_scales: dict[str, np.ndarray], skipped: list[Skip]) -> bool:
-        node, label = t.node, node_label(t.node)
+        node, label = t.node, t.label
+        self._into = self._home.get(id(node), self._graph)
         act_scale = None
         for i in t.activations:
             src = node.inputs[i]
@@ -148,14 +173,14 @@ class InsertQDQ(Pass):
         attrs = {"axis": int(axis)} if axis is not None else {}
         if q_values is None:  # activation: quantize at run time
             q = gs.Variable(self._names(f"{base}_quantized"), dtype=zp.dtype, shape=src.shape)
-            self._graph.nodes.append(gs.Node("QuantizeLinear", self._names(f"{base}_QuantizeLinear"),
+            self._into.nodes.append(gs.Node("QuantizeLinear", self._names(f"{base}_QuantizeLinear"),
                                              inputs=[src, scale_c, zp_c], outputs=[q]))
             shape = src.shape
         else:
             q = gs.Constant(self._names(f"{base}_quantized"), q_values)
             shape = list(q_values.shape)
         dq = gs.Variable(self._names(f"{base}_dequantized"), dtype=np.float32, shape=shape)
-        self._graph.nodes.append(gs.Node("DequantizeLinear", self._names(f"{base}_DequantizeLinear"), attrs=attrs,
+        self._into.nodes.append(gs.Node("DequantizeLinear", self._names(f"{base}_DequantizeLinear"), attrs=attrs,
                                          inputs=[q, scale_c, zp_c], outputs=[dq]))
         return dq
 
@@ -188,7 +213,7 @@ class InsertQDQ(Pass):
         if floor is not None and (floor.shape == np.shape(scale) or floor.ndim == 0) and np.any(floor > scale):
             widened = int(np.count_nonzero(np.broadcast_to(floor > scale, np.shape(scale))))
             scale = np.maximum(scale, floor).astype(np.float32)
-        key = (w.name, axis, scale.tobytes())
+        key = (w.name, axis, scale.tobytes(), id(self._into))
         if key not in self._weights:
             q = quantize(values, scale, zp, axis=axis)
             self._weights[key] = (self._qdq_nodes(w, q, scale, zp, axis, w.name), scale)

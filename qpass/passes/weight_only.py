@@ -16,16 +16,18 @@ from __future__ import annotations
 from collections import Counter
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from ..errors import PreconditionError
-from ..graph import NameAllocator, node_label
+from ..graph import NameAllocator, constant_values, node_label
 from ..ops import BLOCKED_MIN_OPSET
 from ..pass_manager import Pass, PassContext, PassResult, Skip
 from ..plan.bind import bind
 from ..plan.targets import Target
 from ..qparams import make_initializer, quantize
+from ..weights.awq import search_clip
 from ..weights.gptq import gptq
 from ..weights.rtn import QuantizedWeight, rtn
 from ..weights.search import search_block_qparams
@@ -36,7 +38,8 @@ class WeightOnlyQuantize(Pass):
 
     def __init__(self, algorithm: str = "rtn", *, damp: float = 0.01, act_order: bool = True, tied: str = "once"):
         #: "rtn", "search" (per-block scale search; input-weighted when the table has the input's Gram matrix)
-        #: or "gptq" (needs the input's Gram matrix)
+        #: "gptq" (needs the input's Gram matrix), "awq" (a clipping search weighted by the input's Gram matrix, after
+        #: the activation-scale pass) or "awq-gptq" (GPTQ after the activation-scale pass)
         self.algorithm = algorithm
         self.damp = damp
         self.act_order = act_order
@@ -52,8 +55,8 @@ class WeightOnlyQuantize(Pass):
             raise PreconditionError(f"block-wise and 4-bit DequantizeLinear need opset >= {BLOCKED_MIN_OPSET}, graph has "
                                     f"{graph.opset}", subject=blocked[0],
                                     hint=f"use --target-opset {BLOCKED_MIN_OPSET}")
-        if self.algorithm == "gptq" and ctx.calib is None:
-            raise PreconditionError("GPTQ needs calibration statistics (the inputs' Gram matrices)", subject=self.name,
+        if self.algorithm in ("gptq", "awq", "awq-gptq") and ctx.calib is None:
+            raise PreconditionError(f"{self.algorithm} needs calibration statistics (the inputs' Gram matrices)", subject=self.name,
                                     hint="give --calib DATA")
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
@@ -95,9 +98,9 @@ class WeightOnlyQuantize(Pass):
                                                       transposed=node.op == "MatMul" or spec.axis == 1)
             return None
         if key not in written:
-            values = np.asarray(w.values, dtype=np.float32)
+            values = np.asarray(constant_values(w), dtype=np.float32)
             hessian = self._hessian(node, ctx)
-            if self.algorithm == "gptq" and hessian is None and spec.granularity == "block":
+            if self.algorithm in ("gptq", "awq", "awq-gptq") and hessian is None and spec.granularity == "block":
                 note = "no Gram matrix of its input (transposed Gemm input, or a table without one): round to nearest"
             try:
                 qw = self.quantize(values, spec, hessian)
@@ -110,8 +113,9 @@ class WeightOnlyQuantize(Pass):
         return None
 
     def _embedding(self, t: Target, graph: gs.Graph, names: NameAllocator, written: dict) -> str | None:
-        """Gather(E, ids) -> DequantizeLinear(Gather(E_q, ids), Gather(scale[V, 1], ids), axis=-1, block_size=D): the
-        table is stored int8 with one scale per row, and only the gathered rows are dequantized."""
+        """Gather(E, ids) -> Mul(Cast(Gather(E_q, ids), float), Gather(scale[V, 1], ids)): the table is stored int8
+        with one scale per row, and only the gathered rows are dequantized. (Not a DequantizeLinear with block_size:
+        onnxruntime's CUDA provider fails on a block-wise DequantizeLinear it has not fused into a MatMul.)"""
         node, spec = t.node, t.weight_spec
         table, y = node.inputs[0], node.outputs[0]
         if not isinstance(table, gs.Constant) or spec.dtype != "int8" or spec.granularity != "channel":
@@ -120,7 +124,7 @@ class WeightOnlyQuantize(Pass):
             return f"embedding output '{y.name}' is a graph output; kept in float"
         key = ("rows", table.name)
         if key not in written:
-            qw = rtn(np.asarray(table.values, dtype=np.float32), "int8", symmetric=True, axis=0)
+            qw = rtn(np.asarray(constant_values(table), dtype=np.float32), "int8", symmetric=True, axis=0)
             written[key] = (gs.Constant(names(f"{table.name}_quantized"), np.asarray(qw.q, dtype=np.int8)),
                             gs.Constant(names(f"{table.name}_row_scale"), np.asarray(qw.scale, np.float32).reshape(-1, 1)))
             self._tables.append((table, *written[key]))
@@ -129,11 +133,13 @@ class WeightOnlyQuantize(Pass):
         q, scale = written[key]
         rows = gs.Variable(names(f"{y.name}_quantized"), dtype=np.int8)
         row_scale = gs.Variable(names(f"{y.name}_scale"), dtype=np.float32)
+        widened = gs.Variable(names(f"{y.name}_widened"), dtype=np.float32)
         dequantized = gs.Variable(names(f"{y.name}_dequantized"), dtype=np.float32, shape=y.shape)
         graph.nodes.append(gs.Node("Gather", names(f"{node.name or y.name}_scale"), attrs={"axis": 0},
                                    inputs=[scale, node.inputs[1]], outputs=[row_scale]))
-        graph.nodes.append(gs.Node("DequantizeLinear", names(f"{y.name}_DequantizeLinear"),
-                                   attrs={"axis": -1, "block_size": int(table.shape[1])}, inputs=[rows, row_scale],
+        graph.nodes.append(gs.Node("Cast", names(f"{y.name}_Cast"), attrs={"to": int(onnx.TensorProto.FLOAT)},
+                                   inputs=[rows], outputs=[widened]))
+        graph.nodes.append(gs.Node("Mul", names(f"{y.name}_dequantize"), inputs=[widened, row_scale],
                                    outputs=[dequantized]))
         for reader in list(y.outputs):
             for i, inp in enumerate(reader.inputs):
@@ -215,7 +221,12 @@ class WeightOnlyQuantize(Pass):
         if self.algorithm == "rtn" or block is None or w.ndim != 2:
             return rtn(w, spec.dtype, symmetric=spec.symmetric, axis=axis, block_size=block, full_range=bool(block))
         wk = w if axis == 0 else w.T  # [K, N]: blocks along K
-        if self.algorithm == "gptq":
+        if hessian is None and self.algorithm == "awq":
+            return rtn(w, spec.dtype, symmetric=spec.symmetric, axis=axis, block_size=block, full_range=True)
+        if self.algorithm == "awq":
+            scale, zp = search_clip(wk, hessian, block, spec.dtype, symmetric=spec.symmetric)
+            q = quantize(wk, scale, zp, axis=0, block_size=block, qtype=spec.dtype)
+        elif self.algorithm in ("gptq", "awq-gptq"):
             if hessian is None:  # a transposed Gemm input, or a table without Gram matrices: reported by _rewrite
                 return rtn(w, spec.dtype, symmetric=spec.symmetric, axis=axis, block_size=block, full_range=True)
             q, scale, zp = gptq(wk, hessian, block, spec.dtype, symmetric=spec.symmetric, damp=self.damp,

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import onnx_graphsurgeon as gs
 
 from ..errors import PlanError
-from ..graph import node_label
+from ..graph import scopes
 from ..pass_manager import Skip
 from .spec import QSpec, QuantPlan
 from .targets import Target, output_channel_axis
@@ -46,8 +46,11 @@ def _check_weight_axis(node: gs.Node, w: gs.Constant, spec: QSpec, where: str) -
 def bind(plan: QuantPlan, graph: gs.Graph) -> BoundPlan:
     """The plan (its overrides applied) on ``graph``; a name the graph lacks raises :class:`PlanError`."""
     plan = plan.with_overrides()
-    nodes = {node_label(n): n for n in graph.nodes}
-    graph_tensors = graph.tensors()
+    nodes = {s.label(n): n for s in scopes(graph) for n in s.graph.nodes}
+    graph_tensors = dict(graph.tensors())
+    for s in scopes(graph)[1:]:  # tensors of the bodies (a branch's own values)
+        for name, t in s.graph.tensors().items():
+            graph_tensors.setdefault(name, t)
 
     def find(label: str, what: str) -> gs.Node:
         node = nodes.get(label)
@@ -68,7 +71,7 @@ def bind(plan: QuantPlan, graph: gs.Graph) -> BoundPlan:
         for i in np_.activations:
             if not 0 <= i < len(node.inputs) or not isinstance(node.inputs[i], gs.Variable):
                 raise PlanError(f"activation input {i} is not a variable input of this {node.op}", subject=where)
-        t = Target(node, activations=list(np_.activations), notes=list(np_.notes))
+        t = Target(node, activations=list(np_.activations), notes=list(np_.notes), label=np_.node)
         if np_.weight is not None:
             w = np_.weight
             if not 0 <= w.input < len(node.inputs) or node.inputs[w.input].name != w.tensor or not isinstance(

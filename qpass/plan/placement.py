@@ -27,7 +27,7 @@ from ..config import QuantConfig
 from ..graph import is_float32, is_onnx_op
 from ..ops import DATA_MOVEMENT, RANGE_FOLDING
 from ..pass_manager import Skip
-from .targets import Target, find_targets
+from .targets import Target, find_targets, quantizable_scopes
 
 
 
@@ -120,8 +120,30 @@ def _all_quantized_readers(y: gs.Tensor, targets: list[Target], depth: int = 0) 
 
 
 def plan_quantization(graph: gs.Graph, config: QuantConfig) -> Plan:
+    """The plan over the top-level graph and the If branches: each graph is placed on its own (its targets, joins
+    and data movement), into one table of tensors (a tensor of an outer graph that a branch reads is planned once,
+    its readers merged)."""
     targets, skips = find_targets(graph, config)
     tensors: dict[str, QTensor] = {}
+    share: dict[str, str] = {}
+    where = {id(n): i for i, s in enumerate(quantizable_scopes(graph)) for n in s.graph.nodes}
+    for i, scope in enumerate(quantizable_scopes(graph)):
+        mine = [t for t in targets if where.get(id(t.node)) == i]
+        if mine or i == 0:
+            _place(scope.graph, mine, targets, config, tensors, share)
+    for q in tensors.values():
+        root, hops = q.name, 0
+        while root in share and hops <= len(share):
+            root, hops = share[root], hops + 1
+        q.range_of = root
+    return Plan(targets, skips, tensors)
+
+
+def _place(graph: gs.Graph, targets: list[Target], all_targets: list[Target], config: QuantConfig,
+           tensors: dict[str, QTensor], share: dict[str, str]) -> None:
+    """Add to ``tensors`` (and ``share``: tensor -> the tensor whose range it shares) what ``graph``'s own nodes
+    need; ``targets`` are the compute targets among them."""
+    own = {id(n) for n in graph.nodes}
 
     def want(t: gs.Tensor, consumer: gs.Node | None) -> None:
         q = tensors.setdefault(t.name, QTensor(t.name, set(), t.name))
@@ -140,7 +162,7 @@ def plan_quantization(graph: gs.Graph, config: QuantConfig) -> Plan:
             y = _folded_output(tg.node.outputs[0])
             if not is_float32(y) or _consumed_by_q(y) or not y.outputs:
                 continue  # already quantized, or only a graph output: nothing downstream to run in int8
-            if config.output_consumers == "quantized" and not _all_quantized_readers(y, targets):
+            if config.output_consumers == "quantized" and not _all_quantized_readers(y, all_targets):
                 continue
             want(y, None)
     # joins and pooling whose inputs are all quantized: quantized inputs for them, a quantized output of
@@ -162,14 +184,14 @@ def plan_quantization(graph: gs.Graph, config: QuantConfig) -> Plan:
             want(y, None)
     # data movement between quantized tensors shares the producer's range: walk back from each planned
     # tensor through data-movement ops; if a planned tensor is reached, every tensor on the way shares its range
-    share: dict[str, str] = {}
     by_name = graph.tensors()
     for q in list(tensors.values()):
         chain: list[tuple[gs.Tensor, gs.Node]] = []
         t = by_name.get(q.name)
         while t is not None:
             prod = t.inputs[0] if isinstance(t, gs.Variable) and len(t.inputs) == 1 else None
-            if prod is None or prod.op not in DATA_MOVEMENT or not is_onnx_op(prod) or not prod.inputs or not is_float32(prod.inputs[0]):
+            if (prod is None or id(prod) not in own or prod.op not in DATA_MOVEMENT or not is_onnx_op(prod)
+                    or not prod.inputs or not is_float32(prod.inputs[0])):
                 break
             src = prod.inputs[0]
             chain.append((src, prod))
@@ -182,10 +204,4 @@ def plan_quantization(graph: gs.Graph, config: QuantConfig) -> Plan:
                 want(src, prod)
                 share[dst] = src.name
                 dst = src.name
-    for q in tensors.values():
-        root, hops = q.name, 0
-        while root in share and hops <= len(share):
-            root, hops = share[root], hops + 1
-        q.range_of = root
-    return Plan(targets, skips, tensors)
 

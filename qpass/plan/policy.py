@@ -10,7 +10,7 @@ from dataclasses import replace
 import onnx_graphsurgeon as gs
 
 from ..config import QuantConfig
-from ..graph import is_float32, is_onnx_op, node_label
+from ..graph import is_float32, is_onnx_op, node_label, scoped_labels
 from ..ops import DATA_MOVEMENT
 from ..pass_manager import Skip
 from .placement import plan_quantization
@@ -36,7 +36,7 @@ def node_plan(t: Target, config: QuantConfig) -> NodePlan:
         weight = WeightPlan(t.weight, node.inputs[t.weight].name, weight_spec(config, t.weight_axis))
     if t.bias is not None:
         bias = BiasPlan(t.bias, node.inputs[t.bias].name, config.bias, t.bias_axis)
-    return NodePlan(node_label(node), node.op, tuple(t.activations), weight, bias, tuple(t.notes))
+    return NodePlan(t.label, node.op, tuple(t.activations), weight, bias, tuple(t.notes))
 
 
 def build_plan(graph: gs.Graph, config: QuantConfig) -> QuantPlan:
@@ -44,8 +44,9 @@ def build_plan(graph: gs.Graph, config: QuantConfig) -> QuantPlan:
     if config.weight_only:
         return build_weight_only_plan(graph, config)
     placed = plan_quantization(graph, config)
-    labels = {id(n): node_label(n) for n in graph.nodes}
-    order = {id(n): i for i, n in enumerate(graph.nodes)}
+    scoped = scoped_labels(graph)  # nodes of If branches read planned tensors too
+    labels = {key: label for key, (label, _) in scoped.items()}
+    order = {key: i for i, key in enumerate(scoped)}
     calibrate = set(placed.calibrate)
     methods = {name: config.method_for(name, ops) for name, ops in placed.related_ops().items() if name in calibrate}
     tensors = {}
@@ -57,7 +58,9 @@ def build_plan(graph: gs.Graph, config: QuantConfig) -> QuantPlan:
 
 
 #: weight-only algorithms that need each MatMul input's Gram matrix from calibration
-NEEDS_GRAM = frozenset({"gptq"})
+NEEDS_GRAM = frozenset({"gptq", "awq", "awq-gptq"})
+#: weight-only algorithms that also need each MatMul input's mean |x| per channel (activation-aware scaling)
+NEEDS_ABSMEAN = frozenset({"awq", "awq-gptq"})
 
 
 def _reaches_output(node: gs.Node, graph_outputs: set[str], depth: int = 0) -> bool:
@@ -86,8 +89,9 @@ def _heads(graph: gs.Graph) -> set[str]:
 
 
 def weight_only_spec(config: QuantConfig, axis: int) -> QSpec:
-    """Block-wise along the input dimension; int4/int8 symmetric, uint4 asymmetric."""
-    return QSpec(dtype=config.weight_only, symmetric=config.weight_only != "uint4", granularity="block", axis=axis,
+    """Block-wise along the input dimension; int4/int8/nf4 symmetric, uint4 asymmetric, ternary as int2."""
+    dtype = "int2" if config.weight_only == "ternary" else config.weight_only
+    return QSpec(dtype=dtype, symmetric=config.weight_only != "uint4", granularity="block", axis=axis,
                  block_size=config.block_size)
 
 
@@ -161,7 +165,7 @@ def build_weight_only_plan(graph: gs.Graph, config: QuantConfig) -> QuantPlan:
         nodes.append(NodePlan(label, node.op, (), WeightPlan(1, w.name, spec), notes=notes))
         if (config.algorithm in NEEDS_GRAM and isinstance(x, gs.Variable) and is_float32(x)
                 and not (node.op == "Gemm" and int(node.attrs.get("transA", 0)))):  # x^T x of a transposed x is no Hessian
-            statistics[x.name] = ("gram",)
+            statistics[x.name] = ("gram", "absmean") if config.algorithm in NEEDS_ABSMEAN else ("gram",)
     overrides = mix_overrides(graph, QuantPlan(tuple(nodes)), config.weight_only_mix) if nodes else ()
     return QuantPlan(tuple(nodes), {}, tuple(skips), overrides, statistics)
 

@@ -19,7 +19,7 @@ from ..pass_manager import Skip
 
 PLAN_SCHEMA_VERSION = 1
 #: integer types a QSpec may name ("float" keeps the tensor unquantized)
-DTYPES = ("int4", "uint4", "int8", "uint8", "int16", "uint16", "int32", "float")
+DTYPES = ("int2", "int4", "uint4", "int8", "uint8", "int16", "uint16", "int32", "nf4", "float")
 GRANULARITIES = ("tensor", "channel", "block")
 PRECISIONS = ("quantized", "float")
 
@@ -29,7 +29,8 @@ class QSpec:
     """How one tensor is quantized.
 
     Attributes:
-        dtype: integer type of the quantized values (int4, uint4, int8, uint8, int16, uint16, int32) or "float".
+        dtype: integer type of the quantized values (int2, int4, uint4, int8, uint8, int16, uint16, int32), "nf4"
+            (4-bit codes of the NF4 codebook; weight-only) or "float".
         symmetric: zero point 0 (True) or from the range (False).
         granularity: "tensor" (one scale), "channel" (one scale per index of ``axis``) or "block" (one scale per
             ``block_size`` consecutive values along ``axis``, the opset-21 blocked form).

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import onnx_graphsurgeon as gs
 
 from ..config import QuantConfig
-from ..graph import is_float32, is_onnx_op, node_label, producer
+from ..graph import Scope, is_float32, is_onnx_op, node_label, producer, scopes
 from ..ops import BIAS_OPS, RECURRENT, WEIGHT_CHANNEL_AXIS
 from ..pass_manager import Skip
 
@@ -33,6 +33,11 @@ class Target:
     #: set when bound from a plan: the weight's spec and the bias's dtype ("int32" or "float")
     weight_spec: "QSpec | None" = None
     bias_dtype: str = "int32"
+    #: the node's label in the plan (``If_0/then/Conv_3`` inside a body; node_label at the top level)
+    label: str = ""
+
+    def __post_init__(self) -> None:
+        self.label = self.label or node_label(self.node)
 
 
 def _from_dq(t: gs.Tensor) -> bool:
@@ -48,17 +53,47 @@ def _is_activation(t: gs.Tensor) -> bool:
     return isinstance(t, gs.Variable) and is_float32(t) and not _from_dq(t)
 
 
+#: control-flow ops whose bodies get quantized: each is calibrated as a model of its own (qpass.calib.subgraphs), a
+#: Loop or Scan body once per iteration; a Scan of opset 8 (the batched form) is not
+CALIBRATED_BODIES = frozenset({"If", "Loop", "Scan"})
+#: the first opset of the Scan that calibration follows
+SCAN_MIN_OPSET = 9
+
+
+def _calibrated(scope: Scope, opset: int) -> bool:
+    return all(op in CALIBRATED_BODIES and (op != "Scan" or opset >= SCAN_MIN_OPSET) for op in scope.owners)
+
+
+def quantizable_scopes(graph: gs.Graph) -> list[Scope]:
+    """The top-level graph and the If branches and Loop/Scan bodies (nested in those only) whose compute gets
+    quantized."""
+    return [s for s in scopes(graph) if _calibrated(s, graph.opset)]
+
+
 def find_targets(graph: gs.Graph, config: QuantConfig) -> tuple[list[Target], list[Skip]]:
-    """Targets in the top-level graph, and the candidates skipped with a reason.
+    """Targets in the top-level graph, If branches and Loop/Scan bodies, and the candidates skipped with a reason
+    (recurrent ops; compute in a body calibration cannot follow).
 
     A node whose inputs are all already behind DequantizeLinear is neither (it is done).
     """
     targets: list[Target] = []
     skips: list[Skip] = []
-    for node in graph.nodes:
+    for scope in quantizable_scopes(graph):
+        found, skipped = scope_targets(scope, config)
+        targets += found
+        skips += skipped
+    skips.extend(subgraph_skips(graph, config))
+    return targets, skips
+
+
+def scope_targets(scope: Scope, config: QuantConfig) -> tuple[list[Target], list[Skip]]:
+    """The targets among one graph's own nodes (not its bodies'), and the candidates skipped there."""
+    targets: list[Target] = []
+    skips: list[Skip] = []
+    for node in scope.graph.nodes:
         if node.op not in config.op_types:
             continue
-        label = node_label(node)
+        label = scope.label(node)
 
         def skip(reason: str) -> None:
             skips.append(Skip(label, node.op, reason))
@@ -67,7 +102,7 @@ def find_targets(graph: gs.Graph, config: QuantConfig) -> tuple[list[Target], li
             skip(f"{node.op} of domain '{node.domain}' is not the ONNX operator; left alone")
             continue
 
-        if config.is_excluded(node.name or ""):
+        if config.is_excluded(node.name or "") or (scope.prefix and config.is_excluded(label)):
             skip("excluded by configuration")
             continue
         if config.exclude_before:
@@ -90,14 +125,14 @@ def find_targets(graph: gs.Graph, config: QuantConfig) -> tuple[list[Target], li
                 continue
             elif node.op == "MatMul":
                 if config.activation_matmuls and _is_activation(x) and _is_activation(w):
-                    targets.append(Target(node, activations=[0, 1]))
+                    targets.append(Target(node, activations=[0, 1], label=label))
                     continue
                 skip("no constant weight (activation x activation MatMul) kept in float")
                 continue
             else:
                 skip(f"{node.op} with dynamic weight '{w.name}' kept in float")
                 continue
-        t = Target(node)
+        t = Target(node, label=label)
         if _is_activation(x):
             t.activations.append(0)
         elif not _from_dq(x):
@@ -114,26 +149,22 @@ def find_targets(graph: gs.Graph, config: QuantConfig) -> tuple[list[Target], li
             elif not _from_dq(b):
                 t.notes.append(f"bias '{b.name}' is not a float32 constant; kept as is")
         targets.append(t)
-    skips.extend(subgraph_skips(graph, config))
     return targets, skips
 
 
-
-
-def subgraph_skips(graph: gs.Graph, config: QuantConfig, where: str = "") -> list[Skip]:
-    """Compute (and recurrent) ops inside If/Loop/Scan bodies: not quantized, and said so."""
+def subgraph_skips(graph: gs.Graph, config: QuantConfig) -> list[Skip]:
+    """Recurrent ops anywhere, and compute ops in bodies calibration cannot follow: not quantized, and said so."""
     skips: list[Skip] = []
-    for node in graph.nodes:
-        if where and (node.op in config.op_types or node.op in RECURRENT):
-            skips.append(Skip(node_label(node), node.op, f"inside {where}: subgraph bodies are not quantized; kept in float"))
-        elif not where and node.op in RECURRENT:
-            skips.append(Skip(node_label(node), node.op, "recurrent op: not quantized; kept in float"))
-        for attr, value in node.attrs.items():
-            bodies = value if isinstance(value, (list, tuple)) else [value]
-            for body in bodies:
-                if isinstance(body, gs.Graph):
-                    inner = f"the {attr} of {node.op} '{node_label(node)}'"
-                    skips.extend(subgraph_skips(body, config, f"{where + ' > ' if where else ''}{inner}"))
+    for scope in scopes(graph):
+        followed = _calibrated(scope, graph.opset)
+        for node in scope.graph.nodes:
+            if node.op in RECURRENT:
+                where = f" (inside {scope.prefix[:-1]})" if scope.prefix else ""
+                skips.append(Skip(scope.label(node), node.op, f"recurrent op{where}: not quantized; kept in float"))
+            elif not followed and node.op in config.op_types:
+                skips.append(Skip(scope.label(node), node.op,
+                                  f"inside {scope.prefix[:-1]}, a body calibration does not follow (a Scan of "
+                                  f"opset < {SCAN_MIN_OPSET}, or under an op other than If/Loop/Scan); kept in float"))
     return skips
 
 

@@ -1,0 +1,68 @@
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+import qpass
+from qpass.cli import main
+from qpass.config import QuantConfig
+from qpass.evaluate.tolerance import COLLAPSE_PERPLEXITY_RATIO, COLLAPSE_SQNR_DB, check_tolerance
+
+
+def _out(name="y", sqnr=30.0, **extra):
+    return {"output": name, "sqnr_db": sqnr, "cosine_mean": 0.99, "cosine_min": 0.98, "max_abs_error": 0.1, **extra}
+
+
+def test_collapse_rule_known_answers():
+    per_layer = [{"node": "mm3", "op_type": "MatMul"}, {"node": "mm1", "op_type": "MatMul"}]
+    ok = check_tolerance({"outputs": [_out(sqnr=COLLAPSE_SQNR_DB + 0.1)], "per_layer": per_layer}, QuantConfig())
+    assert ok == {"passed": True, "tolerance_failures": []}
+    bad = check_tolerance({"outputs": [_out(sqnr=COLLAPSE_SQNR_DB - 0.1)], "per_layer": per_layer}, QuantConfig())
+    assert not bad["passed"] and len(bad["tolerance_failures"]) == 1
+    line = bad["tolerance_failures"][0]
+    assert "output 'y' is broken" in line and "mm3 (MatMul), mm1 (MatMul)" in line and "--exclude" in line
+    # a language model: perplexity decides, not the logits' SQNR (4-bit logits measure ~4 dB at +38 % perplexity)
+    lm = dict(perplexity_fp32=50.0, tokens=100, kl_mean=0.5)
+    degraded = _out("logits", sqnr=3.9, perplexity_quantized=50.0 * COLLAPSE_PERPLEXITY_RATIO, **lm)
+    assert check_tolerance({"outputs": [degraded]}, QuantConfig())["passed"]
+    broken = _out("logits", sqnr=3.9, perplexity_quantized=50.0 * COLLAPSE_PERPLEXITY_RATIO + 1, **lm)
+    r = check_tolerance({"outputs": [broken]}, QuantConfig())
+    assert not r["passed"] and "--weight-only int4" in r["tolerance_failures"][0]
+    r = check_tolerance({"outputs": [broken]}, QuantConfig(weight_only="int4"))
+    assert "GPTQ" in r["tolerance_failures"][0]
+    # off, or replaced by an explicit minimum
+    assert check_tolerance({"outputs": [broken]}, QuantConfig(collapse_check=False))["passed"]
+    assert check_tolerance({"outputs": [_out(sqnr=1.0)]}, QuantConfig(min_top1=0.5))["passed"]
+
+
+def _outlier_model(tmp_path):
+    """y = x @ W with W's row for input channel 0 zero: channel 0 (range 1e4 in calibration) sets the uint8 input
+    scale, so every channel that matters quantizes to a few levels and the output is noise."""
+    rng = np.random.default_rng(0)
+    w = rng.normal(0, 1, (16, 8)).astype(np.float32)
+    w[0] = 0.0
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"], name="mm")], "outlier",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])],
+                              [numpy_helper.from_array(w, "W")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save(model, tmp_path / "m.onnx")
+    x = rng.normal(0, 1, (64, 16)).astype(np.float32)
+    x[:, 0] = rng.uniform(-1e4, 1e4, 64)
+    np.savez(tmp_path / "calib.npz", x=x[:48])
+    np.savez(tmp_path / "val.npz", x=x[48:])
+    return tmp_path / "m.onnx"
+
+
+def test_a_broken_output_fails_the_run_and_names_the_layer(tmp_path, capsys):
+    path = _outlier_model(tmp_path)
+    r = qpass.quantize(path, tmp_path / "calib.npz", val=tmp_path / "val.npz", latency=False)
+    assert r.report.validation["outputs"][0]["sqnr_db"] < COLLAPSE_SQNR_DB and not r.passed
+    args = ["run", str(path), "--calib", str(tmp_path / "calib.npz"), "--val", str(tmp_path / "val.npz"),
+            "-o", str(tmp_path / "q.onnx"), "--quiet"]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "is broken" in err and "mm (MatMul)" in err and "--allow-collapse" in err
+    assert main([*args, "--allow-collapse"]) == 0
