@@ -12,7 +12,8 @@ told otherwise, while its own MatMulNBits output carries the level the quantizer
 
 Variants: ``qpass:ALG:TYPE:BLOCK`` (ALG rtn|search|gptq|gptq-seqN|awq|awq-gptq, TYPE int4|uint4|int8|nf4|ternary, a ``-dq``
 suffix for uint8 block scales as Mul(Cast), ``-dqdq`` as DequantizeLinear, e.g. ``qpass:rtn:int4-dq:128``; ternary
-is written at opset 25) and ``ort:ALG:SYM:BLOCK``
+is written at opset 25; a fifth field OPTIONS, a comma-separated list of ``tied=once|separate``,
+``mix=k-mix|k-mix-o``, ``contrib``) and ``ort:ALG:SYM:BLOCK``
 (ALG rtn|gptq|hqq, SYM sym|asym), ``ort-qdq:rtn:SYM:BLOCK`` (onnxruntime's standard QDQ output). The onnxruntime
 variants need ``pip install -e '.[bench]'``; its GPTQ also needs torch (the SmolLM2 kit's venv has both).
 """
@@ -39,10 +40,15 @@ def _peak_rss_mb() -> float:
 
 def quantize_one(variant: str, kit: Path, out: Path, calib_windows: int) -> dict:
     """Quantize in this process; returns wall seconds, peak RSS and the output path."""
-    tool, alg, kind, block = variant.split(":")
+    tool, alg, kind, block, *extra = variant.split(":")
     block = int(block)
+    names = {"tied": "weight_only_tied", "mix": "weight_only_mix"}
+    options = {}
+    for item in (extra[0].split(",") if extra else ()):
+        key, _, value = item.partition("=")
+        options["allow_contrib_ops" if key == "contrib" else names[key]] = True if key == "contrib" else value
     src = kit / "smollm2_135m.onnx"
-    dst = out / (variant.replace(":", "_") + ".onnx")
+    dst = out / (variant.replace(":", "_").replace(",", "_").replace("=", "-") + ".onnx")
     t = time.perf_counter()
     if tool == "qpass":
         import qpass
@@ -56,7 +62,7 @@ def quantize_one(variant: str, kit: Path, out: Path, calib_windows: int) -> dict
                        algorithm=alg, max_calib_samples=calib_windows, validate=False, external_data=False,
                        gptq_sequential=seq, double_quant=form is not None,
                        double_quant_form=form or "cast-mul",
-                       target_opset=25 if kind == "ternary" else None)
+                       target_opset=25 if kind == "ternary" else None, **options)
     else:
         import numpy as np
         import onnx

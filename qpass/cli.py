@@ -11,7 +11,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from . import __version__
-from .config import ACTIVATION_TYPES, FORMATS, METHOD_CHOICES, WEIGHT_ONLY_ALGORITHMS, WEIGHT_ONLY_TYPES, QuantConfig
+from .config import (ACTIVATION_TYPES, FORMATS, METHOD_CHOICES, WEIGHT_ONLY_ALGORITHMS, WEIGHT_ONLY_MIXES,
+                     WEIGHT_ONLY_TIED, WEIGHT_ONLY_TYPES, QuantConfig)
 from .errors import QpassError
 
 EXAMPLES = """\
@@ -90,6 +91,16 @@ def build_parser() -> argparse.ArgumentParser:
     _config_option(run, "--gptq-sequential", type=int, metavar="N",
                    help="weight-only GPTQ: measure the Hessians N dependency stages at a time on the model whose "
                         "earlier weights are already quantized (default 0: all from the float model in one pass)")
+    _config_option(run, "--tied-head", dest="weight_only_tied", choices=WEIGHT_ONLY_TIED,
+                   help="weight-only: an output head equal to the embedding table transposed reads the table's int8 "
+                        "rows (once, the default: the table is stored once) or gets its own int8 copy (separate)")
+    _config_option(run, "--weight-only-mix", choices=WEIGHT_ONLY_MIXES,
+                   help="weight-only: a mixed-precision preset written into the plan as overrides: k-mix (int8 value "
+                        "and FFN down projections of the first, last and every third layer, after llama.cpp's Q4_K_M); "
+                        "k-mix-o (their attention output projections too)")
+    _config_option(run, "--allow-contrib-ops", action="store_const", const=True,
+                   help="weight-only: write onnxruntime's com.microsoft MatMulNBits / GatherBlockQuantized (runs on "
+                        "onnxruntime only) instead of standard DequantizeLinear")
     _config_option(run, "--max-calib-samples", type=int, metavar="N")
     _config_option(run, "--synthetic-calib", action="store_const", const=True, help="calibrate on random data (smoke runs only)")
     run.add_argument("--load-calib", metavar="JSON", help="use a saved calibration table instead of running calibration")

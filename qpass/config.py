@@ -35,6 +35,12 @@ NEAREST_ONLY_TYPES = ("nf4", "ternary")
 #: weight-only algorithms: round to nearest; a data-free per-block scale search; GPTQ; activation-aware scaling with a
 #: clipping search (AWQ); AWQ's scaling then GPTQ (the last three need calibration data)
 WEIGHT_ONLY_ALGORITHMS = ("auto", "rtn", "search", "gptq", "awq", "awq-gptq")
+#: weight-only output head tied to the embedding table: "once" (the head reads the table's int8 rows), "separate"
+WEIGHT_ONLY_TIED = ("once", "separate")
+#: weight-only mixed-precision presets (qpass.plan.policy.MIXES): "none", or "k-mix" (int8 for the attention value
+#: and FFN down projections of the first, last and every third layer, after llama.cpp's Q4_K_M), "k-mix-o" (the
+#: attention output projections of those layers too)
+WEIGHT_ONLY_MIXES = ("none", "k-mix", "k-mix-o")
 
 
 @dataclass(frozen=True)
@@ -135,6 +141,17 @@ class QuantConfig:
             themselves), "same" (the mode's type) or "float".
         weight_only_embeddings: the weight-only mode also stores embedding tables (a Gather of rows from a constant
             2-D float table) as int8, one scale per row; the rows are dequantized after the lookup.
+        weight_only_tied: an int8 output head whose weight is the embedding table transposed (bit-exactly, or the
+            table itself read through Transpose or Gemm transB=1): "once" (the head reads the embedding's int8
+            rows and row scales, the table is stored once) or "separate" (the head gets its own block-wise int8
+            copy).
+        weight_only_mix: a mixed-precision preset of the weight-only mode, written into the plan as overrides (see
+            the saved plan): "none", "k-mix" (int8 for the value and FFN down projections of the first eighth,
+            the last eighth and every third layer between; roles found from the graph's structure) or "k-mix-o"
+            (the attention output projections of those layers too).
+        allow_contrib_ops: the weight-only mode writes onnxruntime's com.microsoft MatMulNBits (4/8-bit MatMul
+            weights) and GatherBlockQuantized (int8 embedding rows) instead of standard DequantizeLinear forms;
+            such a model runs on onnxruntime only.
         gptq_damp: GPTQ's dampening, a share of the Hessian's mean diagonal added to its diagonal.
         gptq_act_order: GPTQ quantizes input features in decreasing order of their Hessian diagonal.
         gptq_sequential: 0 takes every Hessian from the float model in one calibration pass; N > 0 measures them
@@ -194,6 +211,9 @@ class QuantConfig:
     algorithm: str = "auto"
     weight_only_head: str = "int8"
     weight_only_embeddings: bool = True
+    weight_only_tied: str = "once"
+    weight_only_mix: str = "none"
+    allow_contrib_ops: bool = False
     gptq_damp: float = 0.01
     gptq_act_order: bool = True
     gptq_sequential: int = 0
@@ -223,6 +243,12 @@ class QuantConfig:
             raise bad("weight_only_head", self.weight_only_head, "int8, same or float")
         if not isinstance(self.weight_only_embeddings, bool):
             raise bad("weight_only_embeddings", self.weight_only_embeddings, "true or false")
+        if self.weight_only_tied not in WEIGHT_ONLY_TIED:
+            raise bad("weight_only_tied", self.weight_only_tied, " or ".join(WEIGHT_ONLY_TIED))
+        if self.weight_only_mix not in WEIGHT_ONLY_MIXES:
+            raise bad("weight_only_mix", self.weight_only_mix, " or ".join(WEIGHT_ONLY_MIXES))
+        if not isinstance(self.allow_contrib_ops, bool):
+            raise bad("allow_contrib_ops", self.allow_contrib_ops, "true or false")
         if not isinstance(self.gptq_sequential, int) or isinstance(self.gptq_sequential, bool) or self.gptq_sequential < 0:
             raise bad("gptq_sequential", self.gptq_sequential, "0 (float-model Hessians) or a positive stage count")
         if not isinstance(self.gptq_act_order, bool):

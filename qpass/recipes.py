@@ -9,6 +9,8 @@ from .pass_manager import Pass
 from .passes.activation_scale import ActivationScale
 from .passes.cleanup import Cleanup
 from .passes.constants_to_initializers import ConstantsToInitializers
+from .passes.contrib_gather_block_quantized import ContribGatherBlockQuantized
+from .passes.contrib_matmul_nbits import ContribMatMulNBits
 from .passes.fold_batchnorm import FoldBatchNorm
 from .passes.fold_conv_bias_add import FoldConvBiasAdd
 from .passes.insert_qdq import InsertQDQ
@@ -61,10 +63,12 @@ def rewrite_passes(config: QuantConfig) -> list[Pass]:
         return [WeightOnlyCodebook(config.algorithm, damp=config.gptq_damp, act_order=config.gptq_act_order,
                                    double_quant=config.double_quant, scale_form=config.double_quant_form), Cleanup()]
     if config.weight_only:
+        contrib = [ContribMatMulNBits(), ContribGatherBlockQuantized(), Cleanup()] if config.allow_contrib_ops else []
+        quantize = WeightOnlyQuantize(config.algorithm, damp=config.gptq_damp, act_order=config.gptq_act_order,
+                                      tied=config.weight_only_tied)
         if config.algorithm in ("awq", "awq-gptq"):
-            return [ActivationScale(), WeightOnlyQuantize(config.algorithm, damp=config.gptq_damp,
-                                                          act_order=config.gptq_act_order), Cleanup()]
-        return [WeightOnlyQuantize(config.algorithm, damp=config.gptq_damp, act_order=config.gptq_act_order), Cleanup()]
+            return [ActivationScale(), quantize, Cleanup()] + contrib
+        return [quantize, Cleanup()] + contrib
     passes: list[Pass] = [InsertQDQ(), Cleanup()]
     if config.format == "qop":
         passes += [LowerToQOperator(), Cleanup()]

@@ -5,6 +5,11 @@ quantized by the pass's algorithm (:mod:`qpass.weights`) and stored as integers,
 activations stay float. onnxruntime fuses this form into its MatMulNBits kernel (CPU, CUDA) when the block size is
 a power of two >= 16 and the weight is 2-D. A weight read by several planned nodes with the same spec is written
 once. GPTQ takes each node's Hessian from the Gram matrix of its input in the calibration table.
+
+A head tied to an embedding table (tied="once"; planned int8 per output channel, values bit-exactly the table
+transposed, or the table read through Transpose) reads the table's int8 rows:
+``MatMul(X, Transpose(DequantizeLinear(E_q, row_scale[V], axis=0)))``, which onnxruntime's CPU
+provider still fuses into MatMulNBits (it moves the Transpose onto the initializers).
 """
 from __future__ import annotations
 
@@ -31,13 +36,15 @@ from ..weights.search import search_block_qparams
 class WeightOnlyQuantize(Pass):
     role = "quantize"
 
-    def __init__(self, algorithm: str = "rtn", *, damp: float = 0.01, act_order: bool = True):
+    def __init__(self, algorithm: str = "rtn", *, damp: float = 0.01, act_order: bool = True, tied: str = "once"):
         #: "rtn", "search" (per-block scale search; input-weighted when the table has the input's Gram matrix)
         #: "gptq" (needs the input's Gram matrix), "awq" (a clipping search weighted by the input's Gram matrix, after
         #: the activation-scale pass) or "awq-gptq" (GPTQ after the activation-scale pass)
         self.algorithm = algorithm
         self.damp = damp
         self.act_order = act_order
+        #: "once": a head equal to an embedding table transposed reads the table's int8 rows; "separate": its own copy
+        self.tied = tied
 
     def requires(self, graph: gs.Graph, ctx: PassContext) -> None:
         if ctx.plan is None:
@@ -58,8 +65,12 @@ class WeightOnlyQuantize(Pass):
         written: dict[tuple, gs.Variable] = {}
         skipped = list(bound.skips)
         self._notes: list[Skip] = []
+        # (float table, rows int8, scale [V, 1]) of the tables quantized so far, kept across runs on the same graph
+        # (sequential GPTQ rewrites the embedding and the head in different runs)
+        tensors = graph.tensors()
+        self._tables = [e for e in getattr(self, "_tables", []) if tensors.get(e[1].name) is e[1]]
         done: Counter = Counter()
-        for t in bound.targets:
+        for t in sorted(bound.targets, key=lambda t: t.node.op != "Gather"):  # tables first: a tied head reads them
             reason = self._rewrite(t, graph, ctx, names, written)
             if reason:
                 skipped.append(Skip(node_label(t.node), t.node.op, reason))
@@ -81,6 +92,11 @@ class WeightOnlyQuantize(Pass):
             return f"weight '{w.name}' is no longer a constant; kept in float"
         key = (w.name, spec)
         note = None
+        shared = self._tied(node, w, spec)
+        if shared is not None:
+            node.inputs[t.weight] = self._tied_weight(graph, names, written, *shared,
+                                                      transposed=node.op == "MatMul" or spec.axis == 1)
+            return None
         if key not in written:
             values = np.asarray(constant_values(w), dtype=np.float32)
             hessian = self._hessian(node, ctx)
@@ -111,6 +127,9 @@ class WeightOnlyQuantize(Pass):
             qw = rtn(np.asarray(constant_values(table), dtype=np.float32), "int8", symmetric=True, axis=0)
             written[key] = (gs.Constant(names(f"{table.name}_quantized"), np.asarray(qw.q, dtype=np.int8)),
                             gs.Constant(names(f"{table.name}_row_scale"), np.asarray(qw.scale, np.float32).reshape(-1, 1)))
+            self._tables.append((table, *written[key]))
+            if self.tied == "once":
+                self._share_transposed(graph, names, written, table, *written[key])
         q, scale = written[key]
         rows = gs.Variable(names(f"{y.name}_quantized"), dtype=np.int8)
         row_scale = gs.Variable(names(f"{y.name}_scale"), dtype=np.float32)
@@ -129,6 +148,61 @@ class WeightOnlyQuantize(Pass):
         node.inputs[0] = q
         node.outputs[0] = rows
         return None
+
+    def _tied(self, node: gs.Node, w: gs.Constant, spec) -> tuple | None:
+        """(table, rows, scale) of a quantized embedding table this weight is (transposed), when it is planned as the
+        table's own quantization (int8, symmetric, one scale per table row) and ``tied`` is "once"."""
+        if self.tied != "once" or spec.dtype != "int8" or not spec.symmetric or spec.granularity != "channel":
+            return None
+        transposed = node.op == "MatMul" or spec.axis == 1  # the weight is [D, V]: the table's rows are its columns
+        values = None
+        for table, q, scale in self._tables:
+            shape = tuple(table.shape)[::-1] if transposed else tuple(table.shape)
+            if tuple(w.shape) != shape:
+                continue
+            if w is table:
+                return table, q, scale
+            values = np.asarray(w.values) if values is None else values
+            if np.array_equal(values, np.asarray(table.values).T if transposed else np.asarray(table.values)):
+                return table, q, scale
+        return None
+
+    @staticmethod
+    def _tied_weight(graph: gs.Graph, names: NameAllocator, written: dict, table: gs.Constant, q: gs.Constant,
+                     scale: gs.Constant, *, transposed: bool) -> gs.Variable:
+        """DequantizeLinear(rows, scale[V], axis=0) [V, D], transposed to [D, V] when asked; once per
+        table and form."""
+        key = ("tied", table.name, transposed)
+        if key in written:
+            return written[key]
+        # the row scales again as a 1-D per-axis scale (the checker wants constant scales; V floats beside V * D bytes)
+        flat = gs.Constant(names(f"{scale.name}_flat"), np.ascontiguousarray(np.asarray(scale.values).reshape(-1)))
+        v, d = (int(x) for x in table.shape)
+        out = gs.Variable(names(f"{table.name}_tied_dequantized"), dtype=np.float32, shape=[v, d])
+        graph.nodes.append(gs.Node("DequantizeLinear", names(f"{table.name}_tied_DequantizeLinear"), attrs={"axis": 0},
+                                   inputs=[q, flat], outputs=[out]))
+        if transposed:
+            t = gs.Variable(names(f"{table.name}_tied_transposed"), dtype=np.float32, shape=[d, v])
+            graph.nodes.append(gs.Node("Transpose", names(f"{table.name}_tied_Transpose"), attrs={"perm": [1, 0]},
+                                       inputs=[out], outputs=[t]))
+            out = t
+        written[key] = out
+        return out
+
+    def _share_transposed(self, graph: gs.Graph, names: NameAllocator, written: dict, table: gs.Constant,
+                          q: gs.Constant, scale: gs.Constant) -> None:
+        """A MatMul/Gemm weight that is Transpose(table) (a head tied through Transpose) reads the table's int8 rows."""
+        for tr in list(table.outputs):
+            if tr.op != "Transpose" or list(tr.attrs.get("perm", [1, 0])) != [1, 0]:
+                continue
+            y = tr.outputs[0]
+            readers = [(r, i) for r in y.outputs for i, inp in enumerate(r.inputs) if inp is y]
+            if not readers or any(r.op not in ("MatMul", "Gemm") or i != 1 for r, i in readers) or y in graph.outputs:
+                continue
+            tr.inputs[0] = self._tied_weight(graph, names, written, table, q, scale, transposed=False)
+            for r, _ in readers:
+                self._notes.append(Skip(node_label(r), r.op, f"reads embedding table '{table.name}' through Transpose: "
+                                                             "its int8 rows (stored once)"))
 
     def _hessian(self, node: gs.Node, ctx: PassContext) -> np.ndarray | None:
         """The input's Gram matrix divided by its row count (mean x^T x), when calibration collected it."""

@@ -14,7 +14,8 @@ from ..graph import is_float32, is_onnx_op, node_label, scoped_labels
 from ..ops import DATA_MOVEMENT
 from ..pass_manager import Skip
 from .placement import plan_quantization
-from .spec import BiasPlan, NodePlan, QSpec, QuantPlan, TensorPlan, WeightPlan
+from .roles import find_roles, tied_table
+from .spec import BiasPlan, NodePlan, Override, QSpec, QuantPlan, TensorPlan, WeightPlan
 from .targets import Target
 
 
@@ -118,6 +119,8 @@ def build_weight_only_plan(graph: gs.Graph, config: QuantConfig) -> QuantPlan:
     matrix of each such node's input."""
     nodes, skips, statistics = [], [], {}
     heads = _heads(graph)
+    tables = [n.inputs[0] for n in graph.nodes if n.op == "Gather" and config.weight_only_embeddings and n.inputs
+              and isinstance(n.inputs[0], gs.Constant) and is_float32(n.inputs[0])]
     for node in graph.nodes:
         if node.op == "Gather" and config.weight_only_embeddings and is_onnx_op(node):
             table = node.inputs[0] if node.inputs else None
@@ -136,6 +139,10 @@ def build_weight_only_plan(graph: gs.Graph, config: QuantConfig) -> QuantPlan:
             continue
         x, w = node.inputs[0], node.inputs[1]
         if not (isinstance(w, gs.Constant) and is_float32(w)):
+            tr = w.inputs[0] if isinstance(w, gs.Variable) and len(w.inputs) == 1 else None
+            if (config.weight_only_tied == "once" and tr is not None and tr.op == "Transpose" and tr.inputs
+                    and any(tr.inputs[0] is t for t in tables)):
+                continue  # Transpose(embedding table): the rewrite points it at the table's int8 rows
             skips.append(Skip(label, node.op, f"input '{w.name}' is not a constant float32 weight; kept in float"))
             continue
         if len(w.shape) != 2:
@@ -149,8 +156,43 @@ def build_weight_only_plan(graph: gs.Graph, config: QuantConfig) -> QuantPlan:
                 skips.append(Skip(label, node.op, "output head kept in float (weight_only_head)"))
                 continue
             spec = replace(spec, dtype="int8", symmetric=True)
-        nodes.append(NodePlan(label, node.op, (), WeightPlan(1, w.name, spec)))
+        notes = ()
+        table = tied_table(node, tables) if (label in heads and spec.dtype == "int8"
+                                             and config.weight_only_tied == "once") else None
+        if table is not None:  # the embedding's own quantization: one scale per row of the table (output channel)
+            spec = QSpec(dtype="int8", symmetric=True, granularity="channel", axis=1 - axis)
+            notes = (f"tied to embedding table '{table.name}': reads its int8 rows (stored once)",)
+        nodes.append(NodePlan(label, node.op, (), WeightPlan(1, w.name, spec), notes=notes))
         if (config.algorithm in NEEDS_GRAM and isinstance(x, gs.Variable) and is_float32(x)
                 and not (node.op == "Gemm" and int(node.attrs.get("transA", 0)))):  # x^T x of a transposed x is no Hessian
             statistics[x.name] = ("gram", "absmean") if config.algorithm in NEEDS_ABSMEAN else ("gram",)
-    return QuantPlan(tuple(nodes), {}, tuple(skips), (), statistics)
+    overrides = mix_overrides(graph, QuantPlan(tuple(nodes)), config.weight_only_mix) if nodes else ()
+    return QuantPlan(tuple(nodes), {}, tuple(skips), overrides, statistics)
+
+
+def more_bits(layer: int, layers: int) -> bool:
+    """llama.cpp's choice of layers that get more bits in its _M presets: the first and last eighth, and every third
+    layer between."""
+    return layer < layers // 8 or layer >= 7 * layers // 8 or (layer - layers // 8) % 3 == 2
+
+
+#: weight-only mixed-precision presets: role (qpass.plan.roles) -> weight spec changes, applied in the layers
+#: chosen by :func:`more_bits`
+_INT8 = {"dtype": "int8", "symmetric": True}
+MIXES = {"k-mix": {"v_proj": _INT8, "ffn_down": _INT8},
+         "k-mix-o": {"v_proj": _INT8, "o_proj": _INT8, "ffn_down": _INT8}}
+
+
+def mix_overrides(graph: gs.Graph, plan: QuantPlan, mix: str) -> tuple[Override, ...]:
+    """The preset as plan overrides by node name (kept in the saved plan, editable): each role's nodes in dependency
+    order are its layers."""
+    if mix == "none":
+        return ()
+    roles, stage = find_roles(graph), dependency_stages(graph, plan)
+    planned = {n.node for n in plan.nodes if n.weight is not None and n.weight.spec.granularity == "block"}
+    out = []
+    for role, change in MIXES[mix].items():
+        layers = sorted((label for label, r in roles.items() if r == role and label in planned), key=stage.__getitem__)
+        out += [Override("node", label, weight=dict(change)) for i, label in enumerate(layers)
+                if more_bits(i, len(layers))]
+    return tuple(out)
