@@ -274,14 +274,17 @@ def render_llm(data: dict) -> list[str]:
     for r in data["rows"]:
         vs = r.get("ppl_vs_fp32")
         size = r["bytes"] / 1e6 if r.get("bytes") else None
-        out.append(f"| {r['variant']} | {r.get('block', '')} | {_fmt(r.get('ppl'), 2)} | "
-                   f"{'' if vs is None else f'+{100 * vs:.1f}%'} | {_fmt(r.get('top1_agree'), 3)} | "
+        ppl = r.get("ppl")
+        out.append(f"| {r['variant']} | {r.get('block', '')} | {f'{ppl:.3g}' if ppl and ppl > 1e5 else _fmt(ppl, 2)} | "
+                   f"{'' if vs is None else (f'x{vs + 1:.3g}' if vs > 1e3 else f'{100 * vs:+.1f}%')} | {_fmt(r.get('top1_agree'), 3)} | "
                    f"{_fmt(r.get('kl_mean'), 3)} | {_fmt(size, 1)} | {_fmt(r.get('seconds'), 1)} | "
                    f"{_fmt(r.get('peak_rss_mb'), 0)} | {r.get('note', '')} |")
     if data.get("latency"):
         out += ["", "| model | tokens | MatMulNBits accuracy level | median ms | MatMulNBits nodes |", "|---|---|---|---|---|"]
         for r in data["latency"]:
             out.append(f"| {r['label']} | {r['tokens']} | {r['accuracy_level']} | {_fmt(r['median_ms'], 2)} | {r['matmulnbits']} |")
+    for paragraph in data.get("after", []):
+        out += ["", paragraph]
     return out + [""]
 
 
