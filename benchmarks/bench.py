@@ -292,11 +292,14 @@ def render_llm_cuda(run: dict, forms: dict) -> list[str]:
     """The CUDA-provider table (benchmarks/llm_cuda.py and benchmarks/cuda_dq_forms.py results from the GPU machine)."""
     out = ["### On the CUDA provider", "",
            f"`benchmarks/llm_cuda.py` on {run['gpu']} (GPU, driver, memory), onnxruntime-gpu {run['onnxruntime']}, "
-           f"onnx {run['onnx']}. The model is the qpass default (GPTQ int4 block 128, 16 windows, int8 head and "
-           "embedding; its embedding written as Gather -> Cast -> Mul, the form qpass now writes). fp32 for speed is "
+           f"onnx {run['onnx']}. The model is qpass's default output as written (awq-gptq int4 block 128 with 32 calibration "
+           "windows, the int8 embedding table stored once for the embedding (Gather -> Cast -> Mul) and the tied head "
+           "(per-axis DequantizeLinear -> Transpose -> MatMul)). fp32 for speed is "
            "that model with every weight dequantized (the same graph and shapes; the 651 MB original does not pass "
-           "the GPU machine's 64 MiB transfers). Written as a block-wise DequantizeLinear after the Gather (qpass's "
-           "form before this run), the embedding failed on this provider ('Unsupported quantization type'). Median of "
+           "the GPU machine's 64 MiB transfers). qpass's earlier form, a block-wise DequantizeLinear after the Gather, "
+           "failed on this provider ('Unsupported quantization type'; docs/benchmark-notes.md). The CUDA tests of the "
+           "suite (tests/passes/test_weight_only.py, tests/test_validate.py) passed there too "
+           "(benchmarks/cuda/pytest_cuda_h200.log). Median of "
            f"{run['latency_cuda'][0]['repeats']} runs, models alternated each round, after 5 warm-ups.", "",
            "| model | accuracy level | tokens | median ms | tokens/s | vs fp32 |", "|---|---|---|---|---|---|"]
     fp32 = {r["tokens"]: r["median_ms"] for r in run["latency_cuda"] if r["model"] == "fp32"}
