@@ -280,7 +280,8 @@ def render_llm(data: dict) -> list[str]:
                    f"{_fmt(r.get('kl_mean'), 3)} | {_fmt(size, 1)} | {_fmt(r.get('seconds'), 1)} | "
                    f"{_fmt(r.get('peak_rss_mb'), 0)} | {r.get('note', '')} |")
     if data.get("latency"):
-        out += ["", "| model | tokens | MatMulNBits accuracy level | median ms | MatMulNBits nodes |", "|---|---|---|---|---|"]
+        out += ["", data.get("latency_about", ""), "",
+                "| model | tokens | MatMulNBits accuracy level | median ms | MatMulNBits nodes |", "|---|---|---|---|---|"]
         for r in data["latency"]:
             out.append(f"| {r['label']} | {r['tokens']} | {r['accuracy_level']} | {_fmt(r['median_ms'], 2)} | {r['matmulnbits']} |")
     for paragraph in data.get("after", []):
