@@ -19,6 +19,7 @@ from typing import Sequence
 import numpy as np
 
 from ..qparams import INT_TYPES, block_qparams, compute_qparams
+from .search import shrink_search
 
 #: smallest mean |x| a channel's scale is computed from, as a share of the largest (a dead channel's scale stays finite)
 FLOOR = 1e-4
@@ -152,14 +153,5 @@ def search_clip(w: np.ndarray, hessian: np.ndarray, block_size: int, qtype: str,
         d = blocks - (q - z3) * s3
         return np.sum(d * np.matmul(hb, d), axis=1, dtype=np.float64)  # [nb, N]; float32 products (speed)
 
-    best = error(scale, zero_point)
-    for step in range(1, grid + 1):
-        p = 1.0 - float(max_shrink) * step / grid
-        s, z = compute_qparams(p * lo, p * hi, qtype, symmetric=symmetric, full_range=True)
-        err = error(s, z)
-        better = err < best
-        if better.any():
-            best = np.where(better, err, best)
-            scale = np.where(better, s, scale)
-            zero_point = np.where(better, z, zero_point)
-    return scale.astype(np.float32), zero_point
+    return shrink_search(error, scale, zero_point, lo, hi, qtype, symmetric=symmetric, grid=grid,
+                         max_shrink=max_shrink, full_range=True)

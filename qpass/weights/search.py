@@ -9,6 +9,8 @@ of llama.cpp's importance matrix (imatrix).
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 
 from ..qparams import block_qparams, compute_qparams, dequantize, quantize
@@ -63,10 +65,20 @@ def search_block_qparams(w: np.ndarray, block_size: int, qtype: str, *, symmetri
         dq = dequantize(quantize(blocks, s3, z3, qtype=qtype), s3, z3)
         return np.sum(imp * (blocks.astype(np.float64) - dq.astype(np.float64)) ** 2, axis=1)
 
+    return shrink_search(error, scale, zero_point, lo, hi, qtype, symmetric=symmetric, grid=grid,
+                         max_shrink=max_shrink)
+
+
+def shrink_search(error: Callable[[np.ndarray, np.ndarray], np.ndarray], scale: np.ndarray, zero_point: np.ndarray,
+                  lo: np.ndarray, hi: np.ndarray, qtype: str, *, symmetric: bool, grid: int, max_shrink: float,
+                  full_range: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """The grid search both block searches share: for ``p = 1 - max_shrink * step / grid`` (step 1..grid) the range
+    ``[p * lo, p * hi]`` gives candidate ``(s, z)``; each (block, column) keeps a candidate only where ``error(s, z)``
+    is strictly below the best so far, starting from ``(scale, zero_point)``. Returns ``(scale float32, zero_point)``."""
     best = error(scale, zero_point)
     for step in range(1, grid + 1):
         p = 1.0 - float(max_shrink) * step / grid
-        s, z = compute_qparams(p * lo, p * hi, qtype, symmetric=symmetric)
+        s, z = compute_qparams(p * lo, p * hi, qtype, symmetric=symmetric, full_range=full_range)
         err = error(s, z)
         better = err < best
         if better.any():
