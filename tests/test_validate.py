@@ -265,3 +265,28 @@ def test_a_token_tagger_is_not_taken_for_a_language_model():
     samples = [({"ids": rng.integers(10, 50, (1, 6)).astype(np.int64)}, None) for _ in range(3)]
     [out] = validate(model, model, samples, providers=["cpu"], per_layer=False, latency=False)["outputs"]
     assert "perplexity_fp32" not in out and out["cosine_mean"] == pytest.approx(1.0)
+
+
+def test_weight_only_matmuls_count_a_tied_heads_transposed_dequantize_too():
+    from onnx import TensorProto, helper, numpy_helper
+
+    from qpass.evaluate.validate import blocked_weight_matmuls
+
+    q = numpy_helper.from_array(np.ones((32, 8), np.int8), "q")
+    e = numpy_helper.from_array(np.ones((8, 32), np.int8), "e")
+    s_block = numpy_helper.from_array(np.ones((2, 8), np.float32), "sb")
+    s_row = numpy_helper.from_array(np.ones(8, np.float32), "sr")
+    w = numpy_helper.from_array(np.ones((8, 8), np.float32), "w")
+    nodes = [helper.make_node("DequantizeLinear", ["q", "sb"], ["qd"], axis=0, block_size=16),
+             helper.make_node("MatMul", ["x", "qd"], ["h"]),
+             helper.make_node("DequantizeLinear", ["e", "sr"], ["ed"], axis=0),
+             helper.make_node("Transpose", ["ed"], ["et"], perm=[1, 0]),
+             helper.make_node("MatMul", ["h", "w"], ["h2"]),
+             helper.make_node("MatMul", ["h2", "et"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 32])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 32])], [q, e, s_block, s_row, w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    assert blocked_weight_matmuls(model) == 2  # the blocked weight and the transposed per-row head, not the float one
+    del model.graph.node[:2]  # no block-wise DequantizeLinear left: not a weight-only model
+    model.graph.node[1].input[0] = "x"
+    assert blocked_weight_matmuls(model) == 0

@@ -151,12 +151,16 @@ ACCURACY_LEVEL = "session.qdq_matmulnbits_accuracy_level"
 
 
 def blocked_weight_matmuls(model: onnx.ModelProto) -> int:
-    """MatMul nodes whose weight is a block-wise DequantizeLinear of constants: what onnxruntime may fuse into
-    MatMulNBits (the weight-only form)."""
+    """In a weight-only model (one with a block-wise DequantizeLinear of constants), the MatMul nodes whose weight is
+    a DequantizeLinear of constants, directly or through a Transpose (a tied head): what onnxruntime may fuse into
+    MatMulNBits. 0 for any other model."""
     inits = {t.name for t in model.graph.initializer}
-    blocked = {n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits
-               and any(a.name == "block_size" and a.i for a in n.attribute)}
-    return sum(1 for n in model.graph.node if n.op_type == "MatMul" and len(n.input) > 1 and n.input[1] in blocked)
+    dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits]
+    if not any(a.name == "block_size" and a.i for n in dq for a in n.attribute):
+        return 0
+    weights = {n.output[0] for n in dq}
+    weights |= {n.output[0] for n in model.graph.node if n.op_type == "Transpose" and n.input[0] in weights}
+    return sum(1 for n in model.graph.node if n.op_type == "MatMul" and len(n.input) > 1 and n.input[1] in weights)
 
 
 def _session(model: onnx.ModelProto, provider: str, *, profile_prefix: str | None = None, outputs: list[str] | None = None,
