@@ -59,13 +59,14 @@ def prepare_passes(config: QuantConfig) -> list[Pass]:
 def rewrite_passes(config: QuantConfig) -> list[Pass]:
     """The rewrite of the configured mode: weight-only (block-wise integer weights, activations float), or static
     int8/16 (Q/DQ pairs from the plan, then the output form: QDQ or integer operators)."""
-    if config.weight_only in NEAREST_ONLY_TYPES or (config.weight_only and config.double_quant):
-        return [WeightOnlyCodebook(config.algorithm, damp=config.gptq_damp, act_order=config.gptq_act_order,
-                                   double_quant=config.double_quant, scale_form=config.double_quant_form), Cleanup()]
     if config.weight_only:
         contrib = [ContribMatMulNBits(), ContribGatherBlockQuantized(), Cleanup()] if config.allow_contrib_ops else []
-        quantize = WeightOnlyQuantize(config.algorithm, damp=config.gptq_damp, act_order=config.gptq_act_order,
-                                      tied=config.weight_only_tied)
+        settings = dict(damp=config.gptq_damp, act_order=config.gptq_act_order, tied=config.weight_only_tied)
+        if config.weight_only in NEAREST_ONLY_TYPES or config.double_quant:
+            quantize = WeightOnlyCodebook(config.algorithm, **settings, double_quant=config.double_quant,
+                                          scale_form=config.double_quant_form)
+        else:
+            quantize = WeightOnlyQuantize(config.algorithm, **settings)
         if config.algorithm in ("awq", "awq-gptq"):
             return [ActivationScale(), quantize, Cleanup()] + contrib
         return [quantize, Cleanup()] + contrib

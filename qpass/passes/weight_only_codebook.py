@@ -31,9 +31,9 @@ NEAREST_ONLY = ("nf4", "int2")
 class WeightOnlyCodebook(WeightOnlyQuantize):
     """Weight-only quantization with NF4 / ternary grids and optionally double-quantized (uint8) block scales."""
 
-    def __init__(self, algorithm: str = "rtn", *, damp: float = 0.01, act_order: bool = True, double_quant: bool = False,
-                 scale_form: str = "cast-mul"):
-        super().__init__(algorithm, damp=damp, act_order=act_order)
+    def __init__(self, algorithm: str = "rtn", *, damp: float = 0.01, act_order: bool = True, tied: str = "once",
+                 double_quant: bool = False, scale_form: str = "cast-mul"):
+        super().__init__(algorithm, damp=damp, act_order=act_order, tied=tied)
         #: store every block-wise scale as uint8 x a float32 scale per output channel
         self.double_quant = double_quant
         #: how the scales are computed from their codes: "cast-mul" (Mul(Cast(codes), s2)) or "dequantize"

@@ -114,3 +114,15 @@ def test_an_unequal_head_is_not_tied():
 def test_tied_option_is_validated():
     with pytest.raises(qpass.QpassError, match="weight_only_tied"):
         qpass.QuantConfig(weight_only="int4", weight_only_tied="twice")
+
+
+@pytest.mark.parametrize("form", ["copy", "transpose"])
+def test_the_codebook_types_honour_the_tied_option_too(form):
+    model = _tied_lm(form)
+    kw = dict(weight_only="nf4", block_size=16, per_layer=False, latency=False)
+    once, separate = qpass.quantize(model, **kw), qpass.quantize(model, **kw, weight_only_tied="separate")
+    assert ((V, D), TensorProto.INT8) in _big(once.model) and ((D, V), TensorProto.INT8) not in _big(once.model)
+    # separate: the copy gets its own int8 weight; a head reading Transpose(E) has no constant weight of its own and
+    # stays float, as with int4 (before, the codebook recipe ignored the option and shared the int8 rows)
+    own = ((D, V), TensorProto.INT8) if form == "copy" else ((V, D), TensorProto.FLOAT)
+    assert own in _big(separate.model)
