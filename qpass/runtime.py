@@ -22,8 +22,6 @@ CUDA = "CUDAExecutionProvider"
 PROVIDERS = {"cpu": CPU, "cuda": CUDA}
 #: graph optimisation levels by name (onnxruntime's GraphOptimizationLevel); ``level=None`` keeps its default (all)
 LEVELS = {"none": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
-#: an in-memory model at least this large goes to onnxruntime through a file with external data (protobuf's 2 GB)
-EXTERNAL_DATA_BYTES = 2**31 - 2**26
 #: an in-memory model at least this large goes to onnxruntime through a file with external data (make_session):
 #: measured on a 651 MB model, the session kept 0.55 GB of RSS made that way against 1.38 GB from one serialised
 #: buffer, and was built in 3.5 s against 4.5 s (docs/benchmark-notes.md)
@@ -102,8 +100,8 @@ def extra_outputs(model: onnx.ModelProto, tensors: list[str]):
 def make_session(model: onnx.ModelProto, providers: list[str] | None = None, *, what: str | None = "model",
                  level: str | None = "basic", threads: int | None = None, spin: bool = True,
                  profile_prefix: str | None = None, config: dict[str, str] | None = None):
-    """An onnxruntime session for an in-memory model (through a temporary file with external data when it is
-    over 2 GB), on ``providers`` (default: the CPU).
+    """An onnxruntime session for an in-memory model (through a temporary file with external data when its weights
+    reach FILE_SESSION_BYTES), on ``providers`` (default: the CPU).
 
     ``level``: graph optimisation level, a key of :data:`LEVELS`; None keeps onnxruntime's default.
     ``threads``: intra-op threads (default: onnxruntime's, one per core). ``spin=False`` turns off the

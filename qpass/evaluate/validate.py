@@ -372,24 +372,20 @@ def validate(original: onnx.ModelProto, quantized: onnx.ModelProto, samples: Ite
                 continue
             names = [o.name for o in ref.get_outputs()]
             stats = {n: OutputStats(n) for n in names}
-            # weight-only outputs: the same model again with float activations in MatMulNBits (accuracy level 0)
-            q0 = _session(quantized, prov, config={ACCURACY_LEVEL: "0"}) if weight_only_matmuls else None
             stats0 = {n: OutputStats(n) for n in names}
             try:
+                # weight-only outputs: the same model again with float activations in MatMulNBits (accuracy level 0)
+                q0 = _session(quantized, prov, config={ACCURACY_LEVEL: "0"}) if weight_only_matmuls else None
+                runs = [(stats, q)] + ([(stats0, q0)] if q0 is not None else [])
                 for feed, label in samples:
                     refs = ref.run(names, feed)
-                    for n, r, o in zip(names, refs, q.run(names, feed)):
-                        if np.asarray(r).dtype.kind == "f":
-                            stats[n].add(r, o, label)
-                            ids = token_ids(feed, r)
-                            if ids is not None:
-                                stats[n].add_language_model(r, o, ids)
-                    for n, r, o in zip(names, refs, q0.run(names, feed) if q0 is not None else ()):
-                        if np.asarray(r).dtype.kind == "f":
-                            stats0[n].add(r, o, label)
-                            ids = token_ids(feed, r)
-                            if ids is not None:
-                                stats0[n].add_language_model(r, o, ids)
+                    ids = {n: token_ids(feed, r) for n, r in zip(names, refs) if np.asarray(r).dtype.kind == "f"}
+                    for table, session in runs:
+                        for n, r, o in zip(names, refs, session.run(names, feed)):
+                            if n in ids:
+                                table[n].add(r, o, label)
+                                if ids[n] is not None:
+                                    table[n].add_language_model(r, o, ids[n])
             except Exception as exc:  # noqa: BLE001
                 entry["error"] = f"run failed: {_first_line(exc)}"
                 result["findings"].append(f"{prov}: {entry['error']}")
