@@ -26,7 +26,8 @@ import numpy as np
 import onnx
 
 from ..errors import CalibrationDataError
-from ..runtime import augmented_model, make_session
+from ..io import model_bytes
+from ..runtime import extra_outputs, make_session
 from .data import InputSpec
 from .observers import Observer, RangeOptions, make_observer
 from .subgraphs import BranchValues, has_bodies
@@ -243,46 +244,47 @@ def collect_ranges(model: onnx.ModelProto, tensors: list[str], samples: Iterable
     if branches is not None and not branches.needed:
         branches = None
     fetch = run if branches is None else branches.fetch
-    augmented = augmented_model(model, fetch)
-    observers = _make_observers(tensors, methods, extra or {}, options, tensor_options or {})
-    cpus = cpu_count()
-    model_bytes = augmented.ByteSize()
-    enabled = (overlap is not False and cpus >= 2 and list(providers or ["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
-               and any(o.costly for obs in observers.values() for o in obs) and model_bytes < OVERLAP_MAX_BYTES)
-    schedule = _Schedule(lambda threads: make_session(augmented, providers, what="calibration model", threads=threads),
-                         cpus, enabled, forced=overlap is True, model_bytes=model_bytes)
-    n = 0
-    try:
-        for feed, count in batches(samples, batch_size, batchable(specs) if specs is not None else False):
-            t0 = time.perf_counter()
-            try:
-                values = schedule.session.run(fetch, feed)
-            except Exception as exc:  # noqa: BLE001
-                raise CalibrationDataError(f"onnxruntime failed on calibration sample {n}: {str(exc).splitlines()[0]}",
-                                           subject=f"sample {n}") from None
-            names = run
-            if branches is not None:  # the main run's values, then each body run's (one per Loop/Scan iteration)
-                got = {**feed, **dict(zip(fetch, values))}
-                inner = branches.expand(got)
-                pairs = [(name, got[name]) for name in run if name in got]
-                pairs += [(name, v) for name in run for v in inner.get(name, ())]
-                names, values = [p[0] for p in pairs], [p[1] for p in pairs]
-            t1 = time.perf_counter()
-            nbytes = sum(np.asarray(v).nbytes for v in values) if schedule.stage != "fixed" else 0
-            schedule.handle(observers, names, values, n, count, t0, t1, nbytes)
-            del values
-            n += count
-            if on_sample:
-                for _ in range(count):
-                    on_sample()
-        if stats is not None:
-            stats["observer_thread"] = schedule.worker is not None
-            if branches is not None:
-                stats["branches_not_taken"] = branches.not_taken()
-                stats["unreachable"] = branches.unreachable()
-        schedule.finish()  # waits for the last updates, and raises their error
-    finally:
-        schedule.close()  # an error of the loop itself is the one reported
+    # the extra outputs are added to the model itself for the run (no copy of its weights) and removed after
+    with extra_outputs(model, fetch) as augmented:
+        observers = _make_observers(tensors, methods, extra or {}, options, tensor_options or {})
+        cpus = cpu_count()
+        size = model_bytes(augmented)  # from tensor shapes: serialising fails over 2 GB
+        enabled = (overlap is not False and cpus >= 2 and list(providers or ["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
+                   and any(o.costly for obs in observers.values() for o in obs) and size < OVERLAP_MAX_BYTES)
+        schedule = _Schedule(lambda threads: make_session(augmented, providers, what="calibration model", threads=threads),
+                             cpus, enabled, forced=overlap is True, model_bytes=size)
+        n = 0
+        try:
+            for feed, count in batches(samples, batch_size, batchable(specs) if specs is not None else False):
+                t0 = time.perf_counter()
+                try:
+                    values = schedule.session.run(fetch, feed)
+                except Exception as exc:  # noqa: BLE001
+                    raise CalibrationDataError(f"onnxruntime failed on calibration sample {n}: {str(exc).splitlines()[0]}",
+                                               subject=f"sample {n}") from None
+                names = run
+                if branches is not None:  # the main run's values, then each body run's (one per Loop/Scan iteration)
+                    got = {**feed, **dict(zip(fetch, values))}
+                    inner = branches.expand(got)
+                    pairs = [(name, got[name]) for name in run if name in got]
+                    pairs += [(name, v) for name in run for v in inner.get(name, ())]
+                    names, values = [p[0] for p in pairs], [p[1] for p in pairs]
+                t1 = time.perf_counter()
+                nbytes = sum(np.asarray(v).nbytes for v in values) if schedule.stage != "fixed" else 0
+                schedule.handle(observers, names, values, n, count, t0, t1, nbytes)
+                del values
+                n += count
+                if on_sample:
+                    for _ in range(count):
+                        on_sample()
+            if stats is not None:
+                stats["observer_thread"] = schedule.worker is not None
+                if branches is not None:
+                    stats["branches_not_taken"] = branches.not_taken()
+                    stats["unreachable"] = branches.unreachable()
+            schedule.finish()  # waits for the last updates, and raises their error
+        finally:
+            schedule.close()  # an error of the loop itself is the one reported
     if n == 0:
         raise CalibrationDataError("no calibration samples", subject="calibration data",
                                    hint="give at least one sample (and more than one when validating on a held-out split)")

@@ -21,6 +21,7 @@ from qpass.calib import observers as observers_mod
 from qpass.calib.collect import collect_ranges
 from qpass.calib.data import InputSpec, IterableSource, SampleSource, input_specs, open_samples, split_holdout
 from qpass.calib.observers import MinMaxObserver
+from qpass.runtime import augmented_model
 from qpass.calib.table import CalibrationTable, TensorRange
 from qpass.errors import CalibrationDataError
 from tests import builders
@@ -435,13 +436,15 @@ TENSORS = ["x", "c", "y"]
 def test_collect_ranges_matches_numpy():
     model = builders.conv_model()
     feeds = builders.feeds(model, n=5, seed=3, batch=2)
+    before = model.SerializeToString()
     table = collect_ranges(model, TENSORS, [(f, None) for f in feeds])
+    assert model.SerializeToString() == before  # the extra outputs were added for the run only
     assert table.samples == 5 and not table.synthetic and set(table.ranges) == set(TENSORS)
     xs = np.stack([f["x"] for f in feeds])
     assert table.get("x").min == float(xs.min()) and table.get("x").max == float(xs.max())
     assert table.get("x").samples == 5 and table.get("x").method == "minmax"
     # intermediate and output ranges agree with a plain onnxruntime run
-    sess = collect_mod.make_session(collect_mod.augmented_model(model, ["c"]))
+    sess = collect_mod.make_session(augmented_model(model, ["c"]))
     cs = np.stack([sess.run(["c"], f)[0] for f in feeds])
     assert table.get("c").min == float(cs.min()) and table.get("c").max == float(cs.max())
     assert table.get("y").min == max(0.0, float(cs.min())) and table.get("y").max == float(cs.max())
