@@ -113,21 +113,26 @@ def dependency_stages(graph: gs.Graph, plan: QuantPlan) -> dict[str, int]:
     return stages
 
 
+def _planned_table(node: gs.Node, config: QuantConfig) -> bool:
+    """A Gather of rows from a constant 2-D float32 table that the weight-only plan stores int8 per row."""
+    table = node.inputs[0] if node.op == "Gather" and node.inputs else None
+    return (config.weight_only_embeddings and is_onnx_op(node) and isinstance(table, gs.Constant) and is_float32(table)
+            and len(table.shape) == 2 and int(node.attrs.get("axis", 0)) == 0 and not config.is_excluded(node.name or ""))
+
+
 def build_weight_only_plan(graph: gs.Graph, config: QuantConfig) -> QuantPlan:
     """The weight-only plan: every MatMul/Gemm (of ``config.op_types``) with a constant 2-D float32 weight gets a
     block-wise weight spec on its input-feature axis; activations stay float. GPTQ asks calibration for the Gram
     matrix of each such node's input."""
     nodes, skips, statistics = [], [], {}
     heads = _heads(graph)
-    tables = [n.inputs[0] for n in graph.nodes if n.op == "Gather" and config.weight_only_embeddings and n.inputs
-              and isinstance(n.inputs[0], gs.Constant) and is_float32(n.inputs[0])]
+    embeddings = {id(n): n.inputs[0] for n in graph.nodes if _planned_table(n, config)}
+    tables = list(embeddings.values())  # only tables the plan stores int8 can be shared by a tied head
     for node in graph.nodes:
         if node.op == "Gather" and config.weight_only_embeddings and is_onnx_op(node):
-            table = node.inputs[0] if node.inputs else None
-            if (isinstance(table, gs.Constant) and is_float32(table) and len(table.shape) == 2
-                    and int(node.attrs.get("axis", 0)) == 0 and not config.is_excluded(node.name or "")):
+            if id(node) in embeddings:
                 rows = QSpec(dtype="int8", symmetric=True, granularity="channel", axis=0)
-                nodes.append(NodePlan(node_label(node), node.op, (), WeightPlan(0, table.name, rows)))
+                nodes.append(NodePlan(node_label(node), node.op, (), WeightPlan(0, embeddings[id(node)].name, rows)))
             continue
         if node.op not in ("MatMul", "Gemm") or node.op not in config.op_types or not is_onnx_op(node):
             continue

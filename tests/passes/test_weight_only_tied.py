@@ -126,3 +126,9 @@ def test_the_codebook_types_honour_the_tied_option_too(form):
     # stays float, as with int4 (before, the codebook recipe ignored the option and shared the int8 rows)
     own = ((D, V), TensorProto.INT8) if form == "copy" else ((V, D), TensorProto.FLOAT)
     assert own in _big(separate.model)
+
+
+def test_a_head_tied_to_a_table_the_plan_keeps_float_gets_its_own_weight():
+    out = _quantize(_tied_lm("copy"), exclude_nodes=["embed"])  # the embedding stays float: nothing to share
+    assert out.plan.node("head").weight.spec.granularity == "block"
+    assert not any("stored once" in note for note in out.plan.node("head").notes)
