@@ -204,9 +204,12 @@ def rewrite_sequential(prepared: Prepared, quant_plan: QuantPlan, samples: list,
         table = collect_ranges(wg.export(), [], samples, specs=specs, extra=stats) if stats else CalibrationTable()
         records += PassManager([quantizer], export=wg.export, verify=None).run(
             wg.graph, PassContext(QuantPlan(nodes, {}, (), (), stats), table))
-    records += PassManager(finish, export=wg.export, verify=verify_model).run(wg.graph, PassContext())
-    exported = wg.export()
-    verify_model(exported)  # the per-stage passes ran unverified: check the result once
+    finisher = PassManager(finish, export=wg.export, verify=verify_model)
+    records += finisher.run(wg.graph, PassContext())
+    exported = finisher.last_export  # verified when a finishing pass changed the graph
+    if exported is None:
+        exported = wg.export()
+        verify_model(exported)  # the per-stage passes ran unverified: check the result once
     return _rewritten(wg, prepared, records, config, name, exported)
 
 

@@ -27,7 +27,7 @@ from ..weights.awq import search_scales
 
 
 def _float_constant(t) -> bool:
-    return isinstance(t, gs.Constant) and np.asarray(t.values).dtype == np.float32
+    return isinstance(t, gs.Constant) and is_float32(t)  # from the dtype: no weight is loaded to ask
 
 
 class ActivationScale(Pass):
