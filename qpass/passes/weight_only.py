@@ -25,6 +25,7 @@ from ..graph import NameAllocator, constant_values, node_label
 from ..ops import BLOCKED_MIN_OPSET
 from ..pass_manager import Pass, PassContext, PassResult, Skip
 from ..plan.bind import bind
+from ..plan.policy import NEEDS_GRAM
 from ..plan.targets import Target
 from ..qparams import make_initializer, quantize
 from ..weights.awq import search_clip
@@ -100,7 +101,7 @@ class WeightOnlyQuantize(Pass):
         if key not in written:
             values = np.asarray(constant_values(w), dtype=np.float32)
             hessian = self._hessian(node, ctx)
-            if self.algorithm in ("gptq", "awq", "awq-gptq") and hessian is None and spec.granularity == "block":
+            if self.algorithm in NEEDS_GRAM and hessian is None and spec.granularity == "block":
                 note = "no Gram matrix of its input (transposed Gemm input, or a table without one): round to nearest"
             try:
                 qw = self.quantize(values, spec, hessian)
@@ -221,14 +222,13 @@ class WeightOnlyQuantize(Pass):
         if self.algorithm == "rtn" or block is None or w.ndim != 2:
             return rtn(w, spec.dtype, symmetric=spec.symmetric, axis=axis, block_size=block, full_range=bool(block))
         wk = w if axis == 0 else w.T  # [K, N]: blocks along K
-        if hessian is None and self.algorithm == "awq":
+        if hessian is None and self.algorithm in NEEDS_GRAM:  # a transposed Gemm input, or a table without Gram
+            # matrices: reported by _rewrite
             return rtn(w, spec.dtype, symmetric=spec.symmetric, axis=axis, block_size=block, full_range=True)
         if self.algorithm == "awq":
             scale, zp = search_clip(wk, hessian, block, spec.dtype, symmetric=spec.symmetric)
             q = quantize(wk, scale, zp, axis=0, block_size=block, qtype=spec.dtype)
         elif self.algorithm in ("gptq", "awq-gptq"):
-            if hessian is None:  # a transposed Gemm input, or a table without Gram matrices: reported by _rewrite
-                return rtn(w, spec.dtype, symmetric=spec.symmetric, axis=axis, block_size=block, full_range=True)
             q, scale, zp = gptq(wk, hessian, block, spec.dtype, symmetric=spec.symmetric, damp=self.damp,
                                 act_order=self.act_order, full_range=True)
         else:
