@@ -43,6 +43,10 @@ VARIANTS: dict[str, dict] = {
     "det_head3_float": {"exclude_nodes": ("Conv\\.82", "ConvTranspose\\.0", "ConvTranspose\\.2")},
     "hist_64k": {"hist_sample": 65536},
     "hist_128k": {"hist_sample": 131072},
+    "cle": {"equalize": True},  # cross-layer equalization of Conv chains (weights only)
+    "no_cle": {"equalize": False},
+    "per_tensor": {"per_channel": False},
+    "cle_per_tensor": {"equalize": True, "per_channel": False},
 }
 
 

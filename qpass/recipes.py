@@ -11,6 +11,7 @@ from .passes.cleanup import Cleanup
 from .passes.constants_to_initializers import ConstantsToInitializers
 from .passes.contrib_gather_block_quantized import ContribGatherBlockQuantized
 from .passes.contrib_matmul_nbits import ContribMatMulNBits
+from .passes.equalize_conv_chains import EqualizeConvChains
 from .passes.fold_batchnorm import FoldBatchNorm
 from .passes.fold_conv_bias_add import FoldConvBiasAdd
 from .passes.insert_qdq import InsertQDQ
@@ -23,7 +24,7 @@ from .passes.weight_only_codebook import WeightOnlyCodebook
 
 #: configuration fields that only static quantization reads (set with --weight-only, they change nothing)
 STATIC_ONLY = ("method", "activation_type", "per_channel", "bias", "percentile", "bins", "kl_levels", "tensor_methods",
-               "op_methods", "activation_matmuls", "exclude_before", "quantize_outputs", "neighbour_ops")
+               "op_methods", "activation_matmuls", "exclude_before", "quantize_outputs", "neighbour_ops", "equalize")
 
 
 def resolve(config: QuantConfig, *, has_data: bool) -> tuple[QuantConfig, list[str]]:
@@ -52,8 +53,12 @@ def resolve(config: QuantConfig, *, has_data: bool) -> tuple[QuantConfig, list[s
 
 
 def prepare_passes(config: QuantConfig) -> list[Pass]:
-    """Folds and constants to initializers, before planning: the graph the plan and calibration see."""
-    return [ConstantsToInitializers(config.op_types), FoldBatchNorm(), FoldConvBiasAdd(), Cleanup()]
+    """Folds and constants to initializers, before planning: the graph the plan and calibration see; with
+    ``equalize`` (static mode), cross-layer equalization of Conv chains after the folds (it needs the folded weights)."""
+    passes: list[Pass] = [ConstantsToInitializers(config.op_types), FoldBatchNorm(), FoldConvBiasAdd()]
+    if config.equalize and not config.weight_only:
+        passes.append(EqualizeConvChains())
+    return passes + [Cleanup()]
 
 
 def rewrite_passes(config: QuantConfig) -> list[Pass]:
