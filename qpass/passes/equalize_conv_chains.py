@@ -61,6 +61,22 @@ def _passes_scale(node: gs.Node) -> bool:
     return node.op in HOMOGENEOUS
 
 
+def _reads_as_input(node: gs.Node, t: gs.Tensor) -> bool:
+    return node.op == "Conv" and is_onnx_op(node) and bool(node.inputs) and node.inputs[0] is t
+
+
+def _conv_reached(node: gs.Node, t: gs.Tensor) -> gs.Node | None:
+    """The Conv that ``node`` (a reader of ``t``) is, or leads to through single-reader chain ops."""
+    for _ in range(MAX_PATH + 1):
+        if _reads_as_input(node, t):
+            return node
+        if node.op not in HOMOGENEOUS | NOT_HOMOGENEOUS or not node.outputs or len(node.outputs[0].outputs) != 1:
+            return None
+        t = node.outputs[0]
+        node = t.outputs[0]
+    return None
+
+
 def _float_weight(node: gs.Node) -> np.ndarray | None:
     w = node.inputs[1] if len(node.inputs) > 1 else None
     if not isinstance(w, gs.Constant) or not is_float32(w) or len(w.shape) < 3:
@@ -112,15 +128,15 @@ class EqualizeConvChains(Pass):
             t, path = conv.outputs[0], []
             while True:
                 readers = list(t.outputs)
-                convs = [r for r in readers if r.op == "Conv" and is_onnx_op(r) and r.inputs and r.inputs[0] is t]
                 if t.name in outputs or len(readers) != 1:
-                    if convs:
+                    reached = [c for c in (_conv_reached(r, t) for r in readers) if c is not None]
+                    if reached:
                         where = "a graph output" if t.name in outputs else f"read by {len(readers)} nodes"
-                        skipped.append(Skip(node_label(conv), conv.op, f"not equalized with {node_label(convs[0])}: "
+                        skipped.append(Skip(node_label(conv), conv.op, f"not equalized with {node_label(reached[0])}: "
                                             f"'{t.name}' is {where}"))
                     break
                 r = readers[0]
-                if r in convs:
+                if _reads_as_input(r, t):
                     pairs.append((conv, r, path))
                     break
                 if len(path) >= MAX_PATH or r.op not in HOMOGENEOUS | NOT_HOMOGENEOUS or not r.outputs:
