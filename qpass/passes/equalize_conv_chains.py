@@ -112,7 +112,13 @@ def equalization_scales(r1: np.ndarray, r2: np.ndarray) -> np.ndarray:
 class EqualizeConvChains(Pass):
     """Cross-layer equalization of Conv -> [homogeneous ops] -> Conv pairs, weights only."""
 
-    def __init__(self, iterations: int = 20, tolerance: float = 1e-6, min_change: float = 1e-3):
+    def __init__(self, iterations: int = 20, tolerance: float = 1e-6, min_change: float = 1e-3,
+                 activation_ranges: dict[str, np.ndarray] | None = None):
+        #: per-channel max |x| of the tensors the second Convs read (from a calibration run), by tensor name: a pair
+        #: with an entry balances that activation against W2's input channels instead of W1's output channels
+        #: (s_c = sqrt(a_c / r2_c), SmoothQuant's alpha 0.5): with per-channel weights W1's quantization does not
+        #: depend on s, the per-tensor activation and W2's rows do
+        self.activation_ranges = activation_ranges or {}
         #: passes over all pairs at most; stop when no factor of a pass differs from 1 by more than ``tolerance``
         self.iterations = iterations
         self.tolerance = tolerance
@@ -157,7 +163,7 @@ class EqualizeConvChains(Pass):
         biases: dict[int, np.ndarray | None] = {}
         nodes: dict[int, gs.Node] = {}
         pairs = []
-        for conv1, conv2, _ in candidates:
+        for conv1, conv2, path in candidates:
             why = None
             w1, w2 = _float_weight(conv1), _float_weight(conv2)
             group = int(conv2.attrs.get("group", 1))
@@ -176,14 +182,20 @@ class EqualizeConvChains(Pass):
                     weights[id(n)], nodes[id(n)] = w, n
                     b = n.inputs[2] if len(n.inputs) > 2 and isinstance(n.inputs[2], gs.Constant) else None
                     biases[id(n)] = np.asarray(constant_values(b), dtype=np.float64) if b is not None else None
-            pairs.append((id(conv1), id(conv2), group))
+            read = (path[-1].outputs[0] if path else conv1.outputs[0]).name
+            act = self.activation_ranges.get(read)
+            act = None if act is None or np.shape(act) != (w1.shape[0],) else np.asarray(act, dtype=np.float64).copy()
+            pairs.append((id(conv1), id(conv2), group, act))
         if not pairs:
             return PassResult(modified=False, skipped=tuple(skipped))
         original = {k: w.copy() for k, w in weights.items()}
         for iteration in range(1, self.iterations + 1):
             worst = 0.0
-            for a, b, group in pairs:
-                s = equalization_scales(out_channel_range(weights[a]), in_channel_range(weights[b], group))
+            for a, b, group, act in pairs:
+                r1 = out_channel_range(weights[a]) if act is None else act
+                s = equalization_scales(r1, in_channel_range(weights[b], group))
+                if act is not None:
+                    act /= s
                 worst = max(worst, float(np.max(np.abs(s - 1.0))))
                 weights[a] = weights[a] / s.reshape((-1,) + (1,) * (weights[a].ndim - 1))
                 if biases[a] is not None:
@@ -206,7 +218,7 @@ class EqualizeConvChains(Pass):
             return PassResult(modified=False, skipped=tuple(skipped))
         graph.cleanup(remove_unused_graph_inputs=False)
         done = set(changed)
-        equalized = [f"{node_label(nodes[a])} -> {node_label(nodes[b])}" for a, b, _ in pairs if a in done or b in done]
+        equalized = [f"{node_label(nodes[a])} -> {node_label(nodes[b])}" for a, b, _, _ in pairs if a in done or b in done]
         return PassResult(modified=True, skipped=tuple(skipped),
                           stats={"pairs": len(equalized), "Conv": len(changed), "iterations": iteration,
                                  "equalized": equalized})

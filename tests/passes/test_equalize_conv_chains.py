@@ -94,6 +94,25 @@ def test_known_answer_pair_computed_by_hand():
     _assert_same_function(out, model, x)
 
 
+def test_known_answer_with_activation_ranges():
+    # a = max|relu output| per channel = [16, 2] (given); r2 = [1, 8]; s = sqrt(a / r2) = [4, 0.5]
+    # W1 / s = [4 / 4, -0.5 / 0.5] = [1, -1], b1 / s = [0.5, 2]; W2[:, c] * s[c] = [[4, 1], [-1, 4], [2, -1]]
+    inits = {"W1": [[[[4.0]]], [[[-0.5]]]], "B1": [2.0, 1.0],
+             "W2": np.array([[1.0, 2.0], [-0.25, 8.0], [0.5, -2.0]]).reshape(3, 2, 1, 1), "B2": [0.1, 0.2, 0.3]}
+    nodes = [helper.make_node("Conv", ["x", "W1", "B1"], ["c1"], name="conv1"),
+             helper.make_node("Relu", ["c1"], ["r"], name="relu"),
+             helper.make_node("Conv", ["r", "W2", "B2"], ["y"], name="conv2")]
+    model = _model(nodes, inits, (1, 1, 3, 3))
+    _, result, out = _apply(model, EqualizeConvChains(activation_ranges={"r": np.array([16.0, 2.0])}))
+    assert result.modified
+    np.testing.assert_allclose(_conv_input(out, "conv1", 1).reshape(-1), [1.0, -1.0], rtol=1e-6)
+    np.testing.assert_allclose(_conv_input(out, "conv1", 2), [0.5, 2.0], rtol=1e-6)
+    np.testing.assert_allclose(_conv_input(out, "conv2", 1).reshape(3, 2), [[4.0, 1.0], [-1.0, 4.0], [2.0, -1.0]],
+                               rtol=1e-6)
+    x = RNG.normal(0, 1, (1, 1, 3, 3)).astype(np.float32)
+    _assert_same_function(out, model, x)
+
+
 def test_known_answer_random_pair_against_the_formula_in_numpy():
     model = _pair_model([("Relu", [], {})])
     w1, b1, w2 = (_inits(model)[k].astype(np.float64) for k in ("W1", "B1", "W2"))
