@@ -224,3 +224,17 @@ def test_cli_flags_set_the_field():
     parse = build_parser().parse_args
     assert _config_from_args(parse(["run", "m.onnx", "--equalize"])).equalize is True
     assert _config_from_args(parse(["run", "m.onnx", "--no-equalize"])).equalize is False
+
+
+def test_quantize_with_equalize_records_the_pairs_in_the_report(tmp_path):
+    import json
+
+    import qpass
+
+    model = _pair_model([("Relu", [], {})])
+    model.graph.output[0].CopyFrom(helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 8, 8]))
+    feeds = [{"x": RNG.normal(0, 1, (1, 3, 8, 8)).astype(np.float32)} for _ in range(8)]
+    result = qpass.quantize(model, feeds, output=tmp_path / "q.onnx", equalize=True, latency=False, per_layer=False)
+    record = next(p for p in json.loads(result.report_path.read_text())["passes"] if p["name"] == "equalize_conv_chains")
+    assert record["modified"] and record["stats"]["equalized"] == ["conv1 -> conv2"]
+    assert result.report.validation["outputs"][0]["cosine_mean"] > 0.99
