@@ -43,6 +43,11 @@ VARIANTS: dict[str, dict] = {
     "det_head3_float": {"exclude_nodes": ("Conv\\.82", "ConvTranspose\\.0", "ConvTranspose\\.2")},
     "hist_64k": {"hist_sample": 65536},
     "hist_128k": {"hist_sample": 131072},
+    "biascorr": {"bias_correction": "empirical"},
+    "biascorr_s1": {"bias_correction": "empirical", "bias_correction_stages": 1},
+    "biascorr_s8": {"bias_correction": "empirical", "bias_correction_stages": 8},
+    "biascorr_mse": {"method": "mse", "bias_correction": "empirical"},
+    "biascorr_minmax": {"method": "minmax", "bias_correction": "empirical"},
 }
 
 
