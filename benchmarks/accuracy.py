@@ -44,8 +44,7 @@ VARIANTS: dict[str, dict] = {
     "hist_64k": {"hist_sample": 65536},
     "hist_128k": {"hist_sample": 131072},
     "biascorr": {"bias_correction": "empirical"},
-    "biascorr_s1": {"bias_correction": "empirical", "bias_correction_stages": 1},
-    "biascorr_s8": {"bias_correction": "empirical", "bias_correction_stages": 8},
+    "biascorr_s4": {"bias_correction": "empirical", "bias_correction_stages": 4, "bias_correction_samples": 16},
     "biascorr_mse": {"method": "mse", "bias_correction": "empirical"},
     "biascorr_minmax": {"method": "minmax", "bias_correction": "empirical"},
 }

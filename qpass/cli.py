@@ -72,9 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "float model's per-channel output mean minus the quantized model's, stage by stage on "
                         "calibration samples (default off)")
     _config_option(run, "--bias-correction-samples", type=int, metavar="N",
-                   help="calibration samples bias correction measures on (default 16)")
+                   help="calibration samples bias correction measures on (default 8)")
     _config_option(run, "--bias-correction-stages", type=int, metavar="N",
-                   help="dependency stages bias correction corrects per pass over its samples (default 4)")
+                   help="dependency stages bias correction corrects per pass over its samples (default 1; more is faster but diverged on the shared CNNs)")
     _config_option(run, "--per-tensor", dest="per_channel", action="store_const", const=False, help="one weight scale per tensor (default: per output channel)")
     _config_option(run, "--activation-type", choices=ACTIVATION_TYPES, help="uint8 asymmetric (default) or int8 symmetric; uint16/int16 need --target-opset 21 and run as float kernels on onnxruntime's CPU provider")
     _config_option(run, "--exclude", dest="exclude_nodes", action="append", metavar="NAME", help="node name or regex never quantized (repeatable)")

@@ -231,8 +231,8 @@ class QuantConfig:
     double_quant: bool = False
     double_quant_form: str = "cast-mul"
     bias_correction: str = "off"
-    bias_correction_samples: int = 16
-    bias_correction_stages: int = 4
+    bias_correction_samples: int = 8
+    bias_correction_stages: int = 1
     _exclude_patterns: tuple[re.Pattern, ...] = field(default=(), repr=False, compare=False)
 
     def __post_init__(self) -> None:
