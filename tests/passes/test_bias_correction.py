@@ -206,3 +206,13 @@ def test_keep_spread_keeps_evenly_spaced_items():
 def test_config_rejects_bad_values(field, value):
     with pytest.raises(ConfigError, match=field):
         QuantConfig(**{field: value})
+
+
+def test_cli_flags_reach_the_config():
+    from qpass.cli import _config_from_args, build_parser
+
+    args = build_parser().parse_args(["run", "m.onnx", "--bias-correction", "empirical",
+                                      "--bias-correction-samples", "12", "--bias-correction-stages", "2"])
+    cfg = _config_from_args(args)
+    assert (cfg.bias_correction, cfg.bias_correction_samples, cfg.bias_correction_stages) == ("empirical", 12, 2)
+    assert _config_from_args(build_parser().parse_args(["run", "m.onnx"])).bias_correction == "off"
