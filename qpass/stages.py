@@ -187,8 +187,7 @@ def rewrite(prepared: Prepared, quant_plan: QuantPlan, table: CalibrationTable, 
     if exported is None and info["layers"]:
         exported = wg.export()
         verify_model(exported)  # the corrections ran unverified: check the result once
-    result = _rewritten(wg, prepared, records, config, name, exported if info["layers"] else
-                        (exported or manager.last_export))
+    result = _rewritten(wg, prepared, records, config, name, exported or manager.last_export)
     result.info["bias_correction"] = info
     return result
 
@@ -211,7 +210,7 @@ def correct_biases(wg: WorkingGraph, prepared: Prepared, quant_plan: QuantPlan, 
                                     for t in node.inputs[1:2]):
             sites[n.node] = site
     if not samples:
-        info["note"] = "no calibration samples to measure on (a loaded table): biases not corrected"
+        info["note"] = "no calibration samples to measure on (a loaded table brings none): biases not corrected"
         return [], info
     if not sites:
         info["note"] = "no quantized Conv/ConvTranspose/Gemm or MatMul with a bias Add"
