@@ -216,3 +216,12 @@ def test_cli_flags_reach_the_config():
     cfg = _config_from_args(args)
     assert (cfg.bias_correction, cfg.bias_correction_samples, cfg.bias_correction_stages) == ("empirical", 12, 2)
     assert _config_from_args(build_parser().parse_args(["run", "m.onnx"])).bias_correction == "off"
+
+
+def test_a_loaded_table_brings_no_samples_and_the_report_says_so(tmp_path):
+    feeds = _feeds()
+    _quantize(_conv_model(), feeds, save_calib=tmp_path / "t.json")
+    r = _quantize(_conv_model(), None, load_calib=tmp_path / "t.json", bias_correction="empirical")
+    assert r.report.calibration["bias_correction"]["layers"] == 0
+    assert any("bias correction: no calibration samples" in w for w in r.report.warnings)
+    np.testing.assert_allclose(_conv_bias(r.model), B, atol=STEP / 2 + 1e-7)
