@@ -47,6 +47,10 @@ VARIANTS: dict[str, dict] = {
     "no_cle": {"equalize": False},
     "per_tensor": {"per_channel": False},
     "cle_per_tensor": {"equalize": True, "per_channel": False},
+    "biascorr": {"bias_correction": "empirical"},
+    "biascorr_s4": {"bias_correction": "empirical", "bias_correction_stages": 4, "bias_correction_samples": 16},
+    "biascorr_mse": {"method": "mse", "bias_correction": "empirical"},
+    "biascorr_minmax": {"method": "minmax", "bias_correction": "empirical"},
 }
 
 

@@ -12,7 +12,7 @@ import onnx
 
 from . import stages
 from .calib.data import input_specs, synthetic_samples
-from .calib.sources import calibration_data, take, validation_data
+from .calib.sources import calibration_data, keep_spread, take, validation_data
 from .calib.table import CalibrationTable
 from .config import QuantConfig
 from .errors import ConfigError, ModelSaveError, PlanError
@@ -88,6 +88,7 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, calib: Data = None, *, 
     t = time.perf_counter()
     needs_data = bool(qplan.calibrate or qplan.statistics)
     sequential = None  # the calibration samples, when GPTQ measures its Hessians stage by stage while rewriting
+    corrections = None  # the calibration samples bias correction measures on
     if load_calib is not None:
         calibrated = stages.load_calibration(load_calib, qplan, cfg)
     elif not needs_data:
@@ -106,7 +107,10 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, calib: Data = None, *, 
     else:
         data = calibration_data(calib, specs, cfg, val_given=val is not None, subject=name)
         report.warnings += data.warnings
-        calibrated = stages.calibrate(prepared, qplan, data.stream, cfg, total=data.total, synthetic=data.synthetic,
+        stream = data.stream
+        if cfg.bias_correction != "off" and not cfg.weight_only:  # the samples it measures on, kept as they stream
+            stream, corrections = keep_spread(stream, cfg.bias_correction_samples, data.total)
+        calibrated = stages.calibrate(prepared, qplan, stream, cfg, total=data.total, synthetic=data.synthetic,
                                       description=data.description, progress=progress)
         calibrated.info["ignored_keys"], held = data.ignored_keys, data.held
         if save_calib is not None:
@@ -117,7 +121,11 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, calib: Data = None, *, 
         rewritten = _timed(times, "quantize", stages.rewrite_sequential, prepared, qplan, sequential, cfg, name=name)
     else:
         rewritten = _timed(times, "quantize", stages.rewrite, prepared, qplan, calibrated.table, cfg,
-                           dump_dir=dump_dir, name=name)
+                           dump_dir=dump_dir, name=name, samples=corrections)
+    if "bias_correction" in rewritten.info:
+        report.calibration["bias_correction"] = rewritten.info["bias_correction"]
+        if rewritten.info["bias_correction"].get("note"):
+            report.warnings.append(f"bias correction: {rewritten.info['bias_correction']['note']}")
     report.passes += rewritten.records
     report.quantized_nodes, report.plan = rewritten.quantized_nodes, qplan.with_overrides().to_dict()
     report.sizes = {"input_bytes": stages.model_size(model, original), "output_bytes": model_bytes(rewritten.model)}

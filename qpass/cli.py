@@ -67,6 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
     _config_option(run, "--calib-ep", choices=("cpu", "cuda"), help="execution provider for calibration (default cpu)")
     _config_option(run, "--bias", choices=("int32", "float"),
                      help="int32 bias (default) or float bias left for the runtime to quantize")
+    _config_option(run, "--bias-correction", choices=("off", "empirical"),
+                   help="empirical: move each quantized Conv/ConvTranspose/Gemm bias (and a MatMul's bias Add) by the "
+                        "float model's per-channel output mean minus the quantized model's, stage by stage on "
+                        "calibration samples (default off)")
+    _config_option(run, "--bias-correction-samples", type=int, metavar="N",
+                   help="calibration samples bias correction measures on (default 8)")
+    _config_option(run, "--bias-correction-stages", type=int, metavar="N",
+                   help="dependency stages bias correction corrects per pass over its samples (default 1; more is faster but diverged on the shared CNNs)")
     _config_option(run, "--per-tensor", dest="per_channel", action="store_const", const=False, help="one weight scale per tensor (default: per output channel)")
     _config_option(run, "--equalize", action="store_const", const=True,
                      help="cross-layer equalization of Conv -> [Relu/LeakyRelu/PRelu/Identity/pooling] -> Conv weights "

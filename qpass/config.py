@@ -41,6 +41,8 @@ WEIGHT_ONLY_TIED = ("once", "separate")
 #: and FFN down projections of the first, last and every third layer, after llama.cpp's Q4_K_M), "k-mix-o" (the
 #: attention output projections of those layers too)
 WEIGHT_ONLY_MIXES = ("none", "k-mix", "k-mix-o")
+#: static bias correction: none, or each bias moved by the measured float - quantized output mean (sequentially)
+BIAS_CORRECTIONS = ("off", "empirical")
 
 
 @dataclass(frozen=True)
@@ -169,6 +171,15 @@ class QuantConfig:
             onnxruntime folds into a constant at load, so DequantizeLinear -> MatMul still fuses into MatMulNBits) or
             "dequantize" (DequantizeLinear(codes, s2), which onnxruntime does not fold: no MatMulNBits). Measured:
             docs/benchmark-notes.md.
+        bias_correction: "off" or "empirical": after the Q/DQ pairs are inserted, each quantized Conv/ConvTranspose/
+            Gemm bias (and a MatMul's bias Add) moves by the float model's per-channel output mean minus the
+            quantized model's, measured on ``bias_correction_samples`` calibration samples, stage by stage in
+            dependency order so each layer is measured with the layers before it corrected (a node without a bias
+            gets one). Measured on the shared models: docs/benchmark-notes.md.
+        bias_correction_samples: calibration samples the bias correction runs (evenly spaced over the data).
+        bias_correction_stages: dependency stages corrected per pass over those samples (one pass measures
+            the quantized model's means for that many consecutive stages; more is faster, fewer is closer to
+            one layer at a time).
     """
 
     format: str = "qdq"
@@ -225,6 +236,9 @@ class QuantConfig:
     gptq_sequential: int = 0
     double_quant: bool = False
     double_quant_form: str = "cast-mul"
+    bias_correction: str = "off"
+    bias_correction_samples: int = 8
+    bias_correction_stages: int = 1
     _exclude_patterns: tuple[re.Pattern, ...] = field(default=(), repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -269,6 +283,12 @@ class QuantConfig:
             raise bad("algorithm", self.algorithm, "rtn, search or gptq with double_quant (awq is not combined with it)")
         if self.weight_only is not None and self.format != "qdq":
             raise bad("format", self.format, "qdq with weight_only (the weights stay DequantizeLinear -> MatMul)")
+        if self.bias_correction not in BIAS_CORRECTIONS:
+            raise bad("bias_correction", self.bias_correction, " or ".join(BIAS_CORRECTIONS))
+        for name in ("bias_correction_samples", "bias_correction_stages"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise bad(name, value, "a positive integer")
         if self.weight_type not in WEIGHT_TYPES:
             raise bad("weight_type", self.weight_type, " or ".join(WEIGHT_TYPES))
         for name, table in (("tensor_methods", self.tensor_methods), ("op_methods", self.op_methods)):

@@ -7,6 +7,7 @@ from __future__ import annotations
 from .config import NEAREST_ONLY_TYPES, QuantConfig
 from .pass_manager import Pass
 from .passes.activation_scale import ActivationScale
+from .passes.bias_correction import BiasCorrection
 from .passes.cleanup import Cleanup
 from .passes.constants_to_initializers import ConstantsToInitializers
 from .passes.contrib_gather_block_quantized import ContribGatherBlockQuantized
@@ -24,7 +25,8 @@ from .passes.weight_only_codebook import WeightOnlyCodebook
 
 #: configuration fields that only static quantization reads (set with --weight-only, they change nothing)
 STATIC_ONLY = ("method", "activation_type", "per_channel", "bias", "percentile", "bins", "kl_levels", "tensor_methods",
-               "op_methods", "activation_matmuls", "exclude_before", "quantize_outputs", "neighbour_ops", "equalize")
+               "op_methods", "activation_matmuls", "exclude_before", "quantize_outputs", "neighbour_ops", "equalize",
+               "bias_correction")
 
 
 def resolve(config: QuantConfig, *, has_data: bool) -> tuple[QuantConfig, list[str]]:
@@ -76,6 +78,8 @@ def rewrite_passes(config: QuantConfig) -> list[Pass]:
             return [ActivationScale(), quantize, Cleanup()] + contrib
         return [quantize, Cleanup()] + contrib
     passes: list[Pass] = [InsertQDQ(), Cleanup()]
+    if config.bias_correction == "empirical":  # run stage by stage on calibration samples (stages.correct_biases)
+        passes += [BiasCorrection(config.bias)]
     if config.format == "qop":
         passes += [LowerToQOperator(), Cleanup()]
     else:

@@ -9,6 +9,7 @@ and dicts only, so it pickles and can go to another process.
 from __future__ import annotations
 
 import os
+import time
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -19,10 +20,11 @@ import onnx
 from .calib.collect import collect_ranges
 from .calib.observers import RangeOptions
 from .calib.data import input_specs
+from .calib.stats import BiasShift, Statistics
 from .calib.table import CalibrationTable
 from .config import SIXTEEN_BIT_TYPES, QuantConfig
 from .errors import CalibrationDataError, NothingQuantizedError, PlanError, UnsupportedModelError, VerificationError
-from .graph import WorkingGraph, node_label, op_types, used_quant_ops
+from .graph import WorkingGraph, node_label, op_types, producer, used_quant_ops
 from .io import inferred_view, initializer_bytes, keep_value_info_of, load_model, model_bytes
 from .ops import INT16_MIN_OPSET
 from .opset import apply_opset_policy
@@ -30,6 +32,7 @@ from .pass_manager import PassContext, PassManager, PassRecord
 from .plan.bind import bind
 from .plan.policy import build_plan, dependency_stages
 from .plan.spec import QuantPlan
+from .passes.bias_correction import BiasCorrection, correction_site
 from .recipes import prepare_passes, rewrite_passes
 from .report import count_quantized
 from .runtime import pick_providers
@@ -72,6 +75,8 @@ class Rewritten:
     model: onnx.ModelProto
     records: list[PassRecord]
     quantized_nodes: dict[str, int]
+    #: what a rewrite step reports besides its pass records (e.g. ``bias_correction``: layers, samples, seconds)
+    info: dict = field(default_factory=dict)
 
 
 def prepare(model: onnx.ModelProto, config: QuantConfig | None = None, *, name: str = "<ModelProto>",
@@ -156,15 +161,95 @@ def load_calibration(path: str | os.PathLike, quant_plan: QuantPlan, config: Qua
 
 
 def rewrite(prepared: Prepared, quant_plan: QuantPlan, table: CalibrationTable, config: QuantConfig | None = None, *,
-            dump_dir: str | os.PathLike | None = None, name: str = "<ModelProto>") -> Rewritten:
+            dump_dir: str | os.PathLike | None = None, name: str = "<ModelProto>",
+            samples: list | None = None) -> Rewritten:
     """Apply the plan with the recipe's passes (each verified); refuse a result that quantized nothing unless
-    ``allow_empty``."""
+    ``allow_empty``. ``samples`` (a list of (feed, label) pairs): what the recipe's bias correction measures on
+    (:func:`correct_biases`); without them it corrects nothing and says so."""
     config = config or QuantConfig()
     wg = _working_graph(prepared)
     check_plan_fits(bind(quant_plan, wg.graph), wg.graph.opset, config)  # named here, not as a failing pass
-    manager = PassManager(rewrite_passes(config), export=wg.export, verify=verify_model, dump_dir=dump_dir)
+    passes = rewrite_passes(config)
+    at = next((i for i, p in enumerate(passes) if isinstance(p, BiasCorrection)), None)
+    if at is None:
+        manager = PassManager(passes, export=wg.export, verify=verify_model, dump_dir=dump_dir)
+        records = manager.run(wg.graph, PassContext(quant_plan, table))
+        return _rewritten(wg, prepared, records, config, name, manager.last_export)
+    manager = PassManager(passes[:at], export=wg.export, verify=verify_model, dump_dir=dump_dir)
     records = manager.run(wg.graph, PassContext(quant_plan, table))
-    return _rewritten(wg, prepared, records, config, name, manager.last_export)
+    t = time.perf_counter()
+    corrected, info = correct_biases(wg, prepared, quant_plan, passes[at], samples, config)
+    info["seconds"] = round(time.perf_counter() - t, 3)
+    records += corrected
+    finisher = PassManager(passes[at + 1:], export=wg.export, verify=verify_model, dump_dir=dump_dir)
+    records += finisher.run(wg.graph, PassContext(quant_plan, table))
+    exported = finisher.last_export
+    if exported is None and info["layers"]:
+        exported = wg.export()
+        verify_model(exported)  # the corrections ran unverified: check the result once
+    result = _rewritten(wg, prepared, records, config, name, exported or manager.last_export)
+    result.info["bias_correction"] = info
+    return result
+
+
+def correct_biases(wg: WorkingGraph, prepared: Prepared, quant_plan: QuantPlan, corrector: BiasCorrection,
+                   samples: list | None, config: QuantConfig) -> tuple[list[PassRecord], dict]:
+    """Empirical bias correction of the quantized working graph ``wg``, sequentially: the float model's
+    per-channel output mean of every correctable planned node is measured once on ``samples``; then, for
+    ``config.bias_correction_stages`` dependency stages at a time (in order), the quantized model as corrected so
+    far is run on the same samples and ``corrector`` moves those stages' biases by float mean - quantized mean.
+    Returns the pass records and what the report says (layers corrected, samples, passes)."""
+    info: dict = {"method": "empirical", "layers": 0, "samples": len(samples or ()), "passes": 0}
+    graph = wg.graph
+    by_label = {node_label(n): n for n in graph.nodes}
+    sites = {}
+    for n in quant_plan.with_overrides().nodes:
+        node = by_label.get(n.node)
+        site = correction_site(node) if node is not None else None
+        if site is not None and any(producer(t) is not None and producer(t).op == "DequantizeLinear"
+                                    for t in node.inputs[1:2]):
+            sites[n.node] = site
+    if not samples:
+        info["note"] = "no calibration samples to measure on (a loaded table brings none): biases not corrected"
+        return [], info
+    if not sites:
+        info["note"] = "no quantized Conv/ConvTranspose/Gemm or MatMul with a bias Add"
+        return [], info
+    specs = input_specs(prepared.model)
+    reference = collect_ranges(prepared.model, [], samples, specs=specs,
+                               extra={t: (obs,) for t, obs in sites.values()}).statistics
+    order = dependency_stages(graph, quant_plan)
+    levels = sorted({order[label] for label in sites if label in order})
+    step = max(1, config.bias_correction_stages)
+    records: list[PassRecord] = []
+    for i in range(0, len(levels), step):
+        group = set(levels[i:i + step])
+        labels = [label for label in sites if order.get(label) in group]
+        extra = {sites[label][0]: (sites[label][1],) for label in labels}
+        measured = collect_ranges(wg.export(), [], samples, specs=specs, extra=extra).statistics
+        shifts = Statistics(samples=len(samples))
+        for tensor in extra:
+            ref, got = reference.get(tensor, "mean"), measured.get(tensor, "mean")
+            if ref is not None and got is not None and ref.mean.shape == got.mean.shape:
+                shifts.set(tensor, "bias_shift", BiasShift(ref.mean - got.mean, got.count))
+        nodes = tuple(n for n in quant_plan.with_overrides().nodes if n.node in set(labels))
+        got_records = PassManager([corrector], export=wg.export, verify=None).run(
+            graph, PassContext(QuantPlan(nodes, {}, ()), CalibrationTable(statistics=shifts)))
+        records += got_records
+        info["passes"] += 1
+        info["layers"] += sum(r.stats.get("corrected", 0) for r in got_records)
+    return _merged(records), info
+
+
+def _merged(records: list[PassRecord]) -> list[PassRecord]:
+    """The per-stage records of one pass as one record (seconds, skips and counts summed)."""
+    if not records:
+        return []
+    stats: Counter = Counter()
+    for r in records:
+        stats.update(r.stats)
+    return [PassRecord(records[0].name, sum(r.seconds for r in records), any(r.modified for r in records),
+                       tuple(s for r in records for s in r.skipped), dict(stats), records[0].role)]
 
 
 def _rewritten(wg: WorkingGraph, prepared: Prepared, records: list[PassRecord], config: QuantConfig,

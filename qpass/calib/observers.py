@@ -8,8 +8,9 @@ is a class registered with :func:`register_observer` and nothing else changes.
 
 Range observers (kind ``"range"``, a :class:`~qpass.calib.stats.TensorRange`): ``minmax``, and ``percentile``,
 ``mse`` and ``entropy``, which clip a streaming histogram (:mod:`.histogram`, :mod:`.methods`). Array
-statistics: ``gram`` (sum of ``x^T x`` over rows, for GPTQ) and ``absmean`` (mean ``|x|`` per channel, for
-activation-aware scaling).
+statistics: ``gram`` (sum of ``x^T x`` over rows, for GPTQ), ``absmean`` (mean ``|x|`` per channel, for
+activation-aware scaling), and ``mean_axis1`` / ``mean_last`` (mean ``x`` per channel of axis 1 / of the last axis,
+for empirical bias correction).
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import numpy as np
 
 from .histogram import StreamingHistogram, subsample_stride
 from .methods import entropy_range, mse_range, percentile_range
-from .stats import RANGE, AbsMean, Gram, TensorRange
+from .stats import RANGE, AbsMean, ChannelMean, Gram, TensorRange
 
 
 @dataclass(frozen=True)
@@ -338,3 +339,62 @@ class AbsMeanObserver:
 
     def result(self) -> AbsMean | None:
         return None if self.sum is None else AbsMean(self.sum / self.count, self.count)
+
+
+class _ChannelMeanObserver:
+    """Mean ``x`` per channel of ``axis`` (over every other position of every batch), in float64, and the count of
+    values per channel. Memory: one sum per channel."""
+
+    method = "mean"
+    stat = "mean"
+    costly = False
+    axis = -1
+
+    def __init__(self, options: RangeOptions | None = None) -> None:
+        self.sum: np.ndarray | None = None
+        self.count = 0
+
+    def update(self, x: np.ndarray, lo: float | None = None, hi: float | None = None, *, samples: int = 1) -> None:
+        if np.size(x) == 0:
+            return
+        x = np.asarray(x)
+        if x.ndim < 2:
+            x = x.reshape(1, -1)
+        c = np.moveaxis(x, self.axis, -1)
+        s = c.reshape(-1, c.shape[-1]).sum(axis=0, dtype=np.float64)
+        if self.sum is None:
+            self.sum = s
+        elif self.sum.shape != s.shape:
+            raise ValueError(f"{self.method}: {s.shape[0]} channels, earlier batches had {self.sum.shape[0]}")
+        else:
+            self.sum += s
+        self.count += x.size // s.shape[0]
+
+    def merge(self, other: "_ChannelMeanObserver") -> "_ChannelMeanObserver":
+        out = type(self)()
+        for obs in (self, other):
+            if obs.sum is not None:
+                if out.sum is not None and out.sum.shape != obs.sum.shape:
+                    raise ValueError(f"{self.method}: cannot merge {out.sum.shape[0]} channels with {obs.sum.shape[0]}")
+                out.sum = obs.sum.copy() if out.sum is None else out.sum + obs.sum
+            out.count += obs.count
+        return out
+
+    def result(self) -> ChannelMean | None:
+        return None if self.sum is None else ChannelMean(self.sum / self.count, self.count)
+
+
+@register_observer("mean_axis1")
+class ChannelMeanAxis1Observer(_ChannelMeanObserver):
+    """Per-channel mean along axis 1 (a Conv's or Gemm's output channels, N C ... layout)."""
+
+    method = "mean_axis1"
+    axis = 1
+
+
+@register_observer("mean_last")
+class ChannelMeanLastObserver(_ChannelMeanObserver):
+    """Per-channel mean along the last axis (a MatMul's output features)."""
+
+    method = "mean_last"
+    axis = -1

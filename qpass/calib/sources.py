@@ -34,6 +34,24 @@ def take(it: Iterable, n: int) -> Iterator:
         yield x
 
 
+def keep_spread(stream: Iterable, n: int, total: int | None) -> tuple[Iterator, list]:
+    """Stream ``stream`` unchanged while keeping ``n`` of its items in the returned list: evenly spaced over its
+    ``total`` items when that is known, else the first ``n``. The list fills as the iterator is consumed."""
+    kept: list = []
+    picks = None
+    if total:
+        count = min(n, total)
+        picks = {round(i * (total - 1) / max(count - 1, 1)) for i in range(count)}
+
+    def gen() -> Iterator:
+        for i, item in enumerate(stream):
+            if (i in picks) if picks is not None else i < n:
+                kept.append(item)
+            yield item
+
+    return gen(), kept
+
+
 def calibration_data(calib: Any, specs: list[InputSpec], config: QuantConfig, *, val_given: bool,
                      subject: str = "model") -> CalibrationData:
     """Open ``calib`` (or random feeds with ``synthetic_calib``), hold out a validation split unless ``val_given``,

@@ -1,7 +1,7 @@
 """Per-tensor statistics: tensor name -> {statistic kind -> value}, JSON-serialisable with arrays (exact round trip).
 
-A range (:class:`TensorRange`, kind ``"range"``) is one kind; :class:`Gram` (``"gram"``) and :class:`AbsMean`
-(``"absmean"``) hold arrays. A new kind is a class with ``kind``, ``to_dict`` and ``from_dict``, registered with
+A range (:class:`TensorRange`, kind ``"range"``) is one kind; :class:`Gram` (``"gram"``), :class:`AbsMean`
+(``"absmean"``), :class:`ChannelMean` (``"mean"``) and :class:`BiasShift` (``"bias_shift"``) hold arrays. A new kind is a class with ``kind``, ``to_dict`` and ``from_dict``, registered with
 :func:`register_statistic`; the table, its JSON and the collection loop need no change for it.
 
 JSON (``schema_version`` 1, as before any other kind existed)::
@@ -194,6 +194,49 @@ class AbsMean:
         return isinstance(other, AbsMean) and self.count == other.count and _arrays_equal(self.mean, other.mean)
 
     __hash__ = None  # type: ignore[assignment]
+
+
+@register_statistic
+@dataclass(frozen=True, eq=False)
+class ChannelMean:
+    """Mean of ``x`` per output channel (axis 1 of an NC... tensor, or the last axis; the observer says which), in
+    float64, over ``count`` values per channel: what empirical bias correction compares between the float and the
+    quantized model (``"mean"``), and the per-channel shift it adds to a bias (``"bias_shift"``, same fields)."""
+
+    mean: np.ndarray  # (C,) float64
+    count: int
+
+    kind: ClassVar[str] = "mean"
+
+    def __post_init__(self) -> None:
+        m = np.asarray(self.mean)
+        if m.ndim != 1:
+            raise ValueError(f"a channel mean is one value per channel, not of shape {list(m.shape)}")
+        if int(self.count) < 0:
+            raise ValueError(f"negative count {self.count}")
+        object.__setattr__(self, "mean", m)
+        object.__setattr__(self, "count", int(self.count))
+
+    def to_dict(self) -> dict:
+        return {"count": self.count, "mean": self.mean}
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "ChannelMean":
+        return cls(_as_array(d["mean"]), int(d["count"]))
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and self.count == other.count and _arrays_equal(self.mean, other.mean)
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+@register_statistic
+@dataclass(frozen=True, eq=False)
+class BiasShift(ChannelMean):
+    """The per-channel amount to add to a node's bias (``mean``: the float model's output mean minus the quantized
+    model's, over ``count`` values per channel)."""
+
+    kind: ClassVar[str] = "bias_shift"
 
 
 def _as_array(v: Any) -> np.ndarray:
