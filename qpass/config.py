@@ -41,6 +41,8 @@ WEIGHT_ONLY_TIED = ("once", "separate")
 #: and FFN down projections of the first, last and every third layer, after llama.cpp's Q4_K_M), "k-mix-o" (the
 #: attention output projections of those layers too)
 WEIGHT_ONLY_MIXES = ("none", "k-mix", "k-mix-o")
+#: SmoothQuant before static 8-bit quantization: "off" or "on"
+SMOOTH_QUANT = ("off", "on")
 
 
 @dataclass(frozen=True)
@@ -164,6 +166,14 @@ class QuantConfig:
             onnxruntime folds into a constant at load, so DequantizeLinear -> MatMul still fuses into MatMulNBits) or
             "dequantize" (DequantizeLinear(codes, s2), which onnxruntime does not fold: no MatMulNBits). Measured:
             docs/benchmark-notes.md.
+        smooth_quant: "on" migrates activation outliers into the weights before static 8-bit quantization
+            (SmoothQuant): each MatMul/Gemm input the plan quantizes is divided by per-channel scales
+            ``s_j = max|x_j|^a / max|W_j|^(1 - a)`` and the weights' input rows multiplied by them, the strength
+            ``a`` of each layer searched on the calibration data by its output error with both quantized (``a = 0``,
+            no migration, included); the smoothed model is then calibrated as usual (a second pass over the data).
+            "off" (default). Measured: docs/benchmark-notes.md.
+        smooth_alpha: a fixed SmoothQuant strength in (0, 1] instead of the per-layer search (each layer still
+            keeps no migration where that scores better).
     """
 
     format: str = "qdq"
@@ -219,6 +229,8 @@ class QuantConfig:
     gptq_sequential: int = 0
     double_quant: bool = False
     double_quant_form: str = "cast-mul"
+    smooth_quant: str = "off"
+    smooth_alpha: float | None = None
     _exclude_patterns: tuple[re.Pattern, ...] = field(default=(), repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -263,6 +275,11 @@ class QuantConfig:
             raise bad("algorithm", self.algorithm, "rtn, search or gptq with double_quant (awq is not combined with it)")
         if self.weight_only is not None and self.format != "qdq":
             raise bad("format", self.format, "qdq with weight_only (the weights stay DequantizeLinear -> MatMul)")
+        if self.smooth_quant not in SMOOTH_QUANT:
+            raise bad("smooth_quant", self.smooth_quant, " or ".join(SMOOTH_QUANT))
+        if self.smooth_alpha is not None and (isinstance(self.smooth_alpha, bool) or not isinstance(
+                self.smooth_alpha, (int, float)) or not 0.0 < float(self.smooth_alpha) <= 1.0):
+            raise bad("smooth_alpha", self.smooth_alpha, "a number in (0, 1], or none to search it per layer")
         if self.weight_type not in WEIGHT_TYPES:
             raise bad("weight_type", self.weight_type, " or ".join(WEIGHT_TYPES))
         for name, table in (("tensor_methods", self.tensor_methods), ("op_methods", self.op_methods)):

@@ -17,13 +17,15 @@ from .passes.insert_qdq import InsertQDQ
 from .passes.lower_qop import LowerToQOperator
 from .passes.matmul_bias_gemm import MatMulBiasToGemm
 from .passes.single_reader_dq import SingleReaderDequantize
+from .passes.smooth_quant import SmoothQuant
 from .passes.weight_only import WeightOnlyQuantize
 from .passes.weight_only_codebook import WeightOnlyCodebook
 
 
 #: configuration fields that only static quantization reads (set with --weight-only, they change nothing)
 STATIC_ONLY = ("method", "activation_type", "per_channel", "bias", "percentile", "bins", "kl_levels", "tensor_methods",
-               "op_methods", "activation_matmuls", "exclude_before", "quantize_outputs", "neighbour_ops")
+               "op_methods", "activation_matmuls", "exclude_before", "quantize_outputs", "neighbour_ops", "smooth_quant",
+               "smooth_alpha")
 
 
 def resolve(config: QuantConfig, *, has_data: bool) -> tuple[QuantConfig, list[str]]:
@@ -54,6 +56,17 @@ def resolve(config: QuantConfig, *, has_data: bool) -> tuple[QuantConfig, list[s
 def prepare_passes(config: QuantConfig) -> list[Pass]:
     """Folds and constants to initializers, before planning: the graph the plan and calibration see."""
     return [ConstantsToInitializers(config.op_types), FoldBatchNorm(), FoldConvBiasAdd(), Cleanup()]
+
+
+def smooths(config: QuantConfig) -> bool:
+    """Whether a run smooths activation outliers into the weights (SmoothQuant) before planning: static 8-bit
+    activations with ``smooth_quant`` on."""
+    return config.smooth_quant == "on" and not config.weight_only and config.activation_type in ("uint8", "int8")
+
+
+def smooth_passes(config: QuantConfig) -> list[Pass]:
+    """SmoothQuant's passes, on the prepared model (stages.smooth)."""
+    return [SmoothQuant(alpha=config.smooth_alpha), Cleanup()]
 
 
 def rewrite_passes(config: QuantConfig) -> list[Pass]:
