@@ -43,6 +43,9 @@ VARIANTS: dict[str, dict] = {
     "det_head3_float": {"exclude_nodes": ("Conv\\.82", "ConvTranspose\\.0", "ConvTranspose\\.2")},
     "hist_64k": {"hist_sample": 65536},
     "hist_128k": {"hist_sample": 131072},
+    "smooth": {"smooth_quant": "on"},  # SmoothQuant, strength searched per layer
+    "smooth_05": {"smooth_quant": "on", "smooth_alpha": 0.5},  # SmoothQuant's usual fixed strength
+    "act_matmuls_smooth": {"activation_matmuls": True, "smooth_quant": "on"},
 }
 
 
