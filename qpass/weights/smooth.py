@@ -19,7 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..qparams import compute_qparams, dequantize, quantize, weight_qparams
+from ..qparams import compute_qparams, dequantize, qrange, quantize, weight_qparams
 
 #: smallest max|x_j| (max|W_j|) a scale is computed from, as a share of the largest: a dead channel's scale stays finite
 FLOOR = 1e-5
@@ -42,26 +42,29 @@ def smooth_scales(xmax: np.ndarray, wmax: np.ndarray, alpha: float) -> np.ndarra
 
 def fake_quant_error(rows: np.ndarray, weights: Sequence[np.ndarray], s: np.ndarray, cmin: np.ndarray,
                      cmax: np.ndarray, act_type: str, *, act_symmetric: bool, weight_type: str = "int8",
-                     per_channel: bool = True) -> float:
+                     per_channel: bool = True, reference: Sequence[np.ndarray] | None = None) -> float:
     """``sum_i ||Q_a(rows / s) Q_w(diag(s) W_i) - rows W_i||^2`` over the group's weights: ``Q_a`` quantizes per
     tensor to ``act_type`` on the range ``[min_j cmin_j / s_j, max_j cmax_j / s_j]`` (the min-max range of the
-    smoothed input), ``Q_w`` symmetric ``weight_type`` per output channel (axis 1 of ``[K, N]``) or per tensor."""
+    smoothed input), ``Q_w`` symmetric ``weight_type`` per output channel (axis 1 of ``[K, N]``) or per tensor.
+    ``reference``: the float outputs ``rows @ W_i``, when the caller has them. Both quantizers are ONNX's
+    QuantizeLinear / DequantizeLinear (:mod:`qpass.qparams`), the weight's computed on the array directly in float32
+    (the search calls it often)."""
     s = np.asarray(s, dtype=np.float32)
     x = np.asarray(rows, dtype=np.float32)
-    xs = x / s
     lo = float(np.min(np.asarray(cmin, dtype=np.float64) / s))
     hi = float(np.max(np.asarray(cmax, dtype=np.float64) / s))
     scale, zp = compute_qparams(lo, hi, act_type, symmetric=act_symmetric)
-    xq = dequantize(quantize(xs, scale, zp, qtype=act_type), scale, zp)
+    xq = dequantize(quantize(x / s, scale, zp, qtype=act_type), scale, zp)
+    qmin, qmax = qrange(weight_type, symmetric=True)
     total = 0.0
-    for w in weights:
+    for i, w in enumerate(weights):
         w = np.asarray(w, dtype=np.float32)
         ws = w * s[:, None]
-        axis = 1 if per_channel else None
-        ws_scale, ws_zp = weight_qparams(ws, axis, weight_type)
-        wq = dequantize(quantize(ws, ws_scale, ws_zp, axis=axis, qtype=weight_type), ws_scale, ws_zp, axis=axis)
-        d = (xq @ wq).astype(np.float64) - (x @ w).astype(np.float64)
-        total += float(np.sum(d * d))
+        w_scale, _ = weight_qparams(ws, 1 if per_channel else None, weight_type)  # symmetric: zero point 0
+        wq = np.clip(np.rint(ws / w_scale), qmin, qmax).astype(np.float32) * w_scale
+        y = reference[i] if reference is not None else x @ w
+        d = xq @ wq - y
+        total += float(np.sum(d * d, dtype=np.float64))
     return total
 
 
@@ -83,12 +86,14 @@ def search_strength(rows: np.ndarray, weights: Sequence[np.ndarray], cmin: np.nd
     xmax = np.maximum(np.abs(np.asarray(cmin, dtype=np.float64)), np.abs(np.asarray(cmax, dtype=np.float64)))
     wmax = np.max(np.abs(np.concatenate([np.asarray(w, dtype=np.float32) for w in weights], axis=1)), axis=1)
     candidates = [0.0] + ([float(alpha)] if alpha is not None else [i / grid for i in range(1, grid + 1)])
+    x = np.asarray(rows, dtype=np.float32)
+    reference = [x @ np.asarray(w, dtype=np.float32) for w in weights]
     errors: dict[float, float] = {}
     best = (np.ones(k, dtype=np.float32), 0.0, np.inf)
     for a in candidates:
         s = smooth_scales(xmax, wmax, a)
-        err = fake_quant_error(rows, weights, s, cmin, cmax, act_type, act_symmetric=act_symmetric,
-                               weight_type=weight_type, per_channel=per_channel)
+        err = fake_quant_error(x, weights, s, cmin, cmax, act_type, act_symmetric=act_symmetric,
+                               weight_type=weight_type, per_channel=per_channel, reference=reference)
         errors[a] = err
         if err < best[2]:
             best = (s, a, err)
