@@ -110,14 +110,14 @@ def smooth(prepared: Prepared, samples: Iterable, config: QuantConfig | None = N
     smoothed activations' ranges. Unchanged when no MatMul/Gemm reads a quantized 8-bit activation."""
     config = config or QuantConfig()
     wg = _working_graph(prepared)
-    needed = statistics_needed(build_plan(wg.graph, config), wg.graph)
+    qplan = build_plan(wg.graph, config)
+    needed = statistics_needed(qplan, wg.graph)
     if not needed:
         return prepared
     providers, _ = pick_providers(config.calib_ep)
     table = collect_ranges(prepared.model, [], samples, providers=providers, batch_size=config.calib_batch_size,
                            specs=input_specs(prepared.model), extra=needed, overlap=False,
                            on_sample=progress("smoothing statistics", total) if progress else None)
-    qplan = build_plan(wg.graph, config)  # bound on this working graph
     manager = PassManager(smooth_passes(config), export=wg.export, verify=verify_model, dump_dir=dump_dir)
     records = manager.run(wg.graph, PassContext(qplan, table))
     if not any(r.modified for r in records):

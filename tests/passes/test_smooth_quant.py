@@ -130,3 +130,16 @@ def test_observers_and_table_round_trip():
     table.set("x", "chanrange", c)
     table.set("x", "rows", r)
     assert Statistics.from_json(table.to_json()) == table
+
+
+def test_bad_settings_are_config_errors_and_the_cli_sets_them():
+    import pytest
+
+    from qpass.cli import build_parser
+    from qpass.errors import ConfigError
+
+    for bad in ({"smooth_quant": "yes"}, {"smooth_alpha": 0.0}, {"smooth_alpha": 1.5}, {"smooth_alpha": True}):
+        with pytest.raises(ConfigError):
+            QuantConfig(**bad)
+    args = build_parser().parse_args(["run", "m.onnx", "--smooth-quant", "on", "--smooth-alpha", "0.6"])
+    assert (args.smooth_quant, args.smooth_alpha) == ("on", 0.6)
