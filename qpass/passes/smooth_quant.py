@@ -77,12 +77,13 @@ class SmoothQuant(Pass):
         names = NameAllocator(graph)
         done: Counter = Counter()
         strengths: dict[str, float] = {}
+        ratios: dict[str, float] = {}
         for x_name, (act, targets) in groups.items():
             how = self._smooth(graph, act, targets, stats, names)
             if isinstance(how, tuple):
                 done[how[0]] += 1
                 if how[1]:
-                    strengths[x_name] = how[1]
+                    strengths[x_name], ratios[x_name] = how[1], how[2]
             else:
                 skipped += [Skip(node_label(t.node), t.node.op, how) for t in targets]
         if done["folded"] or done["Mul"]:
@@ -92,11 +93,13 @@ class SmoothQuant(Pass):
         out = {k: v for k, v in out.items() if v}
         if strengths:
             out["strengths"] = strengths  # input name (before smoothing) -> chosen strength
+            # -> the sampled output error with both operands quantized, smoothed over unsmoothed
+            out["error_ratios"] = ratios
         return PassResult(modified=bool(done["folded"] or done["Mul"]), skipped=tuple(skipped), stats=out)
 
     def _smooth(self, graph: gs.Graph, act: QSpec, targets: list, stats,
-                names: NameAllocator) -> tuple[str, float] | str:
-        """Smooth one group; returns (how: "folded" | "Mul" | "unchanged", strength) or why not."""
+                names: NameAllocator) -> tuple[str, float, float] | str:
+        """Smooth one group; returns (how: "folded" | "Mul" | "unchanged", strength, error ratio) or why not."""
         x = targets[0].node.inputs[0]
         chan, rows = stats.get(x.name, "chanrange"), stats.get(x.name, "rows")
         if chan is None or rows is None or not rows.rows.shape[0]:
@@ -108,11 +111,11 @@ class SmoothQuant(Pass):
         if chan.min.shape != (k,) or rows.rows.shape[1] != k:
             return f"statistics of '{x.name}' do not match the weights' {k} input features; not smoothed"
         spec = targets[0].weight_spec
-        s, alpha, _ = search_strength(rows.rows, [g.values for g in group], chan.min, chan.max, act.dtype,
+        s, alpha, errors = search_strength(rows.rows, [g.values for g in group], chan.min, chan.max, act.dtype,
                                       act_symmetric=act.symmetric, weight_type=spec.dtype,
                                       per_channel=spec.granularity == "channel", grid=self.grid, alpha=self.alpha)
         if alpha == 0.0:
-            return "unchanged", 0.0
+            return "unchanged", 0.0, 1.0
         how, _ = apply_scales(graph, x, targets, group, np.asarray(s, dtype=np.float32), names)
-        return how, alpha
+        return how, alpha, round(errors[alpha] / errors[0.0], 4)  # errors[0.0] > errors[alpha] >= 0
 
