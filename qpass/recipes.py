@@ -38,6 +38,8 @@ def resolve(config: QuantConfig, *, has_data: bool) -> tuple[QuantConfig, list[s
         static = [f for f in STATIC_ONLY if getattr(config, f) != getattr(default, f)]
         if static:
             notes.append(f"weight-only mode: {', '.join(static)} apply to static quantization and are ignored")
+    if config.smooth_quant == "on" and not config.weight_only and config.activation_type not in ("uint8", "int8"):
+        notes.append(f"smooth_quant applies to 8-bit activations; with {config.activation_type} it is not applied")
     if config.weight_only and config.algorithm in ("awq", "awq-gptq") and config.gptq_sequential:
         notes.append(f"gptq_sequential applies to --algorithm gptq only; {config.algorithm} takes every Hessian from "
                      "the float model")

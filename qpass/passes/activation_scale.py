@@ -16,12 +16,11 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..calib.stats import Gram
-from ..errors import PreconditionError
 from ..graph import NameAllocator, is_float32, node_label
 from ..pass_manager import Pass, PassContext, PassResult, Skip
 from ..plan.bind import bind
 from ..weights.awq import search_scales
-from .input_scales import apply_scales, group_weights
+from .input_scales import apply_scales, finish, group_weights, require_plan_and_table
 
 
 class ActivationScale(Pass):
@@ -33,11 +32,7 @@ class ActivationScale(Pass):
         self.qtypes = tuple(qtypes)
 
     def requires(self, graph: gs.Graph, ctx: PassContext) -> None:
-        if ctx.plan is None:
-            raise PreconditionError("needs a plan", subject=self.name)
-        if ctx.calib is None:
-            raise PreconditionError("activation-aware scaling needs calibration statistics (each input's mean |x| and "
-                                    "Gram matrix)", subject=self.name, hint="give --calib DATA")
+        require_plan_and_table(ctx, self.name, "each input's mean |x| and Gram matrix")
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         bound = bind(ctx.plan, graph)
@@ -61,12 +56,8 @@ class ActivationScale(Pass):
                 done[how] += 1
             else:
                 skipped += [Skip(node_label(t.node), t.node.op, how) for t in targets]
-        if done["folded"] or done["Mul"]:
-            graph.cleanup(remove_unused_graph_inputs=False).toposort()
-        stats_out = {"groups scaled, folded into the producer": done["folded"],
-                     "groups scaled through a Mul": done["Mul"], "groups left unscaled (alpha 0)": done["unchanged"]}
-        return PassResult(modified=bool(done["folded"] or done["Mul"]), skipped=tuple(skipped),
-                          stats={k: v for k, v in stats_out.items() if v})
+        modified, counts = finish(graph, done, "scaled", "groups left unscaled (alpha 0)")
+        return PassResult(modified=modified, skipped=tuple(skipped), stats=counts)
 
     def _scale(self, graph: gs.Graph, targets: list, stats, names: NameAllocator) -> str:
         """Scale one group; returns how ("folded", "Mul", "unchanged") or why not."""

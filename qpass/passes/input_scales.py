@@ -11,12 +11,22 @@ scaled input gets a new name.
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from ..errors import PreconditionError
 from ..graph import NameAllocator, is_float32
+
+
+def require_plan_and_table(ctx, subject: str, what: str) -> None:
+    """The preconditions of an input-scaling pass: a plan, and a calibration table holding ``what``."""
+    if ctx.plan is None:
+        raise PreconditionError("needs a plan", subject=subject)
+    if ctx.calib is None:
+        raise PreconditionError(f"needs calibration statistics ({what})", subject=subject, hint="give --calib DATA")
 
 
 def float_constant(t) -> bool:
@@ -78,6 +88,17 @@ def apply_scales(graph: gs.Graph, x: gs.Variable, targets: list, weights: list[G
     for t in targets:
         t.node.inputs[0] = scaled_input
     return "Mul", scaled_input
+
+
+def finish(graph: gs.Graph, done: Counter, verb: str, unchanged: str) -> tuple[bool, dict]:
+    """After a pass's last group: the graph cleaned up where a group changed it, whether one did, and the pass's
+    counts (``done``: groups by how, "folded" / "Mul" / "unchanged"; ``unchanged``: the name of the last count)."""
+    modified = bool(done["folded"] or done["Mul"])
+    if modified:
+        graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    counts = {f"groups {verb}, folded into the producer": done["folded"], f"groups {verb} through a Mul": done["Mul"],
+              unchanged: done["unchanged"]}
+    return modified, {k: v for k, v in counts.items() if v}
 
 
 def _fold(graph: gs.Graph, x: gs.Variable, readers: set[int], inverse: np.ndarray, names: NameAllocator) -> bool:

@@ -16,13 +16,12 @@ from collections import Counter
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ..errors import PreconditionError
 from ..graph import NameAllocator, is_float32, node_label
 from ..pass_manager import Pass, PassContext, PassResult, Skip
 from ..plan.bind import bind
 from ..plan.spec import QSpec, QuantPlan
 from ..weights.smooth import search_strength
-from .input_scales import apply_scales, group_weights
+from .input_scales import apply_scales, finish, group_weights, require_plan_and_table
 
 #: the statistics of each group's input the search needs
 STATISTICS = ("chanrange", "rows")
@@ -65,11 +64,7 @@ class SmoothQuant(Pass):
         self.alpha = alpha
 
     def requires(self, graph: gs.Graph, ctx: PassContext) -> None:
-        if ctx.plan is None:
-            raise PreconditionError("needs a plan", subject=self.name)
-        if ctx.calib is None:
-            raise PreconditionError("SmoothQuant needs calibration statistics (each input's per-channel range and a "
-                                    "sample of its rows)", subject=self.name, hint="give --calib DATA")
+        require_plan_and_table(ctx, self.name, "each input's per-channel range and a sample of its rows")
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         groups, skipped = smooth_groups(ctx.plan, graph)
@@ -86,16 +81,12 @@ class SmoothQuant(Pass):
                     strengths[x_name], ratios[x_name] = how[1], how[2]
             else:
                 skipped += [Skip(node_label(t.node), t.node.op, how) for t in targets]
-        if done["folded"] or done["Mul"]:
-            graph.cleanup(remove_unused_graph_inputs=False).toposort()
-        out = {"groups smoothed, folded into the producer": done["folded"],
-               "groups smoothed through a Mul": done["Mul"], "groups left alone (strength 0)": done["unchanged"]}
-        out = {k: v for k, v in out.items() if v}
+        modified, out = finish(graph, done, "smoothed", "groups left alone (strength 0)")
         if strengths:
             out["strengths"] = strengths  # input name (before smoothing) -> chosen strength
             # -> the sampled output error with both operands quantized, smoothed over unsmoothed
             out["error_ratios"] = ratios
-        return PassResult(modified=bool(done["folded"] or done["Mul"]), skipped=tuple(skipped), stats=out)
+        return PassResult(modified=modified, skipped=tuple(skipped), stats=out)
 
     def _smooth(self, graph: gs.Graph, act: QSpec, targets: list, stats,
                 names: NameAllocator) -> tuple[str, float, float] | str:
