@@ -107,17 +107,17 @@ def smooth(prepared: Prepared, samples: Iterable, config: QuantConfig | None = N
     """SmoothQuant on the prepared model (static int8): plan it, measure each quantized MatMul input's per-channel
     range and a sample of its rows over ``samples``, and run the smoothing passes. Returns the prepared model with
     the smoothed weights (and the pass records appended); plan and calibrate it as usual, which measures the
-    smoothed activations' ranges. Unchanged when no MatMul/Gemm reads a quantized 8-bit activation."""
+    smoothed activations' ranges. The model is unchanged when no MatMul/Gemm reads a quantized 8-bit activation."""
     config = config or QuantConfig()
     wg = _working_graph(prepared)
     qplan = build_plan(wg.graph, config)
     needed = statistics_needed(qplan, wg.graph)
-    if not needed:
-        return prepared
-    providers, _ = pick_providers(config.calib_ep)
-    table = collect_ranges(prepared.model, [], samples, providers=providers, batch_size=config.calib_batch_size,
-                           specs=input_specs(prepared.model), extra=needed, overlap=False,
-                           on_sample=progress("smoothing statistics", total) if progress else None)
+    table = CalibrationTable()  # no candidate: the pass records what it skipped, and no data is read
+    if needed:
+        providers, _ = pick_providers(config.calib_ep)
+        table = collect_ranges(prepared.model, [], samples, providers=providers, batch_size=config.calib_batch_size,
+                               specs=input_specs(prepared.model), extra=needed, overlap=False,
+                               on_sample=progress("smoothing statistics", total) if progress else None)
     manager = PassManager(smooth_passes(config), export=wg.export, verify=verify_model, dump_dir=dump_dir)
     records = manager.run(wg.graph, PassContext(qplan, table))
     if not any(r.modified for r in records):

@@ -36,6 +36,7 @@ def smooth_groups(plan: QuantPlan, graph: gs.Graph) -> tuple[dict[str, tuple[QSp
     quantized = {t.name: t for t in bound.tensors}
     groups: dict[str, tuple[QSpec, list]] = {}
     skipped: list[Skip] = []
+    top = {id(n) for n in graph.nodes}
     for t in bound.targets:
         node = t.node
         if node.op not in ("MatMul", "Gemm") or t.weight != 1 or t.weight_spec is None or 0 not in t.activations:
@@ -44,7 +45,9 @@ def smooth_groups(plan: QuantPlan, graph: gs.Graph) -> tuple[dict[str, tuple[QSp
         q = quantized.get(x.name)
         if q is None or (q.consumers is not None and id(node) not in q.consumers) or q.spec.dtype not in EIGHT_BIT:
             continue
-        if node.op == "Gemm" and int(node.attrs.get("transA", 0)):
+        if id(node) not in top:
+            skipped.append(Skip(t.label, node.op, "inside an If/Loop/Scan body: not smoothed"))
+        elif node.op == "Gemm" and int(node.attrs.get("transA", 0)):
             skipped.append(Skip(node_label(node), node.op, "transposed Gemm input: not smoothed"))
         elif isinstance(x, gs.Variable) and is_float32(x):
             groups.setdefault(x.name, (q.spec, []))[1].append(t)

@@ -143,3 +143,12 @@ def test_bad_settings_are_config_errors_and_the_cli_sets_them():
             QuantConfig(**bad)
     args = build_parser().parse_args(["run", "m.onnx", "--smooth-quant", "on", "--smooth-alpha", "0.6"])
     assert (args.smooth_quant, args.smooth_alpha) == ("on", 0.6)
+
+
+def test_a_matmul_inside_a_loop_body_is_skipped_with_a_reason():
+    from tests.subgraph_models import matmul_in_loop
+
+    feeds = [{"x": np.random.default_rng(i).normal(0, 1, (4, 8)).astype(np.float32)} for i in range(6)]
+    result = qpass.quantize(matmul_in_loop(), feeds, config=CFG.replace(smooth_alpha=None))
+    record = next(r for r in result.report.passes if r.name == "smooth_quant")
+    assert not record.modified and [s.node for s in record.skipped] == ["Loop_0/body/mm"]
