@@ -51,6 +51,9 @@ VARIANTS: dict[str, dict] = {
     "biascorr_s4": {"bias_correction": "empirical", "bias_correction_stages": 4, "bias_correction_samples": 16},
     "biascorr_mse": {"method": "mse", "bias_correction": "empirical"},
     "biascorr_minmax": {"method": "minmax", "bias_correction": "empirical"},
+    "smooth": {"smooth_quant": "on"},  # SmoothQuant, strength searched per layer
+    "smooth_05": {"smooth_quant": "on", "smooth_alpha": 0.5},  # SmoothQuant's usual fixed strength
+    "act_matmuls_smooth": {"activation_matmuls": True, "smooth_quant": "on"},
 }
 
 

@@ -18,7 +18,7 @@ from .config import QuantConfig
 from .errors import ConfigError, ModelSaveError, PlanError
 from .io import model_bytes, same_file, save_model
 from .plan.spec import QuantPlan
-from .recipes import resolve
+from .recipes import resolve, smooths
 from .report import Report
 
 Data = "str | os.PathLike | Iterable[Mapping[str, Any]] | None"
@@ -76,6 +76,18 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, calib: Data = None, *, 
     report.opset, report.passes = prepared.opset, list(prepared.records)
     report.warnings += prepared.warnings
     gc.collect()  # prepare's working graph (reference cycles) holds exports and loaded values until collected
+    specs = input_specs(prepared.reference)
+    if smooths(cfg):
+        if plan is not None or load_calib is not None:
+            report.warnings.append("smooth_quant: not applied with a given plan or calibration table (both name the "
+                                   "tensors of the model before smoothing)")
+        else:
+            if calib is not None and not isinstance(calib, (str, os.PathLike)) and iter(calib) is calib:
+                calib = list(calib)  # an iterator of feeds: read twice (smoothing statistics, then calibration)
+            data = calibration_data(calib, specs, cfg, val_given=val is not None, subject=name)
+            prepared = _timed(times, "smooth", stages.smooth, prepared, data.stream, cfg, total=data.total,
+                              progress=progress, dump_dir=dump_dir)
+            report.passes = list(prepared.records)
     qplan = QuantPlan.load(plan) if isinstance(plan, (str, os.PathLike)) else plan
     qplan = qplan or _timed(times, "plan", stages.plan, prepared, cfg)
     if cfg.weight_only and qplan.tensors:
@@ -84,7 +96,7 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, calib: Data = None, *, 
                         hint="save a plan with --weight-only, or run without --weight-only")
     if save_plan is not None:
         qplan.save(save_plan)
-    specs, held = input_specs(prepared.reference), []
+    held = []
     t = time.perf_counter()
     needs_data = bool(qplan.calibrate or qplan.statistics)
     sequential = None  # the calibration samples, when GPTQ measures its Hessians stage by stage while rewriting

@@ -11,7 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from . import __version__
-from .config import (ACTIVATION_TYPES, FORMATS, METHOD_CHOICES, WEIGHT_ONLY_ALGORITHMS, WEIGHT_ONLY_MIXES,
+from .config import (ACTIVATION_TYPES, FORMATS, METHOD_CHOICES, SMOOTH_QUANT, WEIGHT_ONLY_ALGORITHMS, WEIGHT_ONLY_MIXES,
                      WEIGHT_ONLY_TIED, WEIGHT_ONLY_TYPES, QuantConfig)
 from .errors import QpassError
 
@@ -86,6 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
     _config_option(run, "--exclude-before", action="append", metavar="OP",
                      help="keep in float a compute node whose output only this op type reads (repeatable; "
                           "e.g. HardSwish, which onnxruntime fuses into a float Conv but has no integer kernel for)")
+    _config_option(run, "--smooth-quant", choices=SMOOTH_QUANT,
+                   help="static 8-bit: migrate activation outliers into the MatMul/Gemm weights first (SmoothQuant, "
+                        "strength searched per layer on the calibration data; default off)")
+    _config_option(run, "--smooth-alpha", type=float, metavar="A",
+                   help="a fixed SmoothQuant strength in (0, 1] instead of the per-layer search")
     _config_option(run, "--weight-only", choices=WEIGHT_ONLY_TYPES,
                    help="weight-only mode: MatMul/Gemm weights block-wise int4 (symmetric), uint4 (asymmetric), "
                         "int8, nf4 (NormalFloat codebook) or ternary (int2, needs --target-opset 25), activations "

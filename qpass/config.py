@@ -43,6 +43,8 @@ WEIGHT_ONLY_TIED = ("once", "separate")
 WEIGHT_ONLY_MIXES = ("none", "k-mix", "k-mix-o")
 #: static bias correction: none, or each bias moved by the measured float - quantized output mean (sequentially)
 BIAS_CORRECTIONS = ("off", "empirical")
+#: SmoothQuant before static 8-bit quantization: "off" or "on"
+SMOOTH_QUANT = ("off", "on")
 
 
 @dataclass(frozen=True)
@@ -180,6 +182,14 @@ class QuantConfig:
         bias_correction_stages: dependency stages corrected per pass over those samples (one pass measures
             the quantized model's means for that many consecutive stages; more is faster, fewer is closer to
             one layer at a time).
+        smooth_quant: "on" migrates activation outliers into the weights before static 8-bit quantization
+            (SmoothQuant): each MatMul/Gemm input the plan quantizes is divided by per-channel scales
+            ``s_j = max|x_j|^a / max|W_j|^(1 - a)`` and the weights' input rows multiplied by them, the strength
+            ``a`` of each layer searched on the calibration data by its output error with both quantized (``a = 0``,
+            no migration, included); the smoothed model is then calibrated as usual (a second pass over the data).
+            "off" (default). Measured: docs/benchmark-notes.md.
+        smooth_alpha: a fixed SmoothQuant strength in (0, 1] instead of the per-layer search (each layer still
+            keeps no migration where that scores better).
     """
 
     format: str = "qdq"
@@ -239,6 +249,8 @@ class QuantConfig:
     bias_correction: str = "off"
     bias_correction_samples: int = 8
     bias_correction_stages: int = 1
+    smooth_quant: str = "off"
+    smooth_alpha: float | None = None
     _exclude_patterns: tuple[re.Pattern, ...] = field(default=(), repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -289,6 +301,11 @@ class QuantConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise bad(name, value, "a positive integer")
+        if self.smooth_quant not in SMOOTH_QUANT:
+            raise bad("smooth_quant", self.smooth_quant, " or ".join(SMOOTH_QUANT))
+        if self.smooth_alpha is not None and (isinstance(self.smooth_alpha, bool) or not isinstance(
+                self.smooth_alpha, (int, float)) or not 0.0 < float(self.smooth_alpha) <= 1.0):
+            raise bad("smooth_alpha", self.smooth_alpha, "a number in (0, 1], or none to search it per layer")
         if self.weight_type not in WEIGHT_TYPES:
             raise bad("weight_type", self.weight_type, " or ".join(WEIGHT_TYPES))
         for name, table in (("tensor_methods", self.tensor_methods), ("op_methods", self.op_methods)):

@@ -19,6 +19,7 @@ from .passes.insert_qdq import InsertQDQ
 from .passes.lower_qop import LowerToQOperator
 from .passes.matmul_bias_gemm import MatMulBiasToGemm
 from .passes.single_reader_dq import SingleReaderDequantize
+from .passes.smooth_quant import SmoothQuant
 from .passes.weight_only import WeightOnlyQuantize
 from .passes.weight_only_codebook import WeightOnlyCodebook
 
@@ -26,7 +27,7 @@ from .passes.weight_only_codebook import WeightOnlyCodebook
 #: configuration fields that only static quantization reads (set with --weight-only, they change nothing)
 STATIC_ONLY = ("method", "activation_type", "per_channel", "bias", "percentile", "bins", "kl_levels", "tensor_methods",
                "op_methods", "activation_matmuls", "exclude_before", "quantize_outputs", "neighbour_ops", "equalize",
-               "bias_correction")
+               "bias_correction", "smooth_quant", "smooth_alpha")
 
 
 def resolve(config: QuantConfig, *, has_data: bool) -> tuple[QuantConfig, list[str]]:
@@ -39,6 +40,8 @@ def resolve(config: QuantConfig, *, has_data: bool) -> tuple[QuantConfig, list[s
         static = [f for f in STATIC_ONLY if getattr(config, f) != getattr(default, f)]
         if static:
             notes.append(f"weight-only mode: {', '.join(static)} apply to static quantization and are ignored")
+    if config.smooth_quant == "on" and not config.weight_only and config.activation_type not in ("uint8", "int8"):
+        notes.append(f"smooth_quant applies to 8-bit activations; with {config.activation_type} it is not applied")
     if config.weight_only and config.algorithm in ("awq", "awq-gptq") and config.gptq_sequential:
         notes.append(f"gptq_sequential applies to --algorithm gptq only; {config.algorithm} takes every Hessian from "
                      "the float model")
@@ -61,6 +64,17 @@ def prepare_passes(config: QuantConfig) -> list[Pass]:
     if config.equalize and not config.weight_only:
         passes.append(EqualizeConvChains())
     return passes + [Cleanup()]
+
+
+def smooths(config: QuantConfig) -> bool:
+    """Whether a run smooths activation outliers into the weights (SmoothQuant) before planning: static 8-bit
+    activations with ``smooth_quant`` on."""
+    return config.smooth_quant == "on" and not config.weight_only and config.activation_type in ("uint8", "int8")
+
+
+def smooth_passes(config: QuantConfig) -> list[Pass]:
+    """SmoothQuant's passes, on the prepared model (stages.smooth)."""
+    return [SmoothQuant(alpha=config.smooth_alpha), Cleanup()]
 
 
 def rewrite_passes(config: QuantConfig) -> list[Pass]:

@@ -1,6 +1,6 @@
 """The stages of a run, each callable alone with plain, picklable inputs and outputs.
 
-    load -> prepare -> plan -> calibrate -> rewrite -> evaluate -> save
+    load -> prepare -> [smooth] -> plan -> calibrate -> rewrite -> evaluate -> save
 
 A pipeline can prepare and calibrate once and rewrite several plans; :func:`qpass.api.quantize` is these calls in
 order. Every artifact (``Prepared``, ``QuantPlan``, ``CalibrationTable``, ``Rewritten``) holds ModelProtos, dataclasses
@@ -33,7 +33,8 @@ from .plan.bind import bind
 from .plan.policy import build_plan, dependency_stages
 from .plan.spec import QuantPlan
 from .passes.bias_correction import BiasCorrection, correction_site
-from .recipes import prepare_passes, rewrite_passes
+from .passes.smooth_quant import statistics_needed
+from .recipes import prepare_passes, rewrite_passes, smooth_passes
 from .report import count_quantized
 from .runtime import pick_providers
 from .evaluate.tolerance import check_tolerance
@@ -104,6 +105,29 @@ def prepare(model: onnx.ModelProto, config: QuantConfig | None = None, *, name: 
                         "case-sensitive, e.g. HardSwish); it changed nothing")
     return Prepared(manager.last_export or wg.export(), reference, records, opset, warnings,
                     frozenset(wg.outer_initializers), frozenset(vi.name for vi in model.graph.value_info))
+
+
+def smooth(prepared: Prepared, samples: Iterable, config: QuantConfig | None = None, *, total: int | None = None,
+           progress: ProgressFactory | None = None, dump_dir: str | os.PathLike | None = None) -> Prepared:
+    """SmoothQuant on the prepared model (static int8): plan it, measure each quantized MatMul input's per-channel
+    range and a sample of its rows over ``samples``, and run the smoothing passes. Returns the prepared model with
+    the smoothed weights (and the pass records appended); plan and calibrate it as usual, which measures the
+    smoothed activations' ranges. The model is unchanged when no MatMul/Gemm reads a quantized 8-bit activation."""
+    config = config or QuantConfig()
+    wg = _working_graph(prepared)
+    qplan = build_plan(wg.graph, config)
+    needed = statistics_needed(qplan, wg.graph)
+    table = CalibrationTable()  # no candidate: the pass records what it skipped, and no data is read
+    if needed:
+        providers, _ = pick_providers(config.calib_ep)
+        table = collect_ranges(prepared.model, [], samples, providers=providers, batch_size=config.calib_batch_size,
+                               specs=input_specs(prepared.model), extra=needed, overlap=False,
+                               on_sample=progress("smoothing statistics", total) if progress else None)
+    manager = PassManager(smooth_passes(config), export=wg.export, verify=verify_model, dump_dir=dump_dir)
+    records = manager.run(wg.graph, PassContext(qplan, table))
+    if not any(r.modified for r in records):
+        return replace(prepared, records=prepared.records + records)
+    return replace(prepared, model=manager.last_export or wg.export(), records=prepared.records + records)
 
 
 def _working_graph(prepared: Prepared) -> WorkingGraph:

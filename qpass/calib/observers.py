@@ -10,7 +10,8 @@ Range observers (kind ``"range"``, a :class:`~qpass.calib.stats.TensorRange`): `
 ``mse`` and ``entropy``, which clip a streaming histogram (:mod:`.histogram`, :mod:`.methods`). Array
 statistics: ``gram`` (sum of ``x^T x`` over rows, for GPTQ), ``absmean`` (mean ``|x|`` per channel, for
 activation-aware scaling), and ``mean_axis1`` / ``mean_last`` (mean ``x`` per channel of axis 1 / of the last axis,
-for empirical bias correction).
+for empirical bias correction), ``chanrange`` (min and max per channel) and ``rows`` (a uniform sample of rows),
+for SmoothQuant.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import numpy as np
 
 from .histogram import StreamingHistogram, subsample_stride
 from .methods import entropy_range, mse_range, percentile_range
-from .stats import RANGE, AbsMean, ChannelMean, Gram, TensorRange
+from .stats import RANGE, AbsMean, ChannelMean, ChannelRange, Gram, RowSample, TensorRange
 
 
 @dataclass(frozen=True)
@@ -398,3 +399,97 @@ class ChannelMeanLastObserver(_ChannelMeanObserver):
 
     method = "mean_last"
     axis = -1
+
+
+@register_observer("chanrange")
+class ChannelRangeObserver:
+    """Min and max per channel of the last axis, in float64. Memory: two values per channel."""
+
+    method = stat = "chanrange"
+    costly = False
+
+    def __init__(self, options: RangeOptions | None = None) -> None:
+        self.min: np.ndarray | None = None
+        self.max: np.ndarray | None = None
+        self.count = 0
+
+    def update(self, x: np.ndarray, lo: float | None = None, hi: float | None = None, *, samples: int = 1) -> None:
+        if np.size(x) == 0:
+            return
+        x = np.asarray(x)
+        r = x.reshape(-1, x.shape[-1] if x.ndim else 1)
+        mn, mx = r.min(axis=0).astype(np.float64), r.max(axis=0).astype(np.float64)
+        if self.min is None:
+            self.min, self.max = mn, mx
+        elif self.min.shape != mn.shape:
+            raise ValueError(f"chanrange: the last axis has {mn.shape[0]} values, earlier batches had {self.min.shape[0]}")
+        else:
+            self.min, self.max = np.minimum(self.min, mn), np.maximum(self.max, mx)
+        self.count += r.shape[0]
+
+    def merge(self, other: "ChannelRangeObserver") -> "ChannelRangeObserver":
+        out = ChannelRangeObserver()
+        for obs in (self, other):
+            if obs.min is not None:
+                if out.min is not None and out.min.shape != obs.min.shape:
+                    raise ValueError(f"chanrange: cannot merge {out.min.shape[0]} channels with {obs.min.shape[0]}")
+                out.min = obs.min.copy() if out.min is None else np.minimum(out.min, obs.min)
+                out.max = obs.max.copy() if out.max is None else np.maximum(out.max, obs.max)
+            out.count += obs.count
+        return out
+
+    def result(self) -> ChannelRange | None:
+        return None if self.min is None else ChannelRange(self.min.copy(), self.max.copy(), self.count)
+
+
+#: rows a :class:`RowSampleObserver` keeps
+ROW_SAMPLE = 512
+
+
+@register_observer("rows")
+class RowSampleObserver:
+    """A uniform sample of ``ROW_SAMPLE`` rows of the batches reshaped to ``[rows, K]`` (reservoir sampling with a
+    fixed seed, so a run is reproducible; row ``t`` replaces a kept row with probability ``ROW_SAMPLE / (t + 1)``).
+    Memory: ``ROW_SAMPLE x K`` float32 values."""
+
+    method = stat = "rows"
+    costly = False
+
+    def __init__(self, options: RangeOptions | None = None, cap: int = ROW_SAMPLE) -> None:
+        self.cap = cap
+        self.rows: np.ndarray | None = None
+        self.seen = 0
+        self.rng = np.random.default_rng(0)
+
+    def update(self, x: np.ndarray, lo: float | None = None, hi: float | None = None, *, samples: int = 1) -> None:
+        if np.size(x) == 0:
+            return
+        x = np.asarray(x)
+        r = x.reshape(-1, x.shape[-1] if x.ndim else 1).astype(np.float32)
+        if self.rows is None:
+            self.rows = np.empty((0, r.shape[1]), dtype=np.float32)
+        elif self.rows.shape[1] != r.shape[1]:
+            raise ValueError(f"rows: the last axis has {r.shape[1]} values, earlier batches had {self.rows.shape[1]}")
+        fill = min(r.shape[0], self.cap - self.rows.shape[0])
+        if fill > 0:
+            self.rows = np.concatenate([self.rows, r[:fill]])
+        rest = r[fill:]
+        if rest.shape[0]:
+            index = self.seen + fill + np.arange(rest.shape[0])  # each row's place in the stream (0-based)
+            slot = self.rng.integers(0, index + 1)
+            for i in np.flatnonzero(slot < self.cap):  # in stream order: a later row wins a slot
+                self.rows[slot[i]] = rest[i]
+        self.seen += r.shape[0]
+
+    def merge(self, other: "RowSampleObserver") -> "RowSampleObserver":
+        """A sample of both: each side's rows in proportion to the rows it saw (the first ones of each)."""
+        out = RowSampleObserver(cap=self.cap)
+        parts = [o for o in (self, other) if o.rows is not None]
+        out.seen = self.seen + other.seen
+        if parts:
+            share = [round(self.cap * o.seen / out.seen) for o in parts]
+            out.rows = np.concatenate([o.rows[:n] for o, n in zip(parts, share)])[:self.cap]
+        return out
+
+    def result(self) -> RowSample | None:
+        return None if self.rows is None else RowSample(self.rows.copy(), self.seen)

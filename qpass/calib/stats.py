@@ -1,7 +1,8 @@
 """Per-tensor statistics: tensor name -> {statistic kind -> value}, JSON-serialisable with arrays (exact round trip).
 
 A range (:class:`TensorRange`, kind ``"range"``) is one kind; :class:`Gram` (``"gram"``), :class:`AbsMean`
-(``"absmean"``), :class:`ChannelMean` (``"mean"``) and :class:`BiasShift` (``"bias_shift"``) hold arrays. A new kind is a class with ``kind``, ``to_dict`` and ``from_dict``, registered with
+(``"absmean"``), :class:`ChannelMean` (``"mean"``), :class:`BiasShift` (``"bias_shift"``), :class:`ChannelRange`
+(``"chanrange"``) and :class:`RowSample` (``"rows"``) hold arrays. A new kind is a class with ``kind``, ``to_dict`` and ``from_dict``, registered with
 :func:`register_statistic`; the table, its JSON and the collection loop need no change for it.
 
 JSON (``schema_version`` 1, as before any other kind existed)::
@@ -237,6 +238,80 @@ class BiasShift(ChannelMean):
     model's, over ``count`` values per channel)."""
 
     kind: ClassVar[str] = "bias_shift"
+
+
+@register_statistic
+@dataclass(frozen=True, eq=False)
+class ChannelRange:
+    """Min and max per channel of the last axis (float64), over ``count`` values per channel: SmoothQuant's
+    ``max|x_j|``, and the exact min-max range of the tensor divided by any positive per-channel scale."""
+
+    min: np.ndarray  # (C,) float64
+    max: np.ndarray  # (C,) float64
+    count: int
+
+    kind: ClassVar[str] = "chanrange"
+
+    def __post_init__(self) -> None:
+        lo, hi = np.asarray(self.min), np.asarray(self.max)
+        if lo.ndim != 1 or lo.shape != hi.shape:
+            raise ValueError(f"a channel range is one min and one max per channel, not shapes {list(lo.shape)}, "
+                             f"{list(hi.shape)}")
+        if int(self.count) < 0:
+            raise ValueError(f"negative count {self.count}")
+        object.__setattr__(self, "min", lo)
+        object.__setattr__(self, "max", hi)
+        object.__setattr__(self, "count", int(self.count))
+
+    def absmax(self) -> np.ndarray:
+        """``max |x_j|`` per channel."""
+        return np.maximum(np.abs(self.min), np.abs(self.max))
+
+    def to_dict(self) -> dict:
+        return {"count": self.count, "min": self.min, "max": self.max}
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "ChannelRange":
+        return cls(_as_array(d["min"]), _as_array(d["max"]), int(d["count"]))
+
+    def __eq__(self, other: object) -> bool:
+        return (isinstance(other, ChannelRange) and self.count == other.count and _arrays_equal(self.min, other.min)
+                and _arrays_equal(self.max, other.max))
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+@register_statistic
+@dataclass(frozen=True, eq=False)
+class RowSample:
+    """A uniform sample (reservoir) of the rows of a tensor reshaped to ``[rows, K]`` (K: its last axis), float32,
+    out of ``seen`` rows: what a search scores fake-quantized outputs on."""
+
+    rows: np.ndarray  # (R, K) float32
+    seen: int
+
+    kind: ClassVar[str] = "rows"
+
+    def __post_init__(self) -> None:
+        r = np.asarray(self.rows)
+        if r.ndim != 2:
+            raise ValueError(f"a row sample is [rows, K], not of shape {list(r.shape)}")
+        if int(self.seen) < r.shape[0]:
+            raise ValueError(f"a sample of {r.shape[0]} rows out of {self.seen}")
+        object.__setattr__(self, "rows", r)
+        object.__setattr__(self, "seen", int(self.seen))
+
+    def to_dict(self) -> dict:
+        return {"seen": self.seen, "rows": self.rows}
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "RowSample":
+        return cls(_as_array(d["rows"]), int(d["seen"]))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, RowSample) and self.seen == other.seen and _arrays_equal(self.rows, other.rows)
+
+    __hash__ = None  # type: ignore[assignment]
 
 
 def _as_array(v: Any) -> np.ndarray:

@@ -59,6 +59,9 @@ def collapse_failures(validation: dict, cfg: QuantConfig) -> list[str]:
     for o, what, language_model in broken:
         if cfg.weight_only:
             hint = "try GPTQ (--calib DATA), a smaller --block-size, or --weight-only int8"
+        elif language_model and cfg.smooth_quant == "off":
+            hint = ("for a language model try --smooth-quant on (activation outliers moved into the weights first), "
+                    "or the weight-only mode: --weight-only int4 (activations stay float)")
         elif language_model:
             hint = "for a language model use the weight-only mode: --weight-only int4 (activations stay float)"
         else:

@@ -29,6 +29,9 @@ def test_collapse_rule_known_answers():
     broken = _out("logits", sqnr=3.9, perplexity_quantized=50.0 * COLLAPSE_PERPLEXITY_RATIO + 1, **lm)
     r = check_tolerance({"outputs": [broken]}, QuantConfig())
     assert not r["passed"] and "--weight-only int4" in r["tolerance_failures"][0]
+    assert "--smooth-quant on" in r["tolerance_failures"][0]
+    r = check_tolerance({"outputs": [broken]}, QuantConfig(smooth_quant="on"))
+    assert "--weight-only int4" in r["tolerance_failures"][0] and "--smooth-quant" not in r["tolerance_failures"][0]
     r = check_tolerance({"outputs": [broken]}, QuantConfig(weight_only="int4"))
     assert "GPTQ" in r["tolerance_failures"][0]
     # off, or replaced by an explicit minimum
