@@ -238,6 +238,13 @@ def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
     return types
 
 
+#: bytes of requested activations one per-layer run holds per model, about: more tensors are measured in chunks, a
+#: session pair per chunk (every intermediate of a 135M language model on a 256-token window is about 2 GB)
+PER_LAYER_RUN_BYTES = 256 * 2**20
+#: tensors in the first chunk; the sizes measured so far set the length of the next
+PER_LAYER_PROBE = 64
+
+
 def per_layer_error(original: onnx.ModelProto, quantized: onnx.ModelProto, samples: list, provider: str) -> list[dict]:
     """Accumulated SQNR at every node's output (shape and data-movement ops aside), and the noise each adds, ranked.
 
@@ -248,7 +255,9 @@ def per_layer_error(original: onnx.ModelProto, quantized: onnx.ModelProto, sampl
 
     Only float tensors are asked of onnxruntime (types from shape inference; a tensor of unknown type is asked
     for too, and typed by onnxruntime). A bool or integer tensor counts as exact where a node reads it, and a
-    node whose output is not float is not ranked.
+    node whose output is not float is not ranked. The tensors are asked for in chunks of about
+    ``PER_LAYER_RUN_BYTES`` of activations a run (the first ``PER_LAYER_PROBE`` tensors measure their size), so
+    memory does not grow with the number of layers.
     """
     matched = _matched_tensors(original, quantized)
     readers: dict[str, list[onnx.NodeProto]] = {}
@@ -271,22 +280,31 @@ def per_layer_error(original: onnx.ModelProto, quantized: onnx.ModelProto, sampl
     asked = [t for t in wanted if t not in not_float]
     if not asked:
         return []
-    ref = _session(original, provider, outputs=asked)
-    q = _session(quantized, provider, outputs=[matched[t] for t in asked])
     sig = {t: 0.0 for t in wanted}
     noise = {t: 0.0 for t in wanted}
-    for feed, _ in samples:
-        rv = dict(zip(asked, ref.run(asked, feed)))
-        qv = dict(zip(asked, q.run([matched[t] for t in asked], feed)))
-        for t in asked:
-            a, b = np.asarray(rv[t]), np.asarray(qv[t])
-            if a.dtype.kind != "f":
-                not_float.add(t)  # its type was not known before the run
-            if a.shape != b.shape or a.dtype.kind != "f" or b.dtype.kind != "f":
-                continue
-            a, b = a.astype(np.float64), b.astype(np.float64)
-            sig[t] += float(np.sum(a * a))
-            noise[t] += float(np.sum((a - b) ** 2))
+    start, chunk, seen_bytes, seen_tensors = 0, min(len(asked), PER_LAYER_PROBE), 0, 0
+    while start < len(asked):  # a session pair per chunk of tensors: one run holds a chunk's activations only
+        part = asked[start:start + chunk]
+        ref = _session(original, provider, outputs=part)
+        q = _session(quantized, provider, outputs=[matched[t] for t in part])
+        for i, (feed, _) in enumerate(samples):
+            rv = ref.run(part, feed)
+            qv = q.run([matched[t] for t in part], feed)
+            for t, a, b in zip(part, rv, qv):
+                a, b = np.asarray(a), np.asarray(b)
+                if i == 0:
+                    seen_bytes, seen_tensors = seen_bytes + a.nbytes, seen_tensors + 1
+                if a.dtype.kind != "f":
+                    not_float.add(t)  # its type was not known before the run
+                if a.shape != b.shape or a.dtype.kind != "f" or b.dtype.kind != "f":
+                    continue
+                d = a.astype(np.float64) - b
+                sig[t] += float(np.sum(np.square(a, dtype=np.float64)))
+                noise[t] += float(np.sum(d * d))
+            del rv, qv
+        del ref, q
+        start += len(part)
+        chunk = max(1, int(PER_LAYER_RUN_BYTES // max(seen_bytes / max(seen_tensors, 1), 1.0)))
 
     def nsr(t: str) -> float:
         return noise[t] / sig[t] if sig.get(t, 0.0) > 0 else (0.0 if noise.get(t, 0.0) == 0 else math.inf)
