@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gc
 import os
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,10 +17,11 @@ from .calib.sources import calibration_data, keep_spread, take, validation_data
 from .calib.table import CalibrationTable
 from .config import QuantConfig
 from .errors import ConfigError, ModelSaveError, PlanError
-from .io import model_bytes, same_file, save_model
+from .io import initializer_bytes, model_bytes, same_file, save_model
 from .plan.spec import QuantPlan
 from .recipes import resolve, smooths
 from .report import Report
+from .runtime import FILE_SESSION_BYTES, ModelFile
 
 Data = "str | os.PathLike | Iterable[Mapping[str, Any]] | None"
 
@@ -77,6 +79,9 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, calib: Data = None, *, 
     report.warnings += prepared.warnings
     gc.collect()  # prepare's working graph (reference cycles) holds exports and loaded values until collected
     specs = input_specs(prepared.reference)
+    input_bytes = stages.model_size(model, original)
+    del original  # the reference holds it (or its opset upgrade)
+    spilled = _spill_reference(prepared, cfg)  # a large reference waits for validation on disk, not in memory
     if smooths(cfg):
         if plan is not None or load_calib is not None:
             report.warnings.append("smooth_quant: not applied with a given plan or calibration table (both name the "
@@ -140,12 +145,12 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, calib: Data = None, *, 
             report.warnings.append(f"bias correction: {rewritten.info['bias_correction']['note']}")
     report.passes += rewritten.records
     report.quantized_nodes, report.plan = rewritten.quantized_nodes, qplan.with_overrides().to_dict()
-    report.sizes = {"input_bytes": stages.model_size(model, original), "output_bytes": model_bytes(rewritten.model)}
+    report.sizes = {"input_bytes": input_bytes, "output_bytes": model_bytes(rewritten.model)}
     # what validation and saving need is the reference and the result: the prepared model (a copy of every weight)
     # and the loaded input (another, when the opset policy upgraded it) go now, with the working graphs (gs tensors
     # sit in reference cycles, which only the cycle collector frees)
-    reference = prepared.reference
-    del prepared, original
+    reference = spilled[1] if spilled is not None else prepared.reference
+    del prepared
     gc.collect()
     t = time.perf_counter()
     samples, desc = validation_data(val, specs, cfg, calib=calib, held=held, loaded_table=load_calib is not None,
@@ -158,6 +163,9 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, calib: Data = None, *, 
         report.validation = stages.evaluate(reference, rewritten.model, samples, desc, cfg)
         report.warnings.extend(report.validation["findings"])
     times["validate"] = time.perf_counter() - t
+    del reference
+    if spilled is not None:
+        spilled[0].cleanup()
     result = QuantizeResult(rewritten.model, report, plan=qplan)
     if output is not None:
         report.output = str(output)
@@ -197,6 +205,19 @@ def validate_models(original: str | os.PathLike | onnx.ModelProto, quantized: st
     if output is not None:
         report.save(output)
     return report
+
+
+def _spill_reference(prepared: stages.Prepared, cfg: QuantConfig) -> tuple[tempfile.TemporaryDirectory, ModelFile] | None:
+    """Write the validation reference of a model whose weights reach ``FILE_SESSION_BYTES`` to a temporary folder
+    (weights as external data) and drop it from ``prepared``: calibration and rewrite hold their own copy, and
+    validation makes its sessions from the file (a session of such a model went through a file anyway)."""
+    if not cfg.validate or initializer_bytes(prepared.reference) < FILE_SESSION_BYTES:
+        return None
+    folder = tempfile.TemporaryDirectory(prefix="qpass-reference-")  # removed with the object if the run fails
+    file = ModelFile.write(prepared.reference, folder.name)
+    prepared.reference = None
+    gc.collect()
+    return folder, file
 
 
 def _timed(times: dict, key: str, fn, *args, **kwargs):

@@ -7,8 +7,11 @@ onnxruntime is imported on first use, so that importing qpass (the CLI's --help)
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
+import os
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnx
@@ -96,12 +99,44 @@ def extra_outputs(model: onnx.ModelProto, tensors: list[str]):
         del model.graph.output[n:]
 
 
+# ---------------------------------------------------------------------------------------------- model files
+@dataclass
+class ModelFile:
+    """A model written once to a file, its weights as external data beside it, so that Python need not hold it:
+    sessions are made from the path (:func:`make_session`), with extra outputs through a copy of the small .onnx
+    file only (:meth:`with_outputs`). The caller owns the folder."""
+
+    path: Path
+    _copies: itertools.count = field(default_factory=itertools.count, repr=False)
+
+    @classmethod
+    def write(cls, model: onnx.ModelProto, folder: str | os.PathLike) -> "ModelFile":
+        path = Path(folder) / "model.onnx"
+        write_external(model, path, "model.data")
+        return cls(path)
+
+    def skeleton(self) -> onnx.ModelProto:
+        """The model with its large weights left in the data file (graph, names and shapes only)."""
+        return onnx.load(str(self.path), load_external_data=False)
+
+    def load(self) -> onnx.ModelProto:
+        return onnx.load(str(self.path))
+
+    def with_outputs(self, tensors: list[str]) -> Path:
+        """A .onnx file beside this one, reading the same data file, with ``tensors`` as extra outputs."""
+        sk = self.skeleton()
+        _add_outputs(sk, tensors)
+        path = self.path.with_name(f"outputs-{next(self._copies)}.onnx")
+        path.write_bytes(sk.SerializeToString())
+        return path
+
+
 # ---------------------------------------------------------------------------------------------- sessions
-def make_session(model: onnx.ModelProto, providers: list[str] | None = None, *, what: str | None = "model",
+def make_session(model: onnx.ModelProto | ModelFile, providers: list[str] | None = None, *, what: str | None = "model",
                  level: str | None = "basic", threads: int | None = None, spin: bool = True,
                  profile_prefix: str | None = None, config: dict[str, str] | None = None):
     """An onnxruntime session for an in-memory model (through a temporary file with external data when its weights
-    reach FILE_SESSION_BYTES), on ``providers`` (default: the CPU).
+    reach FILE_SESSION_BYTES) or a :class:`ModelFile` (from its path), on ``providers`` (default: the CPU).
 
     ``level``: graph optimisation level, a key of :data:`LEVELS`; None keeps onnxruntime's default.
     ``threads``: intra-op threads (default: onnxruntime's, one per core). ``spin=False`` turns off the
@@ -126,6 +161,8 @@ def make_session(model: onnx.ModelProto, providers: list[str] | None = None, *, 
         opts.add_session_config_entry(key, str(value))
     providers = providers or [CPU]
     try:
+        if isinstance(model, ModelFile):
+            return ort.InferenceSession(str(model.path), opts, providers=providers)
         if initializer_bytes(model) < FILE_SESSION_BYTES:
             return ort.InferenceSession(model.SerializeToString(), opts, providers=providers)
         # a large model goes through a file, its weights written tensor by tensor to external data (the model is

@@ -36,7 +36,7 @@ from .passes.bias_correction import BiasCorrection, correction_site
 from .passes.smooth_quant import statistics_needed
 from .recipes import prepare_passes, rewrite_passes, smooth_passes
 from .report import count_quantized
-from .runtime import pick_providers
+from .runtime import ModelFile, pick_providers
 from .evaluate.tolerance import check_tolerance
 from .evaluate.validate import validate
 from .verify import verify_model
@@ -53,7 +53,7 @@ class Prepared:
     reference the result is validated against (the input after the opset policy, before any fold)."""
 
     model: onnx.ModelProto
-    reference: onnx.ModelProto
+    reference: onnx.ModelProto | None  # None once qpass.api spilled a large one to a file for validation
     records: list[PassRecord] = field(default_factory=list)
     opset: dict = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
@@ -334,7 +334,7 @@ def check_plan_fits(bound, opset: int, config: QuantConfig) -> None:
                             subject=f"plan: tensor '{t.name}'", hint="use --format qdq or an 8-bit dtype")
 
 
-def evaluate(reference: onnx.ModelProto, quantized: onnx.ModelProto, samples: Iterable, description: str,
+def evaluate(reference: "onnx.ModelProto | ModelFile", quantized: onnx.ModelProto, samples: Iterable, description: str,
              config: QuantConfig | None = None) -> dict:
     """Original vs quantized on the configured providers: metrics, per-layer ranking, placement, latency, and the
     tolerance verdict (``passed``, ``tolerance_failures``)."""

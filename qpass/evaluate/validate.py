@@ -19,7 +19,8 @@ import onnx
 
 from ..io import infer_shapes_skeleton
 from ..ops import RANGE_FOLDING
-from ..runtime import PROVIDERS, available_providers, extra_outputs, make_session, profile_placement, with_cpu_fallback
+from ..runtime import (PROVIDERS, ModelFile, available_providers, extra_outputs, make_session, profile_placement,
+                       with_cpu_fallback)
 
 _DQ_SUFFIXES = ("_dequantized", "_DequantizeLinear_Output")
 #: ops whose outputs are not worth ranking as layers (shapes, constants, pure data movement)
@@ -163,15 +164,22 @@ def blocked_weight_matmuls(model: onnx.ModelProto) -> int:
     return sum(1 for n in model.graph.node if n.op_type == "MatMul" and len(n.input) > 1 and n.input[1] in weights)
 
 
-def _session(model: onnx.ModelProto, provider: str, *, profile_prefix: str | None = None, outputs: list[str] | None = None,
+def _session(model: onnx.ModelProto | ModelFile, provider: str, *, profile_prefix: str | None = None, outputs: list[str] | None = None,
              spin: bool = True, config: dict[str, str] | None = None):
     """A session on ``provider`` (CPU as the fallback). ``spin=False`` turns off the intra-op threads' spin-wait,
     for timing two sessions in turn: a session's threads otherwise keep spinning after its run and slow the
     next session's (measured: alternated Magika runs 2-4x slower than either alone). onnxruntime's default
     optimisation level (all), and its own exception when the model does not load (reported as a finding)."""
+    settings = dict(what=None, level=None, spin=spin, profile_prefix=profile_prefix, config=config)
+    if isinstance(model, ModelFile):  # extra outputs through a copy of the small .onnx file, deleted once loaded
+        target = ModelFile(model.with_outputs(outputs)) if outputs else model
+        try:
+            return make_session(target, with_cpu_fallback(provider), **settings)
+        finally:
+            if target is not model:
+                target.path.unlink(missing_ok=True)
     with extra_outputs(model, outputs or []):  # the session is made before the outputs are removed again
-        return make_session(model, with_cpu_fallback(provider), what=None, level=None, spin=spin,
-                            profile_prefix=profile_prefix, config=config)
+        return make_session(model, with_cpu_fallback(provider), **settings)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -245,7 +253,8 @@ PER_LAYER_RUN_BYTES = 256 * 2**20
 PER_LAYER_PROBE = 64
 
 
-def per_layer_error(original: onnx.ModelProto, quantized: onnx.ModelProto, samples: list, provider: str) -> list[dict]:
+def per_layer_error(original: onnx.ModelProto | ModelFile, quantized: onnx.ModelProto, samples: list,
+                    provider: str) -> list[dict]:
     """Accumulated SQNR at every node's output (shape and data-movement ops aside), and the noise each adds, ranked.
 
     A node's added noise is the growth of the noise-to-signal ratio from its worst input to its output
@@ -259,13 +268,14 @@ def per_layer_error(original: onnx.ModelProto, quantized: onnx.ModelProto, sampl
     ``PER_LAYER_RUN_BYTES`` of activations a run (the first ``PER_LAYER_PROBE`` tensors measure their size), so
     memory does not grow with the number of layers.
     """
-    matched = _matched_tensors(original, quantized)
+    graph_model = original.skeleton() if isinstance(original, ModelFile) else original  # what the graph reads
+    matched = _matched_tensors(graph_model, quantized)
     readers: dict[str, list[onnx.NodeProto]] = {}
-    for n in original.graph.node:
+    for n in graph_model.graph.node:
         for i in n.input:
             readers.setdefault(i, []).append(n)
     measured_at: dict[int, str] = {}
-    for idx, n in enumerate(original.graph.node):
+    for idx, n in enumerate(graph_model.graph.node):
         if n.op_type in _NOT_LAYERS or not n.output:
             continue
         y = n.output[0]
@@ -273,9 +283,9 @@ def per_layer_error(original: onnx.ModelProto, quantized: onnx.ModelProto, sampl
             y = readers[y][0].output[0]
         if y in matched:
             measured_at[idx] = y
-    nodes = [(original.graph.node[i], y) for i, y in measured_at.items()]
+    nodes = [(graph_model.graph.node[i], y) for i, y in measured_at.items()]
     wanted = sorted({t for n, y in nodes for t in list(n.input) + [y] if t in matched})
-    types = _elem_types(original)
+    types = _elem_types(graph_model)
     not_float = {t for t in wanted if types.get(t, onnx.TensorProto.FLOAT) not in _FLOAT_TYPES}
     asked = [t for t in wanted if t not in not_float]
     if not asked:
@@ -309,9 +319,9 @@ def per_layer_error(original: onnx.ModelProto, quantized: onnx.ModelProto, sampl
     def nsr(t: str) -> float:
         return noise[t] / sig[t] if sig.get(t, 0.0) > 0 else (0.0 if noise.get(t, 0.0) == 0 else math.inf)
 
-    graph_inputs = {i.name for i in original.graph.input}
-    constants = {t.name for t in original.graph.initializer} | {o for n in original.graph.node if n.op_type == "Constant" for o in n.output}
-    producer = {o: n for n in original.graph.node for o in n.output}
+    graph_inputs = {i.name for i in graph_model.graph.input}
+    constants = {t.name for t in graph_model.graph.initializer} | {o for n in graph_model.graph.node if n.op_type == "Constant" for o in n.output}
+    producer = {o: n for n in graph_model.graph.node for o in n.output}
 
     def input_nsr(t: str, depth: int = 0) -> float | None:
         """NSR of a node input: measured, exact (graph input or constant), or that of the nearest measured
@@ -351,7 +361,7 @@ def per_layer_error(original: onnx.ModelProto, quantized: onnx.ModelProto, sampl
 
 
 # ---------------------------------------------------------------------------------------------- entry point
-def validate(original: onnx.ModelProto, quantized: onnx.ModelProto, samples: Iterable[tuple[dict, Any]], *,
+def validate(original: onnx.ModelProto | ModelFile, quantized: onnx.ModelProto, samples: Iterable[tuple[dict, Any]], *,
              providers: list[str] | None = None, per_layer: bool = True, latency: bool = True,
              placement: bool = True, latency_repeats: int = 20, layer_samples: int = 4) -> dict:
     """Compare ``quantized`` with ``original`` on ``samples`` (pairs of feed and optional label) on each provider.
@@ -359,6 +369,8 @@ def validate(original: onnx.ModelProto, quantized: onnx.ModelProto, samples: Ite
     Returns a JSON-ready dict: ``samples``, ``providers`` (one entry per requested provider with its
     outputs' metrics, placement, latency, or why it could not run), ``per_layer`` (ranked), ``findings``.
     The first available provider's per-output metrics are also under ``outputs``, for convenience.
+    ``original`` may be a :class:`~qpass.runtime.ModelFile`: its sessions are made from the file (a large model's
+    weights are then not held by Python).
     """
     samples = list(samples)
     providers = providers or default_providers()
