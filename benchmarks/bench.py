@@ -260,10 +260,38 @@ def render(results: dict) -> str:
         out += render_latency(json.loads((here / "latency.json").read_text()))
     if (here / "llm.json").exists():
         out += render_llm(json.loads((here / "llm.json").read_text()))
+    if (here / "techniques.json").exists():
+        out += render_techniques(json.loads((here / "techniques.json").read_text()))
     if (here / "cuda" / "llm_cuda_h200.json").exists():
         out += render_llm_cuda(json.loads((here / "cuda" / "llm_cuda_h200.json").read_text()),
                                json.loads((here / "cuda" / "dq_forms_h200.json").read_text()))
     return "\n".join(out)
+
+
+#: what each technique column of the techniques table is (benchmarks/accuracy.py VARIANTS)
+TECHNIQUES = {"default": "default", "cle": "+ cross-layer equalization", "biascorr": "+ bias correction",
+              "smooth": "+ SmoothQuant", "per_tensor": "per-tensor weights", "cle_per_tensor": "per-tensor + CLE"}
+
+
+def render_techniques(data: dict) -> list[str]:
+    """Issue 17's table: each shared model's primary metric with and without each accuracy technique
+    (``python -m benchmarks.accuracy --variants ...`` rows, one run), and the quantization time of each."""
+    rows = data["rows"]
+    variants = [v for v in TECHNIQUES if any(r["variant"] == v for r in rows)]
+    out = ["## Accuracy techniques: with and without each", "",
+           f"`{data['command']}` on {data['date']}: {data['machine']}. Primary metric of each model (its README "
+           "definition; benchmarks/evaluate.py), then quantization seconds (one run each, machine shared: indicative). "
+           "None of the three techniques is on by default: docs/benchmark-notes.md says what each measured and why.", "",
+           "| model | metric | " + " | ".join(TECHNIQUES[v] for v in variants) + " | quantize s (" +
+           " / ".join(variants) + ") |", "|---" * (len(variants) + 3) + "|"]
+    for name in dict.fromkeys(r["model"] for r in rows):
+        primary = MODELS[name].primary
+        got = {r["variant"]: r for r in rows if r["model"] == name}
+        cells = [_fmt(got[v].get(primary)) if v in got and "error" not in got[v] else ("error" if v in got else "")
+                 for v in variants]
+        secs = " / ".join(_fmt(got[v].get("quantize_seconds"), 1) if v in got else "-" for v in variants)
+        out.append(f"| {name} | {primary} | " + " | ".join(cells) + f" | {secs} |")
+    return out + [""]
 
 
 def render_llm(data: dict) -> list[str]:

@@ -236,21 +236,39 @@ def _matched_tensors(original: onnx.ModelProto, quantized: onnx.ModelProto) -> d
     return out
 
 
-def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
-    """The element type of each tensor of ``model`` that shape inference (or the model itself) knows."""
+def _elem_types(model: onnx.ModelProto) -> tuple[dict[str, int], dict[str, list]]:
+    """The element type and the shape (dims: ints, dim_param strings or None) of each tensor of ``model`` that shape
+    inference (or the model itself) knows."""
     graph = infer_shapes_skeleton(model).graph
     types = {t.name: t.data_type for t in graph.initializer}
+    shapes: dict[str, list] = {}
     for vi in list(graph.input) + list(graph.value_info) + list(graph.output):
         if vi.type.WhichOneof("value") == "tensor_type" and vi.type.tensor_type.elem_type:
             types[vi.name] = vi.type.tensor_type.elem_type
-    return types
+            if vi.type.tensor_type.HasField("shape"):
+                shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                                   for d in vi.type.tensor_type.shape.dim]
+    return types, shapes
+
+
+def _sizes(types: dict[str, int], shapes: dict[str, list], inputs: list[str], feed: dict) -> dict[str, int]:
+    """Bytes of each tensor whose shape is known once the graph inputs' symbolic dims take ``feed``'s sizes."""
+    bound: dict[str, int] = {}
+    for name in inputs:
+        for d, n in zip(shapes.get(name, []), np.shape(feed.get(name, ()))):
+            if isinstance(d, str):
+                bound[d] = n
+    out = {}
+    for name, dims in shapes.items():
+        values = [d if isinstance(d, int) else bound.get(d) for d in dims]
+        if all(v is not None for v in values) and name in types:
+            out[name] = int(np.prod(values, dtype=np.int64)) * onnx.helper.tensor_dtype_to_np_dtype(types[name]).itemsize
+    return out
 
 
 #: bytes of requested activations one per-layer run holds per model, about: more tensors are measured in chunks, a
 #: session pair per chunk (every intermediate of a 135M language model on a 256-token window is about 2 GB)
 PER_LAYER_RUN_BYTES = 256 * 2**20
-#: tensors in the first chunk; the sizes measured so far set the length of the next
-PER_LAYER_PROBE = 64
 
 
 def per_layer_error(original: onnx.ModelProto | ModelFile, quantized: onnx.ModelProto, samples: list,
@@ -265,8 +283,8 @@ def per_layer_error(original: onnx.ModelProto | ModelFile, quantized: onnx.Model
     Only float tensors are asked of onnxruntime (types from shape inference; a tensor of unknown type is asked
     for too, and typed by onnxruntime). A bool or integer tensor counts as exact where a node reads it, and a
     node whose output is not float is not ranked. The tensors are asked for in chunks of about
-    ``PER_LAYER_RUN_BYTES`` of activations a run (the first ``PER_LAYER_PROBE`` tensors measure their size), so
-    memory does not grow with the number of layers.
+    ``PER_LAYER_RUN_BYTES`` of activations a run (sizes from shape inference with the first sample's input sizes;
+    a tensor of unknown shape counts as the mean size measured so far), so memory does not grow with the layers.
     """
     graph_model = original.skeleton() if isinstance(original, ModelFile) else original  # what the graph reads
     matched = _matched_tensors(graph_model, quantized)
@@ -285,16 +303,26 @@ def per_layer_error(original: onnx.ModelProto | ModelFile, quantized: onnx.Model
             measured_at[idx] = y
     nodes = [(graph_model.graph.node[i], y) for i, y in measured_at.items()]
     wanted = sorted({t for n, y in nodes for t in list(n.input) + [y] if t in matched})
-    types = _elem_types(graph_model)
+    types, shapes = _elem_types(graph_model)
     not_float = {t for t in wanted if types.get(t, onnx.TensorProto.FLOAT) not in _FLOAT_TYPES}
     asked = [t for t in wanted if t not in not_float]
     if not asked:
         return []
     sig = {t: 0.0 for t in wanted}
     noise = {t: 0.0 for t in wanted}
-    start, chunk, seen_bytes, seen_tensors = 0, min(len(asked), PER_LAYER_PROBE), 0, 0
+    inputs = [i.name for i in graph_model.graph.input]
+    known = _sizes(types, shapes, inputs, samples[0][0]) if samples else {}
+    measured: dict[str, int] = {}
+    start = 0
     while start < len(asked):  # a session pair per chunk of tensors: one run holds a chunk's activations only
-        part = asked[start:start + chunk]
+        guess = (sum(measured.values()) // len(measured)) if measured else 2**20  # a tensor of unknown shape
+        part, total = [], 0
+        for t in asked[start:]:
+            size = known.get(t, guess)
+            if part and total + size > PER_LAYER_RUN_BYTES:
+                break
+            part.append(t)
+            total += size
         ref = _session(original, provider, outputs=part)
         q = _session(quantized, provider, outputs=[matched[t] for t in part])
         for i, (feed, _) in enumerate(samples):
@@ -302,8 +330,7 @@ def per_layer_error(original: onnx.ModelProto | ModelFile, quantized: onnx.Model
             qv = q.run([matched[t] for t in part], feed)
             for t, a, b in zip(part, rv, qv):
                 a, b = np.asarray(a), np.asarray(b)
-                if i == 0:
-                    seen_bytes, seen_tensors = seen_bytes + a.nbytes, seen_tensors + 1
+                measured.setdefault(t, a.nbytes)
                 if a.dtype.kind != "f":
                     not_float.add(t)  # its type was not known before the run
                 if a.shape != b.shape or a.dtype.kind != "f" or b.dtype.kind != "f":
@@ -314,7 +341,6 @@ def per_layer_error(original: onnx.ModelProto | ModelFile, quantized: onnx.Model
             del rv, qv
         del ref, q
         start += len(part)
-        chunk = max(1, int(PER_LAYER_RUN_BYTES // max(seen_bytes / max(seen_tensors, 1), 1.0)))
 
     def nsr(t: str) -> float:
         return noise[t] / sig[t] if sig.get(t, 0.0) > 0 else (0.0 if noise.get(t, 0.0) == 0 else math.inf)
