@@ -21,6 +21,7 @@ from .io import initializer_bytes, model_bytes, same_file, save_model
 from .plan.spec import QuantPlan
 from .recipes import resolve, smooths
 from .report import Report
+from .search.precision import Target, search
 from .runtime import FILE_SESSION_BYTES, ModelFile
 
 Data = "str | os.PathLike | Iterable[Mapping[str, Any]] | None"
@@ -150,7 +151,9 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, calib: Data = None, *, 
     # and the loaded input (another, when the opset policy upgraded it) go now, with the working graphs (gs tensors
     # sit in reference cycles, which only the cycle collector frees)
     reference = spilled[1] if spilled is not None else prepared.reference
-    del prepared
+    searching = Target.of(cfg).active and cfg.validate
+    if not searching:
+        del prepared
     gc.collect()
     t = time.perf_counter()
     samples, desc = validation_data(val, specs, cfg, calib=calib, held=held, loaded_table=load_calib is not None,
@@ -161,8 +164,12 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, calib: Data = None, *, 
         report.warnings.append("not validated: no held-out samples (give --val PATH or more calibration samples)")
     else:
         report.validation = stages.evaluate(reference, rewritten.model, samples, desc, cfg)
+        if searching:
+            rewritten, qplan = _search(report, times, prepared, qplan, calibrated.table, cfg, reference, samples,
+                                       desc, rewritten, corrections, sequential is not None, save_plan)
+            del prepared
         report.warnings.extend(report.validation["findings"])
-    times["validate"] = time.perf_counter() - t
+    times["validate"] = time.perf_counter() - t - times.get("search", 0.0)
     del reference
     if spilled is not None:
         spilled[0].cleanup()
@@ -205,6 +212,42 @@ def validate_models(original: str | os.PathLike | onnx.ModelProto, quantized: st
     if output is not None:
         report.save(output)
     return report
+
+
+def _search(report: Report, times: dict, prepared: stages.Prepared, qplan: QuantPlan, table: CalibrationTable,
+            cfg: QuantConfig, reference, samples, desc: str, rewritten: stages.Rewritten, corrections,
+            sequential: bool, save_plan) -> tuple[stages.Rewritten, QuantPlan]:
+    """The precision search after the first validation (a target is set): the report's ``search`` section, and,
+    when a move was kept, the final model validated again (``validation``), its plan (saved to ``save_plan``)."""
+    target = Target.of(cfg)
+    if sequential:
+        report.warnings.append("precision search: not run with sequential GPTQ (its statistics depend on the "
+                               "weights before each stage)")
+        return rewritten, qplan
+    if target.met(report.validation.get("outputs", [])):
+        report.search = {"target": {"cosine": target.cosine, "top1": target.top1}, "met": True, "trials": 0,
+                         "moves": [], "note": "the first rewrite meets the target"}
+        return rewritten, qplan
+    t = time.perf_counter()
+    samples = list(samples)
+    found = search(prepared, qplan, table, cfg, reference, samples, rewritten.model, report.validation,
+                   corrections=corrections)
+    times["search"] = time.perf_counter() - t
+    report.search = found.report
+    if not found.report["met"]:
+        report.warnings.append(f"precision search: target not met ({found.report['note']}; "
+                               f"{len(found.report['moves'])} node(s) moved to float): "
+                               + "; ".join(found.report.get("failures", [])))
+    if found.model is None:
+        return rewritten, qplan
+    rewritten = stages.Rewritten(found.model, found.records, found.quantized_nodes, found.info)
+    report.passes = list(prepared.records) + list(found.records)  # the kept rewrite's records replace the first's
+    report.quantized_nodes, report.plan = rewritten.quantized_nodes, found.plan.with_overrides().to_dict()
+    report.sizes["output_bytes"] = model_bytes(rewritten.model)
+    report.validation = stages.evaluate(reference, rewritten.model, samples, desc, cfg)
+    if save_plan is not None:
+        found.plan.save(save_plan)
+    return rewritten, found.plan
 
 
 def _spill_reference(prepared: stages.Prepared, cfg: QuantConfig) -> tuple[tempfile.TemporaryDirectory, ModelFile] | None:
