@@ -231,6 +231,8 @@ def cmd_run(args: argparse.Namespace, out: Console, err: Console) -> int:
         err.print(f"[bold red]warning:[/] {w}", highlight=False, soft_wrap=True)
     if not args.quiet:
         print_summary(out, report.to_dict())
+        if report.search is not None:
+            print_search(out, report.search)
     out.print(f"wrote {result.output_path} and {result.report_path}", highlight=False, soft_wrap=True)
     if not result.passed:
         for f in report.validation.get("tolerance_failures", []):
@@ -256,6 +258,21 @@ def cmd_validate(args: argparse.Namespace, out: Console, err: Console) -> int:
             err.print(f"[bold red]validation failed:[/] {f}", highlight=False, soft_wrap=True)
         return 1
     return 0
+
+
+def _num(x) -> str:
+    return f"{x:.5f}" if isinstance(x, float) else str(x)
+
+
+def print_search(console: Console, s: dict) -> None:
+    """The precision search in one line, then one line per move."""
+    state = "met" if s.get("met") else "NOT met"
+    console.print(f"precision search: target {state} after {s.get('trials', 0)} trial(s), "
+                  f"{len(s.get('moves', []))} node(s) moved to float", highlight=False, soft_wrap=True)
+    for m in s.get("moves", []):
+        console.print(f"  {m['node']} ({m['op_type']}) -> float: worst cosine {_num(m['before']['cosine_min'])} -> "
+                      f"{_num(m['after']['cosine_min'])}, {m['bytes_before']} -> {m['bytes_after']} bytes",
+                      highlight=False, soft_wrap=True)
 
 
 def print_summary(console: Console, r: dict) -> None:
