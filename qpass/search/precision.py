@@ -36,23 +36,29 @@ UPSTREAM_DEPTH = 3
 
 @dataclass(frozen=True)
 class Target:
-    """Per-output minimums: mean cosine and top-1 agreement with fp32 (None: not asked)."""
+    """Per-output minimums (mean cosine, top-1 agreement with fp32), and a minimum of a user's metric (``eval_fn``
+    of the model: fp32's value less ``max_metric_drop``); None: not asked."""
 
     cosine: float | None = None
     top1: float | None = None
+    metric: float | None = None
 
     @classmethod
-    def of(cls, config: QuantConfig) -> "Target":
-        return cls(config.target_cosine, config.target_top1)
+    def of(cls, config: QuantConfig, metric: float | None = None) -> "Target":
+        return cls(config.target_cosine, config.target_top1, metric)
 
     @property
     def active(self) -> bool:
-        return self.cosine is not None or self.top1 is not None
+        return self.cosine is not None or self.top1 is not None or self.metric is not None
 
-    def failures(self, outputs: list[dict]) -> list[str]:
+    def failures(self, outputs: list[dict], metric: float | None = None) -> list[str]:
         out = []
+        if self.metric is not None and (metric is None or not metric >= self.metric):
+            out.append(f"metric {metric} < {self.metric:.6g} (fp32's less max_metric_drop)")
+        if self.cosine is None and self.top1 is None:
+            return out
         if not outputs:
-            return ["no output was measured"]
+            return out + ["no output was measured"]
         for o in outputs:
             if self.cosine is not None and o.get("cosine_mean") is not None and o["cosine_mean"] < self.cosine:
                 out.append(f"output '{o['output']}': mean cosine {o['cosine_mean']:.6f} < {self.cosine}")
@@ -60,19 +66,25 @@ class Target:
                 out.append(f"output '{o['output']}': top-1 agreement {o['top1_agreement']:.4f} < {self.top1}")
         return out
 
-    def met(self, outputs: list[dict]) -> bool:
-        return not self.failures(outputs)
+    def met(self, outputs: list[dict], metric: float | None = None) -> bool:
+        return not self.failures(outputs, metric)
 
-    def score(self, outputs: list[dict]) -> tuple:
-        """Larger is better: the target met, then the worst output's cosine, then its top-1 agreement."""
-        return (self.met(outputs), summary(outputs)["cosine_min"] or -math.inf, summary(outputs)["top1_min"] or -math.inf)
+    def score(self, outputs: list[dict], metric: float | None = None) -> tuple:
+        """Larger is better: the target met, then the user's metric (when asked), the worst output's cosine, then
+        its top-1 agreement."""
+        s = summary(outputs)
+        m = (metric if metric is not None and math.isfinite(metric) else -math.inf) if self.metric is not None else 0.0
+        return (self.met(outputs, metric), m, s["cosine_min"] or -math.inf, s["top1_min"] or -math.inf)
 
 
-def summary(outputs: list[dict]) -> dict:
-    """The worst output's mean cosine and top-1 agreement (None where no output has one)."""
+def summary(outputs: list[dict], metric: float | None = None) -> dict:
+    """The worst output's mean cosine and top-1 agreement (None where no output has one), and the user's metric."""
     cos = [o["cosine_mean"] for o in outputs if o.get("cosine_mean") is not None]
     top1 = [o["top1_agreement"] for o in outputs if o.get("top1_agreement") is not None]
-    return {"cosine_min": min(cos) if cos else None, "top1_min": min(top1) if top1 else None}
+    out = {"cosine_min": min(cos) if cos else None, "top1_min": min(top1) if top1 else None}
+    if metric is not None:
+        out["metric"] = metric
+    return out
 
 
 @dataclass
@@ -86,6 +98,7 @@ class Trial:
     records: list = field(default_factory=list)
     quantized_nodes: dict = field(default_factory=dict)
     info: dict = field(default_factory=dict)
+    metric: float | None = None  # eval_fn of the model, when given
 
 
 @dataclass
@@ -141,7 +154,7 @@ def plan_for(prepared, config: QuantConfig, floated: tuple[str, ...], overrides:
 
 
 def run_trial(prepared, config: QuantConfig, overrides: tuple, floated: tuple[str, ...], table: CalibrationTable,
-              reference, samples: list, corrections: list | None, provider: str, node: str) -> Trial:
+              reference, samples: list, corrections: list | None, provider: str, eval_fn, node: str) -> Trial:
     """Rewrite ``prepared`` with ``floated`` and ``node`` in float (:func:`plan_for`) from the same calibration
     ``table`` and validate it (outputs only) on ``samples``. Module-level and fed picklable artifacts only, so a
     process pool can run it. A rewrite that fails (a range the new plan needs is not in the table) scores worst."""
@@ -154,8 +167,9 @@ def run_trial(prepared, config: QuantConfig, overrides: tuple, floated: tuple[st
         return Trial(node, [], 0, None, info={"error": exc.one_line()})
     v = validate(reference, rewritten.model, samples, providers=[provider], per_layer=False, latency=False,
                  placement=False)
+    metric = float(eval_fn(rewritten.model)) if eval_fn is not None else None
     return Trial(node, v.get("outputs", []), model_bytes(rewritten.model), rewritten.model, rewritten.records,
-                 rewritten.quantized_nodes, rewritten.info)
+                 rewritten.quantized_nodes, rewritten.info, metric)
 
 
 def candidates(ranking: list[dict], model: onnx.ModelProto, plan: QuantPlan, k: int,
@@ -215,26 +229,33 @@ def node_label_of(n: onnx.NodeProto) -> str:
 
 
 def search(prepared, plan: QuantPlan, table: CalibrationTable, config: QuantConfig, reference, samples: list,
-           first_model: onnx.ModelProto, validation: dict, *, corrections: list | None = None) -> SearchResult:
+           first_model: onnx.ModelProto, validation: dict, *, corrections: list | None = None, eval_fn=None,
+           max_metric_drop: float | None = None) -> SearchResult:
     """Run the precision search from the first rewrite (``first_model``, of ``plan``) and its ``validation``
     (outputs and per-layer ranking, measured again when absent). Trials plan again from ``config`` with the moved
     nodes excluded (:func:`plan_for`), keeping ``plan``'s overrides. A step keeps its best trial unless it scores
     below the current model; its candidates are then not tried again. ``corrections``: the samples bias
-    correction measures on."""
+    correction measures on. ``eval_fn(model) -> float`` (larger is better; picklable with more than one worker)
+    with ``max_metric_drop``: the target also asks ``eval_fn`` of each trial to stay within that drop of fp32's."""
     t0 = time.perf_counter()
-    target = Target.of(config)
+    metric = fp32_metric = None
+    if eval_fn is not None and max_metric_drop is not None:
+        fp32_metric = float(eval_fn(reference.load() if hasattr(reference, "load") else reference))
+        metric = float(eval_fn(first_model))
+    target = Target.of(config, None if fp32_metric is None else fp32_metric - max_metric_drop)
     provider = validation.get("provider") or "CPUExecutionProvider"
     outputs = validation.get("outputs", [])
     ranking = validation.get("per_layer") or []
     samples = list(samples)
-    report: dict[str, Any] = {"target": {"cosine": target.cosine, "top1": target.top1}, "budget": config.search_budget,
+    report: dict[str, Any] = {"target": {"cosine": target.cosine, "top1": target.top1, "metric": target.metric,
+                                         "metric_fp32": fp32_metric}, "budget": config.search_budget,
                               "workers": config.search_workers, "candidates_per_step": CANDIDATES,
-                              "start": summary(outputs), "moves": [], "rejected": [], "trials": 0}
+                              "start": summary(outputs, metric), "moves": [], "rejected": [], "trials": 0}
     current = SearchResult(plan, None, [], {}, {}, report)
     model, size, floated, tried = first_model, model_bytes(first_model), (), set()
     pool = None
     try:
-        while not target.met(outputs) and report["trials"] < config.search_budget:
+        while not target.met(outputs, metric) and report["trials"] < config.search_budget:
             if not ranking:
                 ranking = per_layer_error(reference, model, samples[:LAYER_SAMPLES], provider)
             picks = candidates(ranking, prepared.model, current.plan,
@@ -242,7 +263,8 @@ def search(prepared, plan: QuantPlan, table: CalibrationTable, config: QuantConf
             if not picks:
                 report["note"] = "no quantized compute node left that the per-layer ranking names"
                 break
-            args = (prepared, config, tuple(plan.overrides), floated, table, reference, samples, corrections, provider)
+            args = (prepared, config, tuple(plan.overrides), floated, table, reference, samples, corrections, provider,
+                    eval_fn if target.metric is not None else None)
             if config.search_workers > 1 and len(picks) > 1:
                 if pool is None:
                     pool = ProcessPoolExecutor(config.search_workers, mp_context=multiprocessing.get_context("spawn"))
@@ -250,31 +272,33 @@ def search(prepared, plan: QuantPlan, table: CalibrationTable, config: QuantConf
             else:
                 trials = [run_trial(*args, label) for label, _ in picks]
             report["trials"] += len(trials)
-            scored = [{"node": t.node, **summary(t.outputs), **({"error": t.info["error"]} if "error" in t.info else {})}
+            scored = [{"node": t.node, **summary(t.outputs, t.metric), **({"error": t.info["error"]} if "error" in t.info else {})}
                       for t in trials]
-            best = max(range(len(trials)), key=lambda i: (trials[i].model is not None, target.score(trials[i].outputs), -i))
+            best = max(range(len(trials)), key=lambda i: (trials[i].model is not None, target.score(trials[i].outputs, trials[i].metric), -i))
             kept, row = trials[best], picks[best][1]
             tried.update(label for label, _ in picks)
-            if kept.model is None or target.score(kept.outputs) < target.score(outputs):
-                report["rejected"].append({"before": summary(outputs), "candidates": scored})
+            if kept.model is None or target.score(kept.outputs, kept.metric) < target.score(outputs, metric):
+                report["rejected"].append({"before": summary(outputs, metric), "candidates": scored})
                 continue  # no candidate helped: the next ranked ones are tried on the same model
             op = next((n.op_type for n in current.plan.with_overrides().nodes if n.node == kept.node), None)
             report["moves"].append({
                 "node": kept.node, "op_type": op, "to": "float", "ranked": row.get("node"),
-                "added_noise_db": row.get("added_noise_db"), "before": summary(outputs), "after": summary(kept.outputs),
+                "added_noise_db": row.get("added_noise_db"), "before": summary(outputs, metric), "after": summary(kept.outputs, kept.metric),
                 "bytes_before": size, "bytes_after": kept.output_bytes, "candidates": scored})
             floated += (kept.node,)
             current = SearchResult(plan_for(prepared, config, floated, tuple(plan.overrides)), kept.model, kept.records,
                                    kept.quantized_nodes, kept.info, report)
-            model, outputs, size, ranking = kept.model, kept.outputs, kept.output_bytes, []
+            model, outputs, size, ranking, metric = kept.model, kept.outputs, kept.output_bytes, [], kept.metric
     finally:
         if pool is not None:
             pool.shutdown()
-    report["met"] = target.met(outputs)
-    report["end"] = summary(outputs)
+    report["met"] = target.met(outputs, metric)
+    if report["met"] and not report["trials"]:
+        report["note"] = "the first rewrite meets the target"
+    report["end"] = summary(outputs, metric)
     report["floated"] = list(floated)
     if not report["met"]:
-        report["failures"] = target.failures(outputs)
+        report["failures"] = target.failures(outputs, metric)
         if "note" not in report:
             report["note"] = f"trial budget spent ({report['trials']} of {config.search_budget} trials)"
     report["seconds"] = round(time.perf_counter() - t0, 3)

@@ -128,6 +128,30 @@ def test_candidates_map_ranked_ops_to_plan_nodes():
     assert [c for c, _ in candidates(rows, prepared.model, plan, 3, {"/2/Conv"})] == ["/6/Gemm", "/8/Gemm"]
 
 
+def digits_accuracy(model: onnx.ModelProto) -> float:
+    """Top-1 accuracy on the first 200 labelled test digits (a user's eval_fn)."""
+    import onnxruntime as ort
+
+    with np.load(DIGITS_TEST) as d:
+        x, y = d["input"][:200], d["label"][:200]
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return float(np.mean(sess.run(None, {"input": x})[0].argmax(1) == y))
+
+
+def test_eval_fn_target(planted):
+    table, _ = planted
+    fp32 = digits_accuracy(onnx.load(str(DIGITS_MODEL)))
+    bad = digits_accuracy(_quantize(table).model)
+    assert bad < fp32 - 0.01  # the planted range costs accuracy
+    res = _quantize(table, eval_fn=digits_accuracy, max_metric_drop=0.005, search_budget=4)
+    s = res.report.search
+    assert s["target"]["metric_fp32"] == pytest.approx(fp32)
+    assert s["met"] and s["moves"][0]["node"] == "/2/Conv"
+    assert digits_accuracy(res.model) >= fp32 - 0.005
+    with pytest.raises(ConfigError):
+        _quantize(table, eval_fn=digits_accuracy)
+
+
 @pytest.mark.parametrize("field,value", [("target_cosine", 1.5), ("target_top1", -0.1), ("search_budget", 0),
                                          ("search_workers", 0), ("search_budget", True)])
 def test_bad_search_config(field, value):
