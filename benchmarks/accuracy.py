@@ -83,6 +83,10 @@ def run(models: list[str], variants: list[str], shared: Path = SHARED, log=print
                 row = {"model": name, "variant": variant, "overrides": {k: list(v) if isinstance(v, tuple) else v
                                                                         for k, v in overrides.items()},
                        "quantize_seconds": round(qtime, 2), **{k: metrics[k] for k in spec.metrics}}
+                lat = next((e.get("latency") for e in (result.report.validation or {}).get("providers", [])
+                            if e.get("latency")), None)
+                if lat:  # validation's quantized / fp32 latency ratio (alternated medians)
+                    row["latency_ratio"] = lat.get("ratio")
                 if result.report.search is not None:  # the precision search's moves and time
                     found = result.report.search
                     row["search"] = {"met": found["met"], "trials": found["trials"], "seconds": found.get("seconds"),
