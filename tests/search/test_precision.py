@@ -15,7 +15,7 @@ from qpass.calib.data import input_specs, open_samples
 from qpass.calib.stats import TensorRange
 from qpass.config import QuantConfig
 from qpass.errors import ConfigError
-from qpass.search.precision import candidates
+from qpass.search.precision import candidates, plan_for, with_float
 from tests.builders import DIGITS_CALIB, DIGITS_MODEL, DIGITS_TEST
 
 #: the output of the digits CNN's second Conv (/2/Conv -> /3/Relu); its range also serves MaxPool's and Flatten's
@@ -150,6 +150,23 @@ def test_eval_fn_target(planted):
     assert digits_accuracy(res.model) >= fp32 - 0.005
     with pytest.raises(ConfigError):
         _quantize(table, eval_fn=digits_accuracy)
+
+
+def test_float_moves_in_the_plan():
+    """with_float (unnamed nodes): the node is float and the Q/DQ pairs only it read are gone, the others keep
+    their readers; plan_for (named nodes): planned again with it excluded (digits graph, read by hand)."""
+    cfg = QuantConfig()
+    prepared = stages.prepare(stages.load(DIGITS_MODEL), cfg)
+    plan = stages.plan(prepared, cfg)
+    assert plan.tensors["/5/Flatten_output_0"].readers == ("/6/Gemm",)
+    moved = with_float(plan, "/6/Gemm", prepared.model)
+    assert [n.precision for n in moved.nodes if n.node == "/6/Gemm"] == ["float"]
+    folded = moved.with_overrides()
+    assert "/6/Gemm" not in [n.node for n in folded.nodes] and "/5/Flatten_output_0" not in folded.tensors
+    assert set(folded.tensors) == set(plan.tensors) - {"/5/Flatten_output_0"}
+    replanned = plan_for(prepared, cfg, ("/2/Conv",))
+    assert [n.node for n in replanned.nodes] == ["/0/Conv", "/6/Gemm", "/8/Gemm"]
+    assert any(s.node == "/2/Conv" and "excluded" in s.reason for s in replanned.skipped)
 
 
 @pytest.mark.parametrize("field,value", [("target_cosine", 1.5), ("target_top1", -0.1), ("search_budget", 0),
