@@ -54,6 +54,11 @@ VARIANTS: dict[str, dict] = {
     "smooth": {"smooth_quant": "on"},  # SmoothQuant, strength searched per layer
     "smooth_05": {"smooth_quant": "on", "smooth_alpha": 0.5},  # SmoothQuant's usual fixed strength
     "act_matmuls_smooth": {"activation_matmuls": True, "smooth_quant": "on"},
+    # precision search (opt-in): it needs a validation split, so these hold out 20 % of the calibration data;
+    # "val20" is the default on that same calibration split, the baseline to compare them with
+    "val20": {"val_fraction": 0.2},
+    "search_cos": {"val_fraction": 0.2, "target_cosine": 0.999},
+    "search_cos_w2": {"val_fraction": 0.2, "target_cosine": 0.999, "search_workers": 2},
 }
 
 
@@ -67,8 +72,8 @@ def run(models: list[str], variants: list[str], shared: Path = SHARED, log=print
                 out = Path(tmp) / f"{name}.{variant}.onnx"
                 t = time.perf_counter()
                 try:
-                    qpass.quantize(spec.model_path(shared), spec.calib_path(shared), output=out, val_fraction=0.0,
-                                   **overrides)
+                    result = qpass.quantize(spec.model_path(shared), spec.calib_path(shared), output=out,
+                                            **{"val_fraction": 0.0, **overrides})
                 except qpass.QpassError as exc:
                     rows.append({"model": name, "variant": variant, "error": exc.one_line()})
                     log(f"{name:22s} {variant:12s} ERROR {exc.one_line()}")
@@ -78,6 +83,16 @@ def run(models: list[str], variants: list[str], shared: Path = SHARED, log=print
                 row = {"model": name, "variant": variant, "overrides": {k: list(v) if isinstance(v, tuple) else v
                                                                         for k, v in overrides.items()},
                        "quantize_seconds": round(qtime, 2), **{k: metrics[k] for k in spec.metrics}}
+                lat = next((e.get("latency") for e in (result.report.validation or {}).get("providers", [])
+                            if e.get("latency")), None)
+                if lat:  # validation's quantized / fp32 latency ratio (alternated medians)
+                    row["latency_ratio"] = lat.get("ratio")
+                if result.report.search is not None:  # the precision search's moves and time
+                    found = result.report.search
+                    row["search"] = {"met": found["met"], "trials": found["trials"], "seconds": found.get("seconds"),
+                                     "moves": [m["node"] for m in found["moves"]], "start": found.get("start"),
+                                     "end": found.get("end"), "bytes": [m["bytes_after"] for m in found["moves"]]}
+                    log(f"  search: {json.dumps(row['search'])}")
                 rows.append(row)
                 log(f"{name:22s} {variant:12s} {spec.primary}={metrics[spec.primary]:.4f}  "
                     + "  ".join(f"{k}={metrics[k]:.4f}" for k in spec.metrics[1:3]))

@@ -7,7 +7,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import onnx
 
@@ -21,6 +21,7 @@ from .io import initializer_bytes, model_bytes, same_file, save_model
 from .plan.spec import QuantPlan
 from .recipes import resolve, smooths
 from .report import Report
+from .search.precision import Target, search
 from .runtime import FILE_SESSION_BYTES, ModelFile
 
 Data = "str | os.PathLike | Iterable[Mapping[str, Any]] | None"
@@ -54,7 +55,8 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, calib: Data = None, *, 
              output: str | os.PathLike | None = None, val: Data = None, load_calib: str | os.PathLike | None = None,
              save_calib: str | os.PathLike | None = None, plan: QuantPlan | str | os.PathLike | None = None,
              save_plan: str | os.PathLike | None = None, dump_dir: str | os.PathLike | None = None,
-             progress: stages.ProgressFactory | None = None, **overrides: Any) -> QuantizeResult:
+             progress: stages.ProgressFactory | None = None, eval_fn: Callable[[onnx.ModelProto], float] | None = None,
+             max_metric_drop: float | None = None, **overrides: Any) -> QuantizeResult:
     """Quantize an fp32 ONNX model (QDQ or integer operators) and validate it against the original.
 
     ``model``: a path or ModelProto (never modified or written). ``calib`` / ``val``: a ``.npz``, a folder of
@@ -62,10 +64,18 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, calib: Data = None, *, 
     held-out split of ``calib``. ``load_calib`` / ``save_calib``: the calibration table as JSON. ``plan``: a
     QuantPlan or plan file to use instead of planning (``save_plan`` writes the one used). ``output``: written
     atomically, with ``*.report.json`` beside it. ``config`` and keyword ``overrides``: :class:`QuantConfig`.
-    Raises QpassError subclasses for bad input, each naming the file, node or tensor.
+    ``eval_fn(model) -> float`` (larger is better) with ``max_metric_drop``: the precision search's target also
+    asks that metric of the result to be at least fp32's less the drop (qpass.search.precision; a module-level
+    function when ``search_workers`` > 1). Raises QpassError subclasses for bad input, each naming the file, node
+    or tensor.
     """
     cfg = (config or QuantConfig()).replace(**overrides) if overrides else (config or QuantConfig())
     cfg, notes = resolve(cfg, has_data=calib is not None or load_calib is not None)
+    if (eval_fn is None) != (max_metric_drop is None) or (max_metric_drop is not None and not (
+            isinstance(max_metric_drop, (int, float)) and not isinstance(max_metric_drop, bool) and max_metric_drop >= 0)):
+        raise ConfigError(f"eval_fn and max_metric_drop go together (got {max_metric_drop!r})", subject="max_metric_drop",
+                          hint="give both, max_metric_drop a number >= 0, or neither")
+    metric = (eval_fn, max_metric_drop) if eval_fn is not None else None
     t0 = time.perf_counter()
     name = "<ModelProto>" if isinstance(model, onnx.ModelProto) else str(model)
     original = stages.load(model)
@@ -150,7 +160,9 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, calib: Data = None, *, 
     # and the loaded input (another, when the opset policy upgraded it) go now, with the working graphs (gs tensors
     # sit in reference cycles, which only the cycle collector frees)
     reference = spilled[1] if spilled is not None else prepared.reference
-    del prepared
+    searching = (Target.of(cfg).active or metric is not None) and cfg.validate
+    if not searching:
+        del prepared
     gc.collect()
     t = time.perf_counter()
     samples, desc = validation_data(val, specs, cfg, calib=calib, held=held, loaded_table=load_calib is not None,
@@ -160,9 +172,15 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, calib: Data = None, *, 
     elif samples is None:
         report.warnings.append("not validated: no held-out samples (give --val PATH or more calibration samples)")
     else:
+        if searching:
+            samples = list(samples)  # read again by the search's trials
         report.validation = stages.evaluate(reference, rewritten.model, samples, desc, cfg)
+        if searching:
+            rewritten, qplan = _search(report, times, prepared, qplan, calibrated.table, cfg, reference, samples,
+                                       desc, rewritten, corrections, sequential is not None, save_plan, metric)
+            del prepared
         report.warnings.extend(report.validation["findings"])
-    times["validate"] = time.perf_counter() - t
+    times["validate"] = time.perf_counter() - t - times.get("search", 0.0)
     del reference
     if spilled is not None:
         spilled[0].cleanup()
@@ -205,6 +223,37 @@ def validate_models(original: str | os.PathLike | onnx.ModelProto, quantized: st
     if output is not None:
         report.save(output)
     return report
+
+
+def _search(report: Report, times: dict, prepared: stages.Prepared, qplan: QuantPlan, table: CalibrationTable,
+            cfg: QuantConfig, reference, samples, desc: str, rewritten: stages.Rewritten, corrections,
+            sequential: bool, save_plan, metric) -> tuple[stages.Rewritten, QuantPlan]:
+    """The precision search after the first validation (a target is set): the report's ``search`` section, and,
+    when a move was kept, the final model validated again (``validation``), its plan (saved to ``save_plan``)."""
+    if sequential:
+        report.warnings.append("precision search: not run with sequential GPTQ (its statistics depend on the "
+                               "weights before each stage)")
+        return rewritten, qplan
+    t = time.perf_counter()
+    samples = list(samples)
+    found = search(prepared, qplan, table, cfg, reference, samples, rewritten.model, report.validation,
+                   corrections=corrections, eval_fn=metric and metric[0], max_metric_drop=metric and metric[1])
+    times["search"] = time.perf_counter() - t
+    report.search = found.report
+    if not found.report["met"]:
+        report.warnings.append(f"precision search: target not met ({found.report['note']}; "
+                               f"{len(found.report['moves'])} node(s) moved to float): "
+                               + "; ".join(found.report.get("failures", [])))
+    if found.model is None:
+        return rewritten, qplan
+    rewritten = stages.Rewritten(found.model, found.records, found.quantized_nodes, found.info)
+    report.passes = list(prepared.records) + list(found.records)  # the kept rewrite's records replace the first's
+    report.quantized_nodes, report.plan = rewritten.quantized_nodes, found.plan.with_overrides().to_dict()
+    report.sizes["output_bytes"] = model_bytes(rewritten.model)
+    report.validation = stages.evaluate(reference, rewritten.model, samples, desc, cfg)
+    if save_plan is not None:
+        found.plan.save(save_plan)
+    return rewritten, found.plan
 
 
 def _spill_reference(prepared: stages.Prepared, cfg: QuantConfig) -> tuple[tempfile.TemporaryDirectory, ModelFile] | None:

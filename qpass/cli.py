@@ -156,6 +156,14 @@ def _validation_args(p: argparse.ArgumentParser) -> None:
     _config_option(p, "--min-sqnr", type=float, metavar="DB", help="exit 1 if an output's SQNR is below DB")
     _config_option(p, "--min-top1", type=float, metavar="A", help="exit 1 if an output's top-1 agreement is below A")
     if p.prog.endswith(" run"):
+        _config_option(p, "--target-cosine", type=float, metavar="C",
+                       help="precision search (opt-in): move the layers adding the most error to float until every "
+                            "output's mean cosine to fp32 reaches C (validation split), or --search-budget runs out")
+        _config_option(p, "--target-top1", type=float, metavar="A",
+                       help="precision search: the same with each output's top-1 agreement with fp32")
+        _config_option(p, "--search-budget", type=int, metavar="N", help="precision search: at most N trials (default 8)")
+        _config_option(p, "--search-workers", type=int, metavar="N",
+                       help="precision search: N processes score a step's candidate moves (default 1: in process)")
         _config_option(p, "--no-validate", dest="validate", action="store_const", const=False,
                        help="skip the comparison with the original (large models in pipelines that validate later)")
     _config_option(p, "--no-per-layer", dest="per_layer", action="store_const", const=False, help="skip the per-layer error ranking")
@@ -223,6 +231,8 @@ def cmd_run(args: argparse.Namespace, out: Console, err: Console) -> int:
         err.print(f"[bold red]warning:[/] {w}", highlight=False, soft_wrap=True)
     if not args.quiet:
         print_summary(out, report.to_dict())
+        if report.search is not None:
+            print_search(out, report.search)
     out.print(f"wrote {result.output_path} and {result.report_path}", highlight=False, soft_wrap=True)
     if not result.passed:
         for f in report.validation.get("tolerance_failures", []):
@@ -248,6 +258,21 @@ def cmd_validate(args: argparse.Namespace, out: Console, err: Console) -> int:
             err.print(f"[bold red]validation failed:[/] {f}", highlight=False, soft_wrap=True)
         return 1
     return 0
+
+
+def _num(x) -> str:
+    return f"{x:.5f}" if isinstance(x, float) else str(x)
+
+
+def print_search(console: Console, s: dict) -> None:
+    """The precision search in one line, then one line per move."""
+    state = "met" if s.get("met") else "NOT met"
+    console.print(f"precision search: target {state} after {s.get('trials', 0)} trial(s), "
+                  f"{len(s.get('moves', []))} node(s) moved to float", highlight=False, soft_wrap=True)
+    for m in s.get("moves", []):
+        console.print(f"  {m['node']} ({m['op_type']}) -> float: worst cosine {_num(m['before']['cosine_min'])} -> "
+                      f"{_num(m['after']['cosine_min'])}, {m['bytes_before']} -> {m['bytes_after']} bytes",
+                      highlight=False, soft_wrap=True)
 
 
 def print_summary(console: Console, r: dict) -> None:

@@ -190,6 +190,14 @@ class QuantConfig:
             "off" (default). Measured: docs/benchmark-notes.md.
         smooth_alpha: a fixed SmoothQuant strength in (0, 1] instead of the per-layer search (each layer still
             keeps no migration where that scores better).
+        target_cosine: an accuracy target (opt-in): when an output's mean cosine to fp32 on the validation split is
+            below it after the rewrite, the precision search (qpass.search.precision) moves the compute nodes that
+            the per-layer ranking says add the most error to float, one move a step, rewriting from the same
+            calibration table, until every output meets it or ``search_budget`` trials ran. None: no search.
+        target_top1: the same with each output's top-1 agreement with fp32.
+        search_budget: trials (one rewrite and validation each) the precision search may run at most.
+        search_workers: processes scoring a step's candidate moves (1: in this process); the moves do not depend
+            on it.
     """
 
     format: str = "qdq"
@@ -251,6 +259,10 @@ class QuantConfig:
     bias_correction_stages: int = 1
     smooth_quant: str = "off"
     smooth_alpha: float | None = None
+    target_cosine: float | None = None
+    target_top1: float | None = None
+    search_budget: int = 8
+    search_workers: int = 1
     _exclude_patterns: tuple[re.Pattern, ...] = field(default=(), repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -306,6 +318,15 @@ class QuantConfig:
         if self.smooth_alpha is not None and (isinstance(self.smooth_alpha, bool) or not isinstance(
                 self.smooth_alpha, (int, float)) or not 0.0 < float(self.smooth_alpha) <= 1.0):
             raise bad("smooth_alpha", self.smooth_alpha, "a number in (0, 1], or none to search it per layer")
+        for name in ("target_cosine", "target_top1"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not (-1.0 if name == "target_cosine" else 0.0) <= float(value) <= 1.0):
+                raise bad(name, value, "a number in [-1, 1]" if name == "target_cosine" else "a number in [0, 1]")
+        for name in ("search_budget", "search_workers"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise bad(name, value, "a positive integer")
         if self.weight_type not in WEIGHT_TYPES:
             raise bad("weight_type", self.weight_type, " or ".join(WEIGHT_TYPES))
         for name, table in (("tensor_methods", self.tensor_methods), ("op_methods", self.op_methods)):

@@ -27,6 +27,8 @@ class Report:
     #: the quantization plan the rewrite applied (QuantPlan.to_dict), overrides folded in where they were given
     plan: dict | None = None
     seconds: dict[str, float] = field(default_factory=dict)
+    #: the precision search's target, moves and trials (qpass.search.precision); None when no target was set
+    search: dict | None = None
 
     @property
     def skipped(self) -> list[dict]:
@@ -57,6 +59,7 @@ class Report:
             "warnings": self.warnings,
             "plan": self.plan,
             "seconds": {k: round(v, 4) for k, v in self.seconds.items()},
+            **({"search": self.search} if self.search is not None else {}),
         }
 
     def to_json(self) -> str:

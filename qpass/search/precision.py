@@ -1,0 +1,305 @@
+"""Precision search: the compute nodes that add the most error move to float, one a step, each trial a rewrite from the
+same calibration table and a validation, until every output meets the target or the trial budget is spent.
+
+A step takes the first ``CANDIDATES`` quantized compute nodes of the per-layer ranking (``added_noise_db``, the error
+each node adds; a ranked op that is not a plan node stands for the compute node(s) feeding it), scores each as a trial
+(that node float, everything else as before) and keeps the one that scores best; the per-layer ranking is measured
+again on the kept model for the next step. The trials of a step are independent: with ``search_workers`` > 1 they run
+in a process pool on the stage artifacts (prepared model, plan, table), and the moves do not depend on the worker count.
+"""
+from __future__ import annotations
+
+import math
+import re
+import multiprocessing
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import onnx
+
+from ..calib.table import CalibrationTable
+from ..config import QuantConfig
+from ..errors import QpassError
+from ..io import model_bytes
+from ..plan.spec import QuantPlan
+from ..evaluate.validate import per_layer_error, validate
+
+#: candidate moves scored per step (the first quantized compute nodes of the per-layer ranking)
+CANDIDATES = 2
+#: validation samples the per-layer ranking runs on (as in qpass.evaluate.validate)
+LAYER_SAMPLES = 4
+#: how far up from a ranked op that is not a plan node (a Relu, an Add) the search looks for the compute node(s)
+UPSTREAM_DEPTH = 3
+
+
+@dataclass(frozen=True)
+class Target:
+    """Per-output minimums (mean cosine, top-1 agreement with fp32), and a minimum of a user's metric (``eval_fn``
+    of the model: fp32's value less ``max_metric_drop``); None: not asked."""
+
+    cosine: float | None = None
+    top1: float | None = None
+    metric: float | None = None
+
+    @classmethod
+    def of(cls, config: QuantConfig, metric: float | None = None) -> "Target":
+        return cls(config.target_cosine, config.target_top1, metric)
+
+    @property
+    def active(self) -> bool:
+        return self.cosine is not None or self.top1 is not None or self.metric is not None
+
+    def failures(self, outputs: list[dict], metric: float | None = None) -> list[str]:
+        out = []
+        if self.metric is not None and (metric is None or not metric >= self.metric):
+            out.append(f"metric {metric} < {self.metric:.6g} (fp32's less max_metric_drop)")
+        if self.cosine is None and self.top1 is None:
+            return out
+        if not outputs:
+            return out + ["no output was measured"]
+        for o in outputs:
+            if self.cosine is not None and o.get("cosine_mean") is not None and o["cosine_mean"] < self.cosine:
+                out.append(f"output '{o['output']}': mean cosine {o['cosine_mean']:.6f} < {self.cosine}")
+            if self.top1 is not None and o.get("top1_agreement") is not None and o["top1_agreement"] < self.top1:
+                out.append(f"output '{o['output']}': top-1 agreement {o['top1_agreement']:.4f} < {self.top1}")
+        return out
+
+    def met(self, outputs: list[dict], metric: float | None = None) -> bool:
+        return not self.failures(outputs, metric)
+
+    def score(self, outputs: list[dict], metric: float | None = None) -> tuple:
+        """Larger is better: the target met, then the user's metric (when asked), the worst output's cosine, then
+        its top-1 agreement."""
+        s = summary(outputs)
+        m = (metric if metric is not None and math.isfinite(metric) else -math.inf) if self.metric is not None else 0.0
+        return (self.met(outputs, metric), m, s["cosine_min"] or -math.inf, s["top1_min"] or -math.inf)
+
+
+def summary(outputs: list[dict], metric: float | None = None) -> dict:
+    """The worst output's mean cosine and top-1 agreement (None where no output has one), and the user's metric."""
+    cos = [o["cosine_mean"] for o in outputs if o.get("cosine_mean") is not None]
+    top1 = [o["top1_agreement"] for o in outputs if o.get("top1_agreement") is not None]
+    out = {"cosine_min": min(cos) if cos else None, "top1_min": min(top1) if top1 else None}
+    if metric is not None:
+        out["metric"] = metric
+    return out
+
+
+@dataclass
+class Trial:
+    """One scored candidate: the rewritten model with ``node`` (and the moves before it) in float."""
+
+    node: str
+    outputs: list[dict]
+    output_bytes: int
+    model: onnx.ModelProto | None  # None when the rewrite failed (info['error'])
+    records: list = field(default_factory=list)
+    quantized_nodes: dict = field(default_factory=dict)
+    info: dict = field(default_factory=dict)
+    metric: float | None = None  # eval_fn of the model, when given
+
+
+@dataclass
+class SearchResult:
+    plan: QuantPlan
+    model: onnx.ModelProto | None  # None when no move was kept (the first rewrite stands)
+    records: list
+    quantized_nodes: dict
+    info: dict
+    report: dict  # what the report's "search" section says
+
+
+def with_float(plan: QuantPlan, node: str, model: onnx.ModelProto) -> QuantPlan:
+    """``plan`` (overrides folded in) with ``node`` kept in float: the node is marked ``precision: float``, and no
+    longer reads the dequantized form of its inputs (a tensor read through one Q/DQ pair by every reader gets the
+    explicit list of its other readers in ``model``; a pair nobody else reads goes). Its output's pair, which the
+    next layer reads, stays."""
+    folded = plan.with_overrides()
+    readers: dict[str, list[str]] = {}
+    for n in model.graph.node:
+        for t in n.input:
+            readers.setdefault(t, []).append(node_label_of(n))
+    target = next((n for n in model.graph.node if node_label_of(n) == node), None)
+    inputs = set(target.input) if target is not None else set()
+    tensors = {}
+    for name, tp in folded.tensors.items():
+        if name in inputs:
+            kept = tuple(r for r in (tp.readers if tp.readers is not None else readers.get(name, ())) if r != node)
+            if not kept:
+                continue
+            tp = replace(tp, readers=kept)
+        tensors[name] = tp
+    nodes = tuple(replace(n, precision="float") if n.node == node else n for n in folded.nodes)
+    return QuantPlan(nodes, tensors, folded.skipped, (), folded.statistics)
+
+
+def plan_for(prepared, config: QuantConfig, floated: tuple[str, ...], overrides: tuple = ()) -> QuantPlan:
+    """The plan with the ``floated`` nodes kept in float: planned again with each named one in ``exclude_nodes``
+    (so the Q/DQ pairs that only fed it go too, as with ``--exclude``), an unnamed one (no name to exclude it by)
+    moved by :func:`with_float`. ``overrides``: a given plan's overrides, those naming a floated node left out."""
+    from .. import stages  # stages imports the passes; a worker process imports it here
+
+    named = {n.name for n in prepared.model.graph.node if n.name}
+    excluded = tuple(re.escape(f) for f in floated if f in named)
+    plan = stages.plan(prepared, config.replace(exclude_nodes=tuple(config.exclude_nodes) + excluded))
+    kept = tuple(o for o in overrides if not (o.match == "node" and o.value in floated))
+    if kept:
+        plan = replace(plan, overrides=kept)
+    for f in floated:
+        if f not in named:
+            plan = with_float(plan, f, prepared.model)
+    return plan
+
+
+def run_trial(prepared, config: QuantConfig, overrides: tuple, floated: tuple[str, ...], table: CalibrationTable,
+              reference, samples: list, corrections: list | None, provider: str, eval_fn, node: str) -> Trial:
+    """Rewrite ``prepared`` with ``floated`` and ``node`` in float (:func:`plan_for`) from the same calibration
+    ``table`` and validate it (outputs only) on ``samples``. Module-level and fed picklable artifacts only, so a
+    process pool can run it. A rewrite that fails (a range the new plan needs is not in the table) scores worst."""
+    from .. import stages
+
+    try:
+        rewritten = stages.rewrite(prepared, plan_for(prepared, config, floated + (node,), overrides), table, config,
+                                   samples=corrections)
+    except QpassError as exc:
+        return Trial(node, [], 0, None, info={"error": exc.one_line()})
+    v = validate(reference, rewritten.model, samples, providers=[provider], per_layer=False, latency=False,
+                 placement=False)
+    metric = float(eval_fn(rewritten.model)) if eval_fn is not None else None
+    return Trial(node, v.get("outputs", []), model_bytes(rewritten.model), rewritten.model, rewritten.records,
+                 rewritten.quantized_nodes, rewritten.info, metric)
+
+
+def candidates(ranking: list[dict], model: onnx.ModelProto, plan: QuantPlan, k: int,
+               skip: set[str] = frozenset()) -> list[tuple[str, dict]]:
+    """The first ``k`` quantized plan nodes (not in ``skip``) named by ``ranking`` (rows that add no error left
+    out), each with its row. A row naming a plan node is that node; a row naming another op (a Relu or MaxPool whose
+    output is where the error shows) stands for the nearest plan nodes up its inputs, then the nearest plan nodes
+    reading its output (the layers whose quantized input the error is in)."""
+    quantized = {n.node for n in plan.with_overrides().nodes} - set(skip)
+    producer, readers = {}, {}
+    for n in model.graph.node:
+        for o in n.output:
+            producer[o] = n
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    out: list[tuple[str, dict]] = []
+    for row in ranking:
+        if len(out) >= k:
+            break
+        added = row.get("added_noise_db")
+        if not isinstance(added, (int, float)) or not math.isfinite(added):
+            continue  # "-inf": the node adds nothing
+        if row.get("node") in quantized:
+            found = [row["node"]]
+        else:
+            found = _near(row.get("tensor"), quantized, lambda t: [producer[t]] if t in producer else [],
+                          lambda n: list(n.input))
+            found += _near(row.get("tensor"), quantized, lambda t: readers.get(t, []), lambda n: list(n.output))
+        for label in found:
+            if label not in [c for c, _ in out] and len(out) < k:
+                out.append((label, row))
+    return out
+
+
+def _near(tensor: str | None, quantized: set[str], nodes_at, onward) -> list[str]:
+    """The plan nodes nearest ``tensor`` walking one way (``nodes_at``: the nodes producing or reading a tensor;
+    ``onward``: the tensors to go on from a node that is not in the plan), within ``UPSTREAM_DEPTH`` steps."""
+    frontier = [tensor] if tensor else []
+    for _ in range(UPSTREAM_DEPTH + 1):
+        found, nxt = [], []
+        for t in frontier:
+            for n in nodes_at(t):
+                label = node_label_of(n)
+                if label in quantized:
+                    found.append(label)
+                else:
+                    nxt += onward(n)
+        if found:
+            return list(dict.fromkeys(found))
+        frontier = nxt
+    return []
+
+
+def node_label_of(n: onnx.NodeProto) -> str:
+    """A NodeProto's plan label: its name, or ``Op(first output)`` (qpass.graph.node_label for a graph node)."""
+    return n.name or f"{n.op_type}({n.output[0]})"
+
+
+def search(prepared, plan: QuantPlan, table: CalibrationTable, config: QuantConfig, reference, samples: list,
+           first_model: onnx.ModelProto, validation: dict, *, corrections: list | None = None, eval_fn=None,
+           max_metric_drop: float | None = None) -> SearchResult:
+    """Run the precision search from the first rewrite (``first_model``, of ``plan``) and its ``validation``
+    (outputs and per-layer ranking, measured again when absent). Trials plan again from ``config`` with the moved
+    nodes excluded (:func:`plan_for`), keeping ``plan``'s overrides. A step keeps its best trial unless it scores
+    below the current model; its candidates are then not tried again. ``corrections``: the samples bias
+    correction measures on. ``eval_fn(model) -> float`` (larger is better; picklable with more than one worker)
+    with ``max_metric_drop``: the target also asks ``eval_fn`` of each trial to stay within that drop of fp32's."""
+    t0 = time.perf_counter()
+    metric = fp32_metric = None
+    if eval_fn is not None and max_metric_drop is not None:
+        fp32_metric = float(eval_fn(reference.load() if hasattr(reference, "load") else reference))
+        metric = float(eval_fn(first_model))
+    target = Target.of(config, None if fp32_metric is None else fp32_metric - max_metric_drop)
+    provider = validation.get("provider") or "CPUExecutionProvider"
+    outputs = validation.get("outputs", [])
+    ranking = validation.get("per_layer") or []
+    samples = list(samples)
+    report: dict[str, Any] = {"target": {"cosine": target.cosine, "top1": target.top1, "metric": target.metric,
+                                         "metric_fp32": fp32_metric}, "budget": config.search_budget,
+                              "workers": config.search_workers, "candidates_per_step": CANDIDATES,
+                              "start": summary(outputs, metric), "moves": [], "rejected": [], "trials": 0}
+    current = SearchResult(plan, None, [], {}, {}, report)
+    model, size, floated, tried = first_model, model_bytes(first_model), (), set()
+    pool = None
+    try:
+        while not target.met(outputs, metric) and report["trials"] < config.search_budget:
+            if not ranking:
+                ranking = per_layer_error(reference, model, samples[:LAYER_SAMPLES], provider)
+            picks = candidates(ranking, prepared.model, current.plan,
+                               min(CANDIDATES, config.search_budget - report["trials"]), tried)
+            if not picks:
+                report["note"] = "no quantized compute node left that the per-layer ranking names"
+                break
+            args = (prepared, config, tuple(plan.overrides), floated, table, reference, samples, corrections, provider,
+                    eval_fn if target.metric is not None else None)
+            if config.search_workers > 1 and len(picks) > 1:
+                if pool is None:
+                    pool = ProcessPoolExecutor(config.search_workers, mp_context=multiprocessing.get_context("spawn"))
+                trials = list(pool.map(run_trial, *zip(*[args + (label,) for label, _ in picks])))
+            else:
+                trials = [run_trial(*args, label) for label, _ in picks]
+            report["trials"] += len(trials)
+            scored = [{"node": t.node, **summary(t.outputs, t.metric), **({"error": t.info["error"]} if "error" in t.info else {})}
+                      for t in trials]
+            best = max(range(len(trials)), key=lambda i: (trials[i].model is not None, target.score(trials[i].outputs, trials[i].metric), -i))
+            kept, row = trials[best], picks[best][1]
+            tried.update(label for label, _ in picks)
+            if kept.model is None or target.score(kept.outputs, kept.metric) < target.score(outputs, metric):
+                report["rejected"].append({"before": summary(outputs, metric), "candidates": scored})
+                continue  # no candidate helped: the next ranked ones are tried on the same model
+            op = next((n.op_type for n in current.plan.with_overrides().nodes if n.node == kept.node), None)
+            report["moves"].append({
+                "node": kept.node, "op_type": op, "to": "float", "ranked": row.get("node"),
+                "added_noise_db": row.get("added_noise_db"), "before": summary(outputs, metric), "after": summary(kept.outputs, kept.metric),
+                "bytes_before": size, "bytes_after": kept.output_bytes, "candidates": scored})
+            floated += (kept.node,)
+            current = SearchResult(plan_for(prepared, config, floated, tuple(plan.overrides)), kept.model, kept.records,
+                                   kept.quantized_nodes, kept.info, report)
+            model, outputs, size, ranking, metric = kept.model, kept.outputs, kept.output_bytes, [], kept.metric
+    finally:
+        if pool is not None:
+            pool.shutdown()
+    report["met"] = target.met(outputs, metric)
+    if report["met"] and not report["trials"]:
+        report["note"] = "the first rewrite meets the target"
+    report["end"] = summary(outputs, metric)
+    report["floated"] = list(floated)
+    if not report["met"]:
+        report["failures"] = target.failures(outputs, metric)
+        if "note" not in report:
+            report["note"] = f"trial budget spent ({report['trials']} of {config.search_budget} trials)"
+    report["seconds"] = round(time.perf_counter() - t0, 3)
+    return current

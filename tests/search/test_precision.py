@@ -1,0 +1,191 @@
+"""The precision search: a planted bad layer is found and moved first, the budget stops it, the pool moves as in-process."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+import qpass
+from qpass import stages
+from qpass.calib.data import input_specs, open_samples
+from qpass.calib.stats import TensorRange
+from qpass.config import QuantConfig
+from qpass.errors import ConfigError
+from qpass.search.precision import candidates, plan_for, with_float
+from tests.builders import DIGITS_CALIB, DIGITS_MODEL, DIGITS_TEST
+
+#: the output of the digits CNN's second Conv (/2/Conv -> /3/Relu); its range also serves MaxPool's and Flatten's
+PLANTED = "/3/Relu_output_0"
+BLOW_UP = 200.0
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    """A calibration table of the digits CNN whose range of PLANTED is 200 times too wide, saved to a file, and the
+    uint8 scale that range gives (what the bad Q/DQ pair uses)."""
+    cfg = QuantConfig(latency=False)
+    prepared = stages.prepare(stages.load(DIGITS_MODEL), cfg)
+    plan = stages.plan(prepared, cfg)
+    table = stages.calibrate(prepared, plan, open_samples(DIGITS_CALIB, input_specs(prepared.model)), cfg).table
+    r = table.get(PLANTED)
+    bad = TensorRange(r.min, r.max * BLOW_UP, r.method, r.samples)
+    table.statistics.set(PLANTED, "range", bad)
+    path = tmp_path_factory.mktemp("planted") / "bad_table.json"
+    table.save(path)
+    # uint8 asymmetric: the range is widened to include 0, scale = (max - min) / 255
+    return path, (max(bad.max, 0.0) - min(bad.min, 0.0)) / 255.0
+
+
+def _quantize(table, **kw):
+    return qpass.quantize(str(DIGITS_MODEL), load_calib=table, val=str(DIGITS_TEST), latency=False, **kw)
+
+
+def _q_scales(model: onnx.ModelProto) -> list[float]:
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    return [float(inits[n.input[1]]) for n in model.graph.node
+            if n.op_type == "QuantizeLinear" and n.input[1] in inits and inits[n.input[1]].size == 1]
+
+
+def test_planted_bad_layer_moved_first_and_target_met(planted, tmp_path):
+    table, bad_scale = planted
+    plain = _quantize(table)
+    assert "search" not in plain.report.to_dict()  # off by default
+    start = plain.report.validation["outputs"][0]["cosine_mean"]
+    assert start < 0.99  # the planted range hurts (else the test proves nothing)
+    assert any(abs(s - bad_scale) < 1e-3 * bad_scale for s in _q_scales(plain.model))
+
+    plan_file = tmp_path / "plan.json"
+    res = _quantize(table, target_cosine=0.999, search_budget=6, save_plan=plan_file)
+    s = res.report.search
+    assert s["met"] is True
+    assert s["moves"][0]["node"] == "/2/Conv"  # the layer whose output range was corrupted
+    assert s["moves"][0]["before"]["cosine_min"] == pytest.approx(start, abs=1e-9)
+    assert s["trials"] <= 6
+    # the report's validation is of the final model, measured again: the target holds there
+    assert res.report.validation["outputs"][0]["cosine_mean"] >= 0.999
+    assert not any(abs(x - bad_scale) < 1e-3 * bad_scale for x in _q_scales(res.model))
+    # the saved plan is the final one: /2/Conv no longer among the quantized nodes
+    saved = json.loads(plan_file.read_text())
+    assert "/2/Conv" not in [n["node"] for n in saved["nodes"] if n["precision"] == "quantized"]
+    assert "/0/Conv" in [n["node"] for n in saved["nodes"]]
+    assert not any("precision search" in w for w in res.report.warnings)
+    # the final model runs and agrees with fp32 on the test split's argmax at least as often as the planted one
+    import onnxruntime as ort
+
+    with np.load(DIGITS_TEST) as d:
+        x = d["input"][:200]
+    sess = ort.InferenceSession(res.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    ref = ort.InferenceSession(str(DIGITS_MODEL), providers=["CPUExecutionProvider"])
+    agree = np.mean(sess.run(None, {"input": x})[0].argmax(1) == ref.run(None, {"input": x})[0].argmax(1))
+    assert agree >= 0.99
+
+
+def test_search_stops_at_budget_and_says_so(planted):
+    table, _ = planted
+    res = _quantize(table, target_cosine=0.9999999, search_budget=3)
+    s = res.report.search
+    assert s["met"] is False
+    assert s["trials"] == 3
+    assert "3 of 3" in s["note"]
+    assert any(w.startswith("precision search: target not met") for w in res.report.warnings)
+    assert s["failures"] and "0.9999999" in s["failures"][0]
+
+
+def test_target_already_met_moves_nothing():
+    res = qpass.quantize(str(DIGITS_MODEL), str(DIGITS_CALIB), val=str(DIGITS_TEST), latency=False, target_cosine=0.9)
+    assert res.report.search["met"] is True and res.report.search["trials"] == 0 and res.report.search["moves"] == []
+
+
+def test_pool_moves_as_in_process(planted):
+    table, _ = planted
+    one = _quantize(table, target_cosine=0.99999, search_budget=4).report.search
+    two = _quantize(table, target_cosine=0.99999, search_budget=4, search_workers=2).report.search
+    assert two["workers"] == 2
+    assert [m["node"] for m in one["moves"]] == [m["node"] for m in two["moves"]]
+    assert len(one["moves"]) >= 1
+    for a, b in zip(one["moves"], two["moves"]):
+        assert [c["node"] for c in a["candidates"]] == [c["node"] for c in b["candidates"]]
+        for ca, cb in zip(a["candidates"], b["candidates"]):
+            assert ca["cosine_min"] == pytest.approx(cb["cosine_min"], abs=1e-7)
+    assert one["trials"] == two["trials"]
+
+
+def test_candidates_map_ranked_ops_to_plan_nodes():
+    """A ranked MaxPool stands for the Conv feeding it (up) and the Gemm reading it through Flatten (down); a
+    ranked plan node is itself; a row that adds nothing is left out (digits graph, read by hand)."""
+    cfg = QuantConfig()
+    prepared = stages.prepare(stages.load(DIGITS_MODEL), cfg)
+    plan = stages.plan(prepared, cfg)
+    rows = [{"node": "/7/Relu", "tensor": "/7/Relu_output_0", "added_noise_db": "-inf"},
+            {"node": "/4/MaxPool", "tensor": "/4/MaxPool_output_0", "added_noise_db": -3.0},
+            {"node": "/8/Gemm", "tensor": "logits", "added_noise_db": -40.0}]
+    got = candidates(rows, prepared.model, plan, 3)
+    assert [c for c, _ in got] == ["/2/Conv", "/6/Gemm", "/8/Gemm"]
+    assert [c for c, _ in candidates(rows, prepared.model, plan, 3, {"/2/Conv"})] == ["/6/Gemm", "/8/Gemm"]
+
+
+def digits_accuracy(model: onnx.ModelProto) -> float:
+    """Top-1 accuracy on the first 200 labelled test digits (a user's eval_fn)."""
+    import onnxruntime as ort
+
+    with np.load(DIGITS_TEST) as d:
+        x, y = d["input"][:200], d["label"][:200]
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return float(np.mean(sess.run(None, {"input": x})[0].argmax(1) == y))
+
+
+def test_eval_fn_target(planted):
+    table, _ = planted
+    fp32 = digits_accuracy(onnx.load(str(DIGITS_MODEL)))
+    bad = digits_accuracy(_quantize(table).model)
+    assert bad < fp32 - 0.01  # the planted range costs accuracy
+    res = _quantize(table, eval_fn=digits_accuracy, max_metric_drop=0.005, search_budget=4)
+    s = res.report.search
+    assert s["target"]["metric_fp32"] == pytest.approx(fp32)
+    assert s["met"] and s["moves"][0]["node"] == "/2/Conv"
+    assert digits_accuracy(res.model) >= fp32 - 0.005
+    with pytest.raises(ConfigError):
+        _quantize(table, eval_fn=digits_accuracy)
+
+
+def test_float_moves_in_the_plan():
+    """with_float (unnamed nodes): the node is float and the Q/DQ pairs only it read are gone, the others keep
+    their readers; plan_for (named nodes): planned again with it excluded (digits graph, read by hand)."""
+    cfg = QuantConfig()
+    prepared = stages.prepare(stages.load(DIGITS_MODEL), cfg)
+    plan = stages.plan(prepared, cfg)
+    assert plan.tensors["/5/Flatten_output_0"].readers == ("/6/Gemm",)
+    moved = with_float(plan, "/6/Gemm", prepared.model)
+    assert [n.precision for n in moved.nodes if n.node == "/6/Gemm"] == ["float"]
+    folded = moved.with_overrides()
+    assert "/6/Gemm" not in [n.node for n in folded.nodes] and "/5/Flatten_output_0" not in folded.tensors
+    assert set(folded.tensors) == set(plan.tensors) - {"/5/Flatten_output_0"}
+    replanned = plan_for(prepared, cfg, ("/2/Conv",))
+    assert [n.node for n in replanned.nodes] == ["/0/Conv", "/6/Gemm", "/8/Gemm"]
+    assert any(s.node == "/2/Conv" and "excluded" in s.reason for s in replanned.skipped)
+
+
+@pytest.mark.parametrize("field,value", [("target_cosine", 1.5), ("target_top1", -0.1), ("search_budget", 0),
+                                         ("search_workers", 0), ("search_budget", True)])
+def test_bad_search_config(field, value):
+    with pytest.raises(ConfigError, match=field):
+        QuantConfig(**{field: value})
+
+
+def test_cli_flags(tmp_path, planted):
+    from qpass.cli import main
+
+    table, _ = planted
+    model = tmp_path / "digits.onnx"
+    shutil.copyfile(DIGITS_MODEL, model)
+    out = tmp_path / "d.qpass.onnx"
+    rc = main(["run", str(model), "--load-calib", str(table), "--val", str(DIGITS_TEST), "-o", str(out), "--no-latency",
+               "--target-cosine", "0.999", "--search-budget", "4", "-q"])
+    assert rc == 0
+    report = json.loads(out.with_name("d.qpass.report.json").read_text())
+    assert report["config"]["target_cosine"] == 0.999 and report["config"]["search_budget"] == 4
+    assert report["search"]["met"] and report["search"]["moves"][0]["node"] == "/2/Conv"
