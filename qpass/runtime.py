@@ -7,11 +7,10 @@ onnxruntime is imported on first use, so that importing qpass (the CLI's --help)
 from __future__ import annotations
 
 import contextlib
-import itertools
 import json
 import os
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
@@ -107,7 +106,6 @@ class ModelFile:
     file only (:meth:`with_outputs`). The caller owns the folder."""
 
     path: Path
-    _copies: itertools.count = field(default_factory=itertools.count, repr=False)
 
     @classmethod
     def write(cls, model: onnx.ModelProto, folder: str | os.PathLike) -> "ModelFile":
@@ -126,9 +124,10 @@ class ModelFile:
         """A .onnx file beside this one, reading the same data file, with ``tensors`` as extra outputs."""
         sk = self.skeleton()
         _add_outputs(sk, tensors)
-        path = self.path.with_name(f"outputs-{next(self._copies)}.onnx")
-        path.write_bytes(sk.SerializeToString())
-        return path
+        fd, name = tempfile.mkstemp(prefix="outputs-", suffix=".onnx", dir=self.path.parent)  # unique: processes share it
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(sk.SerializeToString())
+        return Path(name)
 
 
 # ---------------------------------------------------------------------------------------------- sessions

@@ -302,54 +302,19 @@ class GramObserver:
         return None if self.matrix is None else Gram(self.matrix.copy(), self.rows)
 
 
-@register_observer("absmean")
-class AbsMeanObserver:
-    """Mean ``|x|`` per channel of the last axis (over every other position of every batch), in float64, and
-    the count of values per channel. Memory: one sum per channel."""
-
-    method = stat = "absmean"
-    costly = False
-
-    def __init__(self, options: RangeOptions | None = None) -> None:
-        self.sum: np.ndarray | None = None
-        self.count = 0
-
-    def update(self, x: np.ndarray, lo: float | None = None, hi: float | None = None, *, samples: int = 1) -> None:
-        if np.size(x) == 0:
-            return
-        x = np.asarray(x)
-        a = np.abs(x.reshape(-1, x.shape[-1] if x.ndim else 1))
-        s = a.sum(axis=0, dtype=np.float64)
-        if self.sum is None:
-            self.sum = s
-        elif self.sum.shape != s.shape:
-            raise ValueError(f"absmean: the last axis has {s.shape[0]} values, earlier batches had {self.sum.shape[0]}")
-        else:
-            self.sum += s
-        self.count += a.shape[0]
-
-    def merge(self, other: "AbsMeanObserver") -> "AbsMeanObserver":
-        out = AbsMeanObserver()
-        for obs in (self, other):
-            if obs.sum is not None:
-                if out.sum is not None and out.sum.shape != obs.sum.shape:
-                    raise ValueError(f"absmean: cannot merge {out.sum.shape[0]} channels with {obs.sum.shape[0]}")
-                out.sum = obs.sum.copy() if out.sum is None else out.sum + obs.sum
-            out.count += obs.count
-        return out
-
-    def result(self) -> AbsMean | None:
-        return None if self.sum is None else AbsMean(self.sum / self.count, self.count)
-
-
 class _ChannelMeanObserver:
-    """Mean ``x`` per channel of ``axis`` (over every other position of every batch), in float64, and the count of
-    values per channel. Memory: one sum per channel."""
+    """Mean ``values(x)`` (``x`` itself here) per channel of ``axis`` (over every other position of every batch), in
+    float64, and the count of values per channel. Memory: one sum per channel."""
 
     method = "mean"
     stat = "mean"
     costly = False
     axis = -1
+    result_type: type = ChannelMean
+
+    @staticmethod
+    def values(x: np.ndarray) -> np.ndarray:
+        return x
 
     def __init__(self, options: RangeOptions | None = None) -> None:
         self.sum: np.ndarray | None = None
@@ -362,7 +327,7 @@ class _ChannelMeanObserver:
         if x.ndim < 2:
             x = x.reshape(1, -1)
         c = np.moveaxis(x, self.axis, -1)
-        s = c.reshape(-1, c.shape[-1]).sum(axis=0, dtype=np.float64)
+        s = self.values(c.reshape(-1, c.shape[-1])).sum(axis=0, dtype=np.float64)
         if self.sum is None:
             self.sum = s
         elif self.sum.shape != s.shape:
@@ -381,8 +346,17 @@ class _ChannelMeanObserver:
             out.count += obs.count
         return out
 
-    def result(self) -> ChannelMean | None:
-        return None if self.sum is None else ChannelMean(self.sum / self.count, self.count)
+    def result(self) -> ChannelMean | AbsMean | None:
+        return None if self.sum is None else self.result_type(self.sum / self.count, self.count)
+
+
+@register_observer("absmean")
+class AbsMeanObserver(_ChannelMeanObserver):
+    """Mean ``|x|`` per channel of the last axis (activation-aware scaling)."""
+
+    method = stat = "absmean"
+    result_type = AbsMean
+    values = staticmethod(np.abs)
 
 
 @register_observer("mean_axis1")
