@@ -331,7 +331,8 @@ class _ChannelMeanObserver:
         if self.sum is None:
             self.sum = s
         elif self.sum.shape != s.shape:
-            raise ValueError(f"{self.method}: {s.shape[0]} channels, earlier batches had {self.sum.shape[0]}")
+            raise ValueError(f"{self.method}: {s.shape[0]} channels on the {'last axis' if self.axis == -1 else f'axis {self.axis}'}, "
+                             f"earlier batches had {self.sum.shape[0]}")
         else:
             self.sum += s
         self.count += x.size // s.shape[0]
