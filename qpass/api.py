@@ -170,7 +170,8 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, calib: Data = None, *, 
     if not cfg.validate:
         report.warnings.append("not validated (validate = false / --no-validate)")
     elif samples is None:
-        report.warnings.append("not validated: no held-out samples (give --val PATH or more calibration samples)")
+        report.warnings.append("not validated: no held-out samples (give --val PATH or more calibration samples)"
+                               + ("; the accuracy target was not searched for" if searching else ""))
     else:
         if searching:
             samples = list(samples)  # read again by the search's trials

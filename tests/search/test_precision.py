@@ -189,3 +189,9 @@ def test_cli_flags(tmp_path, planted):
     report = json.loads(out.with_name("d.qpass.report.json").read_text())
     assert report["config"]["target_cosine"] == 0.999 and report["config"]["search_budget"] == 4
     assert report["search"]["met"] and report["search"]["moves"][0]["node"] == "/2/Conv"
+
+
+def test_a_target_without_validation_samples_says_it_was_not_searched():
+    report = qpass.quantize(DIGITS_MODEL, DIGITS_CALIB, val_fraction=0.0, target_cosine=0.9999).report
+    assert report.to_dict().get("search") is None
+    assert any("the accuracy target was not searched for" in w for w in report.warnings)
