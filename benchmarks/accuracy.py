@@ -45,8 +45,9 @@ VARIANTS: dict[str, dict] = {
     "hist_128k": {"hist_sample": 131072},
     "cle": {"equalize": True},  # cross-layer equalization of Conv chains (weights only)
     "no_cle": {"equalize": False},
-    "per_tensor": {"per_channel": False},
+    "per_tensor": {"per_channel": False, "equalize": False},  # without CLE (which per-tensor weights turn on)
     "cle_per_tensor": {"equalize": True, "per_channel": False},
+    "per_tensor_default": {"per_channel": False},  # per-tensor weights with the default equalize (on)
     "biascorr": {"bias_correction": "empirical"},
     "biascorr_s4": {"bias_correction": "empirical", "bias_correction_stages": 4, "bias_correction_samples": 16},
     "biascorr_mse": {"method": "mse", "bias_correction": "empirical"},

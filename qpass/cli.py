@@ -78,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     _config_option(run, "--per-tensor", dest="per_channel", action="store_const", const=False, help="one weight scale per tensor (default: per output channel)")
     _config_option(run, "--equalize", action="store_const", const=True,
                      help="cross-layer equalization of Conv -> [Relu/LeakyRelu/PRelu/Identity/pooling] -> Conv weights "
-                          "before quantizing (float function unchanged; pairs with other ops between are skipped)")
+                          "before quantizing (float function unchanged; pairs with other ops between are skipped; default: on with "
+                          "--per-tensor only)")
     _config_option(run, "--no-equalize", dest="equalize", action="store_const", const=False,
                      help="no cross-layer equalization")
     _config_option(run, "--activation-type", choices=ACTIVATION_TYPES, help="uint8 asymmetric (default) or int8 symmetric; uint16/int16 need --target-opset 21 and run as float kernels on onnxruntime's CPU provider")

@@ -102,6 +102,8 @@ class QuantConfig:
             c of the second multiplied by it, s_c = sqrt(r1_c / r2_c) from the two weight ranges (Nagel et al. 2019),
             so both Convs' per-channel weight ranges match; the float function is unchanged and no node is added.
             Pairs with a non-homogeneous op between them (HardSwish, Relu6, Sigmoid, ...) are skipped and named.
+            None (default): on with per-tensor weights (``per_channel`` false), where it measured better on every
+            shared CNN, off with per-channel weights, where it measured mixed (docs/benchmark-notes.md).
         quantize_outputs: compute op types whose outputs are quantized too (after a Relu/Clip), so runtimes fuse
             integer kernels (DQ -> Conv -> Q). MatMul is left out by default: onnxruntime fuses DQ -> MatMul
             without an output Q, and quantizing MatMul outputs costs transformers accuracy (measured on MiniLM).
@@ -205,7 +207,7 @@ class QuantConfig:
     activation_type: str = "uint8"
     weight_type: str = "int8"
     per_channel: bool = True
-    equalize: bool = False
+    equalize: bool | None = None
     quantize_outputs: tuple[str, ...] = ("Conv", "ConvTranspose", "Gemm")
     output_consumers: str = "all"
     activation_matmuls: bool = False
@@ -369,8 +371,8 @@ class QuantConfig:
             raise bad("collapse_check", self.collapse_check, "true or false")
         if not isinstance(self.per_channel, bool):
             raise bad("per_channel", self.per_channel, "true or false")
-        if not isinstance(self.equalize, bool):
-            raise bad("equalize", self.equalize, "true or false")
+        if self.equalize is not None and not isinstance(self.equalize, bool):
+            raise bad("equalize", self.equalize, "true, false, or none (on with per-tensor weights)")
         ops = tuple(self.op_types)
         unknown = [op for op in ops if op not in COMPUTE_OPS]
         if unknown or not ops:

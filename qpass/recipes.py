@@ -59,9 +59,11 @@ def resolve(config: QuantConfig, *, has_data: bool) -> tuple[QuantConfig, list[s
 
 def prepare_passes(config: QuantConfig) -> list[Pass]:
     """Folds and constants to initializers, before planning: the graph the plan and calibration see; with
-    ``equalize`` (static mode), cross-layer equalization of Conv chains after the folds (it needs the folded weights)."""
+    ``equalize`` (static mode; by default with per-tensor weights), cross-layer equalization of Conv chains after the
+    folds (it needs the folded weights)."""
     passes: list[Pass] = [ConstantsToInitializers(config.op_types), FoldBatchNorm(), FoldConvBiasAdd()]
-    if config.equalize and not config.weight_only:
+    equalize = (not config.per_channel) if config.equalize is None else config.equalize
+    if equalize and not config.weight_only:
         passes.append(EqualizeConvChains())
     return passes + [Cleanup()]
 
