@@ -20,7 +20,7 @@ import onnx
 from ..io import infer_shapes_skeleton
 from ..ops import RANGE_FOLDING
 from ..runtime import (PROVIDERS, ModelFile, available_providers, extra_outputs, make_session, profile_placement,
-                       with_cpu_fallback)
+                       release_freed_memory, with_cpu_fallback)
 
 _DQ_SUFFIXES = ("_dequantized", "_DequantizeLinear_Output")
 #: ops whose outputs are not worth ranking as layers (shapes, constants, pure data movement)
@@ -268,7 +268,7 @@ def _sizes(types: dict[str, int], shapes: dict[str, list], inputs: list[str], fe
 
 #: bytes of requested activations one per-layer run holds per model, about: more tensors are measured in chunks, a
 #: session pair per chunk (the float intermediates of a 135M language model on a 256-token window: 0.94 GB a model)
-PER_LAYER_RUN_BYTES = 256 * 2**20
+PER_LAYER_RUN_BYTES = 128 * 2**20
 
 
 def per_layer_error(original: onnx.ModelProto | ModelFile, quantized: onnx.ModelProto, samples: list,
@@ -314,6 +314,7 @@ def per_layer_error(original: onnx.ModelProto | ModelFile, quantized: onnx.Model
     known = _sizes(types, shapes, inputs, samples[0][0]) if samples else {}
     measured: dict[str, int] = {}
     start = 0
+    release_freed_memory()  # the validation runs' sessions are gone: their memory goes back before more sessions
     while start < len(asked):  # a session pair per chunk of tensors: one run holds a chunk's activations only
         guess = (sum(measured.values()) // len(measured)) if measured else 2**20  # a tensor of unknown shape
         part, total = [], 0
@@ -340,6 +341,7 @@ def per_layer_error(original: onnx.ModelProto | ModelFile, quantized: onnx.Model
                 noise[t] += float(np.sum(d * d))
             del rv, qv
         del ref, q
+        release_freed_memory()
         start += len(part)
 
     def nsr(t: str) -> float:
