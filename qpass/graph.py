@@ -151,6 +151,11 @@ def node_label(node: gs.Node) -> str:
     return node.name or f"{node.op}({node.outputs[0].name if node.outputs else '?'})"
 
 
+def proto_node_label(node: onnx.NodeProto) -> str:
+    """:func:`node_label` of a NodeProto (a plan's label for a node read from a ModelProto)."""
+    return node.name or f"{node.op_type}({node.output[0] if node.output else '?'})"
+
+
 #: body attributes of control-flow nodes -> the short name a nested node's label uses (``If_0/then/Conv_3``)
 BODY_ATTRS = {"then_branch": "then", "else_branch": "else", "body": "body"}
 

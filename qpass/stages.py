@@ -227,7 +227,8 @@ def correct_biases(wg: WorkingGraph, prepared: Prepared, quant_plan: QuantPlan, 
     graph = wg.graph
     by_label = {node_label(n): n for n in graph.nodes}
     sites = {}
-    for n in quant_plan.with_overrides().nodes:
+    planned = quant_plan.with_overrides().nodes
+    for n in planned:
         node = by_label.get(n.node)
         site = correction_site(node) if node is not None else None
         if site is not None and any(producer(t) is not None and producer(t).op == "DequantizeLinear"
@@ -256,7 +257,8 @@ def correct_biases(wg: WorkingGraph, prepared: Prepared, quant_plan: QuantPlan, 
             ref, got = reference.get(tensor, "mean"), measured.get(tensor, "mean")
             if ref is not None and got is not None and ref.mean.shape == got.mean.shape:
                 shifts.set(tensor, "bias_shift", BiasShift(ref.mean - got.mean, got.count))
-        nodes = tuple(n for n in quant_plan.with_overrides().nodes if n.node in set(labels))
+        chosen = set(labels)
+        nodes = tuple(n for n in planned if n.node in chosen)
         got_records = PassManager([corrector], export=wg.export, verify=None).run(
             graph, PassContext(QuantPlan(nodes, {}, ()), CalibrationTable(statistics=shifts)))
         records += got_records

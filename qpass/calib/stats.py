@@ -165,40 +165,6 @@ class Gram:
 
 @register_statistic
 @dataclass(frozen=True, eq=False)
-class AbsMean:
-    """Mean of ``|x|`` per channel of the last axis, in float64, over ``count`` values per channel (every
-    position of the other axes, over all samples): what activation-aware weight scaling (AWQ) ranks input
-    channels by."""
-
-    mean: np.ndarray  # (C,) float64
-    count: int
-
-    kind: ClassVar[str] = "absmean"
-
-    def __post_init__(self) -> None:
-        m = np.asarray(self.mean)
-        if m.ndim != 1:
-            raise ValueError(f"an abs-mean is one value per channel, not of shape {list(m.shape)}")
-        if int(self.count) < 0:
-            raise ValueError(f"negative count {self.count}")
-        object.__setattr__(self, "mean", m)
-        object.__setattr__(self, "count", int(self.count))
-
-    def to_dict(self) -> dict:
-        return {"count": self.count, "mean": self.mean}
-
-    @classmethod
-    def from_dict(cls, d: Mapping) -> "AbsMean":
-        return cls(_as_array(d["mean"]), int(d["count"]))
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, AbsMean) and self.count == other.count and _arrays_equal(self.mean, other.mean)
-
-    __hash__ = None  # type: ignore[assignment]
-
-
-@register_statistic
-@dataclass(frozen=True, eq=False)
 class ChannelMean:
     """Mean of ``x`` per output channel (axis 1 of an NC... tensor, or the last axis; the observer says which), in
     float64, over ``count`` values per channel: what empirical bias correction compares between the float and the
@@ -212,7 +178,7 @@ class ChannelMean:
     def __post_init__(self) -> None:
         m = np.asarray(self.mean)
         if m.ndim != 1:
-            raise ValueError(f"a channel mean is one value per channel, not of shape {list(m.shape)}")
+            raise ValueError(f"a {self.kind} is one value per channel, not of shape {list(m.shape)}")
         if int(self.count) < 0:
             raise ValueError(f"negative count {self.count}")
         object.__setattr__(self, "mean", m)
@@ -222,13 +188,23 @@ class ChannelMean:
         return {"count": self.count, "mean": self.mean}
 
     @classmethod
-    def from_dict(cls, d: Mapping) -> "ChannelMean":
+    def from_dict(cls, d: Mapping) -> "ChannelMean":  # the subclass's own type (AbsMean, BiasShift)
         return cls(_as_array(d["mean"]), int(d["count"]))
 
     def __eq__(self, other: object) -> bool:
         return type(other) is type(self) and self.count == other.count and _arrays_equal(self.mean, other.mean)
 
     __hash__ = None  # type: ignore[assignment]
+
+
+@register_statistic
+@dataclass(frozen=True, eq=False)
+class AbsMean(ChannelMean):
+    """Mean of ``|x|`` per channel of the last axis, in float64, over ``count`` values per channel (every
+    position of the other axes, over all samples): what activation-aware weight scaling (AWQ) ranks input
+    channels by."""
+
+    kind: ClassVar[str] = "absmean"
 
 
 @register_statistic

@@ -22,6 +22,7 @@ import onnx
 from ..calib.table import CalibrationTable
 from ..config import QuantConfig
 from ..errors import QpassError
+from ..graph import proto_node_label
 from ..io import model_bytes
 from ..plan.spec import QuantPlan
 from ..evaluate.validate import per_layer_error, validate
@@ -120,8 +121,8 @@ def with_float(plan: QuantPlan, node: str, model: onnx.ModelProto) -> QuantPlan:
     readers: dict[str, list[str]] = {}
     for n in model.graph.node:
         for t in n.input:
-            readers.setdefault(t, []).append(node_label_of(n))
-    target = next((n for n in model.graph.node if node_label_of(n) == node), None)
+            readers.setdefault(t, []).append(proto_node_label(n))
+    target = next((n for n in model.graph.node if proto_node_label(n) == node), None)
     inputs = set(target.input) if target is not None else set()
     tensors = {}
     for name, tp in folded.tensors.items():
@@ -212,7 +213,7 @@ def _near(tensor: str | None, quantized: set[str], nodes_at, onward) -> list[str
         found, nxt = [], []
         for t in frontier:
             for n in nodes_at(t):
-                label = node_label_of(n)
+                label = proto_node_label(n)
                 if label in quantized:
                     found.append(label)
                 else:
@@ -221,11 +222,6 @@ def _near(tensor: str | None, quantized: set[str], nodes_at, onward) -> list[str
             return list(dict.fromkeys(found))
         frontier = nxt
     return []
-
-
-def node_label_of(n: onnx.NodeProto) -> str:
-    """A NodeProto's plan label: its name, or ``Op(first output)`` (qpass.graph.node_label for a graph node)."""
-    return n.name or f"{n.op_type}({n.output[0]})"
 
 
 def search(prepared, plan: QuantPlan, table: CalibrationTable, config: QuantConfig, reference, samples: list,
