@@ -57,31 +57,38 @@ class OutputStats:
 
     def add_language_model(self, ref: np.ndarray, out: np.ndarray, ids: np.ndarray) -> None:
         """Next-token log-likelihood of ``ids`` under both models (perplexity) and KL(softmax(ref) || softmax(out)),
-        per position, for logits [B, S, V] of the token ids [B, S] that produced them."""
-        ref = np.asarray(ref, dtype=np.float64)[:, :-1]
-        out = np.asarray(out, dtype=np.float64)[:, :-1]
-        target = np.asarray(ids)[:, 1:]
-        lse_r = _logsumexp(ref)
-        lse_q = _logsumexp(out)
+        per position, for logits [B, S, V] of the token ids [B, S] that produced them (in float64, a block of
+        positions at a time: :data:`SLICE` elements a temporary)."""
+        ref, out, ids = np.asarray(ref), np.asarray(out), np.asarray(ids)
+        step = max(1, SLICE // max(ref.shape[-1], 1))
         pick = np.take_along_axis
-        self.nll_ref += float(np.sum(lse_r - pick(ref, target[..., None], -1)[..., 0]))
-        self.nll_q += float(np.sum(lse_q - pick(out, target[..., None], -1)[..., 0]))
-        p_ref = np.exp(ref - lse_r[..., None])
-        self.kl += float(np.sum(np.sum(p_ref * (ref - out), axis=-1) - (lse_r - lse_q)))
-        self.tokens += target.size
+        for b in range(ref.shape[0]):
+            for s in range(0, ref.shape[1] - 1, step):
+                e = min(s + step, ref.shape[1] - 1)
+                r, q = ref[b, s:e].astype(np.float64), out[b, s:e].astype(np.float64)
+                target = ids[b, s + 1:e + 1]
+                lse_r, lse_q = _logsumexp(r), _logsumexp(q)
+                self.nll_ref += float(np.sum(lse_r - pick(r, target[..., None], -1)[..., 0]))
+                self.nll_q += float(np.sum(lse_q - pick(q, target[..., None], -1)[..., 0]))
+                p_ref = np.exp(r - lse_r[..., None])
+                self.kl += float(np.sum(np.sum(p_ref * (r - q), axis=-1) - (lse_r - lse_q)))
+                self.tokens += target.size
 
     def add(self, ref: np.ndarray, out: np.ndarray, label: Any = None) -> None:
-        ref = np.asarray(ref, dtype=np.float64)
-        out = np.asarray(out, dtype=np.float64)
+        ref, out = np.asarray(ref), np.asarray(out)
         if ref.shape != out.shape:
             raise ValueError(f"output '{self.name}' shape {out.shape} differs from the original's {ref.shape}")
-        err = out - ref
-        self.signal += float(np.sum(ref * ref))
-        self.noise += float(np.sum(err * err))
-        if err.size:
-            self.max_abs = max(self.max_abs, float(np.max(np.abs(err))))
-        nr, nq = np.linalg.norm(ref), np.linalg.norm(out)
-        self.cosines.append(1.0 if nr == 0 and nq == 0 else float(np.dot(ref.ravel(), out.ravel()) / max(nr * nq, 1e-30)))
+        rr, qq, rq, noise, max_abs = 0.0, 0.0, 0.0, 0.0, 0.0
+        for r, q in slices64(ref, out):
+            err = q - r
+            rr, qq, rq = rr + float(np.dot(r, r)), qq + float(np.dot(q, q)), rq + float(np.dot(r, q))
+            noise += float(np.dot(err, err))
+            max_abs = max(max_abs, float(np.max(np.abs(err))))
+        self.signal += rr
+        self.noise += noise
+        self.max_abs = max(self.max_abs, max_abs)
+        nr, nq = math.sqrt(rr), math.sqrt(qq)
+        self.cosines.append(1.0 if nr == 0 and nq == 0 else rq / max(nr * nq, 1e-30))
         if ref.ndim >= 2 and ref.shape[-1] > 1:
             r, q = ref.argmax(-1).ravel(), out.argmax(-1).ravel()
             self.top1_same += int(np.sum(r == q))
@@ -113,6 +120,18 @@ class OutputStats:
             d["accuracy_quantized"] = self.correct_q / self.labelled
             d["labelled_samples"] = self.labelled
         return d
+
+
+#: elements of one float64 temporary in the error sums (8 MB): a language model's logits ([1, 256, 49152], 50 MB in
+#: float32) made five 100 MB float64 temporaries at once when converted whole
+SLICE = 1 << 20
+
+
+def slices64(*arrays: np.ndarray):
+    """The flattened ``arrays`` (of one size) side by side, :data:`SLICE` elements at a time, as float64 copies."""
+    flat = [np.ravel(a) for a in arrays]
+    for i in range(0, flat[0].size, SLICE):
+        yield [f[i:i + SLICE].astype(np.float64) for f in flat]
 
 
 def _logsumexp(x: np.ndarray) -> np.ndarray:
@@ -271,7 +290,7 @@ def _sizes(types: dict[str, int], shapes: dict[str, list], inputs: list[str], fe
 PER_LAYER_RUN_BYTES = 128 * 2**20
 
 
-def per_layer_error(original: onnx.ModelProto | ModelFile, quantized: onnx.ModelProto, samples: list,
+def per_layer_error(original: onnx.ModelProto | ModelFile, quantized: onnx.ModelProto | ModelFile, samples: list,
                     provider: str) -> list[dict]:
     """Accumulated SQNR at every node's output (shape and data-movement ops aside), and the noise each adds, ranked.
 
@@ -287,7 +306,7 @@ def per_layer_error(original: onnx.ModelProto | ModelFile, quantized: onnx.Model
     a tensor of unknown shape counts as the mean size measured so far), so memory does not grow with the layers.
     """
     graph_model = original.skeleton() if isinstance(original, ModelFile) else original  # what the graph reads
-    matched = _matched_tensors(graph_model, quantized)
+    matched = _matched_tensors(graph_model, quantized.skeleton() if isinstance(quantized, ModelFile) else quantized)
     readers: dict[str, list[onnx.NodeProto]] = {}
     for n in graph_model.graph.node:
         for i in n.input:
@@ -336,9 +355,10 @@ def per_layer_error(original: onnx.ModelProto | ModelFile, quantized: onnx.Model
                     not_float.add(t)  # its type was not known before the run
                 if a.shape != b.shape or a.dtype.kind != "f" or b.dtype.kind != "f":
                     continue
-                d = a.astype(np.float64) - b
-                sig[t] += float(np.sum(np.square(a, dtype=np.float64)))
-                noise[t] += float(np.sum(d * d))
+                for x, y in slices64(a, b):
+                    d = x - y
+                    sig[t] += float(np.dot(x, x))
+                    noise[t] += float(np.dot(d, d))
             del rv, qv
         del ref, q
         release_freed_memory()
@@ -389,7 +409,7 @@ def per_layer_error(original: onnx.ModelProto | ModelFile, quantized: onnx.Model
 
 
 # ---------------------------------------------------------------------------------------------- entry point
-def validate(original: onnx.ModelProto | ModelFile, quantized: onnx.ModelProto, samples: Iterable[tuple[dict, Any]], *,
+def validate(original: onnx.ModelProto | ModelFile, quantized: onnx.ModelProto | ModelFile, samples: Iterable[tuple[dict, Any]], *,
              providers: list[str] | None = None, per_layer: bool = True, latency: bool = True,
              placement: bool = True, latency_repeats: int = 20, layer_samples: int = 4) -> dict:
     """Compare ``quantized`` with ``original`` on ``samples`` (pairs of feed and optional label) on each provider.
@@ -397,12 +417,12 @@ def validate(original: onnx.ModelProto | ModelFile, quantized: onnx.ModelProto, 
     Returns a JSON-ready dict: ``samples``, ``providers`` (one entry per requested provider with its
     outputs' metrics, placement, latency, or why it could not run), ``per_layer`` (ranked), ``findings``.
     The first available provider's per-output metrics are also under ``outputs``, for convenience.
-    ``original`` may be a :class:`~qpass.runtime.ModelFile`: its sessions are made from the file (a large model's
-    weights are then not held by Python).
+    ``original`` and ``quantized`` may be :class:`~qpass.runtime.ModelFile` s: their sessions are made from the file
+    (a large model's weights are then not held by Python).
     """
     samples = list(samples)
     providers = providers or default_providers()
-    weight_only_matmuls = blocked_weight_matmuls(quantized)
+    weight_only_matmuls = blocked_weight_matmuls(quantized.skeleton() if isinstance(quantized, ModelFile) else quantized)
     result: dict[str, Any] = {"samples": len(samples), "providers": [], "per_layer": [], "findings": []}
     have = available_providers()
     for key in providers:
@@ -472,6 +492,7 @@ def validate(original: onnx.ModelProto | ModelFile, quantized: onnx.ModelProto, 
             if lat["ratio"] is not None and lat["ratio"] > SLOWER_THAN_ORIGINAL:
                 result["findings"].append(_slower_finding(prov, lat, entry.get("placement", {}).get("op_time_share")))
         del ref, q, q0
+        release_freed_memory()  # the sessions' memory, before the next provider's (or the per-layer analysis's)
         if "outputs" not in result:
             result["outputs"] = entry["outputs"]
             result["provider"] = prov
