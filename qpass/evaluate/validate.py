@@ -291,7 +291,7 @@ PER_LAYER_RUN_BYTES = 128 * 2**20
 
 
 def per_layer_error(original: onnx.ModelProto | ModelFile, quantized: onnx.ModelProto | ModelFile, samples: list,
-                    provider: str) -> list[dict]:
+                    provider: str, *, one_at_a_time: bool = True) -> list[dict]:
     """Accumulated SQNR at every node's output (shape and data-movement ops aside), and the noise each adds, ranked.
 
     A node's added noise is the growth of the noise-to-signal ratio from its worst input to its output
@@ -304,6 +304,9 @@ def per_layer_error(original: onnx.ModelProto | ModelFile, quantized: onnx.Model
     node whose output is not float is not ranked. The tensors are asked for in chunks of about
     ``PER_LAYER_RUN_BYTES`` of activations a run (sizes from shape inference with the first sample's input sizes;
     a tensor of unknown shape counts as the mean size measured so far), so memory does not grow with the layers.
+    ``one_at_a_time``: one session in memory at a time; the original's outputs of a chunk wait on disk (a temporary
+    folder) while the quantized model's session runs, and are read back one tensor at a time. False: the two
+    sessions of a chunk side by side (the same values, more memory).
     """
     graph_model = original.skeleton() if isinstance(original, ModelFile) else original  # what the graph reads
     matched = _matched_tensors(graph_model, quantized.skeleton() if isinstance(quantized, ModelFile) else quantized)
@@ -333,8 +336,9 @@ def per_layer_error(original: onnx.ModelProto | ModelFile, quantized: onnx.Model
     known = _sizes(types, shapes, inputs, samples[0][0]) if samples else {}
     measured: dict[str, int] = {}
     start = 0
+    folder = tempfile.TemporaryDirectory(prefix="qpass-layers-") if one_at_a_time else None
     release_freed_memory()  # the validation runs' sessions are gone: their memory goes back before more sessions
-    while start < len(asked):  # a session pair per chunk of tensors: one run holds a chunk's activations only
+    while start < len(asked):  # sessions per chunk of tensors: one run holds a chunk's activations only
         guess = (sum(measured.values()) // len(measured)) if measured else 2**20  # a tensor of unknown shape
         part, total = [], 0
         for t in asked[start:]:
@@ -344,12 +348,20 @@ def per_layer_error(original: onnx.ModelProto | ModelFile, quantized: onnx.Model
             part.append(t)
             total += size
         ref = _session(original, provider, outputs=part)
+        if one_at_a_time:  # the original's outputs wait on disk while the quantized model runs
+            for i, (feed, _) in enumerate(samples):
+                for j, a in enumerate(ref.run(part, feed)):
+                    np.save(os.path.join(folder.name, f"{i}-{j}.npy"), np.asarray(a), allow_pickle=True)
+            del ref
+            release_freed_memory()
         q = _session(quantized, provider, outputs=[matched[t] for t in part])
         for i, (feed, _) in enumerate(samples):
-            rv = ref.run(part, feed)
+            rv = (os.path.join(folder.name, f"{i}-{j}.npy") for j in range(len(part))) if one_at_a_time \
+                else ref.run(part, feed)
             qv = q.run([matched[t] for t in part], feed)
             for t, a, b in zip(part, rv, qv):
-                a, b = np.asarray(a), np.asarray(b)
+                a = np.load(a, allow_pickle=True) if one_at_a_time else np.asarray(a)
+                b = np.asarray(b)
                 measured.setdefault(t, a.nbytes)
                 if a.dtype.kind != "f":
                     not_float.add(t)  # its type was not known before the run
@@ -359,10 +371,12 @@ def per_layer_error(original: onnx.ModelProto | ModelFile, quantized: onnx.Model
                     d = x - y
                     sig[t] += float(np.dot(x, x))
                     noise[t] += float(np.dot(d, d))
-            del rv, qv
-        del ref, q
+            rv = qv = a = b = None
+        ref = q = None
         release_freed_memory()
         start += len(part)
+    if folder is not None:
+        folder.cleanup()  # (on an error, the object's finalizer removes it)
 
     def nsr(t: str) -> float:
         return noise[t] / sig[t] if sig.get(t, 0.0) > 0 else (0.0 if noise.get(t, 0.0) == 0 else math.inf)
