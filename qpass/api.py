@@ -1,6 +1,7 @@
 """quantize() and validate_models(): the stages called in order, and the report assembled from their artifacts."""
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import tempfile
@@ -22,7 +23,7 @@ from .plan.spec import QuantPlan
 from .recipes import resolve, smooths
 from .report import Report
 from .search.precision import Target, search
-from .runtime import FILE_SESSION_BYTES, ModelFile
+from .runtime import FILE_SESSION_BYTES, ModelFile, release_freed_memory
 
 Data = "str | os.PathLike | Iterable[Mapping[str, Any]] | None"
 
@@ -87,7 +88,7 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, calib: Data = None, *, 
     prepared = _timed(times, "prepare", stages.prepare, original, cfg, name=name, dump_dir=dump_dir)
     report.opset, report.passes = prepared.opset, list(prepared.records)
     report.warnings += prepared.warnings
-    gc.collect()  # prepare's working graph (reference cycles) holds exports and loaded values until collected
+    _release()  # prepare's working graph (reference cycles) holds exports and loaded values until collected
     specs = input_specs(prepared.reference)
     input_bytes = stages.model_size(model, original)
     del original  # the reference holds it (or its opset upgrade)
@@ -142,6 +143,7 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, calib: Data = None, *, 
         calibrated.info["ignored_keys"], held = data.ignored_keys, data.held
         if save_calib is not None:
             calibrated.table.save(save_calib)
+    _release()  # the calibration sessions' memory, before the rewrite copies weights
     report.warnings += calibrated.info.pop("warnings", [])
     report.calibration, times["calibrate"] = calibrated.info, time.perf_counter() - t
     if sequential is not None:
@@ -163,7 +165,7 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, calib: Data = None, *, 
     searching = (Target.of(cfg).active or metric is not None) and cfg.validate
     if not searching:
         del prepared
-    gc.collect()
+    _release()
     t = time.perf_counter()
     samples, desc = validation_data(val, specs, cfg, calib=calib, held=held, loaded_table=load_calib is not None,
                                     calibrated=needs_data) if cfg.validate else (None, None)
@@ -175,7 +177,10 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, calib: Data = None, *, 
     else:
         if searching:
             samples = list(samples)  # read again by the search's trials
-        report.validation = stages.evaluate(reference, rewritten.model, samples, desc, cfg)
+            report.validation = stages.evaluate(reference, rewritten.model, samples, desc, cfg)
+        else:
+            with _spilled_result(rewritten) as quantized:  # a large result waits on disk while it is validated
+                report.validation = stages.evaluate(reference, quantized, samples, desc, cfg)
         if searching:
             rewritten, qplan = _search(report, times, prepared, qplan, calibrated.table, cfg, reference, samples,
                                        desc, rewritten, corrections, sequential is not None, save_plan, metric)
@@ -266,8 +271,33 @@ def _spill_reference(prepared: stages.Prepared, cfg: QuantConfig) -> tuple[tempf
     folder = tempfile.TemporaryDirectory(prefix="qpass-reference-")  # removed with the object if the run fails
     file = ModelFile.write(prepared.reference, folder.name)
     prepared.reference = None
-    gc.collect()
+    _release()
     return folder, file
+
+
+def _release() -> None:
+    """Collect garbage (working graphs sit in reference cycles) and hand freed memory back to the system between
+    stages: glibc otherwise keeps the freed blocks of one stage's copies while the next stage makes its own."""
+    gc.collect()
+    release_freed_memory()
+
+
+@contextlib.contextmanager
+def _spilled_result(rewritten: stages.Rewritten):
+    """``rewritten.model``, or, when its weights reach ``FILE_SESSION_BYTES``, a :class:`ModelFile` of it in a
+    temporary folder with ``rewritten.model`` dropped for the block and loaded back from the file on exit (the same
+    bytes): validation's sessions are made from that file, and Python does not hold the model meanwhile."""
+    if initializer_bytes(rewritten.model) < FILE_SESSION_BYTES:
+        yield rewritten.model
+        return
+    with tempfile.TemporaryDirectory(prefix="qpass-result-") as folder:
+        file = ModelFile.write(rewritten.model, folder)
+        rewritten.model = None
+        _release()
+        try:
+            yield file
+        finally:
+            rewritten.model = file.load()
 
 
 def _timed(times: dict, key: str, fn, *args, **kwargs):

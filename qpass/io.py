@@ -237,8 +237,9 @@ def _repeated(fd) -> bool:
 
 def _stub(t: onnx.TensorProto, location: str, offset: int = 0, length: int | None = None) -> onnx.TensorProto:
     """``t`` with its raw bytes replaced by a reference to ``location`` (offset, length)."""
-    out = onnx.TensorProto(name=t.name, data_type=t.data_type, dims=t.dims, doc_string=t.doc_string,
-                           data_location=onnx.TensorProto.EXTERNAL)
+    out = onnx.TensorProto(name=t.name, data_type=t.data_type, dims=t.dims, data_location=onnx.TensorProto.EXTERNAL)
+    if t.HasField("doc_string"):  # (an empty one set is serialised: ModelFile.load gives the tensor back as it was)
+        out.doc_string = t.doc_string
     if t.HasField("segment"):
         out.segment.CopyFrom(t.segment)
     out.metadata_props.extend(t.metadata_props)

@@ -118,6 +118,8 @@ class PassManager:
                 # again costs seconds on a large model and finds nothing new
                 after = before
                 if result.modified and (self.verify is not None or self.dump_dir is not None):
+                    if self.dump_dir is None:  # the last export is kept for a dump only: free it before the next
+                        before = after = self.last_export = None
                     after = self.export(graph)
                     if self.verify is not None:
                         self.verify(after)

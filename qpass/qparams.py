@@ -169,6 +169,10 @@ def _int_bounds(zero_point: np.ndarray, qtype: str | None) -> tuple[int, int]:
     return qmin, qmax
 
 
+#: elements :func:`quantize` converts at a time (its float64 temporaries: 8 MB each)
+QUANTIZE_SLICE = 1 << 20
+
+
 def quantize(x, scale, zero_point, *, axis: int | None = None, block_size: int | None = None,
              qtype: str | None = None) -> np.ndarray:
     """ONNX QuantizeLinear in numpy: round half to even, then saturate to ``zero_point``'s dtype.
@@ -181,9 +185,25 @@ def quantize(x, scale, zero_point, *, axis: int | None = None, block_size: int |
     x = np.asarray(x, dtype=np.float32)
     s = _broadcast(np.asarray(scale, dtype=np.float32), x, axis, block_size)
     z = _broadcast(zero_point, x, axis, block_size).astype(np.float64)
-    q = np.rint(x.astype(np.float64) / s.astype(np.float64)) if zero_point.dtype == np.int32 \
-        else np.rint((x / s).astype(np.float32)).astype(np.float64)
-    return np.clip(q + z, qmin, qmax).astype(zero_point.dtype)
+
+    def rows(a: np.ndarray, i: slice) -> np.ndarray:  # the rows of a parameter that varies along axis 0
+        return a[i] if a.ndim == x.ndim and a.ndim and a.shape[0] == x.shape[0] and a.shape[0] > 1 else a
+
+    def run(x: np.ndarray, s: np.ndarray, z: np.ndarray) -> np.ndarray:
+        q = np.rint(x.astype(np.float64) / s.astype(np.float64)) if zero_point.dtype == np.int32 \
+            else np.rint((x / s).astype(np.float32)).astype(np.float64)
+        return np.clip(q + z, qmin, qmax).astype(zero_point.dtype)
+
+    if x.ndim == 0 or x.size <= QUANTIZE_SLICE or x.shape[0] < 2:
+        return run(x, s, z)
+    # elementwise, so the same values a block of rows at a time: the float64 temporaries of a whole 28M-element
+    # weight (a language model's head) reached 0.7 GB
+    out = np.empty(x.shape, dtype=zero_point.dtype)
+    step = max(1, QUANTIZE_SLICE // (x.size // x.shape[0]))
+    for start in range(0, x.shape[0], step):
+        i = slice(start, start + step)
+        out[i] = run(x[i], rows(s, i), rows(z, i))
+    return out
 
 
 def dequantize(q, scale, zero_point=None, *, axis: int | None = None, block_size: int | None = None) -> np.ndarray:

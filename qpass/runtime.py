@@ -129,7 +129,20 @@ class ModelFile:
         return onnx.load(str(self.path), load_external_data=False)
 
     def load(self) -> onnx.ModelProto:
-        return onnx.load(str(self.path))
+        """The model as it was written: each stubbed initializer gets its bytes back as ``raw_data``, without the
+        ``data_location`` field (onnx.load sets it to DEFAULT explicitly, which changes the serialised bytes)."""
+        model = self.skeleton()
+        stubs = [t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+        if not stubs:
+            return model
+        with open(self.path.parent / "model.data", "rb") as fh:
+            for t in stubs:
+                where = {e.key: e.value for e in t.external_data}
+                fh.seek(int(where["offset"]))
+                t.raw_data = fh.read(int(where["length"]))
+                t.ClearField("external_data")
+                t.ClearField("data_location")
+        return model
 
     def with_outputs(self, tensors: list[str]) -> Path:
         """A .onnx file beside this one, reading the same data file, with ``tensors`` as extra outputs."""

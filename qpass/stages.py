@@ -336,7 +336,7 @@ def check_plan_fits(bound, opset: int, config: QuantConfig) -> None:
                             subject=f"plan: tensor '{t.name}'", hint="use --format qdq or an 8-bit dtype")
 
 
-def evaluate(reference: "onnx.ModelProto | ModelFile", quantized: onnx.ModelProto, samples: Iterable, description: str,
+def evaluate(reference: "onnx.ModelProto | ModelFile", quantized: "onnx.ModelProto | ModelFile", samples: Iterable, description: str,
              config: QuantConfig | None = None) -> dict:
     """Original vs quantized on the configured providers: metrics, per-layer ranking, placement, latency, and the
     tolerance verdict (``passed``, ``tolerance_failures``)."""

@@ -928,3 +928,29 @@ def test_full_range_symmetric_uses_the_lowest_level_and_is_never_coarser():
         a = block_qparams(w, 0, 4, qtype, symmetric=sym, full_range=True)
         b = block_qparams(w, 0, 4, qtype, symmetric=sym)
         assert all(np.array_equal(x, y) for x, y in zip(a, b))
+
+
+def test_quantize_a_block_of_rows_at_a_time_equals_whole(monkeypatch):
+    """quantize() converts large tensors QUANTIZE_SLICE elements at a time: the same values as in one go, for per-
+    channel scales on either axis, a per-tensor scale, int32 (bias) and block-wise int4."""
+    from qpass import qparams
+
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((300, 70)) * 3).astype(np.float32)
+    x.flat[::97] = 1e30  # saturates
+    cases = []
+    for axis, dtype in ((1, np.int8), (0, np.int8), (None, np.uint8), (0, np.int32)):
+        n = 1 if axis is None else x.shape[axis]
+        s = (rng.random(n) * 0.05 + 1e-3).astype(np.float32)
+        z = (rng.integers(120, 130, n) if dtype == np.uint8 else rng.integers(-5, 5, n)).astype(dtype)
+        cases.append(dict(scale=s[0] if axis is None else s, zero_point=z[0] if axis is None else z, axis=axis))
+    cases.append(dict(scale=(rng.random((10, 70)) * 0.1 + 1e-3).astype(np.float32), zero_point=np.zeros((10, 70), np.int8),
+                      axis=0, block_size=32, qtype="int4"))
+    whole = [qparams.quantize(x, **c) for c in cases]
+    monkeypatch.setattr(qparams, "QUANTIZE_SLICE", 150)  # a few rows at a time (two rows of 70)
+    for c, w in zip(cases, whole):
+        got = qparams.quantize(x, **c)
+        assert got.dtype == w.dtype and np.array_equal(got, w)
+    # and by hand: round half to even, then saturate
+    got = qparams.quantize(np.array([[0.5, 1.5, -2.5], [1e9, -1e9, 0.25]] * 100, np.float32), np.float32(0.5), np.int8(0))
+    assert got[:2].tolist() == [[1, 3, -5], [127, -128, 0]]

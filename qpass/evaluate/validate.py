@@ -57,31 +57,38 @@ class OutputStats:
 
     def add_language_model(self, ref: np.ndarray, out: np.ndarray, ids: np.ndarray) -> None:
         """Next-token log-likelihood of ``ids`` under both models (perplexity) and KL(softmax(ref) || softmax(out)),
-        per position, for logits [B, S, V] of the token ids [B, S] that produced them."""
-        ref = np.asarray(ref, dtype=np.float64)[:, :-1]
-        out = np.asarray(out, dtype=np.float64)[:, :-1]
-        target = np.asarray(ids)[:, 1:]
-        lse_r = _logsumexp(ref)
-        lse_q = _logsumexp(out)
+        per position, for logits [B, S, V] of the token ids [B, S] that produced them (in float64, a block of
+        positions at a time: :data:`SLICE` elements a temporary)."""
+        ref, out, ids = np.asarray(ref), np.asarray(out), np.asarray(ids)
+        step = max(1, SLICE // max(ref.shape[-1], 1))
         pick = np.take_along_axis
-        self.nll_ref += float(np.sum(lse_r - pick(ref, target[..., None], -1)[..., 0]))
-        self.nll_q += float(np.sum(lse_q - pick(out, target[..., None], -1)[..., 0]))
-        p_ref = np.exp(ref - lse_r[..., None])
-        self.kl += float(np.sum(np.sum(p_ref * (ref - out), axis=-1) - (lse_r - lse_q)))
-        self.tokens += target.size
+        for b in range(ref.shape[0]):
+            for s in range(0, ref.shape[1] - 1, step):
+                e = min(s + step, ref.shape[1] - 1)
+                r, q = ref[b, s:e].astype(np.float64), out[b, s:e].astype(np.float64)
+                target = ids[b, s + 1:e + 1]
+                lse_r, lse_q = _logsumexp(r), _logsumexp(q)
+                self.nll_ref += float(np.sum(lse_r - pick(r, target[..., None], -1)[..., 0]))
+                self.nll_q += float(np.sum(lse_q - pick(q, target[..., None], -1)[..., 0]))
+                p_ref = np.exp(r - lse_r[..., None])
+                self.kl += float(np.sum(np.sum(p_ref * (r - q), axis=-1) - (lse_r - lse_q)))
+                self.tokens += target.size
 
     def add(self, ref: np.ndarray, out: np.ndarray, label: Any = None) -> None:
-        ref = np.asarray(ref, dtype=np.float64)
-        out = np.asarray(out, dtype=np.float64)
+        ref, out = np.asarray(ref), np.asarray(out)
         if ref.shape != out.shape:
             raise ValueError(f"output '{self.name}' shape {out.shape} differs from the original's {ref.shape}")
-        err = out - ref
-        self.signal += float(np.sum(ref * ref))
-        self.noise += float(np.sum(err * err))
-        if err.size:
-            self.max_abs = max(self.max_abs, float(np.max(np.abs(err))))
-        nr, nq = np.linalg.norm(ref), np.linalg.norm(out)
-        self.cosines.append(1.0 if nr == 0 and nq == 0 else float(np.dot(ref.ravel(), out.ravel()) / max(nr * nq, 1e-30)))
+        rr, qq, rq, noise, max_abs = 0.0, 0.0, 0.0, 0.0, 0.0
+        for r, q in slices64(ref, out):
+            err = q - r
+            rr, qq, rq = rr + float(np.dot(r, r)), qq + float(np.dot(q, q)), rq + float(np.dot(r, q))
+            noise += float(np.dot(err, err))
+            max_abs = max(max_abs, float(np.max(np.abs(err))))
+        self.signal += rr
+        self.noise += noise
+        self.max_abs = max(self.max_abs, max_abs)
+        nr, nq = math.sqrt(rr), math.sqrt(qq)
+        self.cosines.append(1.0 if nr == 0 and nq == 0 else rq / max(nr * nq, 1e-30))
         if ref.ndim >= 2 and ref.shape[-1] > 1:
             r, q = ref.argmax(-1).ravel(), out.argmax(-1).ravel()
             self.top1_same += int(np.sum(r == q))
@@ -113,6 +120,18 @@ class OutputStats:
             d["accuracy_quantized"] = self.correct_q / self.labelled
             d["labelled_samples"] = self.labelled
         return d
+
+
+#: elements of one float64 temporary in the error sums (8 MB): a language model's logits ([1, 256, 49152], 50 MB in
+#: float32) made five 100 MB float64 temporaries at once when converted whole
+SLICE = 1 << 20
+
+
+def slices64(*arrays: np.ndarray):
+    """The flattened ``arrays`` (of one size) side by side, :data:`SLICE` elements at a time, as float64 copies."""
+    flat = [np.ravel(a) for a in arrays]
+    for i in range(0, flat[0].size, SLICE):
+        yield [f[i:i + SLICE].astype(np.float64) for f in flat]
 
 
 def _logsumexp(x: np.ndarray) -> np.ndarray:
@@ -271,8 +290,8 @@ def _sizes(types: dict[str, int], shapes: dict[str, list], inputs: list[str], fe
 PER_LAYER_RUN_BYTES = 128 * 2**20
 
 
-def per_layer_error(original: onnx.ModelProto | ModelFile, quantized: onnx.ModelProto, samples: list,
-                    provider: str) -> list[dict]:
+def per_layer_error(original: onnx.ModelProto | ModelFile, quantized: onnx.ModelProto | ModelFile, samples: list,
+                    provider: str, *, one_at_a_time: bool | None = None) -> list[dict]:
     """Accumulated SQNR at every node's output (shape and data-movement ops aside), and the noise each adds, ranked.
 
     A node's added noise is the growth of the noise-to-signal ratio from its worst input to its output
@@ -285,9 +304,16 @@ def per_layer_error(original: onnx.ModelProto | ModelFile, quantized: onnx.Model
     node whose output is not float is not ranked. The tensors are asked for in chunks of about
     ``PER_LAYER_RUN_BYTES`` of activations a run (sizes from shape inference with the first sample's input sizes;
     a tensor of unknown shape counts as the mean size measured so far), so memory does not grow with the layers.
+    ``one_at_a_time``: one session in memory at a time; the original's outputs of a chunk wait on disk (a temporary
+    folder) while the quantized model's session runs, and are read back one tensor at a time. False: the two
+    sessions of a chunk side by side (the same values, more memory). None (default): one at a time when the
+    original is a :class:`ModelFile` (a model whose weights reach FILE_SESSION_BYTES, where the sessions' weights
+    dominate); on a small model the files cost time for little memory (detector: validate 42.7 -> 70.4 s).
     """
+    if one_at_a_time is None:
+        one_at_a_time = isinstance(original, ModelFile)
     graph_model = original.skeleton() if isinstance(original, ModelFile) else original  # what the graph reads
-    matched = _matched_tensors(graph_model, quantized)
+    matched = _matched_tensors(graph_model, quantized.skeleton() if isinstance(quantized, ModelFile) else quantized)
     readers: dict[str, list[onnx.NodeProto]] = {}
     for n in graph_model.graph.node:
         for i in n.input:
@@ -314,8 +340,9 @@ def per_layer_error(original: onnx.ModelProto | ModelFile, quantized: onnx.Model
     known = _sizes(types, shapes, inputs, samples[0][0]) if samples else {}
     measured: dict[str, int] = {}
     start = 0
+    folder = tempfile.TemporaryDirectory(prefix="qpass-layers-") if one_at_a_time else None
     release_freed_memory()  # the validation runs' sessions are gone: their memory goes back before more sessions
-    while start < len(asked):  # a session pair per chunk of tensors: one run holds a chunk's activations only
+    while start < len(asked):  # sessions per chunk of tensors: one run holds a chunk's activations only
         guess = (sum(measured.values()) // len(measured)) if measured else 2**20  # a tensor of unknown shape
         part, total = [], 0
         for t in asked[start:]:
@@ -325,24 +352,35 @@ def per_layer_error(original: onnx.ModelProto | ModelFile, quantized: onnx.Model
             part.append(t)
             total += size
         ref = _session(original, provider, outputs=part)
+        if one_at_a_time:  # the original's outputs wait on disk while the quantized model runs
+            for i, (feed, _) in enumerate(samples):
+                for j, a in enumerate(ref.run(part, feed)):
+                    np.save(os.path.join(folder.name, f"{i}-{j}.npy"), np.asarray(a), allow_pickle=True)
+            del ref
+            release_freed_memory()
         q = _session(quantized, provider, outputs=[matched[t] for t in part])
         for i, (feed, _) in enumerate(samples):
-            rv = ref.run(part, feed)
+            rv = (os.path.join(folder.name, f"{i}-{j}.npy") for j in range(len(part))) if one_at_a_time \
+                else ref.run(part, feed)
             qv = q.run([matched[t] for t in part], feed)
             for t, a, b in zip(part, rv, qv):
-                a, b = np.asarray(a), np.asarray(b)
+                a = np.load(a, allow_pickle=True) if one_at_a_time else np.asarray(a)
+                b = np.asarray(b)
                 measured.setdefault(t, a.nbytes)
                 if a.dtype.kind != "f":
                     not_float.add(t)  # its type was not known before the run
                 if a.shape != b.shape or a.dtype.kind != "f" or b.dtype.kind != "f":
                     continue
-                d = a.astype(np.float64) - b
-                sig[t] += float(np.sum(np.square(a, dtype=np.float64)))
-                noise[t] += float(np.sum(d * d))
-            del rv, qv
-        del ref, q
+                for x, y in slices64(a, b):
+                    d = x - y
+                    sig[t] += float(np.dot(x, x))
+                    noise[t] += float(np.dot(d, d))
+            rv = qv = a = b = None
+        ref = q = None
         release_freed_memory()
         start += len(part)
+    if folder is not None:
+        folder.cleanup()  # (on an error, the object's finalizer removes it)
 
     def nsr(t: str) -> float:
         return noise[t] / sig[t] if sig.get(t, 0.0) > 0 else (0.0 if noise.get(t, 0.0) == 0 else math.inf)
@@ -389,7 +427,7 @@ def per_layer_error(original: onnx.ModelProto | ModelFile, quantized: onnx.Model
 
 
 # ---------------------------------------------------------------------------------------------- entry point
-def validate(original: onnx.ModelProto | ModelFile, quantized: onnx.ModelProto, samples: Iterable[tuple[dict, Any]], *,
+def validate(original: onnx.ModelProto | ModelFile, quantized: onnx.ModelProto | ModelFile, samples: Iterable[tuple[dict, Any]], *,
              providers: list[str] | None = None, per_layer: bool = True, latency: bool = True,
              placement: bool = True, latency_repeats: int = 20, layer_samples: int = 4) -> dict:
     """Compare ``quantized`` with ``original`` on ``samples`` (pairs of feed and optional label) on each provider.
@@ -397,12 +435,12 @@ def validate(original: onnx.ModelProto | ModelFile, quantized: onnx.ModelProto, 
     Returns a JSON-ready dict: ``samples``, ``providers`` (one entry per requested provider with its
     outputs' metrics, placement, latency, or why it could not run), ``per_layer`` (ranked), ``findings``.
     The first available provider's per-output metrics are also under ``outputs``, for convenience.
-    ``original`` may be a :class:`~qpass.runtime.ModelFile`: its sessions are made from the file (a large model's
-    weights are then not held by Python).
+    ``original`` and ``quantized`` may be :class:`~qpass.runtime.ModelFile` s: their sessions are made from the file
+    (a large model's weights are then not held by Python).
     """
     samples = list(samples)
     providers = providers or default_providers()
-    weight_only_matmuls = blocked_weight_matmuls(quantized)
+    weight_only_matmuls = blocked_weight_matmuls(quantized.skeleton() if isinstance(quantized, ModelFile) else quantized)
     result: dict[str, Any] = {"samples": len(samples), "providers": [], "per_layer": [], "findings": []}
     have = available_providers()
     for key in providers:
@@ -472,6 +510,7 @@ def validate(original: onnx.ModelProto | ModelFile, quantized: onnx.ModelProto, 
             if lat["ratio"] is not None and lat["ratio"] > SLOWER_THAN_ORIGINAL:
                 result["findings"].append(_slower_finding(prov, lat, entry.get("placement", {}).get("op_time_share")))
         del ref, q, q0
+        release_freed_memory()  # the sessions' memory, before the next provider's (or the per-layer analysis's)
         if "outputs" not in result:
             result["outputs"] = entry["outputs"]
             result["provider"] = prov

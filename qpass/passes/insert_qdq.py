@@ -16,7 +16,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..errors import PreconditionError
-from ..graph import NameAllocator, scopes
+from ..graph import NameAllocator, constant_values, scopes
 from ..config import WEIGHT_TYPES
 from ..ops import PER_CHANNEL_MIN_OPSET
 from ..pass_manager import Pass, PassContext, PassResult, Skip
@@ -207,7 +207,7 @@ class InsertQDQ(Pass):
                    floor: np.ndarray | None = None) -> tuple[gs.Variable, np.ndarray, int]:
         """The weight's DQ and scale (shared by every node with the same scale), and how many channels of the scale
         ``floor`` widened."""
-        values = np.asarray(w.values, dtype=np.float32)
+        values = np.asarray(constant_values(w), dtype=np.float32)  # not cached in w: freed once quantized
         scale, zp = weight_qparams(values, axis, dtype)
         widened = 0
         if floor is not None and (floor.shape == np.shape(scale) or floor.ndim == 0) and np.any(floor > scale):
