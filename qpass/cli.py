@@ -269,9 +269,16 @@ def print_search(console: Console, s: dict) -> None:
     """The precision search in one line, then one line per move."""
     state = "met" if s.get("met") else "NOT met"
     console.print(f"precision search: target {state} after {s.get('trials', 0)} trial(s), "
-                  f"{len(s.get('moves', []))} node(s) moved to float", highlight=False, soft_wrap=True)
+                  f"{len(s.get('moves', []))} move(s)", highlight=False, soft_wrap=True)
+    if s.get("sixteen_bit", {}).get("reason"):
+        console.print(f"  no 16-bit moves: {s['sixteen_bit']['reason']}", highlight=False, soft_wrap=True)
+    if s.get("opset"):
+        console.print(f"  opset {s['opset']['from']} -> {s['opset']['to']} for the 16-bit moves", highlight=False)
+    lat = s.get("latency_ratio") or {}
+    if lat.get("first") is not None and lat.get("final") is not None:
+        console.print(f"  latency x{lat['first']:.3f} -> x{lat['final']:.3f} fp32's", highlight=False)
     for m in s.get("moves", []):
-        console.print(f"  {m['node']} ({m['op_type']}) -> float: worst cosine {_num(m['before']['cosine_min'])} -> "
+        console.print(f"  {m['node']} ({m['op_type']}) -> {m.get('to', 'float')}: worst cosine {_num(m['before']['cosine_min'])} -> "
                       f"{_num(m['after']['cosine_min'])}, {m['bytes_before']} -> {m['bytes_after']} bytes",
                       highlight=False, soft_wrap=True)
 
