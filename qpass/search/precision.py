@@ -226,6 +226,8 @@ def sixteen_bit(prepared, config: QuantConfig) -> tuple[Any, dict]:
 
     opset = default_opset(prepared.model)
     info: dict[str, Any] = {"opset": opset}
+    if not config.search_16bit:
+        return None, {**info, "reason": "search_16bit is off (--no-search-16bit)"}
     if config.activation_type in SIXTEEN_BIT_TYPES:
         return None, {**info, "reason": f"activations are already {config.activation_type}"}
     if config.activation_type not in WIDER:

@@ -178,7 +178,7 @@ def test_float_moves_in_the_plan():
 
 
 @pytest.mark.parametrize("field,value", [("target_cosine", 1.5), ("target_top1", -0.1), ("search_budget", 0),
-                                         ("search_workers", 0), ("search_budget", True)])
+                                         ("search_workers", 0), ("search_budget", True), ("search_16bit", "yes")])
 def test_bad_search_config(field, value):
     with pytest.raises(ConfigError, match=field):
         QuantConfig(**{field: value})
@@ -197,6 +197,12 @@ def test_cli_flags(tmp_path, planted):
     report = json.loads(out.with_name("d.qpass.report.json").read_text())
     assert report["config"]["target_cosine"] == 0.999 and report["config"]["search_budget"] == 4
     assert report["search"]["met"] and report["search"]["moves"][0]["node"] in CORRUPTED_PAIR
+    assert report["search"]["moves"][0]["to"] == "16-bit"
+    rc = main(["run", str(model), "--load-calib", str(table), "--val", str(DIGITS_TEST), "-o", str(out), "--no-latency",
+               "--target-cosine", "0.999", "--search-budget", "4", "--no-search-16bit", "-q"])
+    report = json.loads(out.with_name("d.qpass.report.json").read_text())
+    assert rc == 0 and report["search"]["moves"][0] == {**report["search"]["moves"][0], "node": "/2/Conv", "to": "float"}
+    assert "--no-search-16bit" in report["search"]["sixteen_bit"]["reason"]
 
 
 def test_a_target_without_validation_samples_says_it_was_not_searched():
