@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 from qpass.io import save_model
+import qpass
 from qpass import stages
 from qpass.calib.data import input_specs
 from qpass.calib.sources import calibration_data
@@ -91,7 +92,12 @@ def main(argv=None) -> int:
             else:
                 others = tuple(re.escape(n) for n in nodes if n != node)
                 alone = stages.plan(prepared, cfg.replace(exclude_nodes=others))
-                model = stages.rewrite(prepared, alone, table, cfg).model
+                try:
+                    model = stages.rewrite(prepared, alone, table, cfg).model
+                except qpass.QpassError as exc:  # alone, the node is not quantized (e.g. no range of its own)
+                    log(f"  {node}: {exc.one_line()[:120]}")
+                    scores[node] = math.inf
+                    continue
                 outputs = validate(reference, model, held, providers=["cpu"], per_layer=False, latency=False,
                                    placement=False)["outputs"]
             scores[node] = worst_sqnr(outputs)
