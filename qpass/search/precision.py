@@ -84,11 +84,14 @@ class Target:
         return not self.failures(outputs, metric)
 
     def score(self, outputs: list[dict], metric: float | None = None) -> tuple:
-        """Larger is better: the target met, then the user's metric (when asked), the worst output's cosine, then
-        its top-1 agreement."""
+        """Larger is better: the target met, then the user's metric (when asked), then the worst output's cosine and
+        top-1 agreement, those the target asks for first (a top-1 target ranks by top-1 before cosine)."""
         s = summary(outputs)
         m = (metric if metric is not None and math.isfinite(metric) else -math.inf) if self.metric is not None else 0.0
-        return (self.met(outputs, metric), m, s["cosine_min"] or -math.inf, s["top1_min"] or -math.inf)
+        cos = s["cosine_min"] if s["cosine_min"] is not None else -math.inf
+        top1 = s["top1_min"] if s["top1_min"] is not None else -math.inf
+        first = self.top1 is not None and self.cosine is None
+        return (self.met(outputs, metric), m) + ((top1, cos) if first else (cos, top1))
 
 
 def summary(outputs: list[dict], metric: float | None = None) -> dict:

@@ -16,7 +16,7 @@ from qpass.calib.stats import TensorRange
 from qpass.config import QuantConfig
 from qpass.errors import ConfigError
 from qpass.calib.table import CalibrationTable
-from qpass.search.precision import candidates, plan_for, table_for, widen, with_float
+from qpass.search.precision import Target, candidates, plan_for, table_for, widen, with_float
 from tests.builders import DIGITS_CALIB, DIGITS_MODEL, DIGITS_TEST
 
 #: the output of the digits CNN's second Conv (/2/Conv -> /3/Relu); its range also serves MaxPool's and Flatten's
@@ -220,6 +220,16 @@ def test_planted_bad_layer_moved_to_float_when_16_bit_cannot_be_written(planted)
     assert s["met"] and s["moves"][0]["node"] == "/2/Conv" and {m["to"] for m in s["moves"]} == {"float"}
     assert "8-bit activations only" in s["sixteen_bit"]["reason"] and "opset" not in s
     assert res.model.opset_import[0].version == 13
+
+
+def test_score_ranks_by_what_the_target_asks_first():
+    """A top-1 target prefers the trial with more top-1 agreement though its cosine is lower; a cosine target the
+    other way round (SmolLM2's search kept a move that raised cosine and lowered top-1 before this order)."""
+    a = [{"output": "y", "cosine_mean": 0.7787, "top1_agreement": 0.4873}]
+    b = [{"output": "y", "cosine_mean": 0.7771, "top1_agreement": 0.4945}]
+    assert Target(top1=0.9).score(b) > Target(top1=0.9).score(a)
+    assert Target(cosine=0.99).score(a) > Target(cosine=0.99).score(b)
+    assert Target(cosine=0.99, top1=0.9).score(a) > Target(cosine=0.99, top1=0.9).score(b)
 
 
 def test_widen_and_its_table():
