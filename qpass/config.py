@@ -194,8 +194,9 @@ class QuantConfig:
             keeps no migration where that scores better).
         target_cosine: an accuracy target (opt-in): when an output's mean cosine to fp32 on the validation split is
             below it after the rewrite, the precision search (qpass.search.precision) moves the compute nodes that
-            the per-layer ranking says add the most error to float, one move a step, rewriting from the same
-            calibration table, until every output meets it or ``search_budget`` trials ran. None: no search.
+            the per-layer ranking says add the most error to 16-bit activations, then float, one move a step,
+            rewriting from the same calibration table, until every output meets it or ``search_budget`` trials ran.
+            None: no search.
         target_top1: the same with each output's top-1 agreement with fp32.
         search_budget: trials (one rewrite and validation each) the precision search may run at most.
         search_workers: processes scoring a step's candidate moves (1: in this process); the moves do not depend
