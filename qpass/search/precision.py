@@ -342,7 +342,8 @@ def search(prepared, plan: QuantPlan, table: CalibrationTable, config: QuantConf
     """Run the precision search from the first rewrite (``first_model``, of ``plan``) and its ``validation``
     (outputs and per-layer ranking, measured again when absent). Trials plan again from ``config`` with the moved
     nodes excluded or widened to 16 bits (:func:`plan_for`), keeping ``plan``'s overrides; a node's first move is to
-    16 bits when :func:`sixteen_bit` allows it, its next to float. A step keeps its best trial unless it scores
+    16 bits when :func:`sixteen_bit` allows it, its next (after that one was kept, or scored and not kept) to float.
+    A step keeps its best trial unless it scores
     below the current model; its candidates are then not tried again. ``corrections``: the samples bias
     correction measures on. ``eval_fn(model) -> float`` (larger is better; picklable with more than one worker)
     with ``max_metric_drop``: the target also asks ``eval_fn`` of each trial to stay within that drop of fp32's."""
@@ -369,8 +370,9 @@ def search(prepared, plan: QuantPlan, table: CalibrationTable, config: QuantConf
             upgraded["model"], report["sixteen_bit"] = sixteen_bit(prepared, config)
         return upgraded["model"]
 
-    def kind(label: str) -> str:
-        return SIXTEEN if label not in split(moved)[1] and wide() is not None else FLOAT
+    def kind(label: str) -> str:  # 16-bit first; float once its 16-bit move was kept or scored and not kept
+        fresh = label not in split(moved)[1] and (label, SIXTEEN) not in tried
+        return SIXTEEN if fresh and wide() is not None else FLOAT
 
     pool = None
     try:

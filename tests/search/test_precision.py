@@ -222,6 +222,26 @@ def test_planted_bad_layer_moved_to_float_when_16_bit_cannot_be_written(planted)
     assert res.model.opset_import[0].version == 13
 
 
+def test_float_after_a_16_bit_move_that_does_not_suffice(tmp_path):
+    """A range a million times too wide leaves a 16-bit pair under one level's worth of resolution: the 16-bit moves
+    of the two nodes around it do not help, so those nodes' next candidates are float moves, and the Conv writing the
+    range, moved to float, meets the target."""
+    cfg = QuantConfig(latency=False)
+    prepared = stages.prepare(stages.load(DIGITS_MODEL), cfg)
+    plan = stages.plan(prepared, cfg)
+    table = stages.calibrate(prepared, plan, open_samples(DIGITS_CALIB, input_specs(prepared.model)), cfg).table
+    r = table.get(PLANTED)
+    table.statistics.set(PLANTED, "range", TensorRange(r.min, r.max * 1e6, r.method, r.samples))  # no min-max kept
+    path = tmp_path / "worse.json"
+    table.save(path)
+    s = _quantize(path, target_cosine=0.999, search_budget=8).report.search
+    assert s["met"]
+    tried = [(c["node"], c["to"]) for step in s["rejected"] + s["moves"] for c in step["candidates"]]
+    assert ("/2/Conv", "16-bit") in tried and ("/2/Conv", "float") in tried
+    assert tried.index(("/2/Conv", "16-bit")) < tried.index(("/2/Conv", "float"))
+    assert s["moves"][-1]["node"] in CORRUPTED_PAIR and s["moves"][-1]["to"] == "float"
+
+
 def test_score_ranks_by_what_the_target_asks_first():
     """A top-1 target prefers the trial with more top-1 agreement though its cosine is lower; a cosine target the
     other way round (SmolLM2's search kept a move that raised cosine and lowered top-1 before this order)."""
