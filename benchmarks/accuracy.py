@@ -60,6 +60,8 @@ VARIANTS: dict[str, dict] = {
     "val20": {"val_fraction": 0.2},
     "search_cos": {"val_fraction": 0.2, "target_cosine": 0.999},
     "search_cos_w2": {"val_fraction": 0.2, "target_cosine": 0.999, "search_workers": 2},
+    # the same search with float moves only (before 16-bit moves existed, search_cos was this)
+    "search_cos_float": {"val_fraction": 0.2, "target_cosine": 0.999, "search_16bit": False},
 }
 
 

@@ -248,18 +248,30 @@ def _search(report: Report, times: dict, prepared: stages.Prepared, qplan: Quant
     report.search = found.report
     if not found.report["met"]:
         report.warnings.append(f"precision search: target not met ({found.report['note']}; "
-                               f"{len(found.report['moves'])} node(s) moved to float): "
+                               f"{len(found.report['moves'])} move(s) kept): "
                                + "; ".join(found.report.get("failures", [])))
+    if found.report.get("opset"):
+        o = found.report["opset"]
+        report.warnings.append(f"precision search: the output is at opset {o['to']} (the model's {o['from']}, "
+                               "upgraded by onnx.version_converter for its 16-bit activations)")
+        report.opset = {**(report.opset or {}), "output": o["to"]}
     if found.model is None:
         return rewritten, qplan
+    first_latency = _latency_ratio(report.validation)
     rewritten = stages.Rewritten(found.model, found.records, found.quantized_nodes, found.info)
     report.passes = list(prepared.records) + list(found.records)  # the kept rewrite's records replace the first's
     report.quantized_nodes, report.plan = rewritten.quantized_nodes, found.plan.with_overrides().to_dict()
     report.sizes["output_bytes"] = model_bytes(rewritten.model)
     report.validation = stages.evaluate(reference, rewritten.model, samples, desc, cfg)
+    found.report["latency_ratio"] = {"first": first_latency, "final": _latency_ratio(report.validation)}
     if save_plan is not None:
         found.plan.save(save_plan)
     return rewritten, found.plan
+
+
+def _latency_ratio(validation: dict | None) -> float | None:
+    """Validation's quantized / fp32 latency ratio (its first provider that timed both), None when not measured."""
+    return next((e["latency"].get("ratio") for e in (validation or {}).get("providers", []) if e.get("latency")), None)
 
 
 def _spill_reference(prepared: stages.Prepared, cfg: QuantConfig) -> tuple[tempfile.TemporaryDirectory, ModelFile] | None:

@@ -158,13 +158,16 @@ def _validation_args(p: argparse.ArgumentParser) -> None:
     _config_option(p, "--min-top1", type=float, metavar="A", help="exit 1 if an output's top-1 agreement is below A")
     if p.prog.endswith(" run"):
         _config_option(p, "--target-cosine", type=float, metavar="C",
-                       help="precision search (opt-in): move the layers adding the most error to float until every "
-                            "output's mean cosine to fp32 reaches C (validation split), or --search-budget runs out")
+                       help="precision search (opt-in): move the layers adding the most error to 16-bit activations, "
+                            "then float, until every output's mean cosine to fp32 reaches C (validation split), or "
+                            "--search-budget runs out")
         _config_option(p, "--target-top1", type=float, metavar="A",
                        help="precision search: the same with each output's top-1 agreement with fp32")
         _config_option(p, "--search-budget", type=int, metavar="N", help="precision search: at most N trials (default 8)")
         _config_option(p, "--search-workers", type=int, metavar="N",
                        help="precision search: N processes score a step's candidate moves (default 1: in process)")
+        _config_option(p, "--no-search-16bit", dest="search_16bit", action="store_const", const=False,
+                       help="precision search: float moves only (no 16-bit activations, no opset 21 upgrade)")
         _config_option(p, "--no-validate", dest="validate", action="store_const", const=False,
                        help="skip the comparison with the original (large models in pipelines that validate later)")
     _config_option(p, "--no-per-layer", dest="per_layer", action="store_const", const=False, help="skip the per-layer error ranking")
@@ -269,9 +272,16 @@ def print_search(console: Console, s: dict) -> None:
     """The precision search in one line, then one line per move."""
     state = "met" if s.get("met") else "NOT met"
     console.print(f"precision search: target {state} after {s.get('trials', 0)} trial(s), "
-                  f"{len(s.get('moves', []))} node(s) moved to float", highlight=False, soft_wrap=True)
+                  f"{len(s.get('moves', []))} move(s)", highlight=False, soft_wrap=True)
+    if s.get("sixteen_bit", {}).get("reason"):
+        console.print(f"  no 16-bit moves: {s['sixteen_bit']['reason']}", highlight=False, soft_wrap=True)
+    if s.get("opset"):
+        console.print(f"  opset {s['opset']['from']} -> {s['opset']['to']} for the 16-bit moves", highlight=False)
+    lat = s.get("latency_ratio") or {}
+    if lat.get("first") is not None and lat.get("final") is not None:
+        console.print(f"  latency x{lat['first']:.3f} -> x{lat['final']:.3f} fp32's", highlight=False)
     for m in s.get("moves", []):
-        console.print(f"  {m['node']} ({m['op_type']}) -> float: worst cosine {_num(m['before']['cosine_min'])} -> "
+        console.print(f"  {m['node']} ({m['op_type']}) -> {m.get('to', 'float')}: worst cosine {_num(m['before']['cosine_min'])} -> "
                       f"{_num(m['after']['cosine_min'])}, {m['bytes_before']} -> {m['bytes_after']} bytes",
                       highlight=False, soft_wrap=True)
 

@@ -194,12 +194,15 @@ class QuantConfig:
             keeps no migration where that scores better).
         target_cosine: an accuracy target (opt-in): when an output's mean cosine to fp32 on the validation split is
             below it after the rewrite, the precision search (qpass.search.precision) moves the compute nodes that
-            the per-layer ranking says add the most error to float, one move a step, rewriting from the same
-            calibration table, until every output meets it or ``search_budget`` trials ran. None: no search.
+            the per-layer ranking says add the most error to 16-bit activations, then float, one move a step,
+            rewriting from the same calibration table, until every output meets it or ``search_budget`` trials ran.
+            None: no search.
         target_top1: the same with each output's top-1 agreement with fp32.
         search_budget: trials (one rewrite and validation each) the precision search may run at most.
         search_workers: processes scoring a step's candidate moves (1: in this process); the moves do not depend
             on it.
+        search_16bit: a node's first move gives its activations 16-bit Q/DQ pairs (opset 21, the model upgraded
+            for it), its next keeps it in float; False: float moves only.
     """
 
     format: str = "qdq"
@@ -265,6 +268,7 @@ class QuantConfig:
     target_top1: float | None = None
     search_budget: int = 8
     search_workers: int = 1
+    search_16bit: bool = True
     _exclude_patterns: tuple[re.Pattern, ...] = field(default=(), repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -329,6 +333,8 @@ class QuantConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise bad(name, value, "a positive integer")
+        if not isinstance(self.search_16bit, bool):
+            raise bad("search_16bit", self.search_16bit, "true or false")
         if self.weight_type not in WEIGHT_TYPES:
             raise bad("weight_type", self.weight_type, " or ".join(WEIGHT_TYPES))
         for name, table in (("tensor_methods", self.tensor_methods), ("op_methods", self.op_methods)):

@@ -1,11 +1,18 @@
-"""Precision search: the compute nodes that add the most error move to float, one a step, each trial a rewrite from the
-same calibration table and a validation, until every output meets the target or the trial budget is spent.
+"""Precision search: the compute nodes that add the most error move to 16-bit activations, then to float, one a step,
+each trial a rewrite from the same calibration table and a validation, until every output meets the target or the
+trial budget is spent.
 
 A step takes the first ``CANDIDATES`` quantized compute nodes of the per-layer ranking (``added_noise_db``, the error
 each node adds; a ranked op that is not a plan node stands for the compute node(s) feeding it), scores each as a trial
-(that node float, everything else as before) and keeps the one that scores best; the per-layer ranking is measured
+(that node's move, everything else as before) and keeps the one that scores best; the per-layer ranking is measured
 again on the kept model for the next step. The trials of a step are independent: with ``search_workers`` > 1 they run
 in a process pool on the stage artifacts (prepared model, plan, table), and the moves do not depend on the worker count.
+
+A node's first move is to 16-bit activations (the activations it reads and the quantized outputs it writes get
+uint16/int16 Q/DQ pairs, their range the min-max range the same calibration run observed), its second to float.
+16-bit QuantizeLinear needs opset 21: the search upgrades the prepared model (onnx.version_converter) for the trials
+that move a node to 16 bits, and says so in its report; where that cannot be done (the converter fails or changes the
+model's interface, integer-operator output, activations already 16-bit) every move is to float and the report says why.
 """
 from __future__ import annotations
 
@@ -19,11 +26,13 @@ from typing import Any
 
 import onnx
 
+from ..calib.stats import RANGE, Statistics, TensorRange
 from ..calib.table import CalibrationTable
-from ..config import QuantConfig
+from ..config import SIXTEEN_BIT_TYPES, QuantConfig
 from ..errors import QpassError
 from ..graph import proto_node_label
-from ..io import model_bytes
+from ..io import default_opset, min_ir_version, model_bytes
+from ..ops import INT16_MIN_OPSET
 from ..plan.spec import QuantPlan
 from ..evaluate.validate import per_layer_error, validate
 
@@ -33,6 +42,10 @@ CANDIDATES = 2
 LAYER_SAMPLES = 4
 #: how far up from a ranked op that is not a plan node (a Relu, an Add) the search looks for the compute node(s)
 UPSTREAM_DEPTH = 3
+#: the 16-bit type a move gives an 8-bit activation
+WIDER = {"uint8": "uint16", "int8": "int16"}
+#: move kinds, in the order a node takes them
+SIXTEEN, FLOAT = "16-bit", "float"
 
 
 @dataclass(frozen=True)
@@ -71,11 +84,14 @@ class Target:
         return not self.failures(outputs, metric)
 
     def score(self, outputs: list[dict], metric: float | None = None) -> tuple:
-        """Larger is better: the target met, then the user's metric (when asked), the worst output's cosine, then
-        its top-1 agreement."""
+        """Larger is better: the target met, then the user's metric (when asked), then the worst output's cosine and
+        top-1 agreement, those the target asks for first (a top-1 target ranks by top-1 before cosine)."""
         s = summary(outputs)
         m = (metric if metric is not None and math.isfinite(metric) else -math.inf) if self.metric is not None else 0.0
-        return (self.met(outputs, metric), m, s["cosine_min"] or -math.inf, s["top1_min"] or -math.inf)
+        cos = s["cosine_min"] if s["cosine_min"] is not None else -math.inf
+        top1 = s["top1_min"] if s["top1_min"] is not None else -math.inf
+        first = self.top1 is not None and self.cosine is None
+        return (self.met(outputs, metric), m) + ((top1, cos) if first else (cos, top1))
 
 
 def summary(outputs: list[dict], metric: float | None = None) -> dict:
@@ -136,10 +152,12 @@ def with_float(plan: QuantPlan, node: str, model: onnx.ModelProto) -> QuantPlan:
     return QuantPlan(nodes, tensors, folded.skipped, (), folded.statistics)
 
 
-def plan_for(prepared, config: QuantConfig, floated: tuple[str, ...], overrides: tuple = ()) -> QuantPlan:
+def plan_for(prepared, config: QuantConfig, floated: tuple[str, ...], overrides: tuple = (),
+             widened: tuple[str, ...] = ()) -> QuantPlan:
     """The plan with the ``floated`` nodes kept in float: planned again with each named one in ``exclude_nodes``
     (so the Q/DQ pairs that only fed it go too, as with ``--exclude``), an unnamed one (no name to exclude it by)
-    moved by :func:`with_float`. ``overrides``: a given plan's overrides, those naming a floated node left out."""
+    moved by :func:`with_float`. ``overrides``: a given plan's overrides, those naming a floated node left out.
+    ``widened``: nodes whose activations go to 16 bits (:func:`widen`)."""
     from .. import stages  # stages imports the passes; a worker process imports it here
 
     named = {n.name for n in prepared.model.graph.node if n.name}
@@ -151,19 +169,107 @@ def plan_for(prepared, config: QuantConfig, floated: tuple[str, ...], overrides:
     for f in floated:
         if f not in named:
             plan = with_float(plan, f, prepared.model)
-    return plan
+    widened = tuple(w for w in widened if w not in floated)
+    return widen(plan, widened, prepared.model) if widened else plan
 
 
-def run_trial(prepared, config: QuantConfig, overrides: tuple, floated: tuple[str, ...], table: CalibrationTable,
-              reference, samples: list, corrections: list | None, provider: str, eval_fn, node: str) -> Trial:
-    """Rewrite ``prepared`` with ``floated`` and ``node`` in float (:func:`plan_for`) from the same calibration
-    ``table`` and validate it (outputs only) on ``samples``. Module-level and fed picklable artifacts only, so a
-    process pool can run it. A rewrite that fails (a range the new plan needs is not in the table) scores worst."""
-    from .. import stages
+def widen(plan: QuantPlan, nodes: tuple[str, ...], model: onnx.ModelProto) -> QuantPlan:
+    """``plan`` (overrides folded in) with the 8-bit activations each of ``nodes`` reads, and those it writes (its
+    outputs, or theirs through the ops that are not plan nodes reading them, e.g. a Relu), at 16 bits (uint8 ->
+    uint16, int8 -> int16), their range the min-max one (:func:`table_for`), with every activation sharing one's
+    range (a data-movement chain: one range, one type). A pair shared by other readers is widened for them too."""
+    folded = plan.with_overrides()
+    planned = {n.node for n in folded.nodes}
+    by_label = {proto_node_label(n): n for n in model.graph.node}
+    readers: dict[str, list] = {}
+    for n in model.graph.node:
+        for t in n.input:
+            readers.setdefault(t, []).append(n)
+    names: set[str] = set()
+    for label in nodes:
+        node = by_label.get(label)
+        if node is None:
+            continue
+        names.update(node.input)
+        outs = list(node.output)
+        for _ in range(UPSTREAM_DEPTH):
+            names.update(outs)
+            outs = [o for t in outs for r in readers.get(t, []) if proto_node_label(r) not in planned for o in r.output]
+    groups = {tp.range_of for name, tp in folded.tensors.items() if name in names}
+    tensors = {name: (replace(tp, spec=replace(tp.spec, dtype=WIDER[tp.spec.dtype], method="minmax"))
+                      if tp.range_of in groups and tp.spec.dtype in WIDER else tp) for name, tp in folded.tensors.items()}
+    return QuantPlan(folded.nodes, tensors, folded.skipped, (), folded.statistics)
+
+
+def table_for(table: CalibrationTable, plan: QuantPlan) -> CalibrationTable:
+    """``table``, where a range only 16-bit activations of ``plan`` use was clipped by its calibration method
+    (percentile, mse, entropy), with the min-max range the same run observed instead (16-bit activations measured
+    better with min-max, docs/benchmark-notes.md); the table itself unchanged (no tensor is calibrated again)."""
+    wide = {t.range_of for t in plan.tensors.values() if t.spec.dtype in SIXTEEN_BIT_TYPES}
+    wide -= {t.range_of for t in plan.tensors.values() if t.spec.dtype not in SIXTEEN_BIT_TYPES}
+    swap = {}
+    for name in wide:
+        r = table.get(name)
+        if r is not None and r.observed_min is not None and (r.min, r.max) != (r.observed_min, r.observed_max):
+            swap[name] = TensorRange(r.observed_min, r.observed_max, "minmax", r.samples, r.observed_min, r.observed_max)
+    if not swap:
+        return table
+    stats = Statistics(samples=table.statistics.samples, synthetic=table.statistics.synthetic)
+    for name in table.statistics:
+        for kind in table.statistics.kinds(name):
+            stats.set(name, kind, swap[name] if kind == RANGE and name in swap else table.statistics.get(name, kind))
+    return CalibrationTable(statistics=stats)
+
+
+def sixteen_bit(prepared, config: QuantConfig) -> tuple[Any, dict]:
+    """The prepared model the 16-bit moves rewrite (``prepared`` at opset >= 21, else a copy upgraded to 21 by
+    onnx.version_converter, its interface and node labels unchanged), and what the report says; None (with the
+    reason) when 16-bit moves cannot be made."""
+    from ..opset import interface_changes
+
+    opset = default_opset(prepared.model)
+    info: dict[str, Any] = {"opset": opset}
+    if not config.search_16bit:
+        return None, {**info, "reason": "search_16bit is off (--no-search-16bit)"}
+    if config.activation_type in SIXTEEN_BIT_TYPES:
+        return None, {**info, "reason": f"activations are already {config.activation_type}"}
+    if config.activation_type not in WIDER:
+        return None, {**info, "reason": f"no 16-bit form of {config.activation_type} activations"}
+    if config.format == "qop":
+        return None, {**info, "reason": "integer operators (--format qop) take 8-bit activations only"}
+    if opset >= INT16_MIN_OPSET:
+        return prepared, info
+    from onnx import version_converter
 
     try:
-        rewritten = stages.rewrite(prepared, plan_for(prepared, config, floated + (node,), overrides), table, config,
-                                   samples=corrections)
+        converted = version_converter.convert_version(prepared.model, INT16_MIN_OPSET)
+        converted.ir_version = max(converted.ir_version, min_ir_version(converted))
+        onnx.checker.check_model(converted, full_check=True)
+    except Exception as exc:  # noqa: BLE001 - the converter raises assorted types
+        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return None, {**info, "reason": f"onnx.version_converter could not upgrade opset {opset} -> "
+                                        f"{INT16_MIN_OPSET}: {text}"}
+    changed = interface_changes(prepared.model, converted)
+    lost = {proto_node_label(n) for n in prepared.model.graph.node} - {proto_node_label(n) for n in converted.graph.node}
+    if changed or lost:
+        what = "; ".join(changed[:2]) if changed else f"nodes {sorted(lost)[:3]} are gone"
+        return None, {**info, "reason": f"upgrading opset {opset} -> {INT16_MIN_OPSET} changes the model ({what})"}
+    return replace(prepared, model=converted), {**info, "upgraded_to": INT16_MIN_OPSET}
+
+
+def run_trial(prepared, config: QuantConfig, overrides: tuple, moved: tuple, table: CalibrationTable,
+              reference, samples: list, corrections: list | None, provider: str, eval_fn, move: tuple) -> Trial:
+    """Rewrite ``prepared`` with the kept ``moved`` and the candidate ``move`` ((node, kind) pairs, kind 16-bit or
+    float; :func:`plan_for`) from the same calibration ``table`` and validate it (outputs only) on ``samples``.
+    Module-level and fed picklable artifacts only, so a process pool can run it. A rewrite that fails (a range the
+    new plan needs is not in the table) scores worst."""
+    from .. import stages
+
+    node = move[0]
+    floated, widened = split(moved + (move,))
+    try:
+        plan = plan_for(prepared, config, floated, overrides, widened)
+        rewritten = stages.rewrite(prepared, plan, table_for(table, plan), config, samples=corrections)
     except QpassError as exc:
         return Trial(node, [], 0, None, info={"error": exc.one_line()})
     v = validate(reference, rewritten.model, samples, providers=[provider], per_layer=False, latency=False,
@@ -171,6 +277,12 @@ def run_trial(prepared, config: QuantConfig, overrides: tuple, floated: tuple[st
     metric = float(eval_fn(rewritten.model)) if eval_fn is not None else None
     return Trial(node, v.get("outputs", []), model_bytes(rewritten.model), rewritten.model, rewritten.records,
                  rewritten.quantized_nodes, rewritten.info, metric)
+
+
+def split(moves: tuple) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(nodes moved to float, nodes moved to 16 bits and not later to float) of ``moves`` ((node, kind) pairs)."""
+    floated = tuple(dict.fromkeys(n for n, k in moves if k == FLOAT))
+    return floated, tuple(dict.fromkeys(n for n, k in moves if k == SIXTEEN and n not in floated))
 
 
 def candidates(ranking: list[dict], model: onnx.ModelProto, plan: QuantPlan, k: int,
@@ -229,7 +341,9 @@ def search(prepared, plan: QuantPlan, table: CalibrationTable, config: QuantConf
            max_metric_drop: float | None = None) -> SearchResult:
     """Run the precision search from the first rewrite (``first_model``, of ``plan``) and its ``validation``
     (outputs and per-layer ranking, measured again when absent). Trials plan again from ``config`` with the moved
-    nodes excluded (:func:`plan_for`), keeping ``plan``'s overrides. A step keeps its best trial unless it scores
+    nodes excluded or widened to 16 bits (:func:`plan_for`), keeping ``plan``'s overrides; a node's first move is to
+    16 bits when :func:`sixteen_bit` allows it, its next (after that one was kept, or scored and not kept) to float.
+    A step keeps its best trial unless it scores
     below the current model; its candidates are then not tried again. ``corrections``: the samples bias
     correction measures on. ``eval_fn(model) -> float`` (larger is better; picklable with more than one worker)
     with ``max_metric_drop``: the target also asks ``eval_fn`` of each trial to stay within that drop of fp32's."""
@@ -248,42 +362,56 @@ def search(prepared, plan: QuantPlan, table: CalibrationTable, config: QuantConf
                               "workers": config.search_workers, "candidates_per_step": CANDIDATES,
                               "start": summary(outputs, metric), "moves": [], "rejected": [], "trials": 0}
     current = SearchResult(plan, None, [], {}, {}, report)
-    model, size, floated, tried = first_model, model_bytes(first_model), (), set()
+    model, size, moved, tried = first_model, model_bytes(first_model), (), set()
+    upgraded: dict = {}  # the prepared model 16-bit moves rewrite, made on the first move that could be one
+
+    def wide():
+        if "model" not in upgraded:
+            upgraded["model"], report["sixteen_bit"] = sixteen_bit(prepared, config)
+        return upgraded["model"]
+
+    def kind(label: str) -> str:  # 16-bit first; float once its 16-bit move was kept or scored and not kept
+        fresh = label not in split(moved)[1] and (label, SIXTEEN) not in tried
+        return SIXTEEN if fresh and wide() is not None else FLOAT
+
     pool = None
     try:
         while not target.met(outputs, metric) and report["trials"] < config.search_budget:
             if not ranking:
                 ranking = per_layer_error(reference, model, samples[:LAYER_SAMPLES], provider)
             picks = candidates(ranking, prepared.model, current.plan,
-                               min(CANDIDATES, config.search_budget - report["trials"]), tried)
+                               min(CANDIDATES, config.search_budget - report["trials"]),
+                               {n for n, k in tried if k == kind(n)})
             if not picks:
                 report["note"] = "no quantized compute node left that the per-layer ranking names"
                 break
-            args = (prepared, config, tuple(plan.overrides), floated, table, reference, samples, corrections, provider,
-                    eval_fn if target.metric is not None else None)
+            steps = [(label, kind(label)) for label, _ in picks]
+            sixteen = any(k == SIXTEEN for _, k in moved + tuple(steps))
+            args = (wide() if sixteen else prepared, config, tuple(plan.overrides), moved, table, reference, samples,
+                    corrections, provider, eval_fn if target.metric is not None else None)
             if config.search_workers > 1 and len(picks) > 1:
                 if pool is None:
                     pool = ProcessPoolExecutor(config.search_workers, mp_context=multiprocessing.get_context("spawn"))
-                trials = list(pool.map(run_trial, *zip(*[args + (label,) for label, _ in picks])))
+                trials = list(pool.map(run_trial, *zip(*[args + (step,) for step in steps])))
             else:
-                trials = [run_trial(*args, label) for label, _ in picks]
+                trials = [run_trial(*args, step) for step in steps]
             report["trials"] += len(trials)
-            scored = [{"node": t.node, **summary(t.outputs, t.metric), **({"error": t.info["error"]} if "error" in t.info else {})}
-                      for t in trials]
+            scored = [{"node": t.node, "to": k, **summary(t.outputs, t.metric), **({"error": t.info["error"]} if "error" in t.info else {})}
+                      for t, (_, k) in zip(trials, steps)]
             best = max(range(len(trials)), key=lambda i: (trials[i].model is not None, target.score(trials[i].outputs, trials[i].metric), -i))
             kept, row = trials[best], picks[best][1]
-            tried.update(label for label, _ in picks)
+            tried.update(steps)
             if kept.model is None or target.score(kept.outputs, kept.metric) < target.score(outputs, metric):
                 report["rejected"].append({"before": summary(outputs, metric), "candidates": scored})
                 continue  # no candidate helped: the next ranked ones are tried on the same model
             op = next((n.op_type for n in current.plan.with_overrides().nodes if n.node == kept.node), None)
             report["moves"].append({
-                "node": kept.node, "op_type": op, "to": "float", "ranked": row.get("node"),
+                "node": kept.node, "op_type": op, "to": steps[best][1], "ranked": row.get("node"),
                 "added_noise_db": row.get("added_noise_db"), "before": summary(outputs, metric), "after": summary(kept.outputs, kept.metric),
                 "bytes_before": size, "bytes_after": kept.output_bytes, "candidates": scored})
-            floated += (kept.node,)
-            current = SearchResult(plan_for(prepared, config, floated, tuple(plan.overrides)), kept.model, kept.records,
-                                   kept.quantized_nodes, kept.info, report)
+            moved += (steps[best],)
+            current = SearchResult(plan_for(args[0], config, *split(moved)[:1], tuple(plan.overrides), split(moved)[1]),
+                                   kept.model, kept.records, kept.quantized_nodes, kept.info, report)
             model, outputs, size, ranking, metric = kept.model, kept.outputs, kept.output_bytes, [], kept.metric
     finally:
         if pool is not None:
@@ -292,7 +420,9 @@ def search(prepared, plan: QuantPlan, table: CalibrationTable, config: QuantConf
     if report["met"] and not report["trials"]:
         report["note"] = "the first rewrite meets the target"
     report["end"] = summary(outputs, metric)
-    report["floated"] = list(floated)
+    report["floated"], report["widened"] = map(list, split(moved))
+    if current.model is not None and default_opset(current.model) != default_opset(prepared.model):
+        report["opset"] = {"from": default_opset(prepared.model), "to": default_opset(current.model)}
     if not report["met"]:
         report["failures"] = target.failures(outputs, metric)
         if "note" not in report:

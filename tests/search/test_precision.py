@@ -15,12 +15,15 @@ from qpass.calib.data import input_specs, open_samples
 from qpass.calib.stats import TensorRange
 from qpass.config import QuantConfig
 from qpass.errors import ConfigError
-from qpass.search.precision import candidates, plan_for, with_float
+from qpass.calib.table import CalibrationTable
+from qpass.search.precision import Target, candidates, plan_for, table_for, widen, with_float
 from tests.builders import DIGITS_CALIB, DIGITS_MODEL, DIGITS_TEST
 
 #: the output of the digits CNN's second Conv (/2/Conv -> /3/Relu); its range also serves MaxPool's and Flatten's
 PLANTED = "/3/Relu_output_0"
 BLOW_UP = 200.0
+#: the plan nodes that write (through Relu) or read (through MaxPool and Flatten) PLANTED's Q/DQ pairs
+CORRUPTED_PAIR = ("/2/Conv", "/6/Gemm")
 
 
 @pytest.fixture(scope="module")
@@ -62,17 +65,22 @@ def test_planted_bad_layer_moved_first_and_target_met(planted, tmp_path):
     res = _quantize(table, target_cosine=0.999, search_budget=6, save_plan=plan_file)
     s = res.report.search
     assert s["met"] is True
-    assert s["moves"][0]["node"] == "/2/Conv"  # the layer whose output range was corrupted
+    # one 16-bit move fixes it: the Conv writing the corrupted range or the Gemm reading it (both widen its pairs)
+    assert [(m["node"] in CORRUPTED_PAIR, m["to"]) for m in s["moves"]] == [(True, "16-bit")]
     assert s["moves"][0]["before"]["cosine_min"] == pytest.approx(start, abs=1e-9)
-    assert s["trials"] <= 6
+    assert s["trials"] <= 6 and s["floated"] == []
+    assert s["opset"] == {"from": 13, "to": 21} and res.model.opset_import[0].version == 21
     # the report's validation is of the final model, measured again: the target holds there
     assert res.report.validation["outputs"][0]["cosine_mean"] >= 0.999
     assert not any(abs(x - bad_scale) < 1e-3 * bad_scale for x in _q_scales(res.model))
-    # the saved plan is the final one: /2/Conv no longer among the quantized nodes
+    # the saved plan is the final one: the corrupted range's pairs at 16 bits, every node still quantized
     saved = json.loads(plan_file.read_text())
-    assert "/2/Conv" not in [n["node"] for n in saved["nodes"] if n["precision"] == "quantized"]
-    assert "/0/Conv" in [n["node"] for n in saved["nodes"]]
-    assert not any("precision search" in w for w in res.report.warnings)
+    assert {n: t["spec"]["dtype"] for n, t in saved["tensors"].items() if t["range_of"] == PLANTED} == {
+        PLANTED: "uint16", "/4/MaxPool_output_0": "uint16", "/5/Flatten_output_0": "uint16"}
+    assert [n["node"] for n in saved["nodes"]] == ["/0/Conv", "/2/Conv", "/6/Gemm", "/8/Gemm"]
+    assert [w for w in res.report.warnings if "precision search" in w] == [
+        "precision search: the output is at opset 21 (the model's 13, upgraded by onnx.version_converter for its "
+        "16-bit activations)"]
     # the final model runs and agrees with fp32 on the test split's argmax at least as often as the planted one
     import onnxruntime as ort
 
@@ -146,7 +154,7 @@ def test_eval_fn_target(planted):
     res = _quantize(table, eval_fn=digits_accuracy, max_metric_drop=0.005, search_budget=4)
     s = res.report.search
     assert s["target"]["metric_fp32"] == pytest.approx(fp32)
-    assert s["met"] and s["moves"][0]["node"] == "/2/Conv"
+    assert s["met"] and s["moves"][0]["node"] in CORRUPTED_PAIR
     assert digits_accuracy(res.model) >= fp32 - 0.005
     with pytest.raises(ConfigError):
         _quantize(table, eval_fn=digits_accuracy)
@@ -170,7 +178,7 @@ def test_float_moves_in_the_plan():
 
 
 @pytest.mark.parametrize("field,value", [("target_cosine", 1.5), ("target_top1", -0.1), ("search_budget", 0),
-                                         ("search_workers", 0), ("search_budget", True)])
+                                         ("search_workers", 0), ("search_budget", True), ("search_16bit", "yes")])
 def test_bad_search_config(field, value):
     with pytest.raises(ConfigError, match=field):
         QuantConfig(**{field: value})
@@ -188,10 +196,83 @@ def test_cli_flags(tmp_path, planted):
     assert rc == 0
     report = json.loads(out.with_name("d.qpass.report.json").read_text())
     assert report["config"]["target_cosine"] == 0.999 and report["config"]["search_budget"] == 4
-    assert report["search"]["met"] and report["search"]["moves"][0]["node"] == "/2/Conv"
+    assert report["search"]["met"] and report["search"]["moves"][0]["node"] in CORRUPTED_PAIR
+    assert report["search"]["moves"][0]["to"] == "16-bit"
+    rc = main(["run", str(model), "--load-calib", str(table), "--val", str(DIGITS_TEST), "-o", str(out), "--no-latency",
+               "--target-cosine", "0.999", "--search-budget", "4", "--no-search-16bit", "-q"])
+    report = json.loads(out.with_name("d.qpass.report.json").read_text())
+    assert rc == 0 and report["search"]["moves"][0] == {**report["search"]["moves"][0], "node": "/2/Conv", "to": "float"}
+    assert "--no-search-16bit" in report["search"]["sixteen_bit"]["reason"]
 
 
 def test_a_target_without_validation_samples_says_it_was_not_searched():
     report = qpass.quantize(DIGITS_MODEL, DIGITS_CALIB, val_fraction=0.0, target_cosine=0.9999).report
     assert report.to_dict().get("search") is None
     assert any("the accuracy target was not searched for" in w for w in report.warnings)
+
+
+def test_planted_bad_layer_moved_to_float_when_16_bit_cannot_be_written(planted):
+    """Integer operators take 8-bit activations only: every move is to float, the report says why, and the Conv
+    writing the corrupted range is the first move (as before 16-bit moves existed)."""
+    table, _ = planted
+    res = _quantize(table, format="qop", target_cosine=0.999, search_budget=6)
+    s = res.report.search
+    assert s["met"] and s["moves"][0]["node"] == "/2/Conv" and {m["to"] for m in s["moves"]} == {"float"}
+    assert "8-bit activations only" in s["sixteen_bit"]["reason"] and "opset" not in s
+    assert res.model.opset_import[0].version == 13
+
+
+def test_float_after_a_16_bit_move_that_does_not_suffice(tmp_path):
+    """A range a million times too wide leaves a 16-bit pair under one level's worth of resolution: the 16-bit moves
+    of the two nodes around it do not help, so those nodes' next candidates are float moves, and the Conv writing the
+    range, moved to float, meets the target."""
+    cfg = QuantConfig(latency=False)
+    prepared = stages.prepare(stages.load(DIGITS_MODEL), cfg)
+    plan = stages.plan(prepared, cfg)
+    table = stages.calibrate(prepared, plan, open_samples(DIGITS_CALIB, input_specs(prepared.model)), cfg).table
+    r = table.get(PLANTED)
+    table.statistics.set(PLANTED, "range", TensorRange(r.min, r.max * 1e6, r.method, r.samples))  # no min-max kept
+    path = tmp_path / "worse.json"
+    table.save(path)
+    s = _quantize(path, target_cosine=0.999, search_budget=8).report.search
+    assert s["met"]
+    tried = [(c["node"], c["to"]) for step in s["rejected"] + s["moves"] for c in step["candidates"]]
+    assert ("/2/Conv", "16-bit") in tried and ("/2/Conv", "float") in tried
+    assert tried.index(("/2/Conv", "16-bit")) < tried.index(("/2/Conv", "float"))
+    assert s["moves"][-1]["node"] in CORRUPTED_PAIR and s["moves"][-1]["to"] == "float"
+
+
+def test_score_ranks_by_what_the_target_asks_first():
+    """A top-1 target prefers the trial with more top-1 agreement though its cosine is lower; a cosine target the
+    other way round (SmolLM2's search kept a move that raised cosine and lowered top-1 before this order)."""
+    a = [{"output": "y", "cosine_mean": 0.7787, "top1_agreement": 0.4873}]
+    b = [{"output": "y", "cosine_mean": 0.7771, "top1_agreement": 0.4945}]
+    assert Target(top1=0.9).score(b) > Target(top1=0.9).score(a)
+    assert Target(cosine=0.99).score(a) > Target(cosine=0.99).score(b)
+    assert Target(cosine=0.99, top1=0.9).score(a) > Target(cosine=0.99, top1=0.9).score(b)
+
+
+def test_widen_and_its_table():
+    """widen: the activations a node reads and writes, with every one sharing their ranges, go to uint16 min-max;
+    table_for: ranges only 16-bit pairs use become the min-max range observed in the same run (digits graph and
+    numbers read by hand)."""
+    cfg = QuantConfig()
+    prepared = stages.prepare(stages.load(DIGITS_MODEL), cfg)
+    plan = stages.plan(prepared, cfg)
+    dtypes = lambda p: {n: t.spec.dtype for n, t in p.tensors.items()}  # noqa: E731
+    assert set(dtypes(plan).values()) == {"uint8"}
+    wide = widen(plan, ("/8/Gemm",), prepared.model)  # reads /7/Relu's output, writes the graph output (no pair)
+    assert {n for n, d in dtypes(wide).items() if d == "uint16"} == {"/7/Relu_output_0"}
+    assert wide.tensors["/7/Relu_output_0"].spec.method == "minmax"
+    wide = widen(plan, ("/2/Conv",), prepared.model)  # reads /1/Relu's; writes /3/Relu's, shared by MaxPool, Flatten
+    assert {n for n, d in dtypes(wide).items() if d == "uint16"} == {
+        "/1/Relu_output_0", PLANTED, "/4/MaxPool_output_0", "/5/Flatten_output_0"}
+    table = CalibrationTable({"/1/Relu_output_0": TensorRange(0.0, 2.0, "percentile", 4, 0.0, 3.0),
+                              PLANTED: TensorRange(0.0, 5.0, "percentile", 4, 0.0, 9.0),
+                              "input": TensorRange(-1.0, 1.0, "percentile", 4, -2.0, 2.0)})
+    got = table_for(table, wide)
+    assert (got.get("/1/Relu_output_0").min, got.get("/1/Relu_output_0").max) == (0.0, 3.0)
+    assert (got.get(PLANTED).max, got.get(PLANTED).method) == (9.0, "minmax")
+    assert got.get("input").max == 1.0  # still an 8-bit pair
+    assert table.get(PLANTED).max == 5.0  # the table itself unchanged
+    assert table_for(table, plan) is table
