@@ -11,7 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from . import __version__
-from .config import (ACTIVATION_TYPES, FORMATS, METHOD_CHOICES, SMOOTH_QUANT, WEIGHT_ONLY_ALGORITHMS, WEIGHT_ONLY_MIXES,
+from .config import (ACTIVATION_TYPES, FORMATS, METHOD_CHOICES, OBJECTIVES, SMOOTH_QUANT, WEIGHT_ONLY_ALGORITHMS, WEIGHT_ONLY_MIXES,
                      WEIGHT_ONLY_TIED, WEIGHT_ONLY_TYPES, QuantConfig)
 from .errors import QpassError
 
@@ -165,6 +165,13 @@ def _validation_args(p: argparse.ArgumentParser) -> None:
         _config_option(p, "--search-budget", type=int, metavar="N", help="precision search: at most N trials (default 8)")
         _config_option(p, "--search-workers", type=int, metavar="N",
                        help="precision search: N processes score a step's candidate moves (default 1: in process)")
+        _config_option(p, "--ray", dest="ray_address", metavar="ADDRESS",
+                       help="precision search: run the trials as Ray tasks on the cluster at ADDRESS (auto, "
+                            "ray://host:port) or on a local Ray runtime (local); needs pip install 'qpass[ray]'")
+        _config_option(p, "--objective", choices=OBJECTIVES,
+                       help="accuracy (default): the search meets the target only; latency: also keep float the "
+                            "compute nodes whose integer form measured slower than float, so the output is not "
+                            "slower than fp32 (timing trials, within --search-budget)")
         _config_option(p, "--no-validate", dest="validate", action="store_const", const=False,
                        help="skip the comparison with the original (large models in pipelines that validate later)")
     _config_option(p, "--no-per-layer", dest="per_layer", action="store_const", const=False, help="skip the per-layer error ranking")
@@ -267,13 +274,23 @@ def _num(x) -> str:
 
 def print_search(console: Console, s: dict) -> None:
     """The precision search in one line, then one line per move."""
-    state = "met" if s.get("met") else "NOT met"
-    console.print(f"precision search: target {state} after {s.get('trials', 0)} trial(s), "
-                  f"{len(s.get('moves', []))} node(s) moved to float", highlight=False, soft_wrap=True)
-    for m in s.get("moves", []):
-        console.print(f"  {m['node']} ({m['op_type']}) -> float: worst cosine {_num(m['before']['cosine_min'])} -> "
-                      f"{_num(m['after']['cosine_min'])}, {m['bytes_before']} -> {m['bytes_after']} bytes",
+    if "met" in s:
+        state = "met" if s.get("met") else "NOT met"
+        console.print(f"precision search: target {state} after {s.get('trials', 0)} trial(s), "
+                      f"{len(s.get('moves', []))} node(s) moved to float", highlight=False, soft_wrap=True)
+        for m in s.get("moves", []):
+            console.print(f"  {m['node']} ({m['op_type']}) -> float: worst cosine {_num(m['before']['cosine_min'])} -> "
+                          f"{_num(m['after']['cosine_min'])}, {m['bytes_before']} -> {m['bytes_after']} bytes",
+                          highlight=False, soft_wrap=True)
+    lat = s.get("latency")
+    if lat:
+        state = "not slower than fp32" if lat["met"] else "STILL SLOWER than fp32"
+        console.print(f"latency objective: x{lat['start']['ratio']:.2f} -> x{lat['end']['ratio']:.2f} fp32's latency "
+                      f"({state}) after {lat['trials']} timing trial(s), {len(lat['floated'])} node(s) kept float",
                       highlight=False, soft_wrap=True)
+        for m in lat.get("moves", []):
+            console.print(f"  {m['step']}: {len(m['nodes'])} node(s), {m['ms_before']} -> {m['ms_after']} ms, "
+                          f"{m['bytes_before']} -> {m['bytes_after']} bytes", highlight=False, soft_wrap=True)
 
 
 def print_summary(console: Console, r: dict) -> None:

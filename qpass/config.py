@@ -30,6 +30,8 @@ WEIGHT_TYPES = ("int8",)
 #: weight-only mode types: int4/int8 symmetric (zero point 0), uint4 asymmetric (zero point from the block's range),
 #: nf4 (QLoRA's NormalFloat codebook, block absmax), ternary ({-1, 0, 1} x block absmean, int2, opset 25)
 WEIGHT_ONLY_TYPES = ("int4", "uint4", "int8", "nf4", "ternary")
+#: what the precision search optimises besides the accuracy target (qpass.search.latency)
+OBJECTIVES = ("accuracy", "latency")
 #: weight-only types rounded to the nearest level of their grid only (no GPTQ or scale search)
 NEAREST_ONLY_TYPES = ("nf4", "ternary")
 #: weight-only algorithms: round to nearest; a data-free per-block scale search; GPTQ; activation-aware scaling with a
@@ -200,6 +202,13 @@ class QuantConfig:
         search_budget: trials (one rewrite and validation each) the precision search may run at most.
         search_workers: processes scoring a step's candidate moves (1: in this process); the moves do not depend
             on it.
+        ray_address: run the search's trials as Ray tasks (the optional extra ``qpass[ray]``): a cluster address
+            ("auto", "ray://host:port", "host:port") or "local" to start a Ray runtime on this machine. None: the
+            process pool (``search_workers``). The trial results do not depend on it.
+        objective: "accuracy" (default): the search only meets the accuracy target. "latency": also keeps float the
+            compute nodes whose integer form measured slower than float (timing trials, medians of alternated
+            runs; qpass.search.latency), so the output is not slower than the fp32 model, or the report says it
+            could not.
     """
 
     format: str = "qdq"
@@ -265,6 +274,8 @@ class QuantConfig:
     target_top1: float | None = None
     search_budget: int = 8
     search_workers: int = 1
+    ray_address: str | None = None
+    objective: str = "accuracy"
     _exclude_patterns: tuple[re.Pattern, ...] = field(default=(), repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -329,6 +340,10 @@ class QuantConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise bad(name, value, "a positive integer")
+        if self.ray_address is not None and (not isinstance(self.ray_address, str) or not self.ray_address.strip()):
+            raise bad("ray_address", self.ray_address, "a Ray address (auto, ray://host:port, host:port) or local")
+        if self.objective not in OBJECTIVES:
+            raise bad("objective", self.objective, " or ".join(OBJECTIVES))
         if self.weight_type not in WEIGHT_TYPES:
             raise bad("weight_type", self.weight_type, " or ".join(WEIGHT_TYPES))
         for name, table in (("tensor_methods", self.tensor_methods), ("op_methods", self.op_methods)):

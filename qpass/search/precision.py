@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import math
 import re
-import multiprocessing
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -26,6 +24,7 @@ from ..graph import proto_node_label
 from ..io import model_bytes
 from ..plan.spec import QuantPlan
 from ..evaluate.validate import per_layer_error, validate
+from .executors import TrialExecutor, for_config
 
 #: candidate moves scored per step (the first quantized compute nodes of the per-layer ranking)
 CANDIDATES = 2
@@ -226,13 +225,15 @@ def _near(tensor: str | None, quantized: set[str], nodes_at, onward) -> list[str
 
 def search(prepared, plan: QuantPlan, table: CalibrationTable, config: QuantConfig, reference, samples: list,
            first_model: onnx.ModelProto, validation: dict, *, corrections: list | None = None, eval_fn=None,
-           max_metric_drop: float | None = None) -> SearchResult:
+           max_metric_drop: float | None = None, executor: TrialExecutor | None = None) -> SearchResult:
     """Run the precision search from the first rewrite (``first_model``, of ``plan``) and its ``validation``
     (outputs and per-layer ranking, measured again when absent). Trials plan again from ``config`` with the moved
     nodes excluded (:func:`plan_for`), keeping ``plan``'s overrides. A step keeps its best trial unless it scores
     below the current model; its candidates are then not tried again. ``corrections``: the samples bias
     correction measures on. ``eval_fn(model) -> float`` (larger is better; picklable with more than one worker)
-    with ``max_metric_drop``: the target also asks ``eval_fn`` of each trial to stay within that drop of fp32's."""
+    with ``max_metric_drop``: the target also asks ``eval_fn`` of each trial to stay within that drop of fp32's.
+    ``executor``: where a step's trials run (qpass.search.executors; default from ``config``: Ray at
+    ``ray_address``, else a pool of ``search_workers``)."""
     t0 = time.perf_counter()
     metric = fp32_metric = None
     if eval_fn is not None and max_metric_drop is not None:
@@ -249,7 +250,8 @@ def search(prepared, plan: QuantPlan, table: CalibrationTable, config: QuantConf
                               "start": summary(outputs, metric), "moves": [], "rejected": [], "trials": 0}
     current = SearchResult(plan, None, [], {}, {}, report)
     model, size, floated, tried = first_model, model_bytes(first_model), (), set()
-    pool = None
+    pool, owned = for_config(config, executor)
+    report["executor"], report["workers"] = pool.kind, pool.workers
     try:
         while not target.met(outputs, metric) and report["trials"] < config.search_budget:
             if not ranking:
@@ -261,12 +263,7 @@ def search(prepared, plan: QuantPlan, table: CalibrationTable, config: QuantConf
                 break
             args = (prepared, config, tuple(plan.overrides), floated, table, reference, samples, corrections, provider,
                     eval_fn if target.metric is not None else None)
-            if config.search_workers > 1 and len(picks) > 1:
-                if pool is None:
-                    pool = ProcessPoolExecutor(config.search_workers, mp_context=multiprocessing.get_context("spawn"))
-                trials = list(pool.map(run_trial, *zip(*[args + (label,) for label, _ in picks])))
-            else:
-                trials = [run_trial(*args, label) for label, _ in picks]
+            trials = pool.map(run_trial, args, [label for label, _ in picks])
             report["trials"] += len(trials)
             scored = [{"node": t.node, **summary(t.outputs, t.metric), **({"error": t.info["error"]} if "error" in t.info else {})}
                       for t in trials]
@@ -286,8 +283,8 @@ def search(prepared, plan: QuantPlan, table: CalibrationTable, config: QuantConf
                                    kept.quantized_nodes, kept.info, report)
             model, outputs, size, ranking, metric = kept.model, kept.outputs, kept.output_bytes, [], kept.metric
     finally:
-        if pool is not None:
-            pool.shutdown()
+        if owned:
+            pool.close()
     report["met"] = target.met(outputs, metric)
     if report["met"] and not report["trials"]:
         report["note"] = "the first rewrite meets the target"
