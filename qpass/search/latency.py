@@ -114,8 +114,10 @@ def search_latency(prepared, plan: QuantPlan, table, config, reference, feed: di
                                                                   FINAL_REPEATS if final else REPEATS))
     overrides = tuple(plan.overrides)
     if rewrite is None:
+        allow = config.replace(allow_empty=True)  # every compute node float is a trial like any other
+
         def rewrite(nodes: tuple[str, ...]):
-            return stages.rewrite(prepared, plan_for(prepared, config, nodes, overrides), table, config,
+            return stages.rewrite(prepared, plan_for(prepared, allow, nodes, overrides), table, allow,
                                   samples=corrections)
     budget = config.search_budget
     report: dict = {"objective": "latency", "budget": budget, "trials": 0, "moves": [], "requantized": [],
@@ -128,13 +130,13 @@ def search_latency(prepared, plan: QuantPlan, table, config, reference, feed: di
 
     def trial(nodes: tuple[str, ...], what: str, moved: list[str]):
         """Rewrite with ``nodes`` float and time it, alternated with the current model and fp32: (rewritten, its
-        ms, current ms, fp32 ms), or Nones when the rewrite failed."""
+        ms, current ms, fp32 ms); (None, None, and the last times) when the rewrite failed."""
         report["trials"] += 1
         try:
             rw = rewrite(nodes)
         except QpassError as exc:
             report["tried"].append({"step": what, "nodes": moved, "error": exc.one_line()})
-            return None, None, None, None
+            return None, None, cur_ms, fp32_ms
         ms = timer({"fp32": reference, "current": cur_model, "trial": rw.model})
         report["tried"].append({"step": what, "nodes": moved, "ms": round(ms["trial"], 4),
                                 "current_ms": round(ms["current"], 4), "fp32_ms": round(ms["fp32"], 4)})
@@ -166,7 +168,7 @@ def search_latency(prepared, plan: QuantPlan, table, config, reference, feed: di
             if rw is not None and ms < before:
                 move(rw, [node], "one to float", before, ms)
                 cur_model, cur_rw, cur_float, cur_ms = rw.model, rw, cur_float + (node,), ms
-            elif before is not None:
+            else:
                 cur_ms = before
         # 4. once not slower than fp32: each island node back to its integer form alone, kept there where that is
         # neither slower than its float form nor than fp32
@@ -178,7 +180,7 @@ def search_latency(prepared, plan: QuantPlan, table, config, reference, feed: di
             if rw is not None and ms <= before and ms <= fp32_ms:
                 report["requantized"].append({"node": node, "ms_float": round(before, 4), "ms_integer": round(ms, 4)})
                 cur_model, cur_rw, cur_float, cur_ms = rw.model, rw, back, ms
-            elif before is not None:
+            else:
                 cur_ms = before
     end = timer({"fp32": reference, "model": cur_model}, final=True)
     report["end"] = {"fp32_ms": round(end["fp32"], 4), "ms": round(end["model"], 4),
@@ -188,6 +190,8 @@ def search_latency(prepared, plan: QuantPlan, table, config, reference, feed: di
     if not report["met"]:
         report["note"] = (f"could not make the output as fast as fp32: x{report['end']['ratio']:.2f} fp32's latency "
                           f"after {report['trials']} of {budget} trials (--search-budget)")
+    elif quantized and quantized <= set(cur_float):
+        report["note"] = "every quantized compute node measured slower than float: the output is all float"
     elif not report["trials"]:
         report["note"] = "the output is not slower than fp32: nothing moved"
     report["seconds"] = round(time.perf_counter() - t0, 3)
