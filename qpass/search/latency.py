@@ -6,10 +6,12 @@ Timing trials, each a rewrite from the same calibration table (no recalibration)
 2. *Float islands*: ops with no integer form that run in float between a DequantizeLinear and a QuantizeLinear
    (a HardSwish between two Convs) make the Q/DQ pairs around them cost time that the integer kernels do not
    save. The quantized compute nodes feeding such islands move to float together in one trial, kept if faster.
-3. While the model is still slower than fp32 and trials remain, each other quantized compute node (graph order)
-   is tried in float alone and kept float where that is faster.
-4. Once the model is not slower than fp32, each island node is tried back in its integer form alone, and
-   re-quantized where that is neither slower than its float form nor than fp32 (the decision per layer, measured).
+3. While the model is still slower than fp32, the next other quantized compute node (graph order) is tried in
+   float alone and kept float where that is faster; once it is not slower, the next island node is tried back in
+   its integer form alone and re-quantized where that is neither slower than its float form nor than fp32 (the
+   decision per layer, measured). Until the trials (``search_budget``) or the nodes run out.
+4. The last timing (``FINAL_REPEATS`` alternated runs against fp32) decides; when it says slower and trials and
+   nodes remain, 3 goes on.
 The trials are timed in this process, one after another: timing in parallel workers would measure contention.
 """
 from __future__ import annotations
@@ -159,30 +161,40 @@ def search_latency(prepared, plan: QuantPlan, table, config, reference, feed: di
                 cur_model, cur_rw, cur_float, cur_ms = rw.model, rw, cur_float + tuple(islands), ms
             else:
                 islands = []
-        # 3. while still slower than fp32: the other quantized compute nodes, one at a time (graph order)
+        # 3 and 4, until the trials run out or neither has a node left: while slower than fp32, the next other
+        # quantized compute node (graph order) to float; while not, the next island node back to integer
         order = [proto_node_label(n) for n in prepared.model.graph.node]
-        for node in [x for x in order if x in quantized and x not in cur_float]:
-            if cur_ms <= fp32_ms or report["trials"] >= budget:
-                break
-            rw, ms, before, fp32_ms = trial(cur_float + (node,), "one to float", [node])
-            if rw is not None and ms < before:
-                move(rw, [node], "one to float", before, ms)
-                cur_model, cur_rw, cur_float, cur_ms = rw.model, rw, cur_float + (node,), ms
-            else:
+        to_float = [x for x in order if x in quantized and x not in cur_float]
+        back_to_integer = list(islands)
+        while True:
+            while report["trials"] < budget:
+                if cur_ms > fp32_ms:
+                    if not to_float:
+                        break
+                    node = to_float.pop(0)
+                    rw, ms, before, fp32_ms = trial(cur_float + (node,), "one to float", [node])
+                    if rw is not None and ms < before:
+                        move(rw, [node], "one to float", before, ms)
+                        cur_model, cur_rw, cur_float, cur_ms = rw.model, rw, cur_float + (node,), ms
+                        continue
+                else:
+                    if not back_to_integer:
+                        break
+                    node = back_to_integer.pop(0)
+                    back = tuple(x for x in cur_float if x != node)
+                    rw, ms, before, fp32_ms = trial(back, "back to integer", [node])
+                    if rw is not None and ms <= before and ms <= fp32_ms:
+                        report["requantized"].append({"node": node, "ms_float": round(before, 4),
+                                                      "ms_integer": round(ms, 4)})
+                        cur_model, cur_rw, cur_float, cur_ms = rw.model, rw, back, ms
+                        continue
                 cur_ms = before
-        # 4. once not slower than fp32: each island node back to its integer form alone, kept there where that is
-        # neither slower than its float form nor than fp32
-        for node in islands:
-            if cur_ms > fp32_ms or report["trials"] >= budget:
+            end = timer({"fp32": reference, "model": cur_model}, final=True)
+            cur_ms, fp32_ms = end["model"], end["fp32"]
+            if cur_ms <= fp32_ms or report["trials"] >= budget or not to_float:
                 break
-            back = tuple(x for x in cur_float if x != node)
-            rw, ms, before, fp32_ms = trial(back, "back to integer", [node])
-            if rw is not None and ms <= before and ms <= fp32_ms:
-                report["requantized"].append({"node": node, "ms_float": round(before, 4), "ms_integer": round(ms, 4)})
-                cur_model, cur_rw, cur_float, cur_ms = rw.model, rw, back, ms
-            else:
-                cur_ms = before
-    end = timer({"fp32": reference, "model": cur_model}, final=True)
+    else:
+        end = timer({"fp32": reference, "model": cur_model}, final=True)
     report["end"] = {"fp32_ms": round(end["fp32"], 4), "ms": round(end["model"], 4),
                      "ratio": round(end["model"] / end["fp32"], 4)}
     report["met"] = end["model"] <= end["fp32"]
