@@ -175,7 +175,9 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, calib: Data = None, *, 
     samples, desc = validation_data(val, specs, cfg, calib=calib, held=held, loaded_table=load_calib is not None,
                                     calibrated=needs_data) if cfg.validate else (None, None)
     if not cfg.validate:
-        report.warnings.append("not validated (validate = false / --no-validate)")
+        report.warnings.append("not validated (validate = false / --no-validate)"
+                               + ("; the precision search did not run" if Target.of(cfg).active or metric is not None
+                                  or cfg.objective == "latency" else ""))
     elif samples is None:
         report.warnings.append("not validated: no held-out samples (give --val PATH or more calibration samples)"
                                + ("; the accuracy target was not searched for" if searching else ""))
