@@ -62,6 +62,9 @@ VARIANTS: dict[str, dict] = {
     "search_cos_w2": {"val_fraction": 0.2, "target_cosine": 0.999, "search_workers": 2},
     # the same search with float moves only (before 16-bit moves existed, search_cos was this)
     "search_cos_float": {"val_fraction": 0.2, "target_cosine": 0.999, "search_16bit": False},
+    "search_cos_ray": {"val_fraction": 0.2, "target_cosine": 0.999, "ray_address": "local"},  # needs qpass[ray]
+    # the latency objective (compute nodes whose integer form measured slower than float kept float)
+    "latency_obj": {"val_fraction": 0.2, "objective": "latency"},
 }
 
 
@@ -90,7 +93,13 @@ def run(models: list[str], variants: list[str], shared: Path = SHARED, log=print
                             if e.get("latency")), None)
                 if lat:  # validation's quantized / fp32 latency ratio (alternated medians)
                     row["latency_ratio"] = lat.get("ratio")
-                if result.report.search is not None:  # the precision search's moves and time
+                row["size_bytes"] = result.report.sizes.get("output_bytes")
+                lat_found = (result.report.search or {}).get("latency")
+                if lat_found:  # the latency objective: its start and end against fp32, and what it kept float
+                    row["latency_search"] = {k: lat_found.get(k) for k in ("met", "trials", "seconds", "start", "end",
+                                                                           "floated", "note")}
+                    log(f"  latency search: {json.dumps(row['latency_search'])}")
+                if result.report.search and "met" in result.report.search:  # the precision search's moves and time
                     found = result.report.search
                     row["search"] = {"met": found["met"], "trials": found["trials"], "seconds": found.get("seconds"),
                                      "moves": [m["node"] for m in found["moves"]], "start": found.get("start"),

@@ -22,7 +22,9 @@ from .io import initializer_bytes, model_bytes, same_file, save_model
 from .plan.spec import QuantPlan
 from .recipes import resolve, smooths
 from .report import Report
-from .search.precision import Target, search
+from .search.executors import TrialExecutor, require_ray
+from .search.latency import search_latency
+from .search.precision import Target, plan_for, search, sixteen_bit
 from .runtime import FILE_SESSION_BYTES, ModelFile, release_freed_memory
 
 Data = "str | os.PathLike | Iterable[Mapping[str, Any]] | None"
@@ -57,7 +59,8 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, calib: Data = None, *, 
              save_calib: str | os.PathLike | None = None, plan: QuantPlan | str | os.PathLike | None = None,
              save_plan: str | os.PathLike | None = None, dump_dir: str | os.PathLike | None = None,
              progress: stages.ProgressFactory | None = None, eval_fn: Callable[[onnx.ModelProto], float] | None = None,
-             max_metric_drop: float | None = None, **overrides: Any) -> QuantizeResult:
+             max_metric_drop: float | None = None, executor: TrialExecutor | None = None,
+             **overrides: Any) -> QuantizeResult:
     """Quantize an fp32 ONNX model (QDQ or integer operators) and validate it against the original.
 
     ``model``: a path or ModelProto (never modified or written). ``calib`` / ``val``: a ``.npz``, a folder of
@@ -67,7 +70,9 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, calib: Data = None, *, 
     atomically, with ``*.report.json`` beside it. ``config`` and keyword ``overrides``: :class:`QuantConfig`.
     ``eval_fn(model) -> float`` (larger is better) with ``max_metric_drop``: the precision search's target also
     asks that metric of the result to be at least fp32's less the drop (qpass.search.precision; a module-level
-    function when ``search_workers`` > 1). Raises QpassError subclasses for bad input, each naming the file, node
+    function when ``search_workers`` > 1). ``executor``: where the search's trials run (a
+    qpass.search.executors.RayTrials for a Ray cluster; default from the config: ``ray_address``, else a process
+    pool of ``search_workers``). Raises QpassError subclasses for bad input, each naming the file, node
     or tensor.
     """
     cfg = (config or QuantConfig()).replace(**overrides) if overrides else (config or QuantConfig())
@@ -77,6 +82,8 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, calib: Data = None, *, 
         raise ConfigError(f"eval_fn and max_metric_drop go together (got {max_metric_drop!r})", subject="max_metric_drop",
                           hint="give both, max_metric_drop a number >= 0, or neither")
     metric = (eval_fn, max_metric_drop) if eval_fn is not None else None
+    if cfg.ray_address and executor is None:
+        require_ray(f"--ray {cfg.ray_address}")  # before any work
     t0 = time.perf_counter()
     name = "<ModelProto>" if isinstance(model, onnx.ModelProto) else str(model)
     original = stages.load(model)
@@ -162,7 +169,7 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, calib: Data = None, *, 
     # and the loaded input (another, when the opset policy upgraded it) go now, with the working graphs (gs tensors
     # sit in reference cycles, which only the cycle collector frees)
     reference = spilled[1] if spilled is not None else prepared.reference
-    searching = (Target.of(cfg).active or metric is not None) and cfg.validate
+    searching = (Target.of(cfg).active or metric is not None or cfg.objective == "latency") and cfg.validate
     if not searching:
         del prepared
     _release()
@@ -170,7 +177,9 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, calib: Data = None, *, 
     samples, desc = validation_data(val, specs, cfg, calib=calib, held=held, loaded_table=load_calib is not None,
                                     calibrated=needs_data) if cfg.validate else (None, None)
     if not cfg.validate:
-        report.warnings.append("not validated (validate = false / --no-validate)")
+        report.warnings.append("not validated (validate = false / --no-validate)"
+                               + ("; the precision search did not run" if Target.of(cfg).active or metric is not None
+                                  or cfg.objective == "latency" else ""))
     elif samples is None:
         report.warnings.append("not validated: no held-out samples (give --val PATH or more calibration samples)"
                                + ("; the accuracy target was not searched for" if searching else ""))
@@ -183,7 +192,8 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, calib: Data = None, *, 
                 report.validation = stages.evaluate(reference, quantized, samples, desc, cfg)
         if searching:
             rewritten, qplan = _search(report, times, prepared, qplan, calibrated.table, cfg, reference, samples,
-                                       desc, rewritten, corrections, sequential is not None, save_plan, metric)
+                                       desc, rewritten, corrections, sequential is not None, save_plan, metric,
+                                       executor)
             del prepared
         report.warnings.extend(report.validation["findings"])
     times["validate"] = time.perf_counter() - t - times.get("search", 0.0)
@@ -233,40 +243,59 @@ def validate_models(original: str | os.PathLike | onnx.ModelProto, quantized: st
 
 def _search(report: Report, times: dict, prepared: stages.Prepared, qplan: QuantPlan, table: CalibrationTable,
             cfg: QuantConfig, reference, samples, desc: str, rewritten: stages.Rewritten, corrections,
-            sequential: bool, save_plan, metric) -> tuple[stages.Rewritten, QuantPlan]:
-    """The precision search after the first validation (a target is set): the report's ``search`` section, and,
-    when a move was kept, the final model validated again (``validation``), its plan (saved to ``save_plan``)."""
+            sequential: bool, save_plan, metric, executor=None) -> tuple[stages.Rewritten, QuantPlan]:
+    """The precision search after the first validation (a target is set, or the latency objective): the report's
+    ``search`` section (the latency objective's under ``search["latency"]``), and, when a move was kept, the final
+    model validated again (``validation``), its plan (saved to ``save_plan``)."""
     if sequential:
         report.warnings.append("precision search: not run with sequential GPTQ (its statistics depend on the "
                                "weights before each stage)")
         return rewritten, qplan
     t = time.perf_counter()
     samples = list(samples)
-    found = search(prepared, qplan, table, cfg, reference, samples, rewritten.model, report.validation,
-                   corrections=corrections, eval_fn=metric and metric[0], max_metric_drop=metric and metric[1])
-    times["search"] = time.perf_counter() - t
-    report.search = found.report
-    if not found.report["met"]:
-        report.warnings.append(f"precision search: target not met ({found.report['note']}; "
-                               f"{len(found.report['moves'])} move(s) kept): "
-                               + "; ".join(found.report.get("failures", [])))
-    if found.report.get("opset"):
-        o = found.report["opset"]
-        report.warnings.append(f"precision search: the output is at opset {o['to']} (the model's {o['from']}, "
-                               "upgraded by onnx.version_converter for its 16-bit activations)")
-        report.opset = {**(report.opset or {}), "output": o["to"]}
-    if found.model is None:
-        return rewritten, qplan
+    if Target.of(cfg).active or metric is not None:
+        found = search(prepared, qplan, table, cfg, reference, samples, rewritten.model, report.validation,
+                       corrections=corrections, eval_fn=metric and metric[0], max_metric_drop=metric and metric[1],
+                       executor=executor)
+        report.search = found.report
+        if not found.report["met"]:
+            report.warnings.append(f"precision search: target not met ({found.report['note']}; "
+                                   f"{len(found.report['moves'])} move(s) kept): "
+                                   + "; ".join(found.report.get("failures", [])))
+        if found.report.get("opset"):
+            o = found.report["opset"]
+            report.warnings.append(f"precision search: the output is at opset {o['to']} (the model's {o['from']}, "
+                                   "upgraded by onnx.version_converter for its 16-bit activations)")
+            report.opset = {**(report.opset or {}), "output": o["to"]}
+        model, plan = found.model, found.plan
+        floated, widened = tuple(found.report["floated"]), tuple(found.report.get("widened", ()))
+        if model is not None:
+            rewritten = stages.Rewritten(found.model, found.records, found.quantized_nodes, found.info)
+    else:
+        report.search, model, plan, floated, widened = {}, None, qplan, (), ()
     first_latency = _latency_ratio(report.validation)
-    rewritten = stages.Rewritten(found.model, found.records, found.quantized_nodes, found.info)
-    report.passes = list(prepared.records) + list(found.records)  # the kept rewrite's records replace the first's
-    report.quantized_nodes, report.plan = rewritten.quantized_nodes, found.plan.with_overrides().to_dict()
+    if cfg.objective == "latency":
+        base = sixteen_bit(prepared, cfg)[0] if widened else prepared  # the kept 16-bit moves stay
+        lat = search_latency(base, qplan, table, cfg, reference, samples[0][0], rewritten.model, floated=floated,
+                             widened=widened, corrections=corrections,
+                             provider=report.validation.get("provider") or "CPUExecutionProvider")
+        report.search["latency"] = lat.report
+        if not lat.report["met"] or "all float" in lat.report.get("note", ""):
+            report.warnings.append(f"latency objective: {lat.report['note']}")
+        if lat.model is not None:
+            rewritten, model = lat.rewritten, lat.model
+            plan = plan_for(base, cfg, lat.floated, tuple(qplan.overrides), widened)
+    times["search"] = time.perf_counter() - t
+    if model is None:
+        return rewritten, qplan
+    report.passes = list(prepared.records) + list(rewritten.records)  # the kept rewrite's records replace the first's
+    report.quantized_nodes, report.plan = rewritten.quantized_nodes, plan.with_overrides().to_dict()
     report.sizes["output_bytes"] = model_bytes(rewritten.model)
     report.validation = stages.evaluate(reference, rewritten.model, samples, desc, cfg)
-    found.report["latency_ratio"] = {"first": first_latency, "final": _latency_ratio(report.validation)}
+    report.search["latency_ratio"] = {"first": first_latency, "final": _latency_ratio(report.validation)}
     if save_plan is not None:
-        found.plan.save(save_plan)
-    return rewritten, found.plan
+        plan.save(save_plan)
+    return rewritten, plan
 
 
 def _latency_ratio(validation: dict | None) -> float | None:

@@ -11,7 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from . import __version__
-from .config import (ACTIVATION_TYPES, FORMATS, METHOD_CHOICES, SMOOTH_QUANT, WEIGHT_ONLY_ALGORITHMS, WEIGHT_ONLY_MIXES,
+from .config import (ACTIVATION_TYPES, FORMATS, METHOD_CHOICES, OBJECTIVES, SMOOTH_QUANT, WEIGHT_ONLY_ALGORITHMS, WEIGHT_ONLY_MIXES,
                      WEIGHT_ONLY_TIED, WEIGHT_ONLY_TYPES, QuantConfig)
 from .errors import QpassError
 
@@ -168,6 +168,13 @@ def _validation_args(p: argparse.ArgumentParser) -> None:
                        help="precision search: N processes score a step's candidate moves (default 1: in process)")
         _config_option(p, "--no-search-16bit", dest="search_16bit", action="store_const", const=False,
                        help="precision search: float moves only (no 16-bit activations, no opset 21 upgrade)")
+        _config_option(p, "--ray", dest="ray_address", metavar="ADDRESS",
+                       help="precision search: run the trials as Ray tasks on the cluster at ADDRESS (auto, "
+                            "ray://host:port) or on a local Ray runtime (local); needs pip install 'qpass[ray]'")
+        _config_option(p, "--objective", choices=OBJECTIVES,
+                       help="accuracy (default): the search meets the target only; latency: also keep float the "
+                            "compute nodes whose integer form measured slower than float, so the output is not "
+                            "slower than fp32 (timing trials, within --search-budget)")
         _config_option(p, "--no-validate", dest="validate", action="store_const", const=False,
                        help="skip the comparison with the original (large models in pipelines that validate later)")
     _config_option(p, "--no-per-layer", dest="per_layer", action="store_const", const=False, help="skip the per-layer error ranking")
@@ -270,20 +277,30 @@ def _num(x) -> str:
 
 def print_search(console: Console, s: dict) -> None:
     """The precision search in one line, then one line per move."""
-    state = "met" if s.get("met") else "NOT met"
-    console.print(f"precision search: target {state} after {s.get('trials', 0)} trial(s), "
-                  f"{len(s.get('moves', []))} move(s)", highlight=False, soft_wrap=True)
-    if s.get("sixteen_bit", {}).get("reason"):
-        console.print(f"  no 16-bit moves: {s['sixteen_bit']['reason']}", highlight=False, soft_wrap=True)
-    if s.get("opset"):
-        console.print(f"  opset {s['opset']['from']} -> {s['opset']['to']} for the 16-bit moves", highlight=False)
-    lat = s.get("latency_ratio") or {}
-    if lat.get("first") is not None and lat.get("final") is not None:
-        console.print(f"  latency x{lat['first']:.3f} -> x{lat['final']:.3f} fp32's", highlight=False)
-    for m in s.get("moves", []):
-        console.print(f"  {m['node']} ({m['op_type']}) -> {m.get('to', 'float')}: worst cosine {_num(m['before']['cosine_min'])} -> "
-                      f"{_num(m['after']['cosine_min'])}, {m['bytes_before']} -> {m['bytes_after']} bytes",
+    if "met" in s:
+        state = "met" if s.get("met") else "NOT met"
+        console.print(f"precision search: target {state} after {s.get('trials', 0)} trial(s), "
+                      f"{len(s.get('moves', []))} move(s)", highlight=False, soft_wrap=True)
+        if s.get("sixteen_bit", {}).get("reason"):
+            console.print(f"  no 16-bit moves: {s['sixteen_bit']['reason']}", highlight=False, soft_wrap=True)
+        if s.get("opset"):
+            console.print(f"  opset {s['opset']['from']} -> {s['opset']['to']} for the 16-bit moves", highlight=False)
+        for m in s.get("moves", []):
+            console.print(f"  {m['node']} ({m['op_type']}) -> {m.get('to', 'float')}: worst cosine {_num(m['before']['cosine_min'])} -> "
+                          f"{_num(m['after']['cosine_min'])}, {m['bytes_before']} -> {m['bytes_after']} bytes",
+                          highlight=False, soft_wrap=True)
+    ratio = s.get("latency_ratio") or {}
+    if ratio.get("first") is not None and ratio.get("final") is not None:
+        console.print(f"  latency x{ratio['first']:.3f} -> x{ratio['final']:.3f} fp32's", highlight=False)
+    lat = s.get("latency")
+    if lat:
+        state = "not slower than fp32" if lat["met"] else "STILL SLOWER than fp32"
+        console.print(f"latency objective: x{lat['start']['ratio']:.2f} -> x{lat['end']['ratio']:.2f} fp32's latency "
+                      f"({state}) after {lat['trials']} timing trial(s), {len(lat['floated'])} node(s) kept float",
                       highlight=False, soft_wrap=True)
+        for m in lat.get("moves", []):
+            console.print(f"  {m['step']}: {len(m['nodes'])} node(s), {m['ms_before']} -> {m['ms_after']} ms, "
+                          f"{m['bytes_before']} -> {m['bytes_after']} bytes", highlight=False, soft_wrap=True)
 
 
 def print_summary(console: Console, r: dict) -> None:

@@ -30,6 +30,8 @@ WEIGHT_TYPES = ("int8",)
 #: weight-only mode types: int4/int8 symmetric (zero point 0), uint4 asymmetric (zero point from the block's range),
 #: nf4 (QLoRA's NormalFloat codebook, block absmax), ternary ({-1, 0, 1} x block absmean, int2, opset 25)
 WEIGHT_ONLY_TYPES = ("int4", "uint4", "int8", "nf4", "ternary")
+#: what the precision search optimises besides the accuracy target (qpass.search.latency)
+OBJECTIVES = ("accuracy", "latency")
 #: weight-only types rounded to the nearest level of their grid only (no GPTQ or scale search)
 NEAREST_ONLY_TYPES = ("nf4", "ternary")
 #: weight-only algorithms: round to nearest; a data-free per-block scale search; GPTQ; activation-aware scaling with a
@@ -203,6 +205,13 @@ class QuantConfig:
             on it.
         search_16bit: a node's first move gives its activations 16-bit Q/DQ pairs (opset 21, the model upgraded
             for it), its next keeps it in float; False: float moves only.
+        ray_address: run the search's trials as Ray tasks (the optional extra ``qpass[ray]``): a cluster address
+            ("auto", "ray://host:port", "host:port") or "local" to start a Ray runtime on this machine. None: the
+            process pool (``search_workers``). The trial results do not depend on it.
+        objective: "accuracy" (default): the search only meets the accuracy target. "latency": also keeps float the
+            compute nodes whose integer form measured slower than float (timing trials, medians of alternated
+            runs; qpass.search.latency), so the output is not slower than the fp32 model, or the report says it
+            could not.
     """
 
     format: str = "qdq"
@@ -269,6 +278,8 @@ class QuantConfig:
     search_budget: int = 8
     search_workers: int = 1
     search_16bit: bool = True
+    ray_address: str | None = None
+    objective: str = "accuracy"
     _exclude_patterns: tuple[re.Pattern, ...] = field(default=(), repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -335,6 +346,10 @@ class QuantConfig:
                 raise bad(name, value, "a positive integer")
         if not isinstance(self.search_16bit, bool):
             raise bad("search_16bit", self.search_16bit, "true or false")
+        if self.ray_address is not None and (not isinstance(self.ray_address, str) or not self.ray_address.strip()):
+            raise bad("ray_address", self.ray_address, "a Ray address (auto, ray://host:port, host:port) or local")
+        if self.objective not in OBJECTIVES:
+            raise bad("objective", self.objective, " or ".join(OBJECTIVES))
         if self.weight_type not in WEIGHT_TYPES:
             raise bad("weight_type", self.weight_type, " or ".join(WEIGHT_TYPES))
         for name, table in (("tensor_methods", self.tensor_methods), ("op_methods", self.op_methods)):

@@ -83,3 +83,7 @@ class ValidationFailed(QpassError):
     """The quantized model did not meet the requested tolerance."""
 
     exit_code = 1
+
+
+class DependencyError(QpassError):
+    """An optional dependency that the asked feature needs is not installed or cannot be reached (Ray for --ray)."""

@@ -27,7 +27,8 @@ class Report:
     #: the quantization plan the rewrite applied (QuantPlan.to_dict), overrides folded in where they were given
     plan: dict | None = None
     seconds: dict[str, float] = field(default_factory=dict)
-    #: the precision search's target, moves and trials (qpass.search.precision); None when no target was set
+    #: the precision search's target, moves and trials (qpass.search.precision), the latency objective's under
+    #: "latency" (qpass.search.latency); None when neither ran
     search: dict | None = None
 
     @property

@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import math
 import re
-import multiprocessing
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -35,6 +33,7 @@ from ..io import default_opset, min_ir_version, model_bytes
 from ..ops import INT16_MIN_OPSET
 from ..plan.spec import QuantPlan
 from ..evaluate.validate import per_layer_error, validate
+from .executors import TrialExecutor, for_config
 
 #: candidate moves scored per step (the first quantized compute nodes of the per-layer ranking)
 CANDIDATES = 2
@@ -338,7 +337,7 @@ def _near(tensor: str | None, quantized: set[str], nodes_at, onward) -> list[str
 
 def search(prepared, plan: QuantPlan, table: CalibrationTable, config: QuantConfig, reference, samples: list,
            first_model: onnx.ModelProto, validation: dict, *, corrections: list | None = None, eval_fn=None,
-           max_metric_drop: float | None = None) -> SearchResult:
+           max_metric_drop: float | None = None, executor: TrialExecutor | None = None) -> SearchResult:
     """Run the precision search from the first rewrite (``first_model``, of ``plan``) and its ``validation``
     (outputs and per-layer ranking, measured again when absent). Trials plan again from ``config`` with the moved
     nodes excluded or widened to 16 bits (:func:`plan_for`), keeping ``plan``'s overrides; a node's first move is to
@@ -346,7 +345,9 @@ def search(prepared, plan: QuantPlan, table: CalibrationTable, config: QuantConf
     A step keeps its best trial unless it scores
     below the current model; its candidates are then not tried again. ``corrections``: the samples bias
     correction measures on. ``eval_fn(model) -> float`` (larger is better; picklable with more than one worker)
-    with ``max_metric_drop``: the target also asks ``eval_fn`` of each trial to stay within that drop of fp32's."""
+    with ``max_metric_drop``: the target also asks ``eval_fn`` of each trial to stay within that drop of fp32's.
+    ``executor``: where a step's trials run (qpass.search.executors; default from ``config``: Ray at
+    ``ray_address``, else a pool of ``search_workers``)."""
     t0 = time.perf_counter()
     metric = fp32_metric = None
     if eval_fn is not None and max_metric_drop is not None:
@@ -374,7 +375,8 @@ def search(prepared, plan: QuantPlan, table: CalibrationTable, config: QuantConf
         fresh = label not in split(moved)[1] and (label, SIXTEEN) not in tried
         return SIXTEEN if fresh and wide() is not None else FLOAT
 
-    pool = None
+    pool, owned = for_config(config, executor)
+    report["executor"], report["workers"] = pool.kind, pool.workers
     try:
         while not target.met(outputs, metric) and report["trials"] < config.search_budget:
             if not ranking:
@@ -389,12 +391,7 @@ def search(prepared, plan: QuantPlan, table: CalibrationTable, config: QuantConf
             sixteen = any(k == SIXTEEN for _, k in moved + tuple(steps))
             args = (wide() if sixteen else prepared, config, tuple(plan.overrides), moved, table, reference, samples,
                     corrections, provider, eval_fn if target.metric is not None else None)
-            if config.search_workers > 1 and len(picks) > 1:
-                if pool is None:
-                    pool = ProcessPoolExecutor(config.search_workers, mp_context=multiprocessing.get_context("spawn"))
-                trials = list(pool.map(run_trial, *zip(*[args + (step,) for step in steps])))
-            else:
-                trials = [run_trial(*args, step) for step in steps]
+            trials = pool.map(run_trial, args, steps)
             report["trials"] += len(trials)
             scored = [{"node": t.node, "to": k, **summary(t.outputs, t.metric), **({"error": t.info["error"]} if "error" in t.info else {})}
                       for t, (_, k) in zip(trials, steps)]
@@ -414,8 +411,8 @@ def search(prepared, plan: QuantPlan, table: CalibrationTable, config: QuantConf
                                    kept.model, kept.records, kept.quantized_nodes, kept.info, report)
             model, outputs, size, ranking, metric = kept.model, kept.outputs, kept.output_bytes, [], kept.metric
     finally:
-        if pool is not None:
-            pool.shutdown()
+        if owned:
+            pool.close()
     report["met"] = target.met(outputs, metric)
     if report["met"] and not report["trials"]:
         report["note"] = "the first rewrite meets the target"

@@ -1,0 +1,145 @@
+"""The latency objective: a node planted slower in its integer form than in float is the one kept float (timings
+injected, read by hand); float islands (a HardSwish between Q/DQ pairs) name the Conv feeding them; end to end."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import qpass
+from qpass import stages
+from qpass.calib.data import input_specs, open_samples
+from qpass.config import QuantConfig
+from qpass.errors import ConfigError
+from qpass.search.latency import float_islands, search_latency
+from tests.builders import DIGITS_CALIB, DIGITS_MODEL, _model
+
+#: per compute node of the digits CNN: (ms in its integer form, ms in float). /2/Conv is planted slower as integer.
+COST = {"/0/Conv": (1.0, 2.0), "/2/Conv": (5.0, 1.0), "/6/Gemm": (1.0, 2.0), "/8/Gemm": (1.0, 2.0)}
+
+
+def _integer_nodes(model: onnx.ModelProto) -> set[str]:
+    """The compute nodes whose weight is read through a DequantizeLinear (their integer form)."""
+    dq = {n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    return {n.name for n in model.graph.node if n.name in COST and n.input[1] in dq}
+
+
+def fake_timer(models: dict, final: bool = False) -> dict:
+    """Milliseconds of each model: the sum over the compute nodes of COST, integer or float as the graph has it."""
+    return {k: sum(COST[n][0] if n in _integer_nodes(m) else COST[n][1] for n in COST) for k, m in models.items()}
+
+
+@pytest.fixture(scope="module")
+def digits():
+    cfg = QuantConfig(latency=False, search_budget=6)
+    prepared = stages.prepare(stages.load(DIGITS_MODEL), cfg)
+    plan = stages.plan(prepared, cfg)
+    table = stages.calibrate(prepared, plan, open_samples(DIGITS_CALIB, input_specs(prepared.model)), cfg).table
+    first = stages.rewrite(prepared, plan, table, cfg)
+    return cfg, prepared, plan, table, first
+
+
+def test_planted_slow_node_kept_float(digits):
+    cfg, prepared, plan, table, first = digits
+    ref = prepared.reference
+    # by hand: fp32 = 2+1+2+2 = 7 ms; int8 = 1+5+1+1 = 8 ms (slower). No float island in the digits CNN, so nodes
+    # are tried one at a time in graph order: /0/Conv float -> 2+5+1+1 = 9 (not faster, stays integer), /2/Conv
+    # float -> 5 ms (faster, kept), and at 5 <= 7 the search stops: 2 trials. 5, not 1+1+1+1: planned again with
+    # /2/Conv excluded, /6/Gemm goes float too (its input, /2/Conv's output through Relu/MaxPool/Flatten, is no
+    # longer quantized), so 1+1+2+1.
+    assert fake_timer({"r": ref, "q": first.model}) == {"r": 7.0, "q": 8.0}
+    res = search_latency(prepared, plan, table, cfg, ref, {}, first.model, timer=fake_timer)
+    r = res.report
+    assert r["islands"] == []
+    assert res.floated == ("/2/Conv",) and r["floated"] == ["/2/Conv"]
+    assert r["trials"] == 2
+    assert [m["nodes"] for m in r["moves"]] == [["/2/Conv"]]
+    assert (r["moves"][0]["ms_before"], r["moves"][0]["ms_after"]) == (8.0, 5.0)
+    assert r["start"] == {"fp32_ms": 7.0, "ms": 8.0, "ratio": round(8 / 7, 4)}
+    assert r["end"]["ms"] == 5.0 and r["met"] is True
+    assert _integer_nodes(res.model) == {"/0/Conv", "/8/Gemm"}
+
+
+def test_budget_spent_says_it_could_not(digits):
+    cfg, prepared, plan, table, first = digits
+    res = search_latency(prepared, plan, table, cfg.replace(search_budget=1), prepared.reference, {}, first.model,
+                         timer=fake_timer)
+    assert res.report["met"] is False and res.report["trials"] == 1 and res.model is None
+    assert "could not make the output as fast as fp32" in res.report["note"] and "1 of 1" in res.report["note"]
+
+
+def test_not_slower_moves_nothing(digits):
+    cfg, prepared, plan, table, first = digits
+    res = search_latency(prepared, plan, table, cfg, prepared.reference, {}, first.model,
+                         timer=lambda models, final=False: {k: 1.0 for k in models})
+    assert res.model is None and res.report["trials"] == 0 and res.report["met"] is True
+
+
+def hardswish_model(seed: int = 0) -> onnx.ModelProto:
+    """x[1,8,16,16] -> conv_a -> HardSwish -> conv_b -> Relu -> conv_c -> y (3x3, pad 1, 8 channels)."""
+    rng = np.random.default_rng(seed)
+    inits, nodes, t = [], [], "x"
+    for name, act in (("conv_a", "HardSwish"), ("conv_b", "Relu"), ("conv_c", None)):
+        inits += [numpy_helper.from_array(rng.normal(0, 0.2, (8, 8, 3, 3)).astype(np.float32), f"{name}_w"),
+                  numpy_helper.from_array(rng.normal(0, 0.1, (8,)).astype(np.float32), f"{name}_b")]
+        nodes.append(helper.make_node("Conv", [t, f"{name}_w", f"{name}_b"], [f"{name}_out"], name=name, pads=[1] * 4))
+        t = f"{name}_out"
+        if act:
+            nodes.append(helper.make_node(act, [t], [f"{name}_{act}"], name=f"{name}_{act.lower()}"))
+            t = f"{name}_{act}"
+    nodes.append(helper.make_node("Identity", [t], ["y"], name="out"))
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 16, 16])],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 16, 16])], inits, opset=14)
+
+
+def _calib(n: int = 16) -> list[dict]:
+    rng = np.random.default_rng(1)
+    return [{"x": rng.normal(0, 1, (1, 8, 16, 16)).astype(np.float32)} for _ in range(n)]
+
+
+def test_float_islands_name_the_conv_before_hardswish():
+    """conv_a's output is quantized, dequantized for the float HardSwish, quantized again for conv_b: an island fed
+    by conv_a. The Relu after conv_b runs on the integers (not an island)."""
+    res = qpass.quantize(hardswish_model(), _calib(), validate=False)
+    ops = [n.op_type for n in res.model.graph.node]
+    assert "HardSwish" in ops and ops.count("QuantizeLinear") >= 3  # the island is there
+    assert float_islands(res.model, {"conv_a", "conv_b", "conv_c"}) == ["conv_a"]
+    assert float_islands(res.model, {"conv_b", "conv_c"}) == []  # conv_a not quantized: nothing to name
+
+
+def test_latency_objective_end_to_end(tmp_path):
+    """Real timings (this machine's): the report says where it ended against fp32, and the output is the one the
+    report describes."""
+    model = tmp_path / "hs.onnx"
+    onnx.save(hardswish_model(), model)
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=np.concatenate([f["x"] for f in _calib(24)]))
+    from qpass.cli import main
+
+    out = tmp_path / "hs.qpass.onnx"
+    assert main(["run", str(model), "--calib", str(calib), "-o", str(out), "--objective", "latency",
+                 "--search-budget", "4", "-q"]) == 0
+    report = json.loads(out.with_name("hs.qpass.report.json").read_text())
+    assert report["config"]["objective"] == "latency"
+    lat = report["search"]["latency"]
+    assert lat["trials"] <= 4 and lat["end"]["fp32_ms"] > 0
+    assert lat["met"] == (lat["end"]["ms"] <= lat["end"]["fp32_ms"])
+    if not lat["met"]:
+        assert "could not make the output as fast as fp32" in lat["note"]
+        assert any(w.startswith("latency objective:") for w in report["warnings"])
+    if lat["start"]["ms"] <= lat["start"]["fp32_ms"]:
+        assert lat["trials"] == 0
+    q = onnx.load(str(out))
+    dq_weights = {n.input[1] for n in q.graph.node if n.op_type == "Conv"} & {
+        n.output[0] for n in q.graph.node if n.op_type == "DequantizeLinear"}
+    assert len(dq_weights) == 3 - sum(len(m["nodes"]) for m in lat["moves"]) + len(lat["requantized"])
+    shutil.rmtree(tmp_path / "unused", ignore_errors=True)
+
+
+def test_bad_objective():
+    with pytest.raises(ConfigError, match="objective"):
+        QuantConfig(objective="speed")
