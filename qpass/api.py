@@ -76,6 +76,11 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, calib: Data = None, *, 
         raise ConfigError(f"eval_fn and max_metric_drop go together (got {max_metric_drop!r})", subject="max_metric_drop",
                           hint="give both, max_metric_drop a number >= 0, or neither")
     metric = (eval_fn, max_metric_drop) if eval_fn is not None else None
+    if cfg.float_type is not None and not cfg.weight_only:  # the float16/bfloat16 mode (qpass.half)
+        from . import half
+
+        return half.run(model, calib, config=cfg, notes=notes, output=output, val=val, load_calib=load_calib,
+                        save_calib=save_calib, progress=progress, check_writes=_check_writes)
     t0 = time.perf_counter()
     name = "<ModelProto>" if isinstance(model, onnx.ModelProto) else str(model)
     original = stages.load(model)
