@@ -87,8 +87,10 @@ def convert(kind: str, name: str, src: str, dst: str, shared: Path) -> dict:
     elif kind == "occ_amp":
         from onnxconverter_common.auto_mixed_precision import auto_convert_mixed_precision
 
-        feed = _first_feed(name, shared)
-        m = auto_convert_mixed_precision(onnx.load(src), feed, rtol=0.01, atol=0.001, keep_io_types=True)
+        model = onnx.load(src)
+        inputs = {i.name for i in model.graph.input}
+        feed = {k: v for k, v in _first_feed(name, shared).items() if k in inputs}
+        m = auto_convert_mixed_precision(model, feed, rtol=0.01, atol=0.001, keep_io_types=True)
         onnx.save(m, dst)
     else:
         raise ValueError(kind)
@@ -167,6 +169,8 @@ def _cast_feed(sess, feed: dict) -> dict:
     types = {i.name: i.type for i in sess.get_inputs()}
     out = {}
     for k, v in feed.items():
+        if k not in types:  # labels and other keys of the data files
+            continue
         t = NP.get(types.get(k, ""))
         v = np.asarray(v)
         out[k] = v.astype(t) if t is not None and v.dtype.kind == "f" and v.dtype != t else v

@@ -265,8 +265,8 @@ class ConvertFloat16:
                     roles[m] = "follow"
             if node.op_type == "Cast" and reason is None:
                 to = next((a.i for a in node.attribute if a.name == "to"), None)
-                if to == FLOAT:
-                    roles[("out", 0)] = "follow"
+                if to == FLOAT and ("out", 0) in roles:  # an explicit Cast from half to float32 (a boundary) stays
+                    roles[("out", 0)] = "fixed" if types.get(node.input[0]) in HALF_TYPES.values() else "follow"
             if node.op_type == "ConstantOfShape" and reason is None and floats_out:
                 roles[("out", 0)] = "follow"
             if node.op_type in _QDQ and reason is None:
