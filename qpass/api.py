@@ -154,6 +154,16 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, calib: Data = None, *, 
     else:
         rewritten = _timed(times, "quantize", stages.rewrite, prepared, qplan, calibrated.table, cfg,
                            dump_dir=dump_dir, name=name, samples=corrections)
+    if cfg.float_type is not None:  # weight-only (or static) output, then its float remainder to half precision
+        from .half import convert as to_half
+
+        t = time.perf_counter()
+        half_model, half_records = to_half(rewritten.model, cfg)
+        times["float16"] = time.perf_counter() - t
+        rewritten = stages.Rewritten(half_model, list(rewritten.records) + half_records, rewritten.quantized_nodes,
+                                     rewritten.info)
+        report.warnings.append(f"{cfg.float_type}: the float remainder converted data-free (op block list, type "
+                               "constraints, weight values); the measured fallback runs in the float16 mode alone")
     if "bias_correction" in rewritten.info:
         report.calibration["bias_correction"] = rewritten.info["bias_correction"]
         if rewritten.info["bias_correction"].get("note"):

@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 
 from ..config import QuantConfig
+from ..passes.convert_float16 import value_types
 from ..runtime import augmented_model, make_session
 
 #: share of the converted main-graph nodes moved back to float32 per step
@@ -79,13 +80,24 @@ def _met(result: dict, target: float) -> bool:
 
 
 def added_error(reference: onnx.ModelProto, model: onnx.ModelProto, samples: list, providers: list[str]) -> dict[str, float]:
-    """The error each main-graph node of ``model`` adds (see the module docstring), by its first output's name."""
-    out_names = {o.name for o in model.graph.output}
-    ref_tensors = {o for n in reference.graph.node for o in n.output if o}
-    tensors = [o for n in model.graph.node for o in n.output if o and o in ref_tensors and o not in out_names]
-    inputs = {i.name for i in model.graph.input}
-    ref_s = make_session(augmented_model(reference, tensors), providers, what=None)
-    got_s = make_session(augmented_model(model, tensors), providers, what=None)
+    """The error each main-graph node adds (see the module docstring), by its output's name in ``reference`` (the
+    names ``keep_tensors`` takes): only nodes that run in half precision in ``model`` are candidates. A graph
+    output keeps its name in ``model`` (a Cast writes it), so its producer is measured through it."""
+    half_types = {onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
+    types = value_types(model)
+    made = {o: n for n in model.graph.node for o in n.output if o}
+    outputs = {o.name for o in model.graph.output}
+
+    def runs_half(t: str) -> bool:
+        if types.get(t) in half_types:
+            return True
+        n = made.get(t)  # a graph output: the Cast that writes it reads the half tensor of its producer
+        return t in outputs and n is not None and n.op_type == "Cast" and types.get(n.input[0]) in half_types
+
+    in_model = set(made)
+    tensors = [o for n in reference.graph.node for o in n.output if o and o in in_model and types.get(o) is not None]
+    ref_s = make_session(augmented_model(reference, [t for t in tensors if t not in outputs]), providers, what=None)
+    got_s = make_session(augmented_model(model, [t for t in tensors if t not in outputs]), providers, what=None)
     names = [o.name for o in ref_s.get_outputs()]
     got_names = {o.name for o in got_s.get_outputs()}
     names = [n for n in names if n in got_names]
@@ -100,18 +112,17 @@ def added_error(reference: onnx.ModelProto, model: onnx.ModelProto, samples: lis
                 continue
             r64, g64 = r.astype(np.float64), g.astype(np.float64)
             if not np.all(np.isfinite(g64)) and np.all(np.isfinite(r64)):
-                num[n] = float("inf")
-                den[n] = 1.0
+                num[n], den[n] = float("inf"), 1.0
                 continue
             num[n] = num.get(n, 0.0) + float(np.sum((r64 - g64) ** 2))
             den[n] = den.get(n, 0.0) + float(np.sum(r64 ** 2))
-    err = {n: (np.sqrt(num[n] / den[n]) if den[n] > 0 else (0.0 if num[n] == 0 else float("inf"))) for n in num}
+    err = {n: (float(np.sqrt(num[n] / den[n])) if den[n] > 0 else (0.0 if num[n] == 0 else float("inf"))) for n in num}
     added = {}
-    for node in model.graph.node:
+    for node in reference.graph.node:
         out = next((o for o in node.output if o), None)
-        if out not in err:
+        if out not in err or not runs_half(out):
             continue
-        before = max([err.get(i, 0.0) for i in node.input if i and i not in inputs] or [0.0])
+        before = max([err.get(i, 0.0) for i in node.input if i] or [0.0])
         e = err[out]
         added[out] = float("inf") if e == float("inf") and before != float("inf") else max(0.0, e - before)
     return added

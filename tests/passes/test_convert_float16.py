@@ -258,3 +258,60 @@ def test_model_over_2gb_converts_with_external_data(tmp_path):
     s = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     (y,) = s.run(None, {"idx": np.array([0, n - 1], np.int64)})
     np.testing.assert_allclose(y, np.repeat(np.float16(np.arange(5) + 0.1).astype(np.float32), 2), rtol=0, atol=0)
+
+
+def _matmul_model(k=64, n=32) -> onnx.ModelProto:
+    rng = np.random.default_rng(1)
+    w = numpy_helper.from_array(rng.normal(0, 0.1, (k, n)).astype(np.float32), "w")
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["m"], name="mm"), helper.make_node("Relu", ["m"], ["y"])]
+    return _model(nodes, [helper.make_tensor_value_info("x", F, [1, k])],
+                  [helper.make_tensor_value_info("y", F, [1, n])], [w], opset=21)
+
+
+def test_weight_only_int4_then_float16_remainder():
+    model = _matmul_model()
+    rng = np.random.default_rng(2)
+    samples = [{"x": rng.normal(size=(1, 64)).astype(np.float32)} for _ in range(4)]
+    res = qpass.quantize(model, None, weight_only="int4", block_size=32, float_type="float16", val=samples,
+                         latency=False, per_layer=False)
+    out = res.model
+    onnx.checker.check_model(out, full_check=True)
+    dq = next(n for n in out.graph.node if n.op_type == "DequantizeLinear")
+    scale = next(t for t in out.graph.initializer if t.name == dq.input[1])
+    assert scale.data_type == H  # opset 21 DequantizeLinear takes float16 scales
+    mm = next(n for n in out.graph.node if n.op_type == "MatMul")
+    assert _elem(out, mm.output[0]) == H
+    (y,) = _run(out, samples[0])
+    (ref,) = _run(model, samples[0])
+    assert np.corrcoef(y.ravel(), ref.ravel())[0, 1] > 0.98  # int4 weights: close, not equal
+
+
+def test_int8_qdq_output_of_qpass_converts(tmp_path):
+    model = _matmul_model()
+    rng = np.random.default_rng(3)
+    samples = [{"x": rng.normal(size=(1, 64)).astype(np.float32)} for _ in range(8)]
+    q = qpass.quantize(model, samples, validate=False).model
+    res = qpass.quantize(q, samples, float_type="float16", latency=False, per_layer=False, val_fraction=0.25)
+    out = res.model
+    onnx.checker.check_model(out, full_check=True)
+    assert {n.op_type for n in out.graph.node} >= {"QuantizeLinear", "DequantizeLinear"}
+    (y,) = _run(out, samples[0])
+    (ref,) = _run(q, samples[0])
+    np.testing.assert_allclose(y, ref, atol=0.05)
+
+
+def test_fidelity_check_moves_the_node_that_adds_the_error_back():
+    """y = x * 1.0001 - x: float16 rounds 1.0001 to 1 and y to 0 (cosine 0); the check moves Mul back to float32,
+    where y = 1e-4 * x again (by hand)."""
+    x = helper.make_tensor_value_info("x", F, [1, 8])
+    y = helper.make_tensor_value_info("y", F, [1, 8])
+    w = numpy_helper.from_array(np.full(8, 1.0001, np.float32), "w")
+    model = _model([helper.make_node("Mul", ["x", "w"], ["m"], name="mul"),
+                    helper.make_node("Sub", ["m", "x"], ["y"], name="sub")], [x], [y], [w])
+    rng = np.random.default_rng(4)
+    samples = [{"x": rng.uniform(1, 2, (1, 8)).astype(np.float32)} for _ in range(4)]
+    res = qpass.quantize(model, samples, val=samples, float_type="float16", latency=False, per_layer=False)
+    fid = res.report.calibration["half"]["fidelity"]
+    assert fid["start"]["cosine_min"]["y"] < 0.9 and fid["met"] and fid["moves"]
+    (got,) = _run(res.model, samples[0])
+    np.testing.assert_allclose(got, samples[0]["x"] * np.float32(1.0001) - samples[0]["x"], rtol=1e-3)
