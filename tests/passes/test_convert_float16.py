@@ -12,7 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 import qpass
 from qpass.errors import ConfigError
 from qpass.half import convert
-from qpass.passes.convert_float16 import ConvertFloat16, unsafe_values, value_types
+from qpass.passes.convert_float16 import unsafe_values, value_types
 from qpass.passes.merge_casts import MergeCasts
 from qpass.verify import verify_model
 
