@@ -60,6 +60,10 @@ VARIANTS: dict[str, dict] = {
     "val20": {"val_fraction": 0.2},
     "search_cos": {"val_fraction": 0.2, "target_cosine": 0.999},
     "search_cos_w2": {"val_fraction": 0.2, "target_cosine": 0.999, "search_workers": 2},
+    # float16 mode (no int8): measured fp32 fallback from the calibration data; with a validation split, the
+    # fidelity check (worst per-sample cosine >= float_min_cosine) and its fallback run too
+    "float16": {"float_type": "float16"},
+    "float16_val20": {"float_type": "float16", "val_fraction": 0.2},
 }
 
 
