@@ -315,3 +315,11 @@ def test_fidelity_check_moves_the_node_that_adds_the_error_back():
     assert fid["start"]["cosine_min"]["y"] < 0.9 and fid["met"] and fid["moves"]
     (got,) = _run(res.model, samples[0])
     np.testing.assert_allclose(got, samples[0]["x"] * np.float32(1.0001) - samples[0]["x"], rtol=1e-3)
+
+
+def test_half_io_model_is_validated_on_float32_data():
+    samples = _overflow_data()
+    res = qpass.quantize(_overflow_model(), samples, val=samples[:2], float_type="float16", half_io=True,
+                         latency=True, per_layer=False, providers=("cpu",))
+    out = res.report.validation["outputs"][0]
+    assert out["cosine_min"] > 0.999 and not res.report.validation["findings"]
