@@ -58,7 +58,7 @@ def _first_feed(name: str, shared: Path) -> dict:
         return {k: np.asarray(z[k][0]) for k in z.files}
 
 
-def convert(kind: str, name: str, src: str, dst: str, shared: Path) -> dict:
+def convert(kind: str, name: str, src: str, dst: str, shared: Path, providers=("CPUExecutionProvider",)) -> dict:
     """Write ``src`` converted by ``kind`` to ``dst`` (runs in a child process)."""
     t = time.perf_counter()
     info: dict = {}
@@ -68,12 +68,14 @@ def convert(kind: str, name: str, src: str, dst: str, shared: Path) -> dict:
         spec = ev.MODELS[name] if name in ev.MODELS else None
         calib = str(spec.calib_path(shared)) if spec else str(shared)  # --llm: the kit's calib folder
         kw = {"max_calib_samples": 8} if spec is None else {}
-        res = qpass.quantize(src, calib, output=dst, float_type="float16", providers=("cpu",), latency=False,
+        where = ("cuda",) if "CUDAExecutionProvider" in providers else ("cpu",)  # the fidelity check runs there
+        res = qpass.quantize(src, calib, output=dst, float_type="float16", providers=where, latency=False,
                              per_layer=False, validate=spec is not None, **kw)
         half = res.report.calibration.get("half", {})
         info = {"measured_float32": len(half.get("measured_float32", {})),
                 "fidelity_met": half.get("fidelity", {}).get("met"),
-                "fallback_trials": half.get("fidelity", {}).get("trials")}
+                "fallback_trials": half.get("fidelity", {}).get("trials"),
+                "fidelity_provider": half.get("fidelity", {}).get("provider")}
     elif kind in ("occ_default", "occ_keep_io"):
         from onnxconverter_common import float16
 
@@ -98,9 +100,9 @@ def convert(kind: str, name: str, src: str, dst: str, shared: Path) -> dict:
     return info
 
 
-def convert_in_child(kind: str, name: str, src: Path, dst: Path, shared: Path, timeout: int) -> dict:
+def convert_in_child(kind: str, name: str, src: Path, dst: Path, shared: Path, timeout: int, providers) -> dict:
     cmd = [sys.executable, "-m", "benchmarks.float16_gpu", "--convert", kind, "--model", name, "--src", str(src),
-           "--dst", str(dst), "--shared", str(shared)]
+           "--dst", str(dst), "--shared", str(shared), "--providers", ",".join(providers)]
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=Path(__file__).resolve().parents[1])
     except subprocess.TimeoutExpired:
@@ -261,7 +263,7 @@ def run_models(models, converters, providers, shared: Path, repeats: int, timeou
             for kind in converters:
                 dst = tmp / f"{name}.{kind}.onnx"
                 row = {"model": name, "converter": kind, "primary": spec.primary}
-                row.update(convert_in_child(kind, name, src, dst, shared, timeout))
+                row.update(convert_in_child(kind, name, src, dst, shared, timeout, providers))
                 if "error" not in row:
                     try:
                         onnx.checker.check_model(str(dst), full_check=True)
@@ -293,7 +295,7 @@ def run_llm(kit: Path, providers, repeats: int, timeout: int, windows: int, log)
     out: dict = {"model": str(src)}
     with tempfile.TemporaryDirectory(prefix="qpass-fp16-llm-") as tmp:
         dst = Path(tmp) / "smollm2.fp16.onnx"
-        out["qpass"] = convert_in_child("qpass", "smollm2", src, dst, kit / "calib", timeout)
+        out["qpass"] = convert_in_child("qpass", "smollm2", src, dst, kit / "calib", timeout, providers)
         log(json.dumps(out["qpass"]))
         if "error" in out["qpass"]:
             return out
@@ -359,7 +361,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dst", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.convert:  # child process: one conversion, its info as the last stdout line
-        info = convert(args.convert, args.model, args.src, args.dst, Path(args.shared))
+        info = convert(args.convert, args.model, args.src, args.dst, Path(args.shared),
+                       [p for p in args.providers.split(",") if p])
         print(json.dumps(info))
         return 0
     providers = [p for p in args.providers.split(",") if p]

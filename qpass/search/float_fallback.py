@@ -18,7 +18,7 @@ import onnx
 
 from ..config import QuantConfig
 from ..passes.convert_float16 import value_types
-from ..runtime import augmented_model, make_session
+from ..runtime import CUDA, augmented_model, available_providers, make_session, with_cpu_fallback
 
 #: share of the converted main-graph nodes moved back to float32 per step
 MOVE_SHARE = 0.05
@@ -128,14 +128,24 @@ def added_error(reference: onnx.ModelProto, model: onnx.ModelProto, samples: lis
     return added
 
 
+def check_providers(config: QuantConfig) -> list[str]:
+    """Where the check runs: CUDA when this onnxruntime has it and the configuration's providers allow it (half
+    arithmetic as deployed), else the CPU, whose provider computes most float16 ops in float32 between Casts of its
+    own, so there the check sees the weights' and the boundaries' rounding only."""
+    if CUDA in available_providers() and (not config.providers or "cuda" in config.providers):
+        return with_cpu_fallback(CUDA)
+    return with_cpu_fallback("CPUExecutionProvider")
+
+
 def fallback(reference: onnx.ModelProto, converted: onnx.ModelProto, config: QuantConfig, samples: list,
              keep: dict[str, str], convert: Callable) -> Found:
     """Check ``converted`` against ``reference``; move the worst nodes' outputs to float32 until the target is met."""
-    providers = ["CPUExecutionProvider"]
+    providers = check_providers(config)
     target = float(config.float_min_cosine)
     ref_s = make_session(reference, providers, what=None)
     first = check(ref_s, make_session(converted, providers, what=None), samples)
-    report = {"target_cosine_min": target, "samples": len(samples), "start": first, "moves": [], "trials": 0}
+    report = {"target_cosine_min": target, "samples": len(samples), "provider": providers[0], "start": first,
+              "moves": [], "trials": 0}
     if _met(first, target):
         report.update(met=True, note="met by the first conversion")
         return Found(None, [], report)
