@@ -82,6 +82,8 @@ def test_unsafe_values_known_answers():
     assert unsafe_values(np.array([1.0, 70000.0], np.float32), H) is not None
     assert unsafe_values(np.array([1e-12], np.float32), H) is not None  # flushed to zero
     assert unsafe_values(np.array([1.0, -65504.0, 1e-3], np.float32), H) is None
+    assert unsafe_values(np.array([1.0] + [1e-9] * 50, np.float32), H) is None  # 5e-8 of the mass flushed
+    assert unsafe_values(np.array([1e-5] + [2e-8] * 100, np.float32), H) is not None  # 2e-6 of 1.2e-5 flushed
     assert unsafe_values(np.array([1e30], np.float32), BF) is None  # bfloat16 keeps float32's exponent range
 
 
