@@ -23,6 +23,7 @@ from .calib.table import CalibrationTable
 from .config import QuantConfig
 from .errors import VerificationError
 from .io import save_model
+from .opset import apply_opset_policy
 from .pass_manager import PassRecord
 from .passes.convert_float16 import FP16_MAX, value_types
 from .recipes import float_passes
@@ -110,7 +111,11 @@ def run(model: Any, calib: Any, *, config: QuantConfig, notes: list[str], output
     if check_writes is not None and not isinstance(model, onnx.ModelProto):
         check_writes(model, output=output, report=output and report_path_for(output), save_calib=save_calib)
     report = Report(model=name, config=cfg.to_dict(), warnings=list(notes))
-    report.opset = {"model": next((o.version for o in original.opset_import if o.domain in ("", "ai.onnx")), None)}
+    opset = next((o.version for o in original.opset_import if o.domain in ("", "ai.onnx")), None)
+    report.opset = {"input": opset, "output": opset}
+    if cfg.target_opset is not None:  # upgraded only when asked (bfloat16 needs opset 13 for most ops)
+        original, report.opset, upgraded = apply_opset_policy(original, cfg, name)
+        report.warnings += upgraded
     specs = input_specs(original)
     tensors = float_tensors(original)
     held: list = []
@@ -145,6 +150,11 @@ def run(model: Any, calib: Any, *, config: QuantConfig, notes: list[str], output
     t = time.perf_counter()
     converted, records = convert(original, cfg, keep)
     times["convert"] = time.perf_counter() - t
+    if not records[0].stats.get("half_nodes"):
+        report.warnings.append(f"nothing converted to {cfg.float_type}: no node's type constraints at opset "
+                               f"{report.opset.get('output')} allow it where the measurements do"
+                               + (" (bfloat16 needs opset 13 for most ops: --target-opset 13)"
+                                  if cfg.float_type == "bfloat16" and (report.opset.get("output") or 0) < 13 else ""))
     half_info: dict[str, Any] = {"type": cfg.float_type, "half_io": cfg.half_io,
                                  "measured_float32": dict(sorted(keep.items())),
                                  "data_free": stats is None}

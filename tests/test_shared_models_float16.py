@@ -44,3 +44,19 @@ def test_shared_model_converts_to_float16_and_runs_on_cpu(name):
         r, g = np.asarray(r, np.float64).ravel(), np.asarray(g, np.float64).ravel()
         assert np.all(np.isfinite(g))
         assert r @ g / (np.linalg.norm(r) * np.linalg.norm(g)) > 0.99
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_shared_model_has_no_cast_round_trips_and_converts_to_bfloat16(name):
+    from tests.passes.test_convert_float16 import _no_cast_pairs
+
+    model = load_model(SHARED_MODELS / f"{name}.onnx")
+    out, _ = convert(model, qpass.QuantConfig(float_type="float16"))
+    assert _no_cast_pairs(out)
+    if name.startswith("ppocrv6"):  # opset 11: Conv has no bfloat16 before opset 13
+        from qpass.opset import apply_opset_policy
+
+        model = apply_opset_policy(model, qpass.QuantConfig(target_opset=13), name)[0]
+    bf, records = convert(model, qpass.QuantConfig(float_type="bfloat16"))
+    onnx.checker.check_model(bf, full_check=True)
+    assert records[0].stats["weights"] > 0 and _no_cast_pairs(bf)
