@@ -38,11 +38,17 @@ _QDQ = frozenset({"QuantizeLinear", "DequantizeLinear"})
 
 def to_half(values: np.ndarray, dtype: int) -> bytes:
     """The raw little-endian bytes of ``values`` in float16 or bfloat16 (round to nearest even)."""
+    f = np.asarray(values, dtype=np.float32)
     if dtype == TensorProto.FLOAT16:
-        return np.asarray(values, dtype=np.float32).astype("<f2").tobytes()
-    import ml_dtypes
+        return f.astype("<f2").tobytes()
+    return bfloat16_bits(f).astype("<u2").tobytes()
 
-    return np.asarray(values, dtype=np.float32).astype(ml_dtypes.bfloat16).tobytes()
+
+def bfloat16_bits(f: np.ndarray) -> np.ndarray:
+    """The bfloat16 bit patterns (uint16) of float32 ``f``, rounded to nearest even; NaN stays a (quiet) NaN."""
+    u = np.ascontiguousarray(f, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    rounded = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+    return np.where(np.isnan(f), (u >> 16) | 0x40, rounded).astype(np.uint16)
 
 
 def half_tensor(t: TensorProto, dtype: int) -> TensorProto:

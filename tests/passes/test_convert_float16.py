@@ -87,6 +87,16 @@ def test_unsafe_values_known_answers():
     assert unsafe_values(np.array([1e30], np.float32), BF) is None  # bfloat16 keeps float32's exponent range
 
 
+def test_bfloat16_rounding_known_answers():
+    from qpass.passes.convert_float16 import bfloat16_bits
+
+    f = np.array([1.0, 1 + 2 ** -8, 1 + 3 * 2 ** -8, -2.0, 1 + 2 ** -8 + 2 ** -20, np.inf, np.nan], np.float32)
+    bits = bfloat16_bits(f)
+    # 1.0 = 0x3F80; a tie rounds to the even 0x3F80; 1 + 3/256 ties up to 0x3F82; -2 = 0xC000; above a tie rounds up
+    assert [int(b) for b in bits[:6]] == [0x3F80, 0x3F80, 0x3F82, 0xC000, 0x3F81, 0x7F80]
+    assert (int(bits[6]) & 0x7F80) == 0x7F80 and (int(bits[6]) & 0x7F) != 0  # NaN stays NaN
+
+
 def _if_model() -> onnx.ModelProto:
     """y = If(c, x @ W1, x @ W2), W1 and W2 in Constant nodes inside the branches."""
     w1 = np.array([[1.0, 2.0], [3.0, 4.0]], np.float32)
