@@ -17,7 +17,9 @@ evaluation set, latency against fp32 (median of alternated runs on the first cal
                atol=0.001, keep_io_types=True) on the first calibration sample
 
 Imports: numpy, onnx, onnxruntime(-gpu); qpass and onnxconverter-common only inside the conversions that need
-them (a missing one is an error row, not a crash). ``--llm``: SmolLM2-135M from the kit, fp32 against qpass
+them (a missing one is an error row, not a crash). On a machine without qpass's dependencies installed, carry the
+wheels of onnx-graphsurgeon, rich (qpass) and onnxconverter-common (pure Python; needs protobuf, packaging) and run
+from the repository root with PYTHONPATH including it. The JSON's ``environment`` records GPU, driver and versions. ``--llm``: SmolLM2-135M from the kit, fp32 against qpass
 float16: tokens/s of a 1-token and a 128-token forward, and perplexity / top-1 agreement / KL against fp32 over
 the kit's evaluation windows.
 """
