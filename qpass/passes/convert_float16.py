@@ -85,13 +85,6 @@ def unsafe_values(values: np.ndarray, dtype: int) -> str | None:
     return None
 
 
-@dataclass
-class _Slot:
-    """How one float input/output of a node takes the node's precision."""
-
-    role: str  # "follow" (the node's precision), "fixed" (always float32), "any" (takes what it gets)
-
-
 def _graphs(graph: onnx.GraphProto):
     """The graph and every body in it, outermost first, as (graph, owner node or None)."""
     yield graph, None
@@ -169,7 +162,8 @@ class Decision:
     """Which nodes run in half precision and why the others do not."""
 
     half: set[str] = field(default_factory=set)  # _key() of the NodeProtos that run in half
-    slots: dict[tuple[str, str, int], str] = field(default_factory=dict)  # (node id, "in"/"out", i) -> role
+    #: (node key, "in"/"out", slot) -> "follow" (the node's precision), "fixed" (float32) or "any" (takes any type)
+    slots: dict[tuple[str, str, int], str] = field(default_factory=dict)
     skipped: list[Skip] = field(default_factory=list)
 
 
@@ -287,7 +281,7 @@ class ConvertFloat16:
                 roles[("out", 0)] = "follow"
             if node.op_type in _QDQ and reason is None:
                 scale = node.input[1] if len(node.input) > 1 else ""
-                if scale in unsafe_weights or (scale and self._small_scale(scale, types, unsafe_weights)):
+                if scale in unsafe_weights or (scale and self._small_scale(scale)):
                     reason = "scale below float16's normal range (precision lost)"
         if reason is None:
             follows = [node.input[i] for (k, i), r in roles.items() if r == "follow" and k == "in"] + \
@@ -314,7 +308,8 @@ class ConvertFloat16:
         for (k, i), r in roles.items():
             d.slots[(nid, k, i)] = r
 
-    def _small_scale(self, scale: str, types, unsafe) -> bool:
+    def _small_scale(self, scale: str) -> bool:
+        """A Q/DQ scale with a value below float16's normal range (an int32 bias's s_x * s_w): it would lose bits."""
         values = self._scales.get(scale)
         if values is None or self.half != TensorProto.FLOAT16:
             return False
