@@ -242,34 +242,40 @@ def test_cli_flags(tmp_path):
 
 
 @pytest.mark.skipif(os.environ.get("QPASS_LARGE_TESTS") != "1",
-                    reason="needs about 7 GB of memory and a minute: set QPASS_LARGE_TESTS=1")
-def test_model_over_2gb_converts_with_external_data(tmp_path):
-    """Five 512 MB float32 initializers (2.5 GB, external data in): the output (1.25 GB) is written with external
-    data and each Gather returns the float16 value of its row."""
+                    reason="needs about 8 GB of memory and a minute or two: set QPASS_LARGE_TESTS=1")
+def test_model_over_2gb_in_and_out_with_external_data(tmp_path):
+    """Four 768 MB float32 initializers (3 GB, external data in); two hold a value over float16's range and stay
+    float32, so the output is 2.3 GB and written with external data; each Gather returns its row's value."""
     from qpass.io import write_external
 
-    n = 128 * 2 ** 20
+    n = 192 * 2 ** 20
     inits, nodes, outs = [], [], []
-    for i in range(5):
+    for i in range(4):
         w = np.full(n, i + 0.1, np.float32)
+        if i < 2:
+            w[1] = 1e6  # out of float16's range: this weight stays float32
         inits.append(numpy_helper.from_array(w, f"w{i}"))
+        del w
         nodes.append(helper.make_node("Gather", [f"w{i}", "idx"], [f"g{i}"]))
         outs.append(f"g{i}")
     nodes.append(helper.make_node("Concat", outs, ["y"], axis=0))
     g = helper.make_graph(nodes, "big", [helper.make_tensor_value_info("idx", TensorProto.INT64, [2])],
-                          [helper.make_tensor_value_info("y", F, [10])], inits)
+                          [helper.make_tensor_value_info("y", F, [8])], inits)
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     m.ir_version = 8
     src = tmp_path / "big.onnx"
     write_external(m, src, "big.onnx.data")
     del m, inits, g
     out = tmp_path / "big.fp16.onnx"
-    qpass.quantize(src, None, output=out, float_type="float16", validate=False)
-    assert (tmp_path / "big.fp16.onnx.data").stat().st_size >= 5 * n * 2
+    res = qpass.quantize(src, None, output=out, float_type="float16", validate=False)
+    assert res.report.passes[0].stats["weights"] == 2
+    assert (tmp_path / "big.fp16.onnx.data").stat().st_size >= 2 * n * 4 + 2 * n * 2
+    del res
     onnx.checker.check_model(str(out), full_check=True)
     s = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     (y,) = s.run(None, {"idx": np.array([0, n - 1], np.int64)})
-    np.testing.assert_allclose(y, np.repeat(np.float16(np.arange(5) + 0.1).astype(np.float32), 2), rtol=0, atol=0)
+    want = [np.float32(0.1), np.float32(1.1)] + [np.float32(np.float16(i + 0.1)) for i in (2, 3)]  # by hand
+    np.testing.assert_array_equal(y, np.repeat(np.array(want, np.float32), 2))
 
 
 def _matmul_model(k=64, n=32) -> onnx.ModelProto:
