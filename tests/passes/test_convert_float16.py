@@ -242,7 +242,7 @@ def test_cli_flags(tmp_path):
 
 
 @pytest.mark.skipif(os.environ.get("QPASS_LARGE_TESTS") != "1",
-                    reason="needs about 8 GB of memory and a minute or two: set QPASS_LARGE_TESTS=1")
+                    reason="needs about 10 GB of memory (10.3 GB peak RSS measured) and 75 s: set QPASS_LARGE_TESTS=1")
 def test_model_over_2gb_in_and_out_with_external_data(tmp_path):
     """Four 768 MB float32 initializers (3 GB, external data in); two hold a value over float16's range and stay
     float32, so the output is 2.3 GB and written with external data; each Gather returns its row's value."""
@@ -274,7 +274,8 @@ def test_model_over_2gb_in_and_out_with_external_data(tmp_path):
     onnx.checker.check_model(str(out), full_check=True)
     s = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     (y,) = s.run(None, {"idx": np.array([0, n - 1], np.int64)})
-    want = [np.float32(0.1), np.float32(1.1)] + [np.float32(np.float16(i + 0.1)) for i in (2, 3)]  # by hand
+    # by hand: the float32 Gathers' rows go through the float16 Concat too, so every value is float16's
+    want = [np.float32(np.float16(np.float32(i + 0.1))) for i in range(4)]
     np.testing.assert_array_equal(y, np.repeat(np.array(want, np.float32), 2))
 
 
