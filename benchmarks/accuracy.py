@@ -65,6 +65,10 @@ VARIANTS: dict[str, dict] = {
     "search_cos_ray": {"val_fraction": 0.2, "target_cosine": 0.999, "ray_address": "local"},  # needs qpass[ray]
     # the latency objective (compute nodes whose integer form measured slower than float kept float)
     "latency_obj": {"val_fraction": 0.2, "objective": "latency"},
+    # float16 mode (no int8): measured fp32 fallback from the calibration data; with a validation split, the
+    # fidelity check (worst per-sample cosine >= float_min_cosine) and its fallback run too
+    "float16": {"float_type": "float16"},
+    "float16_val20": {"float_type": "float16", "val_fraction": 0.2},
 }
 
 

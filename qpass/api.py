@@ -84,6 +84,11 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, calib: Data = None, *, 
     metric = (eval_fn, max_metric_drop) if eval_fn is not None else None
     if cfg.ray_address and executor is None:
         require_ray(f"--ray {cfg.ray_address}")  # before any work
+    if cfg.float_type is not None and not cfg.weight_only:  # the float16/bfloat16 mode (qpass.half)
+        from . import half
+
+        return half.run(model, calib, config=cfg, notes=notes, output=output, val=val, load_calib=load_calib,
+                        save_calib=save_calib, progress=progress, check_writes=_check_writes)
     t0 = time.perf_counter()
     name = "<ModelProto>" if isinstance(model, onnx.ModelProto) else str(model)
     original = stages.load(model)
@@ -158,6 +163,16 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, calib: Data = None, *, 
     else:
         rewritten = _timed(times, "quantize", stages.rewrite, prepared, qplan, calibrated.table, cfg,
                            dump_dir=dump_dir, name=name, samples=corrections)
+    if cfg.float_type is not None:  # weight-only (or static) output, then its float remainder to half precision
+        from .half import convert as to_half
+
+        t = time.perf_counter()
+        half_model, half_records = to_half(rewritten.model, cfg)
+        times["float16"] = time.perf_counter() - t
+        rewritten = stages.Rewritten(half_model, list(rewritten.records) + half_records, rewritten.quantized_nodes,
+                                     rewritten.info)
+        report.warnings.append(f"{cfg.float_type}: the float remainder converted data-free (op block list, type "
+                               "constraints, weight values); the measured fallback runs in the float16 mode alone")
     if "bias_correction" in rewritten.info:
         report.calibration["bias_correction"] = rewritten.info["bias_correction"]
         if rewritten.info["bias_correction"].get("note"):

@@ -120,6 +120,22 @@ def build_parser() -> argparse.ArgumentParser:
     _config_option(run, "--allow-contrib-ops", action="store_const", const=True,
                    help="weight-only: write onnxruntime's com.microsoft MatMulNBits / GatherBlockQuantized (runs on "
                         "onnxruntime only) instead of standard DequantizeLinear")
+    half = run.add_mutually_exclusive_group()
+    _config_option(half, "--float16", dest="float_type", action="store_const", const="float16",
+                   help="convert the float part of the model (or of a quantized one) to float16, with measured float32 "
+                        "fallback where calibration data shows a tensor out of float16's range; alone it does no int8 "
+                        "quantization; with --weight-only the weight-only output is converted")
+    _config_option(half, "--bfloat16", dest="float_type", action="store_const", const="bfloat16",
+                   help="the same in bfloat16 (GPU providers: onnxruntime's CPU provider lacks most bfloat16 kernels)")
+    _config_option(run, "--half-io", action="store_const", const=True,
+                   help="float16/bfloat16: convert the model's float inputs and outputs too (default: they stay float32)")
+    _config_option(run, "--float-block-ops", type=_ops_or_none, metavar="LIST",
+                   help="float16/bfloat16: comma-separated op types kept in float32 (e.g. Softmax,LayerNormalization)")
+    _config_option(run, "--float-keep-nodes", type=_csv, metavar="LIST",
+                   help="float16/bfloat16: comma-separated node names or regular expressions kept in float32")
+    _config_option(run, "--float-min-cosine", type=float, metavar="C",
+                   help="float16/bfloat16: the fidelity check's worst per-sample cosine to fp32 (default 0.999); below "
+                        "it the nodes adding the most error move back to float32")
     _config_option(run, "--max-calib-samples", type=int, metavar="N")
     _config_option(run, "--synthetic-calib", action="store_const", const=True, help="calibrate on random data (smoke runs only)")
     run.add_argument("--load-calib", metavar="JSON", help="use a saved calibration table instead of running calibration")

@@ -45,6 +45,8 @@ WEIGHT_ONLY_TIED = ("once", "separate")
 WEIGHT_ONLY_MIXES = ("none", "k-mix", "k-mix-o")
 #: static bias correction: none, or each bias moved by the measured float - quantized output mean (sequentially)
 BIAS_CORRECTIONS = ("off", "empirical")
+#: the float16 mode's half types (float_type)
+FLOAT_TYPES = ("float16", "bfloat16")
 #: SmoothQuant before static 8-bit quantization: "off" or "on"
 SMOOTH_QUANT = ("off", "on")
 
@@ -212,6 +214,17 @@ class QuantConfig:
             compute nodes whose integer form measured slower than float (timing trials, medians of alternated
             runs; qpass.search.latency), so the output is not slower than the fp32 model, or the report says it
             could not.
+        float_type: None, or "float16" / "bfloat16": convert the float part of the model to half precision (the
+            float16 mode, qpass.half). Alone it converts a float model, or the float remainder of a quantized one
+            (a qpass int8 QDQ or weight-only output); with ``weight_only`` the weight-only output is converted after
+            its rewrite. With calibration data, a tensor whose measured |x| exceeds float16's range (or whose
+            non-zero values would flush to zero in bulk) stays float32 with the nodes that read or write it.
+        half_io: the model's float inputs and outputs become half too (default: they stay float32, with Casts).
+        float_block_ops: op types that stay float32 in the float16 mode.
+        float_keep_nodes: node names (or full-match regular expressions) that stay float32 in the float16 mode.
+        float_min_cosine: the float16 mode's fidelity check: when an output's worst per-sample cosine to fp32 on
+            the validation split is below it (or an output has inf/NaN), the nodes adding the most error move back
+            to float32, a few at a time, for at most ``search_budget`` trials.
     """
 
     format: str = "qdq"
@@ -280,6 +293,11 @@ class QuantConfig:
     search_16bit: bool = True
     ray_address: str | None = None
     objective: str = "accuracy"
+    float_type: str | None = None
+    half_io: bool = False
+    float_block_ops: tuple[str, ...] = ()
+    float_keep_nodes: tuple[str, ...] = ()
+    float_min_cosine: float = 0.999
     _exclude_patterns: tuple[re.Pattern, ...] = field(default=(), repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -350,6 +368,23 @@ class QuantConfig:
             raise bad("ray_address", self.ray_address, "a Ray address (auto, ray://host:port, host:port) or local")
         if self.objective not in OBJECTIVES:
             raise bad("objective", self.objective, " or ".join(OBJECTIVES))
+        if self.float_type is not None and self.float_type not in FLOAT_TYPES:
+            raise bad("float_type", self.float_type, " or ".join(FLOAT_TYPES) + " (or none)")
+        if not isinstance(self.half_io, bool):
+            raise bad("half_io", self.half_io, "true or false")
+        for name in ("float_block_ops", "float_keep_nodes"):
+            value = getattr(self, name)
+            if isinstance(value, str) or not all(isinstance(x, str) and x for x in value):
+                raise bad(name, value, "a list of names")
+            object.__setattr__(self, name, tuple(value))
+        for text in self.float_keep_nodes:
+            try:
+                re.compile(text)
+            except re.error as exc:
+                raise bad("float_keep_nodes", text, f"a node name or a valid regular expression ({exc})") from None
+        if isinstance(self.float_min_cosine, bool) or not isinstance(self.float_min_cosine, (int, float)) or \
+                not -1.0 <= float(self.float_min_cosine) <= 1.0:
+            raise bad("float_min_cosine", self.float_min_cosine, "a number in [-1, 1]")
         if self.weight_type not in WEIGHT_TYPES:
             raise bad("weight_type", self.weight_type, " or ".join(WEIGHT_TYPES))
         for name, table in (("tensor_methods", self.tensor_methods), ("op_methods", self.op_methods)):

@@ -12,12 +12,14 @@ from .passes.cleanup import Cleanup
 from .passes.constants_to_initializers import ConstantsToInitializers
 from .passes.contrib_gather_block_quantized import ContribGatherBlockQuantized
 from .passes.contrib_matmul_nbits import ContribMatMulNBits
+from .passes.convert_float16 import ConvertFloat16
 from .passes.equalize_conv_chains import EqualizeConvChains
 from .passes.fold_batchnorm import FoldBatchNorm
 from .passes.fold_conv_bias_add import FoldConvBiasAdd
 from .passes.insert_qdq import InsertQDQ
 from .passes.lower_qop import LowerToQOperator
 from .passes.matmul_bias_gemm import MatMulBiasToGemm
+from .passes.merge_casts import MergeCasts
 from .passes.single_reader_dq import SingleReaderDequantize
 from .passes.smooth_quant import SmoothQuant
 from .passes.weight_only import WeightOnlyQuantize
@@ -103,3 +105,12 @@ def rewrite_passes(config: QuantConfig) -> list[Pass]:
     if config.single_reader_dq:
         passes += [SingleReaderDequantize()]
     return passes
+
+
+def float_passes(config: QuantConfig, *, keep_tensors: frozenset[str] = frozenset(),
+                 keep_nodes: tuple[str, ...] = ()) -> list:
+    """The float16/bfloat16 mode's model-level passes (``apply(model) -> (model, PassResult)``): convert the float
+    part to ``config.float_type`` keeping ``keep_tensors`` (measured out of range, or moved back by the fidelity
+    check) and ``keep_nodes`` in float32, then merge the Cast chains the boundaries leave."""
+    return [ConvertFloat16(config.float_type or "float16", half_io=config.half_io, block_ops=config.float_block_ops,
+                           keep_nodes=keep_nodes, keep_tensors=keep_tensors), MergeCasts()]

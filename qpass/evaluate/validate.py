@@ -222,15 +222,26 @@ def _slower_finding(provider: str, lat: dict, share: dict[str, float] | None) ->
     return text
 
 
+def typed_feed(session, feed: dict) -> dict:
+    """``feed`` with float32 arrays cast to float16 where ``session``'s model takes float16 inputs (a model
+    converted with half inputs, validated on the original's data)."""
+    half = {i.name for i in session.get_inputs() if i.type == "tensor(float16)"}
+    if not half:
+        return feed
+    return {k: (v.astype(np.float16) if k in half and getattr(v, "dtype", None) == np.float32 else v)
+            for k, v in feed.items()}
+
+
 def _latency(ref, q, feed: dict, repeats: int) -> dict:
-    for s in (ref, q):
+    qfeed = typed_feed(q, feed)
+    for s, f in ((ref, feed), (q, qfeed)):
         for _ in range(3):
-            s.run(None, feed)
+            s.run(None, f)
     times: dict[str, list[float]] = {"fp32": [], "quantized": []}
     for _ in range(repeats):
-        for key, s in (("fp32", ref), ("quantized", q)):
+        for key, s, f in (("fp32", ref, feed), ("quantized", q, qfeed)):
             t = time.perf_counter()
-            s.run(None, feed)
+            s.run(None, f)
             times[key].append(time.perf_counter() - t)
     f, qq = statistics.median(times["fp32"]) * 1e3, statistics.median(times["quantized"]) * 1e3
     return {"fp32_ms": round(f, 4), "quantized_ms": round(qq, 4), "ratio": round(qq / f, 4) if f else None,
@@ -477,7 +488,7 @@ def validate(original: onnx.ModelProto | ModelFile, quantized: onnx.ModelProto |
                     refs = ref.run(names, feed)
                     ids = {n: token_ids(feed, r) for n, r in zip(names, refs) if np.asarray(r).dtype.kind == "f"}
                     for table, session in runs:
-                        for n, r, o in zip(names, refs, session.run(names, feed)):
+                        for n, r, o in zip(names, refs, session.run(names, typed_feed(session, feed))):
                             if n in ids:
                                 table[n].add(r, o, label)
                                 if ids[n] is not None:

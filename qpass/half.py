@@ -1,0 +1,212 @@
+"""The float16 / bfloat16 mode: measure, convert, check against fp32, move the worst tensors back, save.
+
+    load -> [calibrate: |x| max and flushed-to-zero counts per float tensor] -> convert (recipes.float_passes)
+         -> fidelity check on the validation split -> [fallback: qpass.search.float_fallback] -> evaluate -> save
+
+The input may be a float model or the output of another mode (int8 QDQ, weight-only): its float remainder is
+converted. Without calibration data the conversion is data-free: the op block list, the schemas' type
+constraints and the weights' own values decide; the report says so.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import onnx
+
+from . import stages
+from .calib.collect import collect_ranges
+from .calib.data import input_specs
+from .calib.half_range import HalfRange
+from .calib.sources import calibration_data, validation_data
+from .calib.table import CalibrationTable
+from .config import QuantConfig
+from .errors import VerificationError
+from .io import save_model
+from .opset import apply_opset_policy
+from .pass_manager import PassRecord
+from .passes.convert_float16 import FP16_MAX, value_types
+from .recipes import float_passes
+from .report import Report
+from .runtime import pick_providers
+from .verify import verify_model
+
+#: a measured tensor stays float32 when its |x| max exceeds float16's max divided by this (headroom for inputs
+#: beyond the calibration data's)
+OVERFLOW_HEADROOM = 2.0
+#: ... or when more than this share of its non-zero values flush to zero in float16
+UNDERFLOW_SHARE = 0.01
+
+
+def float_tensors(model: onnx.ModelProto) -> list[str]:
+    """The float32 node outputs of the main graph (what calibration measures; bodies' values are not fetched)."""
+    types = value_types(model)
+    outs = []
+    for n in model.graph.node:
+        for o in n.output:
+            if o and types.get(o) == onnx.TensorProto.FLOAT and n.op_type != "Constant":
+                outs.append(o)
+    return outs
+
+
+def measured_keep(stats, tensors: list[str], dtype: str) -> dict[str, str]:
+    """Tensors that stay float32 by their measured statistics, with the reason."""
+    keep = {}
+    for t in tensors:
+        hr = stats.get(t, HalfRange.kind) if stats is not None else None
+        if hr is None:
+            continue
+        if hr.nonfinite:
+            keep[t] = f"{hr.nonfinite} inf/NaN value(s) in float32 already"
+        elif dtype == "float16" and hr.absmax * OVERFLOW_HEADROOM > FP16_MAX:
+            keep[t] = f"|x| up to {hr.absmax:.4g} measured (> {FP16_MAX:g} / {OVERFLOW_HEADROOM:g})"
+        elif dtype == "float16" and hr.tiny_share > UNDERFLOW_SHARE:
+            keep[t] = f"{hr.tiny_share:.1%} of its non-zero values measured below float16's smallest subnormal"
+    return keep
+
+
+def convert(model: onnx.ModelProto, config: QuantConfig, keep_tensors: dict[str, str] | set[str] = (),
+            keep_nodes: tuple[str, ...] = ()) -> tuple[onnx.ModelProto, list[PassRecord]]:
+    """A converted copy of ``model`` (the recipe's float passes, each verified), and the pass records."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    records = []
+    for p in float_passes(config, keep_tensors=frozenset(keep_tensors), keep_nodes=_node_names(model, config, keep_nodes)):
+        t = time.perf_counter()
+        out, result = p.apply(out)
+        try:
+            verify_model(out)
+        except VerificationError as exc:
+            raise VerificationError(f"after pass '{p.name}': {exc.message}", subject=exc.subject, hint=exc.hint) from exc
+        records.append(PassRecord(p.name, time.perf_counter() - t, result.modified, tuple(result.skipped),
+                                  dict(result.stats), p.role))
+    return out, records
+
+
+def _node_names(model: onnx.ModelProto, config: QuantConfig, extra: tuple[str, ...]) -> tuple[str, ...]:
+    """Names of the nodes (all scopes) that ``float_keep_nodes`` (names or full-match patterns) names, and ``extra``."""
+    import re
+
+    from .passes.convert_float16 import _graphs
+
+    patterns = [re.compile(p) for p in config.float_keep_nodes]
+    names = set(extra)
+    if patterns:
+        for g, _ in _graphs(model.graph):
+            names.update(n.name for n in g.node if n.name and any(p.fullmatch(n.name) for p in patterns))
+    return tuple(sorted(names))
+
+
+def run(model: Any, calib: Any, *, config: QuantConfig, notes: list[str], output=None, val=None, load_calib=None,
+        save_calib=None, progress=None, check_writes=None):
+    """The float16/bfloat16 mode of :func:`qpass.api.quantize` (``float_type`` set, no ``weight_only``)."""
+    from .api import QuantizeResult, report_path_for
+
+    cfg = config
+    times: dict[str, float] = {}
+    t0 = time.perf_counter()
+    name = "<ModelProto>" if isinstance(model, onnx.ModelProto) else str(model)
+    original = stages.load(model)
+    times["load"] = time.perf_counter() - t0
+    if check_writes is not None and not isinstance(model, onnx.ModelProto):
+        check_writes(model, output=output, report=output and report_path_for(output), save_calib=save_calib)
+    report = Report(model=name, config=cfg.to_dict(), warnings=list(notes))
+    opset = next((o.version for o in original.opset_import if o.domain in ("", "ai.onnx")), None)
+    report.opset = {"input": opset, "output": opset}
+    if cfg.target_opset is not None:  # upgraded only when asked (bfloat16 needs opset 13 for most ops)
+        original, report.opset, upgraded = apply_opset_policy(original, cfg, name)
+        report.warnings += upgraded
+    specs = input_specs(original)
+    tensors = float_tensors(original)
+    held: list = []
+    stats = None
+    t = time.perf_counter()
+    info: dict[str, Any] = {"source": None, "samples": 0, "tensors": 0}
+    if load_calib is not None:
+        table = CalibrationTable.load(load_calib)
+        stats = table.statistics
+        info = {"source": str(load_calib), "samples": table.samples, "tensors": len(tensors)}
+    elif calib is not None or cfg.synthetic_calib:
+        data = calibration_data(calib, specs, cfg, val_given=val is not None, subject=name)
+        report.warnings += data.warnings
+        held = data.held
+        providers, note = pick_providers(cfg.calib_ep)
+        table = collect_ranges(original, [], data.stream, providers=providers, specs=specs, synthetic=data.synthetic,
+                               extra={x: ("halfrange",) for x in tensors},
+                               on_sample=progress("measuring float16 ranges", data.total) if progress else None)
+        stats = table.statistics
+        info = {"source": data.description, "samples": table.samples, "tensors": len(tensors),
+                "synthetic": data.synthetic, "provider": providers[0]}
+        if note:
+            report.warnings.append(note)
+        if save_calib is not None:
+            table.save(save_calib)
+    else:
+        report.warnings.append(f"{cfg.float_type} without calibration data: a data-free conversion (op block list, "
+                               "type constraints and the weights' values decide); give --calib to keep the "
+                               "activations that overflow or underflow in float32")
+    times["calibrate"] = time.perf_counter() - t
+    keep = measured_keep(stats, tensors, cfg.float_type)
+    t = time.perf_counter()
+    converted, records = convert(original, cfg, keep)
+    times["convert"] = time.perf_counter() - t
+    if not records[0].stats.get("half_nodes"):
+        report.warnings.append(f"nothing converted to {cfg.float_type}: no node's type constraints at opset "
+                               f"{report.opset.get('output')} allow it where the measurements do"
+                               + (" (bfloat16 needs opset 13 for most ops: --target-opset 13)"
+                                  if cfg.float_type == "bfloat16" and (report.opset.get("output") or 0) < 13 else ""))
+    half_info: dict[str, Any] = {"type": cfg.float_type, "half_io": cfg.half_io,
+                                 "measured_float32": dict(sorted(keep.items())),
+                                 "data_free": stats is None}
+    samples, desc = (None, None)
+    if cfg.validate:
+        samples, desc = validation_data(val, specs, cfg, calib=calib, held=held, loaded_table=load_calib is not None,
+                                        calibrated=stats is not None)
+    if samples is not None:
+        samples = list(samples)[:cfg.max_val_samples]
+    t = time.perf_counter()
+    if samples and cfg.float_min_cosine > -1.0:
+        from .search.float_fallback import fallback
+
+        found = fallback(original, converted, cfg, samples, keep, convert)
+        half_info["fidelity"] = found.report
+        if found.model is not None:
+            converted, records = found.model, found.records
+        if not found.report["met"]:
+            report.warnings.append(f"{cfg.float_type}: fidelity check not met ({found.report['note']})")
+    times["fallback"] = time.perf_counter() - t
+    report.passes = records
+    report.quantized_nodes = _half_ops(records)
+    report.calibration = {**info, "half": half_info}
+    report.sizes = {"input_bytes": stages.model_size(model, original), "output_bytes": _bytes(converted)}
+    t = time.perf_counter()
+    if not cfg.validate:
+        report.warnings.append("not validated (validate = false / --no-validate)")
+    elif not samples:
+        report.warnings.append("not validated: no held-out samples (give --val PATH or more calibration samples)")
+    else:
+        report.validation = stages.evaluate(original, converted, samples, desc, cfg)
+        report.warnings.extend(report.validation["findings"])
+    times["validate"] = time.perf_counter() - t
+    result = QuantizeResult(converted, report)
+    if output is not None:
+        report.output = str(output)
+        t = time.perf_counter()
+        result.output_path = save_model(converted, output, input_path=None if isinstance(model, onnx.ModelProto)
+                                        else model, external_data=cfg.external_data)
+        times["save"] = time.perf_counter() - t
+        report.seconds = times
+        result.report_path = report.save(report_path_for(output))
+    report.seconds = times
+    return result
+
+
+def _half_ops(records: list[PassRecord]) -> dict[str, int]:
+    rec = next((r for r in records if r.name == "convert_float16"), None)
+    return dict(rec.stats.get("half_ops", {})) if rec is not None else {}
+
+
+def _bytes(model: onnx.ModelProto) -> int:
+    from .io import model_bytes
+
+    return model_bytes(model)
