@@ -133,6 +133,9 @@ class QuantConfig:
         max_val_samples: hold out at most this many samples for validation.
         external_data: write the weights to a ``.data`` file beside the model.
         allow_empty: a run that quantizes nothing is not an error.
+        dynamic: dynamic quantization (no calibration data needed): MatMul/Gemm weights int8 per output channel
+            offline, their activations quantized at run time (DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul,
+            standard ONNX; onnxruntime fuses it into its dynamic kernels); other ops stay float.
         weight_only: None (static quantization of weights and activations) or the weight type of the weight-only
             mode: "int4" (symmetric), "uint4" (asymmetric, a zero point per block), "int8" (symmetric), "nf4" (QLoRA's
             16-level NormalFloat codebook x block absmax, written as uint4 codes -> Cast -> Gather -> Mul) or
@@ -244,6 +247,7 @@ class QuantConfig:
     external_data: bool = False
     allow_empty: bool = False
     weight_only: str | None = None
+    dynamic: bool = False
     block_size: int = 128
     algorithm: str = "auto"
     weight_only_head: str = "int8"
@@ -307,6 +311,10 @@ class QuantConfig:
             raise bad("algorithm", self.algorithm, f"auto or rtn with weight_only {self.weight_only} (nearest level only)")
         if self.double_quant and self.algorithm in ("awq", "awq-gptq"):
             raise bad("algorithm", self.algorithm, "rtn, search or gptq with double_quant (awq is not combined with it)")
+        if not isinstance(self.dynamic, bool):
+            raise bad("dynamic", self.dynamic, "true or false")
+        if self.dynamic and self.weight_only is not None:
+            raise bad("dynamic", self.dynamic, "false with weight_only (weight-only keeps activations float)")
         if self.weight_only is not None and self.format != "qdq":
             raise bad("format", self.format, "qdq with weight_only (the weights stay DequantizeLinear -> MatMul)")
         if self.bias_correction not in BIAS_CORRECTIONS:

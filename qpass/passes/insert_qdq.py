@@ -35,7 +35,9 @@ class InsertQDQ(Pass):
     def requires(self, graph: gs.Graph, ctx: PassContext) -> None:
         if ctx.calib is None or ctx.plan is None:
             raise PreconditionError("needs a plan and a calibration table", subject=self.name)
-        per_channel = [n.node for n in ctx.plan.nodes if n.weight is not None and n.weight.spec.granularity == "channel"]
+        dynamic = {r for t in ctx.plan.tensors.values() if t.spec.dynamic for r in (t.readers or ())}
+        per_channel = [n.node for n in ctx.plan.nodes if n.weight is not None and n.weight.spec.granularity == "channel"
+                       and n.node not in dynamic]
         if per_channel and graph.opset < PER_CHANNEL_MIN_OPSET:
             raise PreconditionError(f"per-channel DequantizeLinear needs opset >= {PER_CHANNEL_MIN_OPSET}, graph has {graph.opset}",
                                     subject=per_channel[0], hint="use --target-opset 13 or --per-tensor")
@@ -51,6 +53,8 @@ class InsertQDQ(Pass):
         self._weights: dict[tuple[str, int | None], tuple[gs.Variable, np.ndarray]] = {}
         self._dq_source: dict[str, str] = {}
         self._planned = {q.name for q in plan.tensors}
+        #: activations quantized at run time: they and the nodes reading them are InsertDynamicQuantization's
+        self._dynamic = {q.name for q in plan.tensors if q.spec.dynamic}
         skipped = list(plan.skips)
         act_scales = self._quantize_activations(plan, ctx, skipped)
         done: Counter = Counter()
@@ -72,15 +76,15 @@ class InsertQDQ(Pass):
         scales: dict[str, np.ndarray] = {}
         for q in plan.tensors:
             x = tensors[q.name]
-            if not q.spec.quantized:
+            if not q.spec.quantized or q.spec.dynamic:
                 continue
             if q.spec.dtype not in ACTIVATION_DTYPES:
                 skipped.append(Skip(q.name, "activation", f"{q.spec.dtype} activations are not written by static QDQ "
                                                           f"(only {', '.join(ACTIVATION_DTYPES)}); left in float"))
                 continue
-            if q.spec.granularity != "tensor" or q.spec.dynamic:
-                skipped.append(Skip(q.name, "activation", f"{q.spec.granularity}{' dynamic' if q.spec.dynamic else ''} "
-                                                          "activation specs are not written by static QDQ; left in float"))
+            if q.spec.granularity != "tensor":
+                skipped.append(Skip(q.name, "activation", f"{q.spec.granularity} activation specs are not written by "
+                                                          "static QDQ; left in float"))
                 continue
             readers = [n for n in list(x.outputs) if q.consumers is None or id(n) in q.consumers]
             rng = ctx.calib.get(q.range_of)
@@ -121,6 +125,8 @@ class InsertQDQ(Pass):
     # ------------------------------------------------------------------ per compute node
     def _quantize_target(self, t: Target, ctx: PassContext, act_scales: dict[str, np.ndarray], skipped: list[Skip]) -> bool:
         node, label = t.node, t.label
+        if any(node.inputs[i].name in self._dynamic for i in t.activations):
+            return False  # rewritten by InsertDynamicQuantization
         self._into = self._home.get(id(node), self._graph)
         act_scale = None
         for i in t.activations:
