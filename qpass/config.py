@@ -135,7 +135,9 @@ class QuantConfig:
         allow_empty: a run that quantizes nothing is not an error.
         dynamic: dynamic quantization (no calibration data needed): MatMul/Gemm weights int8 per output channel
             offline, their activations quantized at run time (DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul,
-            standard ONNX; onnxruntime fuses it into its dynamic kernels); other ops stay float.
+            standard ONNX; onnxruntime fuses it into its dynamic kernels), embedding tables int8 per row
+            (``weight_only_embeddings``); other ops stay float. Dynamic specs can also be mixed into a static plan
+            per tensor (qpass.plan.dynamic).
         weight_only: None (static quantization of weights and activations) or the weight type of the weight-only
             mode: "int4" (symmetric), "uint4" (asymmetric, a zero point per block), "int8" (symmetric), "nf4" (QLoRA's
             16-level NormalFloat codebook x block absmax, written as uint4 codes -> Cast -> Gather -> Mul) or
@@ -153,7 +155,7 @@ class QuantConfig:
         weight_only_head: the weight-only type of the output head (a MatMul/Gemm whose output is a graph output, a
             language model's lm_head): "int8" (block-wise, the default: a 4-bit head makes language models repeat
             themselves), "same" (the mode's type) or "float".
-        weight_only_embeddings: the weight-only mode also stores embedding tables (a Gather of rows from a constant
+        weight_only_embeddings: the weight-only and dynamic modes also store embedding tables (a Gather of rows from a constant
             2-D float table) as int8, one scale per row; the rows are dequantized after the lookup.
         weight_only_tied: an int8 output head whose weight is the embedding table transposed (bit-exactly, or the
             table itself read through Transpose or Gemm transB=1): "once" (the head reads the embedding's int8

@@ -102,9 +102,9 @@ def rewrite_passes(config: QuantConfig) -> list[Pass]:
         if config.algorithm in ("awq", "awq-gptq"):
             return [ActivationScale(), quantize, Cleanup()] + contrib
         return [quantize, Cleanup()] + contrib
-    # static Q/DQ pairs, then the activations the plan quantizes at run time (dynamic mode, or dynamic specs mixed
-    # into a static plan); each leaves the other's nodes alone
-    passes: list[Pass] = [InsertQDQ(), InsertDynamicQuantization(), Cleanup()]
+    # the activations the plan quantizes at run time (dynamic mode, or dynamic specs mixed into a static plan), then
+    # static Q/DQ pairs; each rewrites its own part of the plan (qpass.plan.dynamic.dynamic_part)
+    passes: list[Pass] = [InsertDynamicQuantization(), InsertQDQ(), Cleanup()]
     if config.bias_correction == "empirical" and not config.dynamic:  # run stage by stage on calibration samples (stages.correct_biases)
         passes += [BiasCorrection(config.bias)]
     if config.format == "qop" and not config.dynamic:

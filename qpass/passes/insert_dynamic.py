@@ -15,9 +15,11 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from ..errors import PreconditionError
-from ..graph import NameAllocator, node_label
+from ..graph import NameAllocator
 from ..pass_manager import Pass, PassContext, PassResult, Skip
 from ..plan.bind import bind
+from ..plan.dynamic import dynamic_part
+from .weight_only import WeightOnlyQuantize
 from ..plan.targets import Target
 from ..qparams import quantize, weight_qparams
 
@@ -38,21 +40,16 @@ class InsertDynamicQuantization(Pass):
                                     subject=dynamic[0], hint="use --target-opset 13")
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        full = ctx.plan.with_overrides()
-        wanted = {name: t for name, t in full.tensors.items() if t.spec.dynamic}
-        if not wanted:
+        part = dynamic_part(ctx.plan, graph)[0]
+        if not part.nodes and not part.tensors:
             return PassResult(modified=False)
-        readers = set()
-        for name, t in wanted.items():
-            readers |= set(t.readers) if t.readers is not None else {
-                node_label(n) for n in graph.nodes if any(i.name == name for i in n.inputs)}
-        # only the dynamic part: InsertQDQ has rewritten the static nodes' weights already
-        plan = bind(replace(full, nodes=tuple(n for n in full.nodes if n.node in readers), tensors=wanted), graph)
+        tables = replace(part, nodes=tuple(n for n in part.nodes if n.op_type == "Gather"), tensors={})
+        plan = bind(replace(part, nodes=tuple(n for n in part.nodes if n.op_type != "Gather")), graph)
         dynamic = {q.name: q for q in plan.tensors}
         self._names = NameAllocator(graph)
         self._graph = graph
         top = {id(n) for n in graph.nodes}
-        skipped: list[Skip] = []
+        skipped: list[Skip] = list(plan.skips)
         quantized: dict[str, tuple[gs.Variable, gs.Variable, gs.Variable]] = {}
         done: Counter = Counter()
         for t in plan.targets:
@@ -73,6 +70,10 @@ class InsertDynamicQuantization(Pass):
                 skipped.append(Skip(t.label, t.node.op, f"weight not quantizable ({exc}); node left in float"))
                 continue
             done[t.node.op] += 1
+        if tables.nodes:  # embedding tables: int8 rows, dequantized after the lookup (the weight-only mode's form)
+            rows = WeightOnlyQuantize("rtn", tied="separate").run(graph, PassContext(plan=tables))
+            skipped += [s for s in rows.skipped if s not in plan.skips]
+            done.update(rows.stats)
         if done or quantized:
             graph.cleanup(remove_unused_graph_inputs=False).toposort()
         return PassResult(modified=bool(done), skipped=tuple(skipped), stats=dict(done))

@@ -21,6 +21,7 @@ from ..config import WEIGHT_TYPES
 from ..ops import PER_CHANNEL_MIN_OPSET
 from ..pass_manager import Pass, PassContext, PassResult, Skip
 from ..plan.bind import BoundPlan, bind
+from ..plan.dynamic import dynamic_part
 from ..plan.targets import Target
 from ..qparams import INT32_MAX, INT_TYPES, compute_qparams, int32_bias, quantize, weight_qparams
 
@@ -35,15 +36,14 @@ class InsertQDQ(Pass):
     def requires(self, graph: gs.Graph, ctx: PassContext) -> None:
         if ctx.calib is None or ctx.plan is None:
             raise PreconditionError("needs a plan and a calibration table", subject=self.name)
-        dynamic = {r for t in ctx.plan.tensors.values() if t.spec.dynamic for r in (t.readers or ())}
-        per_channel = [n.node for n in ctx.plan.nodes if n.weight is not None and n.weight.spec.granularity == "channel"
-                       and n.node not in dynamic]
+        static = dynamic_part(ctx.plan, graph)[1]
+        per_channel = [n.node for n in static.nodes if n.weight is not None and n.weight.spec.granularity == "channel"]
         if per_channel and graph.opset < PER_CHANNEL_MIN_OPSET:
             raise PreconditionError(f"per-channel DequantizeLinear needs opset >= {PER_CHANNEL_MIN_OPSET}, graph has {graph.opset}",
                                     subject=per_channel[0], hint="use --target-opset 13 or --per-tensor")
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        plan = bind(ctx.plan, graph)
+        plan = bind(dynamic_part(ctx.plan, graph)[1], graph)  # the dynamic part is InsertDynamicQuantization's
         self._names = NameAllocator(graph)
         self._graph = graph
         self._scopes = {id(sc.graph): sc for sc in scopes(graph)}
@@ -53,8 +53,6 @@ class InsertQDQ(Pass):
         self._weights: dict[tuple[str, int | None], tuple[gs.Variable, np.ndarray]] = {}
         self._dq_source: dict[str, str] = {}
         self._planned = {q.name for q in plan.tensors}
-        #: activations quantized at run time: they and the nodes reading them are InsertDynamicQuantization's
-        self._dynamic = {q.name for q in plan.tensors if q.spec.dynamic}
         skipped = list(plan.skips)
         act_scales = self._quantize_activations(plan, ctx, skipped)
         done: Counter = Counter()
@@ -76,7 +74,7 @@ class InsertQDQ(Pass):
         scales: dict[str, np.ndarray] = {}
         for q in plan.tensors:
             x = tensors[q.name]
-            if not q.spec.quantized or q.spec.dynamic:
+            if not q.spec.quantized:
                 continue
             if q.spec.dtype not in ACTIVATION_DTYPES:
                 skipped.append(Skip(q.name, "activation", f"{q.spec.dtype} activations are not written by static QDQ "
@@ -125,8 +123,6 @@ class InsertQDQ(Pass):
     # ------------------------------------------------------------------ per compute node
     def _quantize_target(self, t: Target, ctx: PassContext, act_scales: dict[str, np.ndarray], skipped: list[Skip]) -> bool:
         node, label = t.node, t.label
-        if any(node.inputs[i].name in self._dynamic for i in t.activations):
-            return False  # rewritten by InsertDynamicQuantization
         self._into = self._home.get(id(node), self._graph)
         act_scale = None
         for i in t.activations:

@@ -8,6 +8,8 @@ The same specs can be set on a static plan by an override (``{"tensor": "x", "sp
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import onnx_graphsurgeon as gs
 
 from ..config import QuantConfig
@@ -15,6 +17,9 @@ from ..graph import is_float32, is_onnx_op, node_label
 from ..pass_manager import Skip
 from .spec import NodePlan, QSpec, QuantPlan, TensorPlan, WeightPlan
 from .targets import output_channel_axis
+
+#: an embedding table's spec: int8, one scale per row (the weight-only mode's; rows dequantized after the lookup)
+EMBEDDING_ROWS = QSpec(dtype="int8", symmetric=True, granularity="channel", axis=0)
 
 #: ops dynamic quantization rewrites (MatMulInteger carries them; Conv stays float: static quantization handles it)
 DYNAMIC_OPS = ("MatMul", "Gemm")
@@ -32,10 +37,16 @@ NOT_DYNAMIC = {
 def build_dynamic_plan(graph: gs.Graph, config: QuantConfig) -> QuantPlan:
     """Every top-level MatMul/Gemm (of ``config.op_types``) whose second input is a constant 2-D float32 weight and
     first a float activation: weight int8 symmetric per output channel (per tensor with ``per_channel`` off), input
-    quantized at run time. Nodes inside If/Loop/Scan bodies and the ops of NOT_DYNAMIC are reported and stay float."""
+    quantized at run time; with ``weight_only_embeddings``, embedding tables (Gather of rows from a constant 2-D
+    table) int8 per row. Nodes inside If/Loop/Scan bodies and the ops of NOT_DYNAMIC are reported and stay float."""
+    from .policy import _planned_table  # policy imports this module
+
     nodes, skips, readers = [], [], {}
     for node in graph.nodes:
         label = node_label(node)
+        if node.op == "Gather" and _planned_table(node, config):
+            nodes.append(NodePlan(label, node.op, (), WeightPlan(0, node.inputs[0].name, EMBEDDING_ROWS)))
+            continue
         if any(isinstance(a, gs.Graph) or (isinstance(a, list) and a and isinstance(a[0], gs.Graph))
                for a in node.attrs.values()):
             skips.append(Skip(label, node.op, "body of a control-flow node: dynamic mode quantizes the top-level "
@@ -71,3 +82,18 @@ def build_dynamic_plan(graph: gs.Graph, config: QuantConfig) -> QuantPlan:
         readers.setdefault(x.name, []).append(label)
     tensors = {name: TensorPlan(name, DYNAMIC_ACTIVATION, name, tuple(r)) for name, r in readers.items()}
     return QuantPlan(tuple(nodes), tensors, tuple(skips))
+
+
+def dynamic_part(plan: QuantPlan, graph: gs.Graph) -> tuple[QuantPlan, QuantPlan]:
+    """``plan`` (overrides applied) split into what InsertDynamicQuantization writes (the activations with dynamic
+    specs, the nodes reading them, embedding tables) and the rest, InsertQDQ's (with the planning skips, reported
+    once)."""
+    full = plan.with_overrides()
+    wanted = {name: t for name, t in full.tensors.items() if t.spec.dynamic}
+    labels = {n.node for n in full.nodes if n.op_type == "Gather"}
+    for name, t in wanted.items():
+        labels |= set(t.readers) if t.readers is not None else {
+            node_label(n) for n in graph.nodes if any(i.name == name for i in n.inputs)}
+    static = {name: t for name, t in full.tensors.items() if name not in wanted}
+    return (replace(full, nodes=tuple(n for n in full.nodes if n.node in labels), tensors=wanted, skipped=()),
+            replace(full, nodes=tuple(n for n in full.nodes if n.node not in labels), tensors=static))

@@ -149,3 +149,35 @@ def test_cli_runs_without_calibration_data(tmp_path):
     assert main(["run", str(src), "--dynamic", "-o", str(out)]) == 0
     ops = {n.op_type for n in onnx.load(out).graph.node}
     assert {"DynamicQuantizeLinear", "MatMulInteger"} <= ops
+
+
+def test_embedding_table_stored_int8_per_row():
+    """Gather(E [10, 4], ids) -> MatMul(W [4, 3]): E stored int8 with one scale per row, the looked-up rows
+    dequantized (max |row| / 127); the MatMul dynamic. Known answer from numpy."""
+    rng = np.random.default_rng(5)
+    table = (rng.normal(size=(10, 4)) * np.arange(1, 11)[:, None]).astype(np.float32)
+    w = rng.normal(size=(4, 3)).astype(np.float32)
+    g = helper.make_graph(
+        [helper.make_node("Gather", ["E", "ids"], ["e"], name="embed"),
+         helper.make_node("MatMul", ["e", "W"], ["y"], name="mm")],
+        "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, [2, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3, 3])],
+        [numpy_helper.from_array(table, "E"), numpy_helper.from_array(w, "W")])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    result = qpass.quantize(model, dynamic=True, validate=False)
+    assert result.report.quantized_nodes == {"Gather": 1, "MatMul": 1}
+    stored = [numpy_helper.to_array(i) for i in result.model.graph.initializer if i.dims == [10, 4]]
+    assert len(stored) == 1 and stored[0].dtype == np.int8
+    ids = np.array([[0, 9, 3], [5, 5, 1]], dtype=np.int64)
+    row_scale = np.abs(table).max(axis=1) / 127.0
+    rows = (np.rint(table / row_scale[:, None]) * row_scale[:, None]).astype(np.float32)[ids]
+    xq, xs, xz = _dynamic_quantize(rows)
+    wq, ws = _int8_columns(w, 1)
+    want = ((xq.astype(np.int32) - int(xz)) @ wq).astype(np.float32) * (xs * ws)
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    got = ort.InferenceSession(result.model.SerializeToString(), so,
+                               providers=["CPUExecutionProvider"]).run(None, {"ids": ids})[0]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    kept = qpass.quantize(model, dynamic=True, weight_only_embeddings=False, validate=False)
+    assert kept.report.quantized_nodes == {"MatMul": 1}
