@@ -38,12 +38,16 @@ def _ort_dynamic(src: Path, out: Path, *, per_channel: bool = False) -> Path:
 
 def _ort_optimized(name: str, src: Path, out: Path) -> Path:
     """The transformer optimizer's own fusions (Attention, SkipLayerNormalization, ...: contrib ops); opt_level 0,
-    since its onnxruntime pre-optimization step imports torch."""
+    since its onnxruntime pre-optimization step imports torch; then onnxruntime's symbolic shape inference."""
     from onnxruntime.transformers.optimizer import optimize_model
 
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
     kind, heads, hidden = TRANSFORMER_OPTIMIZER[name]
-    optimize_model(str(src), model_type=kind, num_heads=heads, hidden_size=hidden, opt_level=0,
-                   use_gpu=False).save_model_to_file(str(out))
+    optimized = optimize_model(str(src), model_type=kind, num_heads=heads, hidden_size=hidden, opt_level=0,
+                               use_gpu=False).model
+    # quantize_dynamic needs the fused contrib ops' output types, which only onnxruntime's symbolic shape inference gives
+    onnx.save_model(SymbolicShapeInference.infer_shapes(optimized, auto_merge=True), str(out))
     return out
 
 
