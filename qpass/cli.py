@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "strength searched per layer on the calibration data; default off)")
     _config_option(run, "--smooth-alpha", type=float, metavar="A",
                    help="a fixed SmoothQuant strength in (0, 1] instead of the per-layer search")
+    _config_option(run, "--dynamic", action="store_const", const=True,
+                   help="dynamic quantization, no --calib needed: MatMul/Gemm weights int8 per channel, their inputs "
+                        "quantized at run time (DynamicQuantizeLinear -> MatMulInteger, standard ONNX); other ops float")
     _config_option(run, "--weight-only", choices=WEIGHT_ONLY_TYPES,
                    help="weight-only mode: MatMul/Gemm weights block-wise int4 (symmetric), uint4 (asymmetric), "
                         "int8, nf4 (NormalFloat codebook) or ternary (int2, needs --target-opset 25), activations "

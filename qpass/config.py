@@ -137,6 +137,11 @@ class QuantConfig:
         max_val_samples: hold out at most this many samples for validation.
         external_data: write the weights to a ``.data`` file beside the model.
         allow_empty: a run that quantizes nothing is not an error.
+        dynamic: dynamic quantization (no calibration data needed): MatMul/Gemm weights int8 per output channel
+            offline, their activations quantized at run time (DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul,
+            standard ONNX; onnxruntime fuses it into its dynamic kernels), embedding tables int8 per row
+            (``weight_only_embeddings``); other ops stay float. Dynamic specs can also be mixed into a static plan
+            per tensor (qpass.plan.dynamic).
         weight_only: None (static quantization of weights and activations) or the weight type of the weight-only
             mode: "int4" (symmetric), "uint4" (asymmetric, a zero point per block), "int8" (symmetric), "nf4" (QLoRA's
             16-level NormalFloat codebook x block absmax, written as uint4 codes -> Cast -> Gather -> Mul) or
@@ -154,7 +159,7 @@ class QuantConfig:
         weight_only_head: the weight-only type of the output head (a MatMul/Gemm whose output is a graph output, a
             language model's lm_head): "int8" (block-wise, the default: a 4-bit head makes language models repeat
             themselves), "same" (the mode's type) or "float".
-        weight_only_embeddings: the weight-only mode also stores embedding tables (a Gather of rows from a constant
+        weight_only_embeddings: the weight-only and dynamic modes also store embedding tables (a Gather of rows from a constant
             2-D float table) as int8, one scale per row; the rows are dequantized after the lookup.
         weight_only_tied: an int8 output head whose weight is the embedding table transposed (bit-exactly, or the
             table itself read through Transpose or Gemm transB=1): "once" (the head reads the embedding's int8
@@ -269,6 +274,7 @@ class QuantConfig:
     external_data: bool = False
     allow_empty: bool = False
     weight_only: str | None = None
+    dynamic: bool = False
     block_size: int = 128
     algorithm: str = "auto"
     weight_only_head: str = "int8"
@@ -340,6 +346,13 @@ class QuantConfig:
             raise bad("algorithm", self.algorithm, f"auto or rtn with weight_only {self.weight_only} (nearest level only)")
         if self.double_quant and self.algorithm in ("awq", "awq-gptq"):
             raise bad("algorithm", self.algorithm, "rtn, search or gptq with double_quant (awq is not combined with it)")
+        if not isinstance(self.dynamic, bool):
+            raise bad("dynamic", self.dynamic, "true or false")
+        if self.dynamic and self.weight_only is not None:
+            raise bad("dynamic", self.dynamic, "false with weight_only (weight-only keeps activations float)")
+        if self.dynamic and self.float_type is not None:
+            raise bad("dynamic", self.dynamic, f"false with float_type {self.float_type} (run the float16 mode on "
+                      "the dynamic output instead)")
         if self.weight_only is not None and self.format != "qdq":
             raise bad("format", self.format, "qdq with weight_only (the weights stay DequantizeLinear -> MatMul)")
         if self.bias_correction not in BIAS_CORRECTIONS:

@@ -16,6 +16,7 @@ from .passes.convert_float16 import ConvertFloat16
 from .passes.equalize_conv_chains import EqualizeConvChains
 from .passes.fold_batchnorm import FoldBatchNorm
 from .passes.fold_conv_bias_add import FoldConvBiasAdd
+from .passes.insert_dynamic import InsertDynamicQuantization
 from .passes.insert_qdq import InsertQDQ
 from .passes.lower_qop import LowerToQOperator
 from .passes.matmul_bias_gemm import MatMulBiasToGemm
@@ -30,6 +31,8 @@ from .passes.weight_only_codebook import WeightOnlyCodebook
 STATIC_ONLY = ("method", "activation_type", "per_channel", "bias", "percentile", "bins", "kl_levels", "tensor_methods",
                "op_methods", "activation_matmuls", "exclude_before", "quantize_outputs", "neighbour_ops", "equalize",
                "bias_correction", "smooth_quant", "smooth_alpha")
+#: static-only fields that dynamic mode ignores too (it calibrates nothing); the weight fields still apply
+DYNAMIC_IGNORES = tuple(f for f in STATIC_ONLY if f != "per_channel")
 
 
 def resolve(config: QuantConfig, *, has_data: bool) -> tuple[QuantConfig, list[str]]:
@@ -42,7 +45,12 @@ def resolve(config: QuantConfig, *, has_data: bool) -> tuple[QuantConfig, list[s
         static = [f for f in STATIC_ONLY if getattr(config, f) != getattr(default, f)]
         if static:
             notes.append(f"weight-only mode: {', '.join(static)} apply to static quantization and are ignored")
-    if config.smooth_quant == "on" and not config.weight_only and config.activation_type not in ("uint8", "int8"):
+    if config.dynamic:
+        default = QuantConfig()
+        ignored = [f for f in DYNAMIC_IGNORES + ("format",) if getattr(config, f) != getattr(default, f)]
+        if ignored:
+            notes.append(f"dynamic mode: {', '.join(ignored)} apply to static quantization and are ignored")
+    if config.smooth_quant == "on" and not config.weight_only and not config.dynamic and config.activation_type not in ("uint8", "int8"):
         notes.append(f"smooth_quant applies to 8-bit activations; with {config.activation_type} it is not applied")
     if config.weight_only and config.algorithm in ("awq", "awq-gptq") and config.gptq_sequential:
         notes.append(f"gptq_sequential applies to --algorithm gptq only; {config.algorithm} takes every Hessian from "
@@ -73,7 +81,8 @@ def prepare_passes(config: QuantConfig) -> list[Pass]:
 def smooths(config: QuantConfig) -> bool:
     """Whether a run smooths activation outliers into the weights (SmoothQuant) before planning: static 8-bit
     activations with ``smooth_quant`` on."""
-    return config.smooth_quant == "on" and not config.weight_only and config.activation_type in ("uint8", "int8")
+    return (config.smooth_quant == "on" and not config.weight_only and not config.dynamic
+            and config.activation_type in ("uint8", "int8"))
 
 
 def smooth_passes(config: QuantConfig) -> list[Pass]:
@@ -95,10 +104,12 @@ def rewrite_passes(config: QuantConfig) -> list[Pass]:
         if config.algorithm in ("awq", "awq-gptq"):
             return [ActivationScale(), quantize, Cleanup()] + contrib
         return [quantize, Cleanup()] + contrib
-    passes: list[Pass] = [InsertQDQ(), Cleanup()]
-    if config.bias_correction == "empirical":  # run stage by stage on calibration samples (stages.correct_biases)
+    # the activations the plan quantizes at run time (dynamic mode, or dynamic specs mixed into a static plan), then
+    # static Q/DQ pairs; each rewrites its own part of the plan (qpass.plan.dynamic.dynamic_part)
+    passes: list[Pass] = [InsertDynamicQuantization(), InsertQDQ(), Cleanup()]
+    if config.bias_correction == "empirical" and not config.dynamic:  # run stage by stage on calibration samples (stages.correct_biases)
         passes += [BiasCorrection(config.bias)]
-    if config.format == "qop":
+    if config.format == "qop" and not config.dynamic:
         passes += [LowerToQOperator(), Cleanup()]
     else:
         passes += [MatMulBiasToGemm()]

@@ -21,6 +21,7 @@ from ..config import WEIGHT_TYPES
 from ..ops import PER_CHANNEL_MIN_OPSET
 from ..pass_manager import Pass, PassContext, PassResult, Skip
 from ..plan.bind import BoundPlan, bind
+from ..plan.dynamic import dynamic_part
 from ..plan.targets import Target
 from ..qparams import INT32_MAX, INT_TYPES, compute_qparams, int32_bias, quantize, weight_qparams
 
@@ -35,13 +36,14 @@ class InsertQDQ(Pass):
     def requires(self, graph: gs.Graph, ctx: PassContext) -> None:
         if ctx.calib is None or ctx.plan is None:
             raise PreconditionError("needs a plan and a calibration table", subject=self.name)
-        per_channel = [n.node for n in ctx.plan.nodes if n.weight is not None and n.weight.spec.granularity == "channel"]
+        static = dynamic_part(ctx.plan, graph)[1]
+        per_channel = [n.node for n in static.nodes if n.weight is not None and n.weight.spec.granularity == "channel"]
         if per_channel and graph.opset < PER_CHANNEL_MIN_OPSET:
             raise PreconditionError(f"per-channel DequantizeLinear needs opset >= {PER_CHANNEL_MIN_OPSET}, graph has {graph.opset}",
                                     subject=per_channel[0], hint="use --target-opset 13 or --per-tensor")
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        plan = bind(ctx.plan, graph)
+        plan = bind(dynamic_part(ctx.plan, graph)[1], graph)  # the dynamic part is InsertDynamicQuantization's
         self._names = NameAllocator(graph)
         self._graph = graph
         self._scopes = {id(sc.graph): sc for sc in scopes(graph)}
@@ -78,9 +80,9 @@ class InsertQDQ(Pass):
                 skipped.append(Skip(q.name, "activation", f"{q.spec.dtype} activations are not written by static QDQ "
                                                           f"(only {', '.join(ACTIVATION_DTYPES)}); left in float"))
                 continue
-            if q.spec.granularity != "tensor" or q.spec.dynamic:
-                skipped.append(Skip(q.name, "activation", f"{q.spec.granularity}{' dynamic' if q.spec.dynamic else ''} "
-                                                          "activation specs are not written by static QDQ; left in float"))
+            if q.spec.granularity != "tensor":
+                skipped.append(Skip(q.name, "activation", f"{q.spec.granularity} activation specs are not written by "
+                                                          "static QDQ; left in float"))
                 continue
             readers = [n for n in list(x.outputs) if q.consumers is None or id(n) in q.consumers]
             rng = ctx.calib.get(q.range_of)

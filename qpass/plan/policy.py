@@ -13,6 +13,7 @@ from ..config import QuantConfig
 from ..graph import is_float32, is_onnx_op, node_label, scoped_labels
 from ..ops import DATA_MOVEMENT
 from ..pass_manager import Skip
+from .dynamic import build_dynamic_plan
 from .placement import plan_quantization
 from .roles import find_roles, tied_table
 from .spec import BiasPlan, NodePlan, Override, QSpec, QuantPlan, TensorPlan, WeightPlan
@@ -43,6 +44,8 @@ def build_plan(graph: gs.Graph, config: QuantConfig) -> QuantPlan:
     """Which nodes and activations to quantize, with what spec, for ``graph`` (prepared) under ``config``."""
     if config.weight_only:
         return build_weight_only_plan(graph, config)
+    if config.dynamic:
+        return build_dynamic_plan(graph, config)
     placed = plan_quantization(graph, config)
     scoped = scoped_labels(graph)  # nodes of If branches read planned tensors too
     labels = {key: label for key, (label, _) in scoped.items()}

@@ -226,15 +226,16 @@ class QuantPlan:
 
     @property
     def calibrate(self) -> list[str]:
-        """The tensors whose range calibration must measure (each shared range once, in plan order)."""
-        return list(dict.fromkeys(t.range_of for t in self.tensors.values()))
+        """The tensors whose range calibration must measure (each shared range once, in plan order); a dynamic
+        spec's range is computed at run time, not calibrated."""
+        return list(dict.fromkeys(t.range_of for t in self.tensors.values() if not t.spec.dynamic))
 
     def methods(self) -> dict[str, str]:
         """Calibration method per calibrated tensor: its own spec's, or (a shared range whose source tensor is not
         itself quantized) that of the first tensor using it."""
         out: dict[str, str] = {}
         for t in self.tensors.values():
-            if t.range_of not in out:
+            if t.range_of not in out and not t.spec.dynamic:
                 source = self.tensors.get(t.range_of, t)
                 out[t.range_of] = source.spec.method or "minmax"
         return out
