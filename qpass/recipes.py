@@ -10,14 +10,20 @@ from .passes.activation_scale import ActivationScale
 from .passes.bias_correction import BiasCorrection
 from .passes.cleanup import Cleanup
 from .passes.constants_to_initializers import ConstantsToInitializers
+from .passes.drop_duplicate_qdq import DropDuplicateQDQ
 from .passes.contrib_gather_block_quantized import ContribGatherBlockQuantized
 from .passes.contrib_matmul_nbits import ContribMatMulNBits
 from .passes.equalize_conv_chains import EqualizeConvChains
 from .passes.fold_batchnorm import FoldBatchNorm
 from .passes.fold_conv_bias_add import FoldConvBiasAdd
+from .passes.fold_fake_quant_weights import FoldFakeQuantWeights
 from .passes.insert_qdq import InsertQDQ
 from .passes.lower_qop import LowerToQOperator
 from .passes.matmul_bias_gemm import MatMulBiasToGemm
+from .passes.qdq_params import CanonicalQDQParams
+from .passes.repair_qdq_axis import RepairQDQAxis
+from .passes.requantize_bias import RequantizeBias
+from .passes.requantize_moved import RequantizeMoved
 from .passes.single_reader_dq import SingleReaderDequantize
 from .passes.smooth_quant import SmoothQuant
 from .passes.weight_only import WeightOnlyQuantize
@@ -103,3 +109,21 @@ def rewrite_passes(config: QuantConfig) -> list[Pass]:
     if config.single_reader_dq:
         passes += [SingleReaderDequantize()]
     return passes
+
+
+def import_repair_passes(config: QuantConfig) -> list[Pass]:
+    """QDQ import, first step: what makes an imported model valid (constants as initializers, Q/DQ parameters
+    as scalar constants, Q/DQ axes repaired or refused). Its result is what the run validates against when no float reference is given."""
+    return [ConstantsToInitializers(config.op_types), CanonicalQDQParams(), RepairQDQAxis(), Cleanup()]
+
+
+def import_passes(config: QuantConfig) -> list[Pass]:
+    """QDQ import, second step: the imported model in qpass's QDQ form (duplicated pairs dropped, fake-quantized weights folded to integers, biases int32 at s_x * s_w, compute nodes
+    behind data movement given their input's pair)."""
+    return [DropDuplicateQDQ(), FoldFakeQuantWeights(), RequantizeMoved(), RequantizeBias(),
+            Cleanup()]
+
+
+def lower_passes(config: QuantConfig) -> list[Pass]:
+    """QDQ import, last step: integer operators with ``--format qop``; nothing with QDQ."""
+    return [LowerToQOperator(), Cleanup()] if config.format == "qop" else []
