@@ -13,7 +13,7 @@ epochs with the observers frozen for the last ``FROZEN_EPOCHS``. Export: TorchSc
 
 Writes (relative to the repository root):
     models/digits_qat_qdq.onnx   the QDQ model (float weights behind Q/DQ pairs)
-    models/digits_qat_fp32.onnx  the same network after float training, before QAT (a float reference)
+    models/digits_qat_fp32.onnx  the same trained weights with fake quantization disabled (its float reference)
 
 Needs torch (not a dependency of qpass), e.g. in a separate venv:
     python3 -m venv /tmp/torchvenv
@@ -117,8 +117,7 @@ def main() -> None:
     epochs(model, x_train, y_train, FLOAT_EPOCHS, gen, LR)
     with torch.no_grad():
         acc = float((model(torch.from_numpy(x_test)).argmax(1).numpy() == y_test).mean())
-    print(f"float test accuracy: {acc:.4f}")
-    export(model, FP32_PATH, "digits CNN after float training, before QAT (models/train_digits_qat.py)")
+    print(f"float test accuracy (before QAT): {acc:.4f}")
 
     model.eval()
     model = tq.fuse_modules(model, [["conv1", "relu1"], ["conv2", "relu2"], ["fc1", "relu3"]])
@@ -140,6 +139,12 @@ def main() -> None:
         raise SystemExit(f"test accuracy {acc:.4f} < {MIN_TEST_ACC}")
     export(model, QDQ_PATH, "digits CNN trained with PyTorch QAT, exported with Q/DQ pairs "
                             "(models/train_digits_qat.py)")
+    model.apply(tq.disable_fake_quant)
+    with torch.no_grad():
+        acc = float((model(torch.from_numpy(x_test)).argmax(1).numpy() == y_test).mean())
+    print(f"QAT weights, fake quantization disabled: test accuracy {acc:.4f}")
+    export(model, FP32_PATH, "digits CNN of models/digits_qat_qdq.onnx with fake quantization disabled: its float "
+                             "reference (models/train_digits_qat.py)")
     try:
         import onnxruntime as ort
     except ImportError:

@@ -22,8 +22,9 @@ IMPORTABLE = frozenset({"QuantizeLinear", "DequantizeLinear"})
 
 
 def holds_qdq(ops: set[str]) -> bool:
-    """Whether a model with these op types is one QDQ import reads: Q/DQ present, no other quantization op."""
-    return bool(ops & IMPORTABLE) and not (ops & QUANT_OPS) - IMPORTABLE
+    """Whether a model with these op types is one QDQ import reads: QuantizeLinear present (activations or
+    fake-quantized weights), no quantization op but Q/DQ. A model of DequantizeLinear alone (weight-only) is not."""
+    return "QuantizeLinear" in ops and not (ops & QUANT_OPS) - IMPORTABLE
 
 
 def _params(node: gs.Node) -> tuple[np.ndarray, np.ndarray] | None:
