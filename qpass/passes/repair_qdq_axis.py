@@ -18,8 +18,11 @@ from .qdq_params import QDQ, through_identity
 
 
 def _shape(t: gs.Tensor) -> tuple | None:
+    """The tensor's shape; a QuantizeLinear's output has its input's (shape inference stops at a bad axis)."""
     if isinstance(t, gs.Constant):
         return tuple(np.shape(t.values))
+    if t.shape is None and len(t.inputs) == 1 and t.inputs[0].op == "QuantizeLinear":
+        return _shape(t.inputs[0].inputs[0])
     return tuple(t.shape) if t.shape is not None else None
 
 
