@@ -21,7 +21,7 @@ from .calib.sources import validation_data
 from .config import QuantConfig
 from .errors import PassError, UnsupportedModelError
 from .graph import WorkingGraph
-from .io import inferred_view, model_bytes
+from .io import inferred_view, keep_value_info_of, model_bytes
 from .opset import apply_opset_policy
 from .pass_manager import PassContext, PassManager
 from .plan.importer import import_plan
@@ -62,8 +62,8 @@ def run_import(original: onnx.ModelProto, cfg: QuantConfig, *, name: str, source
     lower = PassManager(lower_passes(cfg), export=wg.export, verify=verify_model, dump_dir=dump_dir)
     records += _run(lower, wg)
     result = lower.last_export or normalize.last_export or imported
-    if not lower.passes and normalize.last_export is None and repair.last_export is None:
-        result = wg.export()
+    # value_info as the input described it (the export carries every inferred shape)
+    result = keep_value_info_of(result, frozenset(vi.name for vi in original.graph.value_info))
     times["import"] = time.perf_counter() - t
     report.passes = records
     report.plan = qplan.to_dict()
