@@ -16,7 +16,7 @@ from .calib.data import input_specs, synthetic_samples
 from .calib.sources import calibration_data, keep_spread, take, validation_data
 from .calib.table import CalibrationTable
 from .config import QuantConfig
-from .errors import ConfigError, ModelSaveError, PlanError
+from .errors import ConfigError, ModelLoadError, ModelSaveError, PlanError
 from .graph import op_types
 from .io import initializer_bytes, model_bytes, same_file, save_model
 from .plan.importer import holds_qdq
@@ -83,7 +83,13 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, calib: Data = None, *, 
     metric = (eval_fn, max_metric_drop) if eval_fn is not None else None
     t0 = time.perf_counter()
     name = "<ModelProto>" if isinstance(model, onnx.ModelProto) else str(model)
-    original = stages.load(model)
+    try:
+        original = stages.load(model)
+    except ModelLoadError as exc:  # another tool's QDQ output left unsorted is sorted (QDQ import), else raised
+        from .import_qdq import load_unsorted
+
+        original, note = load_unsorted(model, exc)
+        notes = [*notes, note]
     times = {"load": time.perf_counter() - t0}
     if not isinstance(model, onnx.ModelProto):
         _check_writes(model, output=output, report=output and report_path_for(output), save_calib=save_calib,

@@ -91,3 +91,52 @@ def run_import(original: onnx.ModelProto, cfg: QuantConfig, *, name: str, source
     times["validate"] = time.perf_counter() - t
     report.seconds = times
     return result, report, qplan, table
+
+
+def _reads(node: onnx.NodeProto) -> set[str]:
+    """The values a node reads, those its subgraphs read from outer scopes included."""
+    names = {i for i in node.input if i}
+    for a in node.attribute:
+        for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+            for n in g.node:
+                names |= _reads(n)
+    return names
+
+
+def sorted_nodes(model: onnx.ModelProto) -> int:
+    """Reorder the main graph's nodes topologically (in place), stable otherwise; returns how many moved.
+    Another tool's QDQ output can list a node before the one it reads (the ONNX checker refuses it,
+    onnxruntime sorts it itself)."""
+    nodes = list(model.graph.node)
+    made = {o: i for i, n in enumerate(nodes) for o in n.output if o}
+    deps = [{made[r] for r in _reads(n) if r in made and made[r] != i} for i, n in enumerate(nodes)]
+    order: list[int] = []
+    done: set[int] = set()
+    while len(order) < len(nodes):
+        ready = [i for i in range(len(nodes)) if i not in done and deps[i] <= done]
+        if not ready:
+            return -1  # a cycle: left to the checker to name
+        order.append(ready[0])
+        done.add(ready[0])
+    moved = sum(1 for k, i in enumerate(order) if k != i)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes[i] for i in order)
+    return moved
+
+
+def load_unsorted(source, error: Exception) -> tuple[onnx.ModelProto, str]:
+    """A QDQ model that failed to load only because its nodes are not topologically sorted, sorted and loaded;
+    ``error`` is raised again for anything else."""
+    from .graph import op_types
+    from .plan.importer import holds_qdq
+
+    if "topologically sorted" not in str(error):
+        raise error
+    raw = onnx.ModelProto()
+    if isinstance(source, onnx.ModelProto):
+        raw.CopyFrom(source)
+    else:
+        raw = onnx.load(str(source), load_external_data=True)
+    if not holds_qdq(op_types(raw)) or sorted_nodes(raw) <= 0:
+        raise error
+    return stages.load(raw), "the model's nodes were not topologically sorted (the ONNX checker refused it): sorted"

@@ -16,6 +16,7 @@ from qpass.passes.drop_duplicate_qdq import DropDuplicateQDQ
 from qpass.passes.fold_fake_quant_weights import FoldFakeQuantWeights
 from qpass.passes.repair_qdq_axis import RepairQDQAxis
 from qpass.passes.requantize_bias import RequantizeBias
+from tests import builders
 
 
 def _init(name, value):
@@ -152,3 +153,19 @@ def test_duplicated_pair_is_dropped_and_changes_nothing():
     assert sorted(n.name for n in g.nodes if n.op == "QuantizeLinear") == ["qw", "qx"]
     out = qpass.quantize(model, val=[_feed(i) for i in range(3)], per_layer=False, latency=False)
     assert out.report.validation["outputs"][0]["max_abs_error"] == 0.0
+
+
+def test_unsorted_qdq_model_is_sorted_on_load_and_said_so():
+    model = _conv_model()
+    nodes = list(model.graph.node)
+    del model.graph.node[:]
+    model.graph.node.extend(reversed(nodes))  # the Conv first: the ONNX checker refuses the order
+    out = qpass.quantize(model, val=[_feed()], per_layer=False, latency=False)
+    assert any("not topologically sorted" in w for w in out.report.warnings)
+    assert out.report.quantized_nodes == {"Conv": 1}
+    float_model = onnx.load(str(builders.DIGITS_MODEL))  # a float model left unsorted is still refused
+    nodes = list(float_model.graph.node)
+    del float_model.graph.node[:]
+    float_model.graph.node.extend(reversed(nodes))
+    with pytest.raises(qpass.QpassError, match="topologically sorted"):
+        qpass.quantize(float_model, builders.DIGITS_CALIB)
