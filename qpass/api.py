@@ -17,8 +17,10 @@ from .calib.data import input_specs, synthetic_samples
 from .calib.sources import calibration_data, keep_spread, take, validation_data
 from .calib.table import CalibrationTable
 from .config import QuantConfig
-from .errors import ConfigError, ModelSaveError, PlanError
+from .errors import ConfigError, ModelLoadError, ModelSaveError, PlanError
+from .graph import op_types
 from .io import initializer_bytes, model_bytes, same_file, save_model
+from .plan.importer import holds_qdq
 from .plan.spec import QuantPlan
 from .recipes import resolve, smooths
 from .report import Report
@@ -60,6 +62,7 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, calib: Data = None, *, 
              save_plan: str | os.PathLike | None = None, dump_dir: str | os.PathLike | None = None,
              progress: stages.ProgressFactory | None = None, eval_fn: Callable[[onnx.ModelProto], float] | None = None,
              max_metric_drop: float | None = None, executor: TrialExecutor | None = None,
+             reference: str | os.PathLike | onnx.ModelProto | None = None,
              **overrides: Any) -> QuantizeResult:
     """Quantize an fp32 ONNX model (QDQ or integer operators) and validate it against the original.
 
@@ -72,7 +75,9 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, calib: Data = None, *, 
     asks that metric of the result to be at least fp32's less the drop (qpass.search.precision; a module-level
     function when ``search_workers`` > 1). ``executor``: where the search's trials run (a
     qpass.search.executors.RayTrials for a Ray cluster; default from the config: ``ray_address``, else a process
-    pool of ``search_workers``). Raises QpassError subclasses for bad input, each naming the file, node
+    pool of ``search_workers``). A model that already holds QuantizeLinear/DequantizeLinear is imported
+    instead (:mod:`qpass.import_qdq`) and validated against ``reference`` (a float model) when given, else against
+    itself before the rewrite. Raises QpassError subclasses for bad input, each naming the file, node
     or tensor.
     """
     cfg = (config or QuantConfig()).replace(**overrides) if overrides else (config or QuantConfig())
@@ -91,11 +96,23 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, calib: Data = None, *, 
                         save_calib=save_calib, progress=progress, check_writes=_check_writes)
     t0 = time.perf_counter()
     name = "<ModelProto>" if isinstance(model, onnx.ModelProto) else str(model)
-    original = stages.load(model)
+    try:
+        original = stages.load(model)
+    except ModelLoadError as exc:  # another tool's QDQ output left unsorted is sorted (QDQ import), else raised
+        from .import_qdq import load_unsorted
+
+        original, note = load_unsorted(model, exc)
+        notes = [*notes, note]
     times = {"load": time.perf_counter() - t0}
     if not isinstance(model, onnx.ModelProto):
         _check_writes(model, output=output, report=output and report_path_for(output), save_calib=save_calib,
                       save_plan=save_plan)
+    if holds_qdq(op_types(original)):
+        return _imported(model, original, name, cfg, notes, output=output, val=val, calib=calib, reference=reference,
+                         dump_dir=dump_dir, save_calib=save_calib, save_plan=save_plan, load_time=times["load"])
+    if reference is not None:
+        raise ConfigError("a reference model validates a model that already holds Q/DQ (QDQ import); this one holds "
+                          "none, and is validated against itself", subject="reference", hint="drop --reference")
     report = Report(model=name, config=cfg.to_dict(), warnings=notes)
     prepared = _timed(times, "prepare", stages.prepare, original, cfg, name=name, dump_dir=dump_dir)
     report.opset, report.passes = prepared.opset, list(prepared.records)
@@ -225,6 +242,27 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, calib: Data = None, *, 
         result.report_path = report.save(report_path_for(output))
     report.seconds = times
     return result
+
+
+def _imported(model, original: onnx.ModelProto, name: str, cfg: QuantConfig, notes: list[str], *, output, val, calib,
+              reference, dump_dir, save_calib, save_plan, load_time: float) -> QuantizeResult:
+    """QDQ import (qpass.import_qdq) of a model that holds Q/DQ, saved as :func:`quantize` saves."""
+    from .import_qdq import run_import
+
+    result, report, qplan, table = run_import(original, cfg, name=name, source=model, val=val, calib=calib,
+                                              reference=reference, dump_dir=dump_dir, warnings=notes)
+    report.seconds["load"] = load_time
+    if save_calib is not None:
+        table.save(save_calib)
+    if save_plan is not None:
+        qplan.save(save_plan)
+    out = QuantizeResult(result, report, plan=qplan)
+    if output is not None:
+        report.output = str(output)
+        out.output_path = save_model(result, output, input_path=None if isinstance(model, onnx.ModelProto) else model,
+                                     external_data=cfg.external_data)
+        out.report_path = report.save(report_path_for(output))
+    return out
 
 
 def validate_models(original: str | os.PathLike | onnx.ModelProto, quantized: str | os.PathLike | onnx.ModelProto,

@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--calib", metavar="PATH", help=".npz of samples, a folder of .npz (one sample each), or a test_data_set_* folder")
     run.add_argument("--val", metavar="PATH", help="validation data (default: a held-out split of --calib)")
     run.add_argument("--config", metavar="FILE", help="TOML file with QuantConfig keys (under [qpass] or top level)")
+    run.add_argument("--reference", metavar="FP32",
+                     help="a model holding Q/DQ (imported): the float model to validate it against (default: itself)")
     run.add_argument("--dump-dir", metavar="DIR", help="on a failing pass, write the model from just before it here")
     _config_option(run, "--target-opset", type=int, metavar="N", help="upgrade the model to opset N first (onnx.version_converter)")
     _config_option(run, "--format", choices=FORMATS,
@@ -251,7 +253,7 @@ def cmd_run(args: argparse.Namespace, out: Console, err: Console) -> int:
     try:
         result = quantize(args.model, args.calib, config=config, output=output, val=args.val, load_calib=args.load_calib,
                           save_calib=args.save_calib, plan=args.load_plan, save_plan=args.save_plan,
-                          dump_dir=args.dump_dir,
+                          dump_dir=args.dump_dir, reference=args.reference,
                           progress=None if args.quiet else _progress_factory(err, bars))
     finally:
         for bar in bars:

@@ -10,17 +10,23 @@ from .passes.activation_scale import ActivationScale
 from .passes.bias_correction import BiasCorrection
 from .passes.cleanup import Cleanup
 from .passes.constants_to_initializers import ConstantsToInitializers
+from .passes.drop_duplicate_qdq import DropDuplicateQDQ
 from .passes.contrib_gather_block_quantized import ContribGatherBlockQuantized
 from .passes.contrib_matmul_nbits import ContribMatMulNBits
 from .passes.convert_float16 import ConvertFloat16
 from .passes.equalize_conv_chains import EqualizeConvChains
 from .passes.fold_batchnorm import FoldBatchNorm
 from .passes.fold_conv_bias_add import FoldConvBiasAdd
+from .passes.fold_fake_quant_weights import FoldFakeQuantWeights
 from .passes.insert_dynamic import InsertDynamicQuantization
 from .passes.insert_qdq import InsertQDQ
 from .passes.lower_qop import LowerToQOperator
 from .passes.matmul_bias_gemm import MatMulBiasToGemm
 from .passes.merge_casts import MergeCasts
+from .passes.qdq_params import CanonicalQDQParams
+from .passes.repair_qdq_axis import RepairQDQAxis
+from .passes.requantize_bias import RequantizeBias
+from .passes.requantize_moved import RequantizeMoved
 from .passes.single_reader_dq import SingleReaderDequantize
 from .passes.smooth_quant import SmoothQuant
 from .passes.weight_only import WeightOnlyQuantize
@@ -125,3 +131,21 @@ def float_passes(config: QuantConfig, *, keep_tensors: frozenset[str] = frozense
     check) and ``keep_nodes`` in float32, then merge the Cast chains the boundaries leave."""
     return [ConvertFloat16(config.float_type or "float16", half_io=config.half_io, block_ops=config.float_block_ops,
                            keep_nodes=keep_nodes, keep_tensors=keep_tensors), MergeCasts()]
+
+
+def import_repair_passes(config: QuantConfig) -> list[Pass]:
+    """QDQ import, first step: what makes an imported model valid (constants as initializers, Q/DQ parameters
+    as scalar constants, Q/DQ axes repaired or refused). Its result is what the run validates against when no float reference is given."""
+    return [ConstantsToInitializers(config.op_types), CanonicalQDQParams(), RepairQDQAxis(), Cleanup()]
+
+
+def import_passes(config: QuantConfig) -> list[Pass]:
+    """QDQ import, second step: the imported model in qpass's QDQ form (duplicated pairs dropped, fake-quantized weights folded to integers, biases int32 at s_x * s_w, compute nodes
+    behind data movement given their input's pair)."""
+    return [DropDuplicateQDQ(), FoldFakeQuantWeights(), RequantizeMoved(), RequantizeBias(),
+            Cleanup()]
+
+
+def lower_passes(config: QuantConfig) -> list[Pass]:
+    """QDQ import, last step: integer operators with ``--format qop``; nothing with QDQ."""
+    return [LowerToQOperator(), Cleanup()] if config.format == "qop" else []

@@ -87,7 +87,8 @@ def prepare(model: onnx.ModelProto, config: QuantConfig | None = None, *, name: 
     present = used_quant_ops(model)
     if present:
         raise UnsupportedModelError(f"already quantized: it contains {sorted(present)}", subject=name,
-                                    hint="qpass quantizes float models; give it the original fp32 model")
+                                    hint="qpass quantizes float models and imports QuantizeLinear/DequantizeLinear "
+                                         "ones (qpass run); give it the fp32 model or the QDQ form")
     reference, opset, warnings = apply_opset_policy(model, config, name)
     with inferred_view(reference):  # the working graph reads the reference's weights: no copy of them is made
         wg = WorkingGraph(reference)

@@ -40,11 +40,14 @@ def test_model_with_no_float_tensors_quantizes_nothing_and_says_so(tmp_path, cap
     assert "nothing was quantized" in capsys.readouterr().err
 
 
-def test_already_quantized_model_is_refused(tmp_path):
-    q = qpass.quantize(builders.DIGITS_MODEL, builders.DIGITS_CALIB).model
+def test_integer_operator_model_is_refused_and_a_qdq_one_imported(tmp_path):
+    q = qpass.quantize(builders.DIGITS_MODEL, builders.DIGITS_CALIB, format="qop").model
     path = _save(q, tmp_path / "q.onnx")
     with pytest.raises(UnsupportedModelError, match="already quantized"):
         qpass.quantize(path, builders.DIGITS_CALIB)
+    qdq = _save(qpass.quantize(builders.DIGITS_MODEL, builders.DIGITS_CALIB).model, tmp_path / "qdq.onnx")
+    again = qpass.quantize(qdq, builders.DIGITS_CALIB)  # imported (QDQ import), not quantized twice
+    assert again.report.calibration["imported"] and again.report.validation["outputs"][0]["max_abs_error"] == 0.0
 
 
 def test_opset_below_10_is_refused_with_the_upgrade_flag_named():

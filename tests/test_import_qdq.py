@@ -1,0 +1,113 @@
+"""QDQ import end to end: the PyTorch QAT export in models/ and onnxruntime's quantize_static output."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import numpy_helper
+
+import qpass
+from qpass.calib.table import CalibrationTable
+from qpass.cli import main
+from tests import builders
+
+QAT_MODEL = builders.REPO / "models" / "digits_qat_qdq.onnx"
+QAT_FP32 = builders.REPO / "models" / "digits_qat_fp32.onnx"
+
+
+def _run(model, x: np.ndarray) -> np.ndarray:
+    data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    return ort.InferenceSession(data, providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+
+
+def _output_step(model: onnx.ModelProto) -> float:
+    """The scale of the DequantizeLinear that writes the graph output (one quantization step of the output)."""
+    out = model.graph.output[0].name
+    dq = next(n for n in model.graph.node if out in n.output)
+    assert dq.op_type == "DequantizeLinear"
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    return float(inits[dq.input[1]].reshape(-1)[0])
+
+
+def _x() -> np.ndarray:
+    return np.load(builders.DIGITS_TEST)["input"][:128]
+
+
+@pytest.mark.parametrize("fmt", ["qdq", "qop"])
+def test_qat_export_is_imported_with_int8_weights_and_its_outputs(tmp_path, fmt):
+    original = onnx.load(str(QAT_MODEL))
+    out = qpass.quantize(QAT_MODEL, output=tmp_path / "m.onnx", val=builders.DIGITS_TEST, reference=QAT_FP32,
+                         format=fmt, per_layer=False, latency=False)
+    inits = {i.name: numpy_helper.to_array(i) for i in out.model.graph.initializer}
+    weights = {n: v for n, v in inits.items() if v.ndim >= 2}  # the four weight matrices / kernels
+    assert len(weights) == 4 and all(v.dtype == np.int8 for v in weights.values()), {n: v.dtype for n, v in weights.items()}
+    assert (tmp_path / "m.onnx").stat().st_size < QAT_MODEL.stat().st_size / 3  # float weights were 4x larger
+    x = _x()
+    expected, got = _run(QAT_MODEL, x), _run(tmp_path / "m.onnx", x)
+    step = _output_step(original)
+    assert np.max(np.abs(got - expected)) <= step + 1e-6
+    assert out.report.quantized_nodes == {"Conv": 2, "Gemm": 2} and out.report.calibration["weights_folded"] == 4
+    assert "digits_qat_fp32" in out.report.validation["reference"]
+    acc = out.report.validation["outputs"][0]
+    assert acc["accuracy_quantized"] >= 0.95
+    ops = {n.op_type for n in out.model.graph.node}
+    if fmt == "qop":
+        assert {"QLinearConv", "MatMulInteger"} <= ops and not ops & {"Conv", "Gemm"}
+    else:
+        assert {"Conv", "Gemm"} <= ops
+
+
+def test_plan_and_table_say_what_the_model_quantized(tmp_path):
+    out = qpass.quantize(QAT_MODEL, per_layer=False, latency=False, save_calib=tmp_path / "t.json",
+                         save_plan=tmp_path / "p.json")
+    plan = out.plan
+    conv = next(n for n in plan.nodes if n.op_type == "Conv")
+    assert conv.weight.spec.dtype == "int8" and conv.weight.spec.granularity == "channel" and conv.weight.spec.axis == 0
+    assert conv.bias.dtype == "int32"
+    model = onnx.load(str(QAT_MODEL))
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    s = float(inits["quant.activation_post_process.scale"].reshape(()))
+    z = int(inits["onnx::QuantizeLinear_108"].reshape(()))
+    rng = CalibrationTable.load(tmp_path / "t.json").get("input")
+    assert rng.min == pytest.approx((0 - z) * s) and rng.max == pytest.approx((255 - z) * s)
+    assert plan.tensors["input"].spec.dtype == "uint8"
+    assert "itself" in out.report.validation["reference"]  # no reference given
+    assert any("RANDOM" in w for w in out.report.warnings)
+
+
+def test_ort_quantize_static_output_is_imported_and_validated_against_fp32(tmp_path):
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    calib = np.load(builders.DIGITS_CALIB)["input"]
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter([{"input": calib[i:i + 1]} for i in range(64)])
+
+        def get_next(self):
+            return next(self.it, None)
+
+    qdq = tmp_path / "ort_qdq.onnx"
+    quantize_static(str(builders.DIGITS_MODEL), str(qdq), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8)
+    for fmt in ("qdq", "qop"):
+        out = qpass.quantize(qdq, output=tmp_path / f"m_{fmt}.onnx", val=builders.DIGITS_TEST,
+                             reference=builders.DIGITS_MODEL, format=fmt, per_layer=False, latency=False)
+        assert "digits_cnn.onnx" in out.report.validation["reference"]
+        assert out.report.validation["outputs"][0]["top1_agreement"] >= 0.97
+        x = _x()
+        got, expected = _run(tmp_path / f"m_{fmt}.onnx", x), _run(qdq, x)
+        step = _output_step(onnx.load(str(qdq)))
+        assert np.max(np.abs(got - expected)) <= step + 1e-6
+    ops = {n.op_type for n in out.model.graph.node}
+    assert "QLinearConv" in ops and "Conv" not in ops
+
+
+def test_cli_reference_flag(tmp_path, capsys):
+    assert main(["run", str(QAT_MODEL), "-o", str(tmp_path / "m.onnx"), "--reference", str(QAT_FP32),
+                 "--val", str(builders.DIGITS_TEST), "--format", "qop", "-q", "--no-per-layer"]) == 0
+    assert (tmp_path / "m.onnx").is_file()
+    assert main(["run", str(builders.DIGITS_MODEL), "--calib", str(builders.DIGITS_CALIB), "-o",
+                 str(tmp_path / "f.onnx"), "--reference", str(QAT_FP32), "-q"]) == 2
+    assert "reference" in capsys.readouterr().err
