@@ -20,8 +20,8 @@ Imports: numpy, onnx, onnxruntime(-gpu); qpass and onnxconverter-common only ins
 them (a missing one is an error row, not a crash). On a machine without qpass's dependencies installed, carry the
 wheels of onnx-graphsurgeon, rich (qpass) and onnxconverter-common (pure Python; needs protobuf, packaging) and run
 from the repository root with PYTHONPATH including it. The JSON's ``environment`` records GPU, driver and versions. ``--llm``: SmolLM2-135M from the kit, fp32 against qpass
-float16: tokens/s of a 1-token and a 128-token forward, and perplexity / top-1 agreement / KL against fp32 over
-the kit's evaluation windows.
+float16 and qpass int4 weight-only + float16 (``--llm-variants``): tokens/s of a 1-token and a 128-token forward,
+and perplexity / top-1 agreement / KL against fp32 over the kit's evaluation windows.
 """
 from __future__ import annotations
 
@@ -64,12 +64,14 @@ def convert(kind: str, name: str, src: str, dst: str, shared: Path, providers=("
     """Write ``src`` converted by ``kind`` to ``dst`` (runs in a child process)."""
     t = time.perf_counter()
     info: dict = {}
-    if kind == "qpass":
+    if kind in ("qpass", "qpass_int4"):
         import qpass
 
         spec = ev.MODELS[name] if name in ev.MODELS else None
         calib = str(spec.calib_path(shared)) if spec else str(shared)  # --llm: the kit's calib folder
         kw = {"max_calib_samples": 8} if spec is None else {}
+        if kind == "qpass_int4":  # int4 weight-only (qpass's default algorithm) with the float remainder in float16
+            kw["weight_only"] = "int4"
         where = ("cuda",) if "CUDAExecutionProvider" in providers else ("cpu",)  # the fidelity check runs there
         res = qpass.quantize(src, calib, output=dst, float_type="float16", providers=where, latency=False,
                              per_layer=False, validate=spec is not None, **kw)
@@ -292,55 +294,65 @@ def _logsoftmax(x: np.ndarray) -> np.ndarray:
     return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
 
 
-def run_llm(kit: Path, providers, repeats: int, timeout: int, windows: int, log) -> dict:
+def run_llm(kit: Path, providers, repeats: int, timeout: int, windows: int, log,
+            variants=("qpass", "qpass_int4")) -> dict:
+    """SmolLM2 fp32 against each qpass conversion in ``variants`` (float16; int4 weight-only + float16): forward
+    timings (1 and 128 tokens, alternated with fp32), then perplexity / top-1 agreement / KL on the kit's windows."""
     src = kit / "smollm2_135m.onnx"
     out: dict = {"model": str(src)}
+    with np.load(kit / "eval" / "windows.npz") as z:
+        ids = z["input_ids"][:windows]
     with tempfile.TemporaryDirectory(prefix="qpass-fp16-llm-") as tmp:
-        dst = Path(tmp) / "smollm2.fp16.onnx"
-        out["qpass"] = convert_in_child("qpass", "smollm2", src, dst, kit / "calib", timeout, providers)
-        log(json.dumps(out["qpass"]))
-        if "error" in out["qpass"]:
-            return out
         a = ort.InferenceSession(str(src), providers=list(providers))
-        b = ort.InferenceSession(str(dst), providers=list(providers))
-        for tokens in (1, 128):
-            feed = {"input_ids": (np.arange(tokens, dtype=np.int64) % 1000 + 100)[None, :]}
-            for _ in range(3):
-                a.run(None, feed)
-                b.run(None, feed)
-            ta, tb = [], []
-            for _ in range(repeats):
-                t = time.perf_counter()
-                a.run(None, feed)
-                ta.append(time.perf_counter() - t)
-                t = time.perf_counter()
-                b.run(None, feed)
-                tb.append(time.perf_counter() - t)
-            ma, mb = statistics.median(ta), statistics.median(tb)
-            out[f"forward_{tokens}"] = {"fp32_ms": round(ma * 1e3, 3), "fp16_ms": round(mb * 1e3, 3),
-                                        "fp32_tokens_per_s": round(tokens / ma, 1),
-                                        "fp16_tokens_per_s": round(tokens / mb, 1), "ratio": round(mb / ma, 4)}
-            log(json.dumps({f"forward_{tokens}": out[f"forward_{tokens}"]}))
-        with np.load(kit / "eval" / "windows.npz") as z:
-            ids = z["input_ids"][:windows]
-        nll_a = nll_b = kl = 0.0
-        agree = n = nonfinite = 0
-        for w in ids:
-            la = a.run(None, {"input_ids": w[None, :]})[0][0, :-1]
-            lb = np.asarray(b.run(None, {"input_ids": w[None, :]})[0][0, :-1])
-            nonfinite += int(lb.size - np.count_nonzero(np.isfinite(lb)))
-            pa, pb = _logsoftmax(la), _logsoftmax(lb.astype(np.float32))
-            nxt = w[1:]
-            nll_a -= float(pa[np.arange(len(nxt)), nxt].sum())
-            nll_b -= float(pb[np.arange(len(nxt)), nxt].sum())
-            kl += float((np.exp(pa) * (pa - pb)).sum())
-            agree += int((la.argmax(-1) == lb.argmax(-1)).sum())
-            n += len(nxt)
-        out["eval"] = {"windows": int(len(ids)), "tokens": n, "ppl_fp32": round(float(np.exp(nll_a / n)), 4),
-                       "ppl_fp16": round(float(np.exp(nll_b / n)), 4),
-                       "ppl_ratio": round(float(np.exp((nll_b - nll_a) / n)), 5),
-                       "top1_agree": round(agree / n, 5), "kl_mean": round(kl / n, 6), "nonfinite_values": nonfinite}
-        log(json.dumps(out["eval"]))
+        ref = [a.run(None, {"input_ids": w[None, :]})[0][0, :-1] for w in ids]
+        for kind in variants:
+            row: dict = {}
+            out[kind] = row
+            dst = Path(tmp) / f"smollm2.{kind}.onnx"
+            row["convert"] = convert_in_child(kind, "smollm2", src, dst, kit / "calib", timeout, providers)
+            log(json.dumps({kind: row["convert"]}))
+            if "error" in row["convert"]:
+                continue
+            row["bytes"] = dst.stat().st_size + sum(f.stat().st_size for f in Path(tmp).glob(f"{dst.name}*.data"))
+            b = ort.InferenceSession(str(dst), providers=list(providers))
+            row["placement"] = placement(dst, {"input_ids": ids[0][None, :16]}, providers)
+            for tokens in (1, 128):
+                feed = {"input_ids": (np.arange(tokens, dtype=np.int64) % 1000 + 100)[None, :]}
+                for _ in range(3):
+                    a.run(None, feed)
+                    b.run(None, feed)
+                ta, tb = [], []
+                for _ in range(repeats):
+                    t = time.perf_counter()
+                    a.run(None, feed)
+                    ta.append(time.perf_counter() - t)
+                    t = time.perf_counter()
+                    b.run(None, feed)
+                    tb.append(time.perf_counter() - t)
+                ma, mb = statistics.median(ta), statistics.median(tb)
+                row[f"forward_{tokens}"] = {"fp32_ms": round(ma * 1e3, 3), "ms": round(mb * 1e3, 3),
+                                            "fp32_tokens_per_s": round(tokens / ma, 1),
+                                            "tokens_per_s": round(tokens / mb, 1), "ratio": round(mb / ma, 4)}
+                log(json.dumps({kind: {f"forward_{tokens}": row[f"forward_{tokens}"]}}))
+            nll_a = nll_b = kl = 0.0
+            agree = n = nonfinite = 0
+            for w, la in zip(ids, ref):
+                lb = np.asarray(b.run(None, {"input_ids": w[None, :]})[0][0, :-1])
+                nonfinite += int(lb.size - np.count_nonzero(np.isfinite(lb)))
+                pa, pb = _logsoftmax(la), _logsoftmax(lb.astype(np.float32))
+                nxt = w[1:]
+                nll_a -= float(pa[np.arange(len(nxt)), nxt].sum())
+                nll_b -= float(pb[np.arange(len(nxt)), nxt].sum())
+                kl += float((np.exp(pa) * (pa - pb)).sum())
+                agree += int((la.argmax(-1) == lb.argmax(-1)).sum())
+                n += len(nxt)
+            row["eval"] = {"windows": int(len(ids)), "tokens": n, "ppl_fp32": round(float(np.exp(nll_a / n)), 4),
+                           "ppl": round(float(np.exp(nll_b / n)), 4),
+                           "ppl_ratio": round(float(np.exp((nll_b - nll_a) / n)), 5),
+                           "top1_agree": round(agree / n, 5), "kl_mean": round(kl / n, 6),
+                           "nonfinite_values": nonfinite}
+            log(json.dumps({kind: row["eval"]}))
+            del b
     return out
 
 
@@ -356,6 +368,8 @@ def main(argv=None) -> int:
     ap.add_argument("--llm", action="store_true", help="SmolLM2 fp16 vs fp32 instead of the shared models")
     ap.add_argument("--kit", default=str(Path.home() / ".cache" / "qpass-models" / "smollm2"))
     ap.add_argument("--windows", type=int, default=40, help="--llm: evaluation windows scored")
+    ap.add_argument("--llm-variants", default="qpass,qpass_int4",
+                    help="--llm: qpass (float16), qpass_int4 (int4 weight-only + float16)")
     ap.add_argument("--out")
     ap.add_argument("--convert", help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
@@ -377,7 +391,8 @@ def main(argv=None) -> int:
     print(json.dumps(result["environment"]), flush=True)
     log = lambda s: print(s, flush=True)  # noqa: E731
     if args.llm:
-        result["llm"] = run_llm(Path(args.kit).expanduser(), providers, args.repeats, args.timeout, args.windows, log)
+        result["llm"] = run_llm(Path(args.kit).expanduser(), providers, args.repeats, args.timeout, args.windows, log,
+                                tuple(v for v in args.llm_variants.split(",") if v))
     else:
         result["rows"] = run_models(args.models.split(","), [c for c in args.converters.split(",") if c], providers,
                                     Path(args.shared), args.repeats, args.timeout, log)
