@@ -317,7 +317,7 @@ def run_llm(kit: Path, providers, repeats: int, timeout: int, windows: int, log,
             b = ort.InferenceSession(str(dst), providers=list(providers))
             row["placement"] = placement(dst, {"input_ids": ids[0][None, :16]}, providers)
             for tokens in (1, 128):
-                feed = {"input_ids": (np.arange(tokens, dtype=np.int64) % 1000 + 100)[None, :]}
+                feed = {"input_ids": np.resize(ids[0], tokens)[None, :].astype(np.int64)}  # real tokens
                 for _ in range(3):
                     a.run(None, feed)
                     b.run(None, feed)
