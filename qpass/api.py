@@ -143,7 +143,9 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, calib: Data = None, *, 
         qplan.save(save_plan)
     held = []
     t = time.perf_counter()
-    needs_data = bool(qplan.calibrate or qplan.statistics)
+    half_measures = cfg.float_type is not None and calib is not None  # the float remainder's ranges, measured
+    half_stats = None
+    needs_data = bool(qplan.calibrate or qplan.statistics) or half_measures
     sequential = None  # the calibration samples, when GPTQ measures its Hessians stage by stage while rewriting
     corrections = None  # the calibration samples bias correction measures on
     if load_calib is not None:
@@ -161,6 +163,9 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, calib: Data = None, *, 
         calibrated = stages.Calibrated(CalibrationTable(samples=len(sequential)), {
             "source": data.description, "samples": len(sequential), "synthetic": data.synthetic,
             "note": f"GPTQ Hessians measured while rewriting, {cfg.gptq_sequential} stage(s) a pass"})
+        if half_measures:  # the float remainder's ranges: one pass of their own over the same samples
+            half_stats = stages.calibrate(prepared, QuantPlan(), iter(sequential), cfg, total=len(sequential),
+                                          extra=half_statistics(prepared.model, qplan)).table.statistics
     else:
         data = calibration_data(calib, specs, cfg, val_given=val is not None, subject=name)
         report.warnings += data.warnings
@@ -168,8 +173,10 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, calib: Data = None, *, 
         if cfg.bias_correction != "off" and not cfg.weight_only:  # the samples it measures on, kept as they stream
             stream, corrections = keep_spread(stream, cfg.bias_correction_samples, data.total)
         calibrated = stages.calibrate(prepared, qplan, stream, cfg, total=data.total, synthetic=data.synthetic,
-                                      description=data.description, progress=progress)
+                                      description=data.description, progress=progress,
+                                      extra=half_statistics(prepared.model, qplan) if half_measures else None)
         calibrated.info["ignored_keys"], held = data.ignored_keys, data.held
+        half_stats = calibrated.table.statistics if half_measures else None
         if save_calib is not None:
             calibrated.table.save(save_calib)
     _release()  # the calibration sessions' memory, before the rewrite copies weights
@@ -181,15 +188,21 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, calib: Data = None, *, 
         rewritten = _timed(times, "quantize", stages.rewrite, prepared, qplan, calibrated.table, cfg,
                            dump_dir=dump_dir, name=name, samples=corrections)
     if cfg.float_type is not None:  # weight-only (or static) output, then its float remainder to half precision
-        from .half import convert as to_half
+        from .half import convert as to_half, float_tensors, measured_keep
 
         t = time.perf_counter()
-        half_model, half_records = to_half(rewritten.model, cfg)
+        stats = half_stats
+        keep = measured_keep(stats, float_tensors(prepared.model), cfg.float_type) if stats is not None else {}
+        half_model, half_records = to_half(rewritten.model, cfg, keep)
         times["float16"] = time.perf_counter() - t
         rewritten = stages.Rewritten(half_model, list(rewritten.records) + half_records, rewritten.quantized_nodes,
                                      rewritten.info)
-        report.warnings.append(f"{cfg.float_type}: the float remainder converted data-free (op block list, type "
-                               "constraints, weight values); the measured fallback runs in the float16 mode alone")
+        report.calibration["half"] = {"type": cfg.float_type, "half_io": cfg.half_io,
+                                      "measured_float32": dict(sorted(keep.items())), "data_free": stats is None}
+        if stats is None:
+            report.warnings.append(f"{cfg.float_type}: the float remainder converted data-free (op block list, type "
+                                   "constraints, weight values); give --calib to keep the activations that overflow "
+                                   "or underflow in float32")
     if "bias_correction" in rewritten.info:
         report.calibration["bias_correction"] = rewritten.info["bias_correction"]
         if rewritten.info["bias_correction"].get("note"):
@@ -349,6 +362,15 @@ def _search(report: Report, times: dict, prepared: stages.Prepared, qplan: Quant
     if save_plan is not None:
         plan.save(save_plan)
     return rewritten, plan
+
+
+def half_statistics(model: onnx.ModelProto, qplan: QuantPlan) -> dict[str, tuple[str, ...]]:
+    """The statistics calibration measures for a float16/bfloat16 remainder: each float activation's half-precision
+    range (``halfrange``) beside what the plan already asks of it."""
+    from .half import float_tensors
+
+    asked = qplan.with_overrides().statistics
+    return {t: tuple(dict.fromkeys((*asked.get(t, ()), "halfrange"))) for t in float_tensors(model)}
 
 
 def _latency_ratio(validation: dict | None) -> float | None:
