@@ -143,3 +143,20 @@ def test_latency_objective_end_to_end(tmp_path):
 def test_bad_objective():
     with pytest.raises(ConfigError, match="objective"):
         QuantConfig(objective="speed")
+
+
+def test_the_accuracy_search_16_bit_moves_stay_through_the_latency_trials(digits):
+    """After an accuracy search kept a 16-bit move, every latency trial is planned with it: the final model still
+    has the 16-bit pairs of that node (/8/Gemm reads /7/Relu's output) while /2/Conv goes float as above."""
+    from qpass.search.precision import sixteen_bit
+
+    cfg, prepared, plan, table, first = digits
+    wide, info = sixteen_bit(prepared, cfg)
+    assert wide is not None and info.get("upgraded_to") == 21
+    res = search_latency(wide, plan, table, cfg, prepared.reference, {}, first.model, widened=("/8/Gemm",),
+                         timer=fake_timer)
+    assert res.floated == ("/2/Conv",) and _integer_nodes(res.model) == {"/0/Conv", "/8/Gemm"}
+    inits = {t.name: t for t in res.model.graph.initializer}
+    q16 = [n.input[0] for n in res.model.graph.node if n.op_type == "QuantizeLinear" and len(n.input) > 2
+           and inits[n.input[2]].data_type == TensorProto.UINT16]
+    assert q16 == ["/7/Relu_output_0"]
