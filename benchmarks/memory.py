@@ -52,6 +52,12 @@ class Phases:
         except OSError:
             pass
 
+    def _pause_other(self) -> None:
+        """An "other" segment (between stages) stops when a stage starts: its seconds so far."""
+        if self.stack[-1].startswith("other"):
+            row = self.rows[self.stack[-1]]
+            row["seconds"] += time.perf_counter() - row.pop("_t")
+
     def _sample(self) -> None:
         while not self.stop.wait(self.interval):
             rss = _status("VmRSS:")
@@ -64,6 +70,7 @@ class Phases:
         @functools.wraps(fn)
         def wrapped(*args, **kwargs):
             self.segment_ends()
+            self._pause_other()
             self._begin(name)
             self.stack.append(name)
             try:
@@ -73,6 +80,9 @@ class Phases:
                 self.stack.pop()
                 row = self.rows[name]
                 row["seconds"] += time.perf_counter() - row.pop("_t")
+                if self.stack[-1].startswith("other"):  # what runs between stages, named by the stage before it
+                    self._begin(f"other after {name}")
+                    self.stack[-1] = f"other after {name}"
         setattr(module, attr, wrapped)
 
 
@@ -94,6 +104,10 @@ def main(argv: list[str] | None = None) -> int:
     phases.wrap(runtime.ModelFile, "write", "model_file_write")
     phases.wrap(runtime.ModelFile, "load", "model_file_load")
     phases.wrap(validate, "per_layer_error", "per_layer")
+    from qpass.calib import collect
+
+    phases.wrap(collect, "make_session", "calib_session")  # inside calibrate: its session's creation
+    phases.wrap(collect, "_observe", "calib_observe")  # and the observers' updates of each run
     phases.thread.start()
     t = time.perf_counter()
     try:
@@ -102,9 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         phases.stop.set()
         phases.thread.join()
         phases.segment_ends()
-        other = phases.rows["other"]
-        other["seconds"] = time.perf_counter() - other.pop("_t") - sum(
-            v["seconds"] for k, v in phases.rows.items() if k not in ("other", "per_layer"))
+        phases._pause_other()
         rows = {k: {"seconds": round(v["seconds"], 1), "start_mb": v["start_mb"], "peak_mb": round(v["peak_mb"]),
                     "hwm_mb": round(v["hwm_mb"])}
                 for k, v in phases.rows.items()}
