@@ -180,6 +180,17 @@ def constant_values(c: gs.Constant) -> np.ndarray:
     return lazy.load() if isinstance(lazy, LazyValues) else c.values
 
 
+def qdq_constants(node: gs.Node) -> tuple[np.ndarray, np.ndarray] | None:
+    """(scale as float32, zero point; uint8 zeros when omitted) of a QuantizeLinear/DequantizeLinear whose
+    parameters are constants, else None."""
+    scale = node.inputs[1] if len(node.inputs) > 1 else None
+    zp = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
+    if not isinstance(scale, gs.Constant) or (zp is not None and not isinstance(zp, gs.Constant)):
+        return None
+    s = np.asarray(scale.values, dtype=np.float32)
+    return s, (np.asarray(zp.values) if zp is not None else np.zeros(s.shape, np.uint8))
+
+
 def is_onnx_op(node: gs.Node) -> bool:
     """The node is an operator of the default ONNX domain (a ``Conv`` of a vendor domain is another op)."""
     return (getattr(node, "domain", None) or "") in ("", "ai.onnx")

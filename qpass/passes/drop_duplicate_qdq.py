@@ -6,23 +6,20 @@ value: its readers read the first pair's output. A pair with other parameters is
 """
 from __future__ import annotations
 
-import numpy as np
 import onnx_graphsurgeon as gs
 
-from ..graph import node_label
+from ..graph import node_label, qdq_constants
 from ..pass_manager import Pass, PassContext, PassResult, Skip
 
 
 def _params(node: gs.Node) -> tuple | None:
     """(scale bytes, scale shape, zero point bytes, zero point dtype, axis) of a Q/DQ whose parameters are constants."""
-    scale = node.inputs[1] if len(node.inputs) > 1 else None
-    zp = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
-    if not isinstance(scale, gs.Constant) or (zp is not None and not isinstance(zp, gs.Constant)):
+    got = qdq_constants(node)
+    if got is None:
         return None
-    s = np.asarray(scale.values, dtype=np.float32)
-    z = np.asarray(zp.values) if zp is not None else np.zeros(s.shape, np.uint8)
+    s, z = got
     axis = node.attrs.get("axis", 1) if s.size > 1 else None
-    return s.tobytes(), s.shape, z.astype(z.dtype).tobytes(), str(z.dtype), axis
+    return s.tobytes(), s.shape, z.tobytes(), str(z.dtype), axis
 
 
 class DropDuplicateQDQ(Pass):

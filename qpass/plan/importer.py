@@ -13,7 +13,7 @@ import onnx_graphsurgeon as gs
 
 from ..calib.stats import TensorRange
 from ..calib.table import CalibrationTable
-from ..graph import node_label
+from ..graph import node_label, qdq_constants
 from ..ops import BIAS_OPS, COMPUTE_OPS, QUANT_OPS
 from .spec import DTYPES, BiasPlan, NodePlan, QSpec, QuantPlan, TensorPlan, WeightPlan
 
@@ -27,19 +27,9 @@ def holds_qdq(ops: set[str]) -> bool:
     return "QuantizeLinear" in ops and not (ops & QUANT_OPS) - IMPORTABLE
 
 
-def _params(node: gs.Node) -> tuple[np.ndarray, np.ndarray] | None:
-    scale = node.inputs[1] if len(node.inputs) > 1 else None
-    zp = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
-    if not isinstance(scale, gs.Constant) or (zp is not None and not isinstance(zp, gs.Constant)):
-        return None
-    s = np.asarray(scale.values, dtype=np.float32)
-    z = np.asarray(zp.values) if zp is not None else np.zeros(s.shape, np.uint8)
-    return s, z
-
-
 def spec_of(node: gs.Node) -> QSpec | None:
     """The spec a Q/DQ node's parameters describe (None when they are not constants or not a plan dtype)."""
-    got = _params(node)
+    got = qdq_constants(node)
     if got is None:
         return None
     s, z = got
@@ -56,7 +46,7 @@ def spec_of(node: gs.Node) -> QSpec | None:
 
 def grid_range(node: gs.Node) -> TensorRange | None:
     """The real interval a per-tensor Q/DQ's integer grid covers."""
-    got = _params(node)
+    got = qdq_constants(node)
     if got is None or got[0].size != 1:
         return None
     s, z = float(got[0].reshape(())), int(got[1].reshape(()))
@@ -104,7 +94,7 @@ def import_plan(graph: gs.Graph) -> tuple[QuantPlan, CalibrationTable]:
         if node.op in BIAS_OPS and len(node.inputs) > 2 and node.inputs[2].name:
             bdq = _dq(node.inputs[2])
             if bdq is not None and isinstance(bdq.inputs[0], gs.Constant):
-                got = _params(bdq)
+                got = qdq_constants(bdq)
                 axis = int(bdq.attrs.get("axis", 1)) if got is not None and got[0].size > 1 else None
                 bias = BiasPlan(2, bdq.inputs[0].name, str(np.asarray(bdq.inputs[0].values).dtype), axis)
             else:
