@@ -12,7 +12,9 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import numpy as np
 import onnx
+import onnx.numpy_helper
 
 from . import stages
 from .calib.collect import collect_ranges
@@ -25,7 +27,7 @@ from .errors import VerificationError
 from .io import save_model
 from .opset import apply_opset_policy
 from .pass_manager import PassRecord
-from .passes.convert_float16 import FP16_MAX, value_types
+from .passes.convert_float16 import FP16_MAX, WEIGHT_FLUSH_SHARE, value_types
 from .recipes import float_passes
 from .report import Report
 from .runtime import pick_providers
@@ -34,8 +36,19 @@ from .verify import verify_model
 #: a measured tensor stays float32 when its |x| max exceeds float16's max divided by this (headroom for inputs
 #: beyond the calibration data's)
 OVERFLOW_HEADROOM = 2.0
-#: ... or when more than this share of its non-zero values flush to zero in float16
+#: ... or when the values float16 flushes to zero hold more than this share of its sum of |x| (what the flush loses;
+#: the weights' rule, convert_float16.WEIGHT_FLUSH_SHARE)
+UNDERFLOW_MASS_SHARE = WEIGHT_FLUSH_SHARE
+#: ... or, for a tensor whose zeros change a result's kind (it reaches a Log, a Reciprocal or a divisor), when more
+#: than this share of its non-zero values flush to zero
 UNDERFLOW_SHARE = 0.01
+#: where a flushed zero changes a result's kind: op type -> the input positions that must not become 0
+ZERO_SENSITIVE_INPUTS = {"Log": (0,), "Reciprocal": (0,), "Div": (1,), "Pow": (0,)}
+#: ops whose output is 0 where (some of) their input is: a zero-sensitive input is followed back through them
+ZERO_PRESERVING = frozenset({"Sqrt", "Abs", "Relu", "Cast", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten",
+                             "Identity", "Mul", "Pow", "Expand", "Slice", "Gather", "Concat", "Split", "ReduceSum",
+                             "ReduceMean", "ReduceMax", "ReduceL2", "ReduceSumSquare", "Tile", "Pad", "MaxPool",
+                             "AveragePool", "GlobalAveragePool", "Resize", "Neg"})
 
 
 def float_tensors(model: onnx.ModelProto) -> list[str]:
@@ -49,19 +62,56 @@ def float_tensors(model: onnx.ModelProto) -> list[str]:
     return outs
 
 
-def measured_keep(stats, tensors: list[str], dtype: str) -> dict[str, str]:
-    """Tensors that stay float32 by their measured statistics, with the reason."""
+def zero_sensitive(model: onnx.ModelProto) -> set[str]:
+    """Main-graph tensors whose exact zeros would reach a Log, a Reciprocal, a divisor or the base of a Pow whose
+    exponent is not a non-negative constant (followed back through ops that keep a zero a zero): there a value
+    flushed to 0 turns a finite result into inf or NaN."""
+    producer = {o: n for n in model.graph.node for o in n.output if o}
+    consts = {t.name: t for t in model.graph.initializer}
+    consts.update({n.output[0]: a.t for n in model.graph.node if n.op_type == "Constant" for a in n.attribute
+                   if a.name == "value"})
+
+    def non_negative_constant(name: str) -> bool:
+        t = consts.get(name)
+        return t is not None and bool(np.all(onnx.numpy_helper.to_array(t) >= 0))
+
+    seen: set[str] = set()
+    todo = [n.input[i] for n in model.graph.node for i in ZERO_SENSITIVE_INPUTS.get(n.op_type, ())
+            if i < len(n.input) and n.input[i]
+            and not (n.op_type == "Pow" and len(n.input) > 1 and non_negative_constant(n.input[1]))]
+    while todo:
+        t = todo.pop()
+        if t in seen:
+            continue
+        seen.add(t)
+        p = producer.get(t)
+        if p is not None and p.op_type in ZERO_PRESERVING:
+            todo.extend(x for x in p.input if x)
+    return seen
+
+
+def measured_keep(stats, tensors: list[str], dtype: str, sensitive: set[str] | frozenset[str] = frozenset()
+                  ) -> dict[str, str]:
+    """Tensors that stay float32 by their measured statistics, with the reason. Underflow: a tensor in
+    ``sensitive`` (see :func:`zero_sensitive`), or one measured without sums, by the share of its non-zero values
+    flushed; any other by the share of its sum of |x| that the flush loses."""
     keep = {}
     for t in tensors:
         hr = stats.get(t, HalfRange.kind) if stats is not None else None
         if hr is None:
             continue
+        mass = hr.tiny_mass_share
         if hr.nonfinite:
             keep[t] = f"{hr.nonfinite} inf/NaN value(s) in float32 already"
-        elif dtype == "float16" and hr.absmax * OVERFLOW_HEADROOM > FP16_MAX:
+        elif dtype != "float16":
+            continue
+        elif hr.absmax * OVERFLOW_HEADROOM > FP16_MAX:
             keep[t] = f"|x| up to {hr.absmax:.4g} measured (> {FP16_MAX:g} / {OVERFLOW_HEADROOM:g})"
-        elif dtype == "float16" and hr.tiny_share > UNDERFLOW_SHARE:
-            keep[t] = f"{hr.tiny_share:.1%} of its non-zero values measured below float16's smallest subnormal"
+        elif (t in sensitive or mass is None) and hr.tiny_share > UNDERFLOW_SHARE:
+            keep[t] = (f"{hr.tiny_share:.1%} of its non-zero values measured below float16's smallest subnormal"
+                       + (" (it reaches a Log, Reciprocal, divisor or Pow base)" if t in sensitive else ""))
+        elif mass is not None and mass > UNDERFLOW_MASS_SHARE:
+            keep[t] = f"{mass:.2%} of its sum of |x| measured below float16's smallest subnormal"
     return keep
 
 
@@ -146,7 +196,7 @@ def run(model: Any, calib: Any, *, config: QuantConfig, notes: list[str], output
                                "type constraints and the weights' values decide); give --calib to keep the "
                                "activations that overflow or underflow in float32")
     times["calibrate"] = time.perf_counter() - t
-    keep = measured_keep(stats, tensors, cfg.float_type)
+    keep = measured_keep(stats, tensors, cfg.float_type, zero_sensitive(original))
     t = time.perf_counter()
     converted, records = convert(original, cfg, keep)
     times["convert"] = time.perf_counter() - t

@@ -371,3 +371,78 @@ def test_weight_only_with_float16_measures_the_remainder_and_keeps_an_overflow_f
     data_free = qpass.quantize(model, None, weight_only="int4", block_size=8, float_type="float16", algorithm="rtn",
                                validate=False)
     assert data_free.report.calibration["half"]["data_free"] and _elem(data_free.model, "big") == H
+
+
+def _underflow_model(tail: str) -> onnx.ModelProto:
+    """p = x * s, where s is 1e-9 on 5 of 100 channels (p's tiny values) and 1 elsewhere; q = x * 1e-9 (all tiny),
+    y2 = q * 1e9; ``tail`` "add": y = p + p, "log": y = Log(Abs(p))."""
+    x = helper.make_tensor_value_info("x", F, [1, 100])
+    outs = [helper.make_tensor_value_info(n, F, [1, 100]) for n in ("y", "y2")]
+    s = np.ones(100, np.float32)
+    s[:5] = 1e-9
+    inits = [numpy_helper.from_array(s, "s"), numpy_helper.from_array(np.array(1e-9, np.float32), "tiny"),
+             numpy_helper.from_array(np.array(1e9, np.float32), "big")]
+    nodes = [helper.make_node("Mul", ["x", "s"], ["p"], name="scale"),
+             helper.make_node("Mul", ["x", "tiny"], ["q"], name="shrink"),
+             helper.make_node("Mul", ["q", "big"], ["y2"], name="grow")]
+    if tail == "add":
+        nodes.append(helper.make_node("Add", ["p", "p"], ["y"], name="add"))
+    else:
+        nodes += [helper.make_node("Abs", ["p"], ["a"], name="abs"), helper.make_node("Log", ["a"], ["y"], name="log")]
+    return _model(nodes, [x], outs, inits)
+
+
+def _underflow_data(n=6):
+    rng = np.random.default_rng(5)
+    return [{"x": rng.uniform(0.5, 2.0, (1, 100)).astype(np.float32)} for _ in range(n)]
+
+
+def test_values_flushed_to_zero_that_hold_almost_nothing_go_to_float16():
+    """p has 5 % of its values below float16's smallest subnormal, but they hold ~5e-11 of its sum of |x|: p goes to
+    float16 (the flush costs under 1e-9 absolutely). q is all tiny: its whole sum would flush, so it stays float32."""
+    samples = _underflow_data()
+    res = qpass.quantize(_underflow_model("add"), samples, val=samples[:2], float_type="float16", latency=False,
+                         per_layer=False)
+    measured = res.report.calibration["half"]["measured_float32"]
+    assert "p" not in measured and _elem(res.model, "p") == H
+    assert "q" in measured and "sum of |x|" in measured["q"] and _elem(res.model, "q") == F
+    y, y2 = _run(res.model, samples[0])
+    x = samples[0]["x"]
+    np.testing.assert_allclose(y2, x, rtol=2e-3)  # q kept float32: 1e-9 * x * 1e9 is x again
+    np.testing.assert_allclose(y[0, 5:], 2 * x[0, 5:], rtol=2e-3)
+    assert np.all(np.abs(y[0, :5]) < 1e-8)
+
+
+def test_values_flushed_to_zero_before_a_log_stay_float32():
+    """The same p feeding Log(Abs(p)): flushed, its tiny values would become log(0) = -inf, so p (and Abs's output)
+    stay float32 by the count of values flushed, and the output stays finite."""
+    samples = _underflow_data()
+    model = _underflow_model("log")
+    from qpass.half import zero_sensitive
+
+    assert {"a", "p", "x"} <= zero_sensitive(model) and "q" not in zero_sensitive(model)
+    res = qpass.quantize(model, samples, val=samples[:2], float_type="float16", latency=False, per_layer=False)
+    measured = res.report.calibration["half"]["measured_float32"]
+    assert "Log" in measured["p"] and "a" in measured and _elem(res.model, "p") == F
+    y, _ = _run(res.model, samples[0])
+    assert np.all(np.isfinite(y))
+    np.testing.assert_allclose(y, np.log(samples[0]["x"] * np.where(np.arange(100) < 5, 1e-9, 1.0)), atol=1e-2)
+
+
+def test_zero_sensitive_follows_zero_preserving_ops_and_stops_at_an_add():
+    """Div's divisor and a Pow with exponent -1 are zero-sensitive, followed back through Sqrt and Mul; a Pow with
+    exponent 2 is not; an Add (x + eps) ends the walk."""
+    from qpass.half import zero_sensitive
+
+    x = helper.make_tensor_value_info("x", F, [1, 4])
+    y = helper.make_tensor_value_info("y", F, [1, 4])
+    inits = [numpy_helper.from_array(np.array(v, np.float32), n) for n, v in
+             (("two", 2.0), ("minus1", -1.0), ("eps", 1e-6))]
+    nodes = [helper.make_node("Pow", ["x", "two"], ["sq"]),          # base of x**2: not sensitive by itself
+             helper.make_node("Add", ["sq", "eps"], ["sq_eps"]),      # x**2 + eps: the walk stops here
+             helper.make_node("Sqrt", ["sq_eps"], ["rms"]),
+             helper.make_node("Div", ["x", "rms"], ["n"]),           # divisor rms -> sqrt input sq_eps
+             helper.make_node("Mul", ["n", "x"], ["m"]),
+             helper.make_node("Pow", ["m", "minus1"], ["y"])]       # base m -> Mul's inputs n and x
+    got = zero_sensitive(_model(nodes, [x], [y], inits))
+    assert got == {"rms", "sq_eps", "m", "n", "x"}
