@@ -9,7 +9,10 @@ its task metric from benchmarks.evaluate against fp32 (same providers), inf/NaN 
 evaluation set, latency against fp32 (median of alternated runs on the first calibration sample), and placement
 (nodes that did not run on the first provider, Memcpy nodes, from onnxruntime's profiler). Converters:
 
-  qpass        qpass.quantize(float_type="float16") with the model's calibration data (validation on CPU only)
+  qpass        qpass.quantize(float_type="float16") with the model's calibration data (its fidelity check on the
+               first provider)
+  qpass_half_io  ... with half_io=True (float16 inputs and outputs, like occ_default)
+  qpass_bf16   qpass.quantize(float_type="bfloat16"), the model upgraded to opset 13 first where it is older
   occ_default  onnxconverter_common.float16.convert_float_to_float16(model)
   occ_keep_io  ... (model, keep_io_types=True)
   ort_fp16     onnxruntime.transformers.float16.convert_float_to_float16(model, keep_io_types=True)
@@ -42,7 +45,7 @@ import onnxruntime as ort
 
 from . import evaluate as ev
 
-CONVERTERS = ("qpass", "occ_default", "occ_keep_io", "ort_fp16", "occ_amp")
+CONVERTERS = ("qpass", "qpass_half_io", "qpass_bf16", "occ_default", "occ_keep_io", "ort_fp16", "occ_amp")
 #: seconds one conversion may take
 CONVERT_TIMEOUT = 900
 NP = {"tensor(float16)": np.float16, "tensor(float)": np.float32, "tensor(bfloat16)": None}
@@ -64,16 +67,25 @@ def convert(kind: str, name: str, src: str, dst: str, shared: Path, providers=("
     """Write ``src`` converted by ``kind`` to ``dst`` (runs in a child process)."""
     t = time.perf_counter()
     info: dict = {}
-    if kind in ("qpass", "qpass_int4"):
+    if kind in ("qpass", "qpass_int4", "qpass_half_io", "qpass_bf16"):
         import qpass
 
         spec = ev.MODELS[name] if name in ev.MODELS else None
         calib = str(spec.calib_path(shared)) if spec else str(shared)  # --llm: the kit's calib folder
-        kw = {"max_calib_samples": 8} if spec is None else {}
+        kw: dict = {"max_calib_samples": 8} if spec is None else {}
         if kind == "qpass_int4":  # int4 weight-only (qpass's default algorithm) with the float remainder in float16
             kw["weight_only"] = "int4"
+        if kind == "qpass_half_io":
+            kw["half_io"] = True
+        float_type = "float16"
+        if kind == "qpass_bf16":
+            float_type = "bfloat16"
+            opset = next(o.version for o in onnx.load(src, load_external_data=False).opset_import
+                         if o.domain in ("", "ai.onnx"))
+            if opset < 13:
+                kw["target_opset"] = 13
         where = ("cuda",) if "CUDAExecutionProvider" in providers else ("cpu",)  # the fidelity check runs there
-        res = qpass.quantize(src, calib, output=dst, float_type="float16", providers=where, latency=False,
+        res = qpass.quantize(src, calib, output=dst, float_type=float_type, providers=where, latency=False,
                              per_layer=False, validate=spec is not None, **kw)
         half = res.report.calibration.get("half", {})
         info = {"measured_float32": len(half.get("measured_float32", {})),
@@ -190,24 +202,22 @@ def _cast_feed(sess, feed: dict) -> dict:
     return out
 
 
-def latency(ref_path: Path, path: Path, feed: dict, providers, repeats: int) -> dict:
-    """Median ms of fp32 and of the model, runs alternated, after warm-up runs."""
-    a = ort.InferenceSession(str(ref_path), providers=list(providers))
-    b = ort.InferenceSession(str(path), providers=list(providers))
-    fa, fb = _cast_feed(a, feed), _cast_feed(b, feed)
+def latency_round_robin(paths: dict[str, Path], feed: dict, providers, repeats: int) -> dict[str, float]:
+    """Median ms of each model in ``paths`` (label -> file): every round runs each model once, in an order rotated
+    by one each round (so no model always follows the same one), after five warm-up runs each."""
+    labels = list(paths)
+    sessions = {k: ort.InferenceSession(str(paths[k]), providers=list(providers)) for k in labels}
+    feeds = {k: _cast_feed(sessions[k], feed) for k in labels}
     for _ in range(5):
-        a.run(None, fa)
-        b.run(None, fb)
-    ta, tb = [], []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        a.run(None, fa)
-        ta.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        b.run(None, fb)
-        tb.append(time.perf_counter() - t)
-    ma, mb = statistics.median(ta) * 1e3, statistics.median(tb) * 1e3
-    return {"fp32_ms": round(ma, 4), "ms": round(mb, 4), "ratio": round(mb / ma, 4) if ma else None}
+        for k in labels:
+            sessions[k].run(None, feeds[k])
+    times: dict[str, list[float]] = {k: [] for k in labels}
+    for r in range(repeats):
+        for k in labels[r % len(labels):] + labels[:r % len(labels)]:
+            t = time.perf_counter()
+            sessions[k].run(None, feeds[k])
+            times[k].append(time.perf_counter() - t)
+    return {k: round(statistics.median(v) * 1e3, 4) for k, v in times.items()}
 
 
 def placement(path: Path, feed: dict, providers) -> dict:
@@ -264,6 +274,7 @@ def run_models(models, converters, providers, shared: Path, repeats: int, timeou
             src = spec.model_path(shared)
             feed = _first_feed(name, shared)
             base = {"model": name, "converter": "fp32", "primary": spec.primary}
+            timed = {"fp32": src}
             try:
                 base.update(fidelity(name, src, providers, shared, cache))
                 base["placement"] = placement(src, feed, providers)
@@ -285,12 +296,19 @@ def run_models(models, converters, providers, shared: Path, repeats: int, timeou
                         row.update(fidelity(name, dst, providers, shared, cache))
                         row["metric_vs_fp32"] = round(row[spec.primary] / base[spec.primary], 5) \
                             if base.get(spec.primary) else None
-                        row["latency"] = latency(src, dst, feed, providers, repeats)
                         row["placement"] = placement(dst, feed, providers)
+                        timed[kind] = dst
                     except Exception as exc:  # noqa: BLE001
                         row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
                 rows.append(row)
                 log(json.dumps(row))
+            if "error" not in base and len(timed) > 1:
+                ms = latency_round_robin(timed, feed, providers, repeats)
+                for row in rows:
+                    if row["model"] == name and row["converter"] in ms:
+                        row["latency"] = {"fp32_ms": ms["fp32"], "ms": ms[row["converter"]],
+                                          "ratio": round(ms[row["converter"]] / ms["fp32"], 4), "rounds": repeats}
+                log(json.dumps({"model": name, "latency_ms": ms, "rounds": repeats}))
     return rows
 
 
@@ -304,14 +322,14 @@ def _logsoftmax(x: np.ndarray) -> np.ndarray:
 def run_llm(kit: Path, providers, repeats: int, timeout: int, windows: int, log,
             variants=("qpass", "qpass_int4")) -> dict:
     """SmolLM2 fp32 against each qpass conversion in ``variants`` (float16; int4 weight-only + float16): forward
-    timings (1 and 128 tokens, alternated with fp32), then perplexity / top-1 agreement / KL on the kit's windows."""
+    timings (1 and 128 tokens; fp32 and every variant in one rotated loop), then perplexity / top-1 agreement / KL
+    on the kit's windows."""
     src = kit / "smollm2_135m.onnx"
     out: dict = {"model": str(src)}
     with np.load(kit / "eval" / "windows.npz") as z:
         ids = z["input_ids"][:windows]
     with tempfile.TemporaryDirectory(prefix="qpass-fp16-llm-") as tmp:
-        a = ort.InferenceSession(str(src), providers=list(providers))
-        ref = [a.run(None, {"input_ids": w[None, :]})[0][0, :-1] for w in ids]
+        made: dict[str, Path] = {}
         for kind in variants:
             row: dict = {}
             out[kind] = row
@@ -321,26 +339,23 @@ def run_llm(kit: Path, providers, repeats: int, timeout: int, windows: int, log,
             if "error" in row["convert"]:
                 continue
             row["bytes"] = dst.stat().st_size + sum(f.stat().st_size for f in Path(tmp).glob(f"{dst.name}*.data"))
-            b = ort.InferenceSession(str(dst), providers=list(providers))
             row["placement"] = placement(dst, {"input_ids": ids[0][None, :16]}, providers)
-            for tokens in (1, 128):
-                feed = {"input_ids": np.resize(ids[0], tokens)[None, :].astype(np.int64)}  # real tokens
-                for _ in range(3):
-                    a.run(None, feed)
-                    b.run(None, feed)
-                ta, tb = [], []
-                for _ in range(repeats):
-                    t = time.perf_counter()
-                    a.run(None, feed)
-                    ta.append(time.perf_counter() - t)
-                    t = time.perf_counter()
-                    b.run(None, feed)
-                    tb.append(time.perf_counter() - t)
-                ma, mb = statistics.median(ta), statistics.median(tb)
-                row[f"forward_{tokens}"] = {"fp32_ms": round(ma * 1e3, 3), "ms": round(mb * 1e3, 3),
-                                            "fp32_tokens_per_s": round(tokens / ma, 1),
-                                            "tokens_per_s": round(tokens / mb, 1), "ratio": round(mb / ma, 4)}
-                log(json.dumps({kind: {f"forward_{tokens}": row[f"forward_{tokens}"]}}))
+            made[kind] = dst
+        for tokens in (1, 128):
+            feed = {"input_ids": np.resize(ids[0], tokens)[None, :].astype(np.int64)}  # real tokens
+            ms = latency_round_robin({"fp32": src, **made}, feed, providers, repeats)
+            for kind in made:
+                out[kind][f"forward_{tokens}"] = {
+                    "fp32_ms": ms["fp32"], "ms": ms[kind], "fp32_tokens_per_s": round(tokens / ms["fp32"] * 1e3, 1),
+                    "tokens_per_s": round(tokens / ms[kind] * 1e3, 1), "ratio": round(ms[kind] / ms["fp32"], 4),
+                    "rounds": repeats}
+            log(json.dumps({f"forward_{tokens}_ms": ms}))
+        a = ort.InferenceSession(str(src), providers=list(providers))
+        ref = [a.run(None, {"input_ids": w[None, :]})[0][0, :-1] for w in ids]
+        del a
+        for kind, dst in made.items():
+            row = out[kind]
+            b = ort.InferenceSession(str(dst), providers=list(providers))
             nll_a = nll_b = kl = 0.0
             agree = n = nonfinite = 0
             for w, la in zip(ids, ref):
@@ -370,7 +385,7 @@ def main(argv=None) -> int:
     ap.add_argument("--providers", default="CUDAExecutionProvider,CPUExecutionProvider",
                     help="onnxruntime providers, first = the one measured (CPUExecutionProvider to test the script)")
     ap.add_argument("--shared", default=str(ev.SHARED))
-    ap.add_argument("--repeats", type=int, default=50, help="alternated timed runs per model")
+    ap.add_argument("--repeats", type=int, default=200, help="timed rounds (each variant once per round)")
     ap.add_argument("--timeout", type=int, default=CONVERT_TIMEOUT, help="seconds a conversion may take")
     ap.add_argument("--llm", action="store_true", help="SmolLM2 fp16 vs fp32 instead of the shared models")
     ap.add_argument("--kit", default=str(Path.home() / ".cache" / "qpass-models" / "smollm2"))

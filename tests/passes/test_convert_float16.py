@@ -446,3 +446,21 @@ def test_zero_sensitive_follows_zero_preserving_ops_and_stops_at_an_add():
              helper.make_node("Pow", ["m", "minus1"], ["y"])]       # base m -> Mul's inputs n and x
     got = zero_sensitive(_model(nodes, [x], [y], inits))
     assert got == {"rms", "sq_eps", "m", "n", "x"}
+
+
+@pytest.mark.skipif("CUDAExecutionProvider" not in ort.get_available_providers(),
+                    reason="needs onnxruntime-gpu and a GPU")
+@pytest.mark.parametrize("float_type", ["float16", "bfloat16"])
+def test_half_outputs_run_on_cuda(float_type):  # pragma: no cover - exercised on the GPU machine
+    """The If model (weights in branch Constants) and the measured overflow model, converted, run on the CUDA
+    provider with every node there (no CPU fallback) and give the known answers."""
+    out, _ = convert(_if_model(), qpass.QuantConfig(float_type=float_type))
+    s = ort.InferenceSession(out.SerializeToString(), providers=["CUDAExecutionProvider"])
+    (y,) = s.run(None, {"c": np.array(False), "x": np.array([[1.0, -1.0]], np.float32)})
+    np.testing.assert_allclose(y, [[2.5, -1.25]], atol=2e-2)  # x @ W2 by hand
+    samples = _overflow_data()
+    res = qpass.quantize(_overflow_model(), samples, float_type=float_type, validate=False)
+    s = ort.InferenceSession(res.model.SerializeToString(), providers=["CUDAExecutionProvider"])
+    x = samples[0]["x"]
+    (y,) = s.run(None, {"x": x})
+    np.testing.assert_allclose(y, 2 * np.maximum(x, 0), rtol=1e-2, atol=0.5)  # 2 * relu(x), finite on the GPU
