@@ -339,7 +339,12 @@ def run_llm(kit: Path, providers, repeats: int, timeout: int, windows: int, log,
             if "error" in row["convert"]:
                 continue
             row["bytes"] = dst.stat().st_size + sum(f.stat().st_size for f in Path(tmp).glob(f"{dst.name}*.data"))
-            row["placement"] = placement(dst, {"input_ids": ids[0][None, :16]}, providers)
+            try:
+                row["placement"] = placement(dst, {"input_ids": ids[0][None, :16]}, providers)
+            except Exception as exc:  # noqa: BLE001 - a session that cannot be made is a result row
+                row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:400] if str(exc) else ''}"
+                log(json.dumps({kind: row["error"]}))
+                continue
             made[kind] = dst
         for tokens in (1, 128):
             feed = {"input_ids": np.resize(ids[0], tokens)[None, :].astype(np.int64)}  # real tokens
