@@ -51,6 +51,21 @@ ZERO_PRESERVING = frozenset({"Sqrt", "Abs", "Relu", "Cast", "Reshape", "Transpos
                              "AveragePool", "GlobalAveragePool", "Resize", "Neg"})
 
 
+def _clamp_mask_fills(model: onnx.ModelProto, cfg: QuantConfig) -> tuple[onnx.ModelProto, list[str]]:
+    """For float16: a copy of ``model`` with its Softmax mask fills clamped (passes/saturate_mask_fills.py) and the
+    constants clamped; the model itself otherwise (bfloat16 holds float32's range)."""
+    if cfg.float_type != "float16":
+        return model, []
+    from .passes.saturate_mask_fills import SaturateMaskFills
+
+    if not SaturateMaskFills().find(model):
+        return model, []
+    work = onnx.ModelProto()
+    work.CopyFrom(model)
+    work, result = SaturateMaskFills().apply(work)
+    return work, list(result.stats["constants"])
+
+
 def float_tensors(model: onnx.ModelProto) -> list[str]:
     """The float32 node outputs of the main graph (what calibration measures; bodies' values are not fetched)."""
     types = value_types(model)
@@ -167,7 +182,8 @@ def run(model: Any, calib: Any, *, config: QuantConfig, notes: list[str], output
         original, report.opset, upgraded = apply_opset_policy(original, cfg, name)
         report.warnings += upgraded
     specs = input_specs(original)
-    tensors = float_tensors(original)
+    working, clamped = _clamp_mask_fills(original, cfg)
+    tensors = float_tensors(working)
     held: list = []
     stats = None
     t = time.perf_counter()
@@ -181,7 +197,7 @@ def run(model: Any, calib: Any, *, config: QuantConfig, notes: list[str], output
         report.warnings += data.warnings
         held = data.held
         providers, note = pick_providers(cfg.calib_ep)
-        table = collect_ranges(original, [], data.stream, providers=providers, specs=specs, synthetic=data.synthetic,
+        table = collect_ranges(working, [], data.stream, providers=providers, specs=specs, synthetic=data.synthetic,
                                extra={x: ("halfrange",) for x in tensors},
                                on_sample=progress("measuring float16 ranges", data.total) if progress else None)
         stats = table.statistics
@@ -196,9 +212,9 @@ def run(model: Any, calib: Any, *, config: QuantConfig, notes: list[str], output
                                "type constraints and the weights' values decide); give --calib to keep the "
                                "activations that overflow or underflow in float32")
     times["calibrate"] = time.perf_counter() - t
-    keep = measured_keep(stats, tensors, cfg.float_type, zero_sensitive(original))
+    keep = measured_keep(stats, tensors, cfg.float_type, zero_sensitive(working))
     t = time.perf_counter()
-    converted, records = convert(original, cfg, keep)
+    converted, records = convert(working, cfg, keep)
     times["convert"] = time.perf_counter() - t
     if not records[0].stats.get("half_nodes"):
         report.warnings.append(f"nothing converted to {cfg.float_type}: no node's type constraints at opset "
@@ -207,6 +223,7 @@ def run(model: Any, calib: Any, *, config: QuantConfig, notes: list[str], output
                                   if cfg.float_type == "bfloat16" and (report.opset.get("output") or 0) < 13 else ""))
     half_info: dict[str, Any] = {"type": cfg.float_type, "half_io": cfg.half_io,
                                  "measured_float32": dict(sorted(keep.items())),
+                                 "mask_fills_clamped": clamped,
                                  "data_free": stats is None}
     samples, desc = (None, None)
     if cfg.validate:
@@ -218,7 +235,7 @@ def run(model: Any, calib: Any, *, config: QuantConfig, notes: list[str], output
     if samples and cfg.float_min_cosine > -1.0:
         from .search.float_fallback import fallback
 
-        found = fallback(original, converted, cfg, samples, keep, convert)
+        found = fallback(working, converted, cfg, samples, keep, convert)  # working: masks clamped, else fp32
         half_info["fidelity"] = found.report
         if found.model is not None:
             converted, records = found.model, found.records

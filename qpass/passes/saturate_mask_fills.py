@@ -1,0 +1,99 @@
+"""Softmax mask fills clamp to float16's range: `Where(m, 0, -3.4e38) -> Add -> Softmax` becomes `Where(m, 0, -16384) -> Add -> Softmax`.
+
+A model-level pass, run by the float16 mode before it measures ranges. An additive attention mask is a float
+constant far beyond float16's range (float32's lowest, -3.4e38, or -1e9) that only ever reaches a Softmax input;
+there its only job is ``exp(fill + score) == 0``. Every such constant value beyond ``MASK_FILL`` in magnitude is
+written as ``±MASK_FILL`` (float16's max / 4): ``exp(-16384)`` is 0 in float32 as in float16, so every Softmax row
+with an unmasked entry is unchanged, and the masked scores (``-16384 + score``) keep their measured range well
+inside float16's (with the mode's headroom of 2), so they and the Softmax input convert instead of staying float32
+behind Casts. A row masked entirely stays finite (no ``-inf - -inf`` NaN), as it is in float32.
+
+A constant qualifies only when every path from it reaches a Softmax's input through ops that carry a mask
+(``MASK_PATH``: Where's value inputs, Add, Sub, Mul, Neg, Cast and data movement); any other reader (a graph
+output, a reduction, a Softmax's axis-free cousin such as LogSoftmax, where the fill's value shows) leaves it as it
+is. Main graph only.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, numpy_helper
+
+from ..pass_manager import PassResult
+
+#: a mask fill is written as ±this: float16's max / 4, so fill + score stays within float16's range / 2
+MASK_FILL = 16384.0
+#: values beyond this magnitude are what float16 cannot hold
+FP16_MAX = 65504.0
+#: ops a mask passes through on its way to a Softmax (Where only through its two value inputs)
+MASK_PATH = frozenset({"Where", "Add", "Sub", "Mul", "Neg", "Cast", "Expand", "Reshape", "Unsqueeze", "Squeeze",
+                       "Transpose", "Slice", "Concat", "Identity", "Tile", "Flatten"})
+
+
+class SaturateMaskFills:
+    """Clamp float constants beyond float16's range that only feed Softmax inputs (additive masks) to ±MASK_FILL."""
+
+    role = "rewrite"
+    name = "saturate_mask_fills"
+
+    def apply(self, model: onnx.ModelProto) -> tuple[onnx.ModelProto, PassResult]:
+        names = set(self.find(model))
+        for t in model.graph.initializer:
+            if t.name in names:
+                t.CopyFrom(self._clamp(t))
+        for n in model.graph.node:
+            if n.op_type in ("Constant", "ConstantOfShape") and n.output and n.output[0] in names:
+                for a in n.attribute:
+                    if a.name == "value":
+                        a.t.CopyFrom(self._clamp(a.t))
+        return model, PassResult(bool(names), (), {"clamped": len(names), "constants": sorted(names)})
+
+    def find(self, model: onnx.ModelProto) -> list[str]:
+        """The initializers and Constant/ConstantOfShape outputs that are Softmax mask fills beyond float16's range."""
+        g = model.graph
+        readers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
+        for n in g.node:
+            for i, x in enumerate(n.input):
+                if x:
+                    readers.setdefault(x, []).append((n, i))
+        outputs = {o.name for o in g.output}
+        memo: dict[str, bool] = {}
+
+        def only_softmax(name: str, depth: int = 0) -> bool:
+            if name in memo:
+                return memo[name]
+            memo[name] = False  # a cycle or a deep chain is not a mask
+            ok = name not in outputs and bool(readers.get(name)) and depth < 64
+            for node, slot in readers.get(name, []) if ok else []:
+                if node.domain not in ("", "ai.onnx"):
+                    ok = False
+                elif node.op_type == "Softmax":
+                    ok = slot == 0
+                elif node.op_type in MASK_PATH and not (node.op_type == "Where" and slot == 0):
+                    ok = all(only_softmax(o, depth + 1) for o in node.output if o)
+                else:
+                    ok = False
+                if not ok:
+                    break
+            memo[name] = ok
+            return ok
+
+        found = [t.name for t in g.initializer if t.data_type == TensorProto.FLOAT
+                 and self._beyond(numpy_helper.to_array(t)) and only_softmax(t.name)]
+        for n in g.node:
+            if n.op_type in ("Constant", "ConstantOfShape") and n.domain in ("", "ai.onnx") and n.output:
+                for a in n.attribute:
+                    if (a.name == "value" and a.t.data_type == TensorProto.FLOAT
+                            and self._beyond(numpy_helper.to_array(a.t)) and only_softmax(n.output[0])):
+                        found.append(n.output[0])
+        return found
+
+    @staticmethod
+    def _beyond(values: np.ndarray) -> bool:
+        with np.errstate(invalid="ignore"):
+            return bool(np.any(np.abs(values) > FP16_MAX))  # inf included, NaN not
+
+    @staticmethod
+    def _clamp(t: TensorProto) -> TensorProto:
+        a = np.clip(numpy_helper.to_array(t).astype(np.float32), -MASK_FILL, MASK_FILL)  # NaN stays NaN
+        return numpy_helper.from_array(a, t.name)

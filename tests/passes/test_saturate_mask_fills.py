@@ -1,0 +1,95 @@
+"""Softmax mask fills beyond float16's range clamp to ±16384 (known answers), and nothing else does."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+import qpass
+from qpass.passes.saturate_mask_fills import MASK_FILL, SaturateMaskFills
+
+F = TensorProto.FLOAT
+LOWEST = float(np.finfo(np.float32).min)  # -3.4028235e38, what exporters write for an additive mask
+
+
+def _mask_model(tail: str = "softmax", fill_as: str = "constant") -> onnx.ModelProto:
+    """y = tail(scores + Where(keep, 0, LOWEST)); the fill as a Constant node or an initializer."""
+    ins = [helper.make_tensor_value_info("scores", F, [3, 4]), helper.make_tensor_value_info("keep", TensorProto.BOOL, [3, 4])]
+    outs = [helper.make_tensor_value_info("y", F, [3, 4])]
+    zero = numpy_helper.from_array(np.array(0.0, np.float32), "zero")
+    fill = numpy_helper.from_array(np.array(LOWEST, np.float32), "fill")
+    nodes = [helper.make_node("Where", ["keep", "zero", "fill"], ["mask"], name="where"),
+             helper.make_node("Add", ["scores", "mask"], ["masked"], name="add")]
+    inits = [zero]
+    if fill_as == "constant":
+        nodes.insert(0, helper.make_node("Constant", [], ["fill"], value=fill, name="fill_const"))
+    else:
+        inits.append(fill)
+    if tail == "softmax":
+        nodes.append(helper.make_node("Softmax", ["masked"], ["y"], axis=-1, name="softmax"))
+    elif tail == "logsoftmax":
+        nodes.append(helper.make_node("LogSoftmax", ["masked"], ["y"], axis=-1, name="logsoftmax"))
+    else:  # softmax, and the mask itself also a graph output
+        nodes.append(helper.make_node("Softmax", ["masked"], ["y"], axis=-1, name="softmax"))
+        outs.append(helper.make_tensor_value_info("mask", F, [3, 4]))
+    m = helper.make_model(helper.make_graph(nodes, "g", ins, outs, inits), opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    onnx.checker.check_model(m, full_check=True)
+    return m
+
+
+def _feed(seed=0):
+    rng = np.random.default_rng(seed)
+    keep = np.array([[1, 1, 0, 0], [1, 0, 1, 0], [0, 0, 0, 0]], bool)  # the last row masked entirely
+    return {"scores": rng.normal(0, 3, (3, 4)).astype(np.float32), "keep": keep}
+
+
+def _run(m, feed):
+    return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feed)
+
+
+def _fill_value(m) -> float:
+    for t in m.graph.initializer:
+        if t.name == "fill":
+            return float(numpy_helper.to_array(t))
+    c = next(n for n in m.graph.node if n.output and n.output[0] == "fill")
+    return float(numpy_helper.to_array(c.attribute[0].t))
+
+
+def test_a_softmax_mask_fill_clamps_and_every_unmasked_row_is_unchanged():
+    for fill_as in ("constant", "initializer"):
+        model = _mask_model(fill_as=fill_as)
+        feed = _feed()
+        (want,) = _run(model, feed)
+        out, res = SaturateMaskFills().apply(_mask_model(fill_as=fill_as))
+        assert res.modified and res.stats["constants"] == ["fill"] and _fill_value(out) == -MASK_FILL
+        (got,) = _run(out, feed)
+        np.testing.assert_array_equal(got[:2], want[:2])  # exp(-16384 + s) is 0 in float32 as exp(-3.4e38) is
+        s = feed["scores"][0, :2]
+        np.testing.assert_allclose(got[0, :2], np.exp(s - s.max()) / np.exp(s - s.max()).sum(), rtol=1e-6)  # by hand
+        assert np.all(np.isfinite(got[2]))  # the row masked entirely stays finite
+
+
+def test_a_fill_that_also_reaches_something_else_stays():
+    for tail in ("logsoftmax", "output"):
+        out, res = SaturateMaskFills().apply(_mask_model(tail))
+        assert not res.modified and _fill_value(out) == LOWEST
+
+
+def test_float16_mode_converts_the_masked_softmax_instead_of_keeping_it_float32():
+    """Without the clamp the mask and the masked scores measure 3.4e38 and stay float32 behind Casts; with it the
+    whole model runs in float16 and matches fp32 on every row with an unmasked entry."""
+    model = _mask_model()
+    samples = [_feed(i) for i in range(6)]
+    res = qpass.quantize(model, samples, val=samples[:2], float_type="float16", latency=False, per_layer=False)
+    half = res.report.calibration["half"]
+    assert half["mask_fills_clamped"] == ["fill"] and half["measured_float32"] == {}
+    assert not any(n.op_type == "Cast" and n.output[0] in ("mask", "masked") for n in res.model.graph.node)
+    feed = _feed(7)
+    (want,) = _run(model, feed)
+    (got,) = _run(res.model, feed)
+    np.testing.assert_allclose(got[:2], want[:2], atol=2e-3)
+    assert np.all(np.isfinite(got))
+    bf = qpass.quantize(model, samples, float_type="bfloat16", validate=False)
+    assert bf.report.calibration["half"]["mask_fills_clamped"] == []  # bfloat16 holds float32's range
