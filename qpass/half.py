@@ -221,6 +221,7 @@ def run(model: Any, calib: Any, *, config: QuantConfig, notes: list[str], output
                                f"{report.opset.get('output')} allow it where the measurements do"
                                + (" (bfloat16 needs opset 13 for most ops: --target-opset 13)"
                                   if cfg.float_type == "bfloat16" and (report.opset.get("output") or 0) < 13 else ""))
+    report.warnings += _kernel_opset_hint(records[0].skipped, report.opset.get("output"))
     half_info: dict[str, Any] = {"type": cfg.float_type, "half_io": cfg.half_io,
                                  "measured_float32": dict(sorted(keep.items())),
                                  "mask_fills_clamped": clamped,
@@ -266,6 +267,24 @@ def run(model: Any, calib: Any, *, config: QuantConfig, notes: list[str], output
         result.report_path = report.save(report_path_for(output))
     report.seconds = times
     return result
+
+
+def _kernel_opset_hint(skipped, opset) -> list[str]:
+    """A warning naming the nodes that stay float32 only because the runtime's bfloat16 kernel needs a newer opset."""
+    import re
+
+    later: dict[str, int] = {}
+    need = 0
+    for s in skipped:
+        m = re.search(r"before opset (\d+)", s.reason)
+        if m:
+            later[s.op_type] = later.get(s.op_type, 0) + 1
+            need = max(need, int(m.group(1)))
+    if not later:
+        return []
+    ops = ", ".join(f"{op} {n}" for op, n in sorted(later.items(), key=lambda kv: -kv[1]))
+    return [f"{sum(later.values())} node(s) stay float32 because onnxruntime's CUDA provider runs them in bfloat16 only "
+            f"from a newer opset than the model's {opset} ({ops}): --target-opset {need} converts them"]
 
 
 def _half_ops(records: list[PassRecord]) -> dict[str, int]:

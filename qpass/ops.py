@@ -51,3 +51,25 @@ INT16_MIN_OPSET = 21
 BLOCKED_MIN_OPSET = 21
 #: int2 values in DequantizeLinear (ternary weights)
 INT2_MIN_OPSET = 25
+
+# ------------------------------------------------------------------ bfloat16 kernels of the runtime
+#: standard ops onnxruntime's CUDA provider runs in bfloat16, with the first opset whose kernel takes it (its CPU
+#: provider has almost none): read from onnxruntime's docs/OperatorKernels.md (CUDAExecutionProvider, ai.onnx rows)
+#: at main a0cc0847 (2025-10-08, 1.23.0 in development); the kernels of 1.20 are all there, 1.25 adds Attention.
+#: The bfloat16 mode converts other ops' nodes only where this says a kernel exists, since a node without one
+#: makes the whole session fail to load (onnxruntime-gpu 1.31.1 on an H200: BatchNormalization, Pad, Reciprocal,
+#: ReduceL2 stopped every shared model). Not here, among others: BatchNormalization, InstanceNormalization, Pad,
+#: Resize, ConvTranspose, MaxPool, GlobalAveragePool, Reciprocal, Log, Clip, LeakyRelu, PRelu, ReduceMean/Max/L2,
+#: LSTM, GRU, Einsum, TopK.
+CUDA_BFLOAT16_FROM = {
+    **dict.fromkeys(("Cast", "Compress", "Concat", "ConstantOfShape", "Expand", "Flatten", "Gather", "GatherElements",
+                     "Identity", "If", "LayerNormalization", "Loop", "Max", "Min", "Reshape", "ReverseSequence",
+                     "Scan", "Scatter", "ScatterElements", "ScatterND", "SequenceAt", "SequenceConstruct", "Shape",
+                     "Size", "Slice", "Split", "Squeeze", "Sum", "Transpose", "Unsqueeze", "RandomNormalLike",
+                     "RandomUniformLike"), 1),
+    **dict.fromkeys(("Abs", "Add", "Div", "Dropout", "Erf", "Exp", "GatherND", "Gemm", "IsNaN", "MatMul", "Mod", "Mul",
+                     "Neg", "Pow", "ReduceSum", "Relu", "Sigmoid", "Sign", "Softmax", "Sqrt", "Sub", "Tanh", "Tile"), 13),
+    "Trilu": 14, "Where": 16, "Gelu": 20, "IsInf": 20,
+    **dict.fromkeys(("Conv", "AveragePool", "HardSigmoid", "HardSwish"), 22),
+    **dict.fromkeys(("RMSNormalization", "RotaryEmbedding"), 23),
+}

@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from ..ops import CUDA_BFLOAT16_FROM
 from ..pass_manager import PassResult, Skip
 
 FLOAT = TensorProto.FLOAT
@@ -241,6 +242,10 @@ class ConvertFloat16:
             reason = "node kept in float32"
         elif node.op_type in _GENERATORS:
             reason = f"{node.op_type} makes its float output from an attribute"
+        elif self.half == TensorProto.BFLOAT16 and CUDA_BFLOAT16_FROM.get(node.op_type, 10**6) > opset:
+            since = CUDA_BFLOAT16_FROM.get(node.op_type)
+            reason = (f"{node.op_type} has no bfloat16 kernel in onnxruntime's CUDA provider"
+                      + (f" before opset {since} (the model's is {opset}: --target-opset {since})" if since else ""))
         schema = _schema(node, opset) if reason is None else None
         if reason is None and schema is None:
             reason = f"no schema for {node.op_type} at opset {opset}"

@@ -464,3 +464,32 @@ def test_half_outputs_run_on_cuda(float_type):  # pragma: no cover - exercised o
     x = samples[0]["x"]
     (y,) = s.run(None, {"x": x})
     np.testing.assert_allclose(y, 2 * np.maximum(x, 0), rtol=1e-2, atol=0.5)  # 2 * relu(x), finite on the GPU
+
+
+def _conv_bn_model(opset: int) -> onnx.ModelProto:
+    rng = np.random.default_rng(2)
+    x = helper.make_tensor_value_info("x", F, [1, 2, 4, 4])
+    y = helper.make_tensor_value_info("y", F, [1, 2, 4, 4])
+    inits = [numpy_helper.from_array(rng.normal(size=(2, 2, 1, 1)).astype(np.float32), "w"),
+             *(numpy_helper.from_array(v.astype(np.float32), n) for n, v in
+               (("g", np.ones(2)), ("b", np.zeros(2)), ("mu", np.zeros(2)), ("var", np.ones(2))))]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+             helper.make_node("BatchNormalization", ["c", "g", "b", "mu", "var"], ["n"], name="bn"),
+             helper.make_node("Relu", ["n"], ["r"], name="relu"),
+             helper.make_node("Add", ["r", "x"], ["y"], name="add")]
+    return _model(nodes, [x], [y], inits, opset=opset)
+
+
+def test_bfloat16_converts_only_ops_onnxruntime_cuda_runs_in_bfloat16():
+    """onnxruntime's CUDA provider has no bfloat16 BatchNormalization at all and bfloat16 Conv only from opset 22
+    (a node without a kernel stops the session from loading): at opset 17 only Relu and Add convert and the run
+    says which opset would take the Conv; at opset 22 the Conv converts too, the BatchNormalization never."""
+    res = qpass.quantize(_conv_bn_model(17), None, float_type="bfloat16", validate=False)
+    out = res.model
+    assert _elem(out, "c") == F and _elem(out, "n") == F and _elem(out, "r") == BF
+    reasons = {s.node: s.reason for s in res.report.passes[0].skipped}
+    assert "before opset 22" in reasons["conv"] and "no bfloat16 kernel" in reasons["bn"]
+    assert any("--target-opset 22" in w and "Conv 1" in w for w in res.report.warnings)
+    out22, _ = convert(_conv_bn_model(22), qpass.QuantConfig(float_type="bfloat16"))
+    assert _elem(out22, "c") == BF and _elem(out22, "n") == F
+    onnx.checker.check_model(out22, full_check=True)
