@@ -141,6 +141,7 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, calib: Data = None, *, 
                         hint="save a plan with --weight-only, or run without --weight-only")
     if save_plan is not None:
         qplan.save(save_plan)
+    clamped = _clamp_mask_fills(prepared, cfg)
     held = []
     t = time.perf_counter()
     half_measures = cfg.float_type is not None and calib is not None  # the float remainder's ranges, measured
@@ -199,7 +200,8 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, calib: Data = None, *, 
         rewritten = stages.Rewritten(half_model, list(rewritten.records) + half_records, rewritten.quantized_nodes,
                                      rewritten.info)
         report.calibration["half"] = {"type": cfg.float_type, "half_io": cfg.half_io,
-                                      "measured_float32": dict(sorted(keep.items())), "data_free": stats is None}
+                                      "measured_float32": dict(sorted(keep.items())), "data_free": stats is None,
+                                      "mask_fills_clamped": clamped}
         if stats is None:
             report.warnings.append(f"{cfg.float_type}: the float remainder converted data-free (op block list, type "
                                    "constraints, weight values); give --calib to keep the activations that overflow "
@@ -363,6 +365,25 @@ def _search(report: Report, times: dict, prepared: stages.Prepared, qplan: Quant
     if save_plan is not None:
         plan.save(save_plan)
     return rewritten, plan
+
+
+def _clamp_mask_fills(prepared: stages.Prepared, cfg: QuantConfig) -> list[str]:
+    """Weight-only + float16: clamp the prepared model's Softmax mask fills (passes/saturate_mask_fills.py) before
+    its float remainder is measured, as the float16 mode does; the reference keeps the original values. Static int8
+    is left alone (the fills' Q/DQ ranges would change)."""
+    if cfg.float_type != "float16" or not cfg.weight_only:
+        return []
+    from .passes.saturate_mask_fills import SaturateMaskFills
+
+    names = SaturateMaskFills().find(prepared.model)
+    if not names:
+        return []
+    if prepared.model is prepared.reference:
+        work = onnx.ModelProto()
+        work.CopyFrom(prepared.model)
+        prepared.model = work
+    SaturateMaskFills().apply(prepared.model)
+    return sorted(names)
 
 
 def half_statistics(model: onnx.ModelProto, qplan: QuantPlan) -> dict[str, tuple[str, ...]]:

@@ -93,3 +93,31 @@ def test_float16_mode_converts_the_masked_softmax_instead_of_keeping_it_float32(
     assert np.all(np.isfinite(got))
     bf = qpass.quantize(model, samples, float_type="bfloat16", validate=False)
     assert bf.report.calibration["half"]["mask_fills_clamped"] == []  # bfloat16 holds float32's range
+
+
+def test_weight_only_with_float16_clamps_the_fill_too():
+    """int4 weight-only + float16: the MatMul's weight goes int4 and the masked Softmax runs in float16 (the fill
+    clamped before the float remainder is measured), matching fp32 on the unmasked entries."""
+    rng = np.random.default_rng(4)
+    w = rng.normal(size=(8, 4)).astype(np.float32)
+    ins = [helper.make_tensor_value_info("x", F, [1, 8]), helper.make_tensor_value_info("keep", TensorProto.BOOL, [1, 4])]
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["scores"], name="mm"),
+             helper.make_node("Where", ["keep", "zero", "fill"], ["mask"], name="where"),
+             helper.make_node("Add", ["scores", "mask"], ["masked"], name="add"),
+             helper.make_node("Softmax", ["masked"], ["y"], axis=-1, name="softmax")]
+    inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
+             numpy_helper.from_array(np.array(LOWEST, np.float32), "fill")]
+    model = helper.make_model(helper.make_graph(nodes, "g", ins, [helper.make_tensor_value_info("y", F, [1, 4])], inits),
+                              opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    keep = np.array([[1, 0, 1, 1]], bool)
+    samples = [{"x": rng.normal(size=(1, 8)).astype(np.float32), "keep": keep} for _ in range(6)]
+    res = qpass.quantize(model, samples, weight_only="int4", block_size=8, algorithm="rtn", float_type="float16",
+                         validate=False)
+    half = res.report.calibration["half"]
+    assert half["mask_fills_clamped"] == ["fill"] and not {"mask", "masked"} & set(half["measured_float32"])
+    (want,) = _run(model, samples[0])
+    (got,) = _run(res.model, samples[0])
+    assert got[0, 1] == 0.0 and np.all(np.isfinite(got))
+    np.testing.assert_allclose(got, want, atol=0.1)  # int4 weights: the scores move by their rounding
+    assert _fill_value(model) == LOWEST  # the input model is not written
