@@ -9,9 +9,10 @@ inside float16's (with the mode's headroom of 2), so they and the Softmax input 
 behind Casts. A row masked entirely stays finite (no ``-inf - -inf`` NaN), as it is in float32.
 
 A constant qualifies only when every path from it reaches a Softmax's input through ops that carry a mask
-(``MASK_PATH``: Where's value inputs, Add, Sub, Mul, Neg, Cast and data movement); any other reader (a graph
-output, a reduction, a Softmax's axis-free cousin such as LogSoftmax, where the fill's value shows) leaves it as it
-is. Main graph only.
+(``MASK_PATH``: Where's value inputs, Add, Sub, Neg, Cast, data movement, and Mul by a 0/1 tensor: a Cast of a
+bool or integer tensor, or one minus it, as in ``(1 - mask) * -3.4e38``); any other reader (a graph output, a
+reduction, LogSoftmax, where the fill's value shows, or a Mul by anything else, such as a temperature) leaves it as
+it is. Main graph only.
 """
 from __future__ import annotations
 
@@ -25,9 +26,14 @@ from ..pass_manager import PassResult
 MASK_FILL = 16384.0
 #: values beyond this magnitude are what float16 cannot hold
 FP16_MAX = 65504.0
-#: ops a mask passes through on its way to a Softmax (Where only through its two value inputs)
-MASK_PATH = frozenset({"Where", "Add", "Sub", "Mul", "Neg", "Cast", "Expand", "Reshape", "Unsqueeze", "Squeeze",
-                       "Transpose", "Slice", "Concat", "Identity", "Tile", "Flatten"})
+#: ops that move values without changing them
+MOVES = frozenset({"Expand", "Reshape", "Unsqueeze", "Squeeze", "Transpose", "Slice", "Identity", "Tile", "Flatten"})
+#: ops a mask passes through on its way to a Softmax (Where only through its two value inputs; Mul only by a 0/1
+#: tensor, see ``zero_one``)
+MASK_PATH = frozenset({"Where", "Add", "Sub", "Mul", "Neg", "Cast", "Concat"}) | MOVES
+_BOOL_OR_INT = frozenset({TensorProto.BOOL, TensorProto.INT8, TensorProto.UINT8, TensorProto.INT16,
+                          TensorProto.UINT16, TensorProto.INT32, TensorProto.UINT32, TensorProto.INT64,
+                          TensorProto.UINT64})
 
 
 class SaturateMaskFills:
@@ -57,6 +63,32 @@ class SaturateMaskFills:
                 if x:
                     readers.setdefault(x, []).append((n, i))
         outputs = {o.name for o in g.output}
+        producer = {o: n for n in g.node for o in n.output if o}
+        ones = {t.name for t in g.initializer if t.data_type == TensorProto.FLOAT and t.dims in ([], [1])
+                and np.all(numpy_helper.to_array(t) == 1)}
+        ones |= {n.output[0] for n in g.node if n.op_type == "Constant" and n.output and any(
+            a.name == "value" and a.t.data_type == TensorProto.FLOAT and np.all(numpy_helper.to_array(a.t) == 1)
+            and numpy_helper.to_array(a.t).size == 1 for a in n.attribute)}
+        types: dict[str, int] = {}
+
+        def zero_one(name: str, depth: int = 0) -> bool:
+            """``name`` holds 0s and 1s by construction: a Cast of a bool or integer tensor, one minus such a
+            tensor, or either moved."""
+            p = producer.get(name)
+            if p is None or depth > 16:
+                return False
+            if p.op_type in MOVES:
+                return zero_one(p.input[0], depth + 1)
+            if p.op_type == "Sub" and len(p.input) == 2:
+                return p.input[0] in ones and zero_one(p.input[1], depth + 1)
+            if p.op_type == "Cast":
+                if not types:
+                    from .convert_float16 import value_types
+
+                    types.update(value_types(model))
+                return types.get(p.input[0]) in _BOOL_OR_INT
+            return False
+
         memo: dict[str, bool] = {}
 
         def only_softmax(name: str, depth: int = 0) -> bool:
@@ -69,6 +101,8 @@ class SaturateMaskFills:
                     ok = False
                 elif node.op_type == "Softmax":
                     ok = slot == 0
+                elif node.op_type == "Mul" and not (len(node.input) == 2 and zero_one(node.input[1 - slot])):
+                    ok = False
                 elif node.op_type in MASK_PATH and not (node.op_type == "Where" and slot == 0):
                     ok = all(only_softmax(o, depth + 1) for o in node.output if o)
                 else:

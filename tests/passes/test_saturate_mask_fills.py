@@ -121,3 +121,38 @@ def test_weight_only_with_float16_clamps_the_fill_too():
     assert got[0, 1] == 0.0 and np.all(np.isfinite(got))
     np.testing.assert_allclose(got, want, atol=0.1)  # int4 weights: the scores move by their rounding
     assert _fill_value(model) == LOWEST  # the input model is not written
+
+
+def _mul_model(kind: str) -> onnx.ModelProto:
+    """kind "mask": y = Softmax(scores + (1 - Cast(mask:int64)) * LOWEST), the older exporters' extended mask;
+    kind "temperature": y = Softmax(scores * 1e5), a constant beyond float16's range that is not a mask."""
+    ins = [helper.make_tensor_value_info("scores", F, [2, 4])]
+    outs = [helper.make_tensor_value_info("y", F, [2, 4])]
+    if kind == "mask":
+        ins.append(helper.make_tensor_value_info("mask", TensorProto.INT64, [2, 4]))
+        inits = [numpy_helper.from_array(np.array(1.0, np.float32), "one"),
+                 numpy_helper.from_array(np.array(LOWEST, np.float32), "fill")]
+        nodes = [helper.make_node("Cast", ["mask"], ["mf"], to=F),
+                 helper.make_node("Sub", ["one", "mf"], ["inv"]),
+                 helper.make_node("Mul", ["inv", "fill"], ["ext"]),
+                 helper.make_node("Add", ["scores", "ext"], ["masked"]),
+                 helper.make_node("Softmax", ["masked"], ["y"], axis=-1)]
+    else:
+        inits = [numpy_helper.from_array(np.array(1e5, np.float32), "fill")]
+        nodes = [helper.make_node("Mul", ["scores", "fill"], ["hot"]),
+                 helper.make_node("Softmax", ["hot"], ["y"], axis=-1)]
+    m = helper.make_model(helper.make_graph(nodes, "g", ins, outs, inits), opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+def test_a_mask_made_by_mul_clamps_and_a_temperature_does_not():
+    model = _mul_model("mask")
+    feed = {"scores": np.array([[0.5, -1.0, 2.0, 0.1], [1.0, 1.0, -3.0, 0.0]], np.float32),
+            "mask": np.array([[1, 1, 0, 1], [1, 0, 0, 0]], np.int64)}
+    (want,) = _run(model, feed)
+    out, res = SaturateMaskFills().apply(_mul_model("mask"))
+    assert res.stats["constants"] == ["fill"] and _fill_value(out) == -MASK_FILL
+    np.testing.assert_array_equal(_run(out, feed)[0], want)
+    out, res = SaturateMaskFills().apply(_mul_model("temperature"))
+    assert not res.modified and _fill_value(out) == 1e5  # scores * 1e5 is a sharp Softmax, not a mask: left alone
