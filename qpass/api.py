@@ -382,7 +382,7 @@ def _clamp_mask_fills(prepared: stages.Prepared, cfg: QuantConfig) -> list[str]:
         work = onnx.ModelProto()
         work.CopyFrom(prepared.model)
         prepared.model = work
-    SaturateMaskFills().apply(prepared.model)
+    SaturateMaskFills().apply(prepared.model, names)
     return sorted(names)
 
 

@@ -43,10 +43,13 @@ UNDERFLOW_MASS_SHARE = WEIGHT_FLUSH_SHARE
 #: than this share of its non-zero values flush to zero
 UNDERFLOW_SHARE = 0.01
 #: where a flushed zero changes a result's kind: op type -> the input positions that must not become 0
-ZERO_SENSITIVE_INPUTS = {"Log": (0,), "Reciprocal": (0,), "Div": (1,), "Pow": (0,)}
+ZERO_SENSITIVE_INPUTS = {"Log": (0,), "Reciprocal": (0,), "Div": (1,), "Pow": (0,),
+                         # scale-invariant normalizations: a channel of tiny values comes out O(1), flushed 0
+                         "InstanceNormalization": (0,), "LayerNormalization": (0,), "GroupNormalization": (0,),
+                         "MeanVarianceNormalization": (0,), "LpNormalization": (0,)}
 #: ops whose output is 0 where (some of) their input is: a zero-sensitive input is followed back through them
 ZERO_PRESERVING = frozenset({"Sqrt", "Abs", "Relu", "Cast", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten",
-                             "Identity", "Mul", "Pow", "Expand", "Slice", "Gather", "Concat", "Split", "ReduceSum",
+                             "Identity", "Mul", "Div", "Pow", "Expand", "Slice", "Gather", "Concat", "Split", "ReduceSum",
                              "ReduceMean", "ReduceMax", "ReduceL2", "ReduceSumSquare", "Tile", "Pad", "MaxPool",
                              "AveragePool", "GlobalAveragePool", "Resize", "Neg"})
 
@@ -58,11 +61,12 @@ def _clamp_mask_fills(model: onnx.ModelProto, cfg: QuantConfig) -> tuple[onnx.Mo
         return model, []
     from .passes.saturate_mask_fills import SaturateMaskFills
 
-    if not SaturateMaskFills().find(model):
+    names = SaturateMaskFills().find(model)
+    if not names:
         return model, []
     work = onnx.ModelProto()
     work.CopyFrom(model)
-    work, result = SaturateMaskFills().apply(work)
+    work, result = SaturateMaskFills().apply(work, names)
     return work, list(result.stats["constants"])
 
 

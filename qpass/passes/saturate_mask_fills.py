@@ -6,13 +6,15 @@ there its only job is ``exp(fill + score) == 0``. Every such constant value beyo
 written as ``±MASK_FILL`` (float16's max / 4): ``exp(-16384)`` is 0 in float32 as in float16, so every Softmax row
 with an unmasked entry is unchanged, and the masked scores (``-16384 + score``) keep their measured range well
 inside float16's (with the mode's headroom of 2), so they and the Softmax input convert instead of staying float32
-behind Casts. A row masked entirely stays finite (no ``-inf - -inf`` NaN), as it is in float32.
+behind Casts. A row masked entirely stays finite (no ``-inf - -inf`` NaN in float16), but its weights change: float32
+gives uniform ones (``-3.4e38 + score`` loses the score), the clamped fill the softmax of the raw scores; such rows
+(padding queries) carry no meaning either way.
 
 A constant qualifies only when every path from it reaches a Softmax's input through ops that carry a mask
 (``MASK_PATH``: Where's value inputs, Add, Sub, Neg, Cast, data movement, and Mul by a 0/1 tensor: a Cast of a
 bool or integer tensor, or one minus it, as in ``(1 - mask) * -3.4e38``); any other reader (a graph output, a
-reduction, LogSoftmax, where the fill's value shows, or a Mul by anything else, such as a temperature) leaves it as
-it is. Main graph only.
+reduction, LogSoftmax, where the fill's value shows, a Mul by anything else, such as a temperature, or a read from
+inside an If/Loop/Scan body) leaves it as it is. Main-graph constants only.
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ FP16_MAX = 65504.0
 MOVES = frozenset({"Expand", "Reshape", "Unsqueeze", "Squeeze", "Transpose", "Slice", "Identity", "Tile", "Flatten"})
 #: ops a mask passes through on its way to a Softmax (Where only through its two value inputs; Mul only by a 0/1
 #: tensor, see ``zero_one``)
-MASK_PATH = frozenset({"Where", "Add", "Sub", "Mul", "Neg", "Cast", "Concat"}) | MOVES
+MASK_PATH = frozenset({"Where", "Add", "Sub", "Mul", "Neg", "Cast", "Concat", "Trilu"}) | MOVES
 _BOOL_OR_INT = frozenset({TensorProto.BOOL, TensorProto.INT8, TensorProto.UINT8, TensorProto.INT16,
                           TensorProto.UINT16, TensorProto.INT32, TensorProto.UINT32, TensorProto.INT64,
                           TensorProto.UINT64})
@@ -42,8 +44,9 @@ class SaturateMaskFills:
     role = "rewrite"
     name = "saturate_mask_fills"
 
-    def apply(self, model: onnx.ModelProto) -> tuple[onnx.ModelProto, PassResult]:
-        names = set(self.find(model))
+    def apply(self, model: onnx.ModelProto, names: list[str] | None = None) -> tuple[onnx.ModelProto, PassResult]:
+        """Clamp ``names`` (default: :meth:`find`'s) in place."""
+        names = set(self.find(model) if names is None else names)
         for t in model.graph.initializer:
             if t.name in names:
                 t.CopyFrom(self._clamp(t))
@@ -62,7 +65,12 @@ class SaturateMaskFills:
             for i, x in enumerate(n.input):
                 if x:
                     readers.setdefault(x, []).append((n, i))
+        from .convert_float16 import _graphs
+
         outputs = {o.name for o in g.output}
+        for body, owner in _graphs(g):  # a value read inside a body: not followed there, so not a mask
+            if owner is not None:
+                outputs |= {x for n in body.node for x in n.input} | {o.name for o in body.output}
         producer = {o: n for n in g.node for o in n.output if o}
         ones = {t.name for t in g.initializer if t.data_type == TensorProto.FLOAT and t.dims in ([], [1])
                 and np.all(numpy_helper.to_array(t) == 1)}
@@ -113,12 +121,12 @@ class SaturateMaskFills:
             return ok
 
         found = [t.name for t in g.initializer if t.data_type == TensorProto.FLOAT
-                 and self._beyond(numpy_helper.to_array(t)) and only_softmax(t.name)]
+                 and only_softmax(t.name) and self._beyond(numpy_helper.to_array(t))]
         for n in g.node:
             if n.op_type in ("Constant", "ConstantOfShape") and n.domain in ("", "ai.onnx") and n.output:
                 for a in n.attribute:
                     if (a.name == "value" and a.t.data_type == TensorProto.FLOAT
-                            and self._beyond(numpy_helper.to_array(a.t)) and only_softmax(n.output[0])):
+                            and only_softmax(n.output[0]) and self._beyond(numpy_helper.to_array(a.t))):
                         found.append(n.output[0])
         return found
 

@@ -13,8 +13,8 @@ Timing trials, each a rewrite from the same calibration table (no recalibration)
 4. The last timing (``FINAL_REPEATS`` alternated runs against fp32) decides; when it says slower and trials and
    nodes remain, 3 goes on.
 5. When it still says slower with the trials or nodes spent, the remaining quantized compute nodes go float
-   together in one trial past the budget, kept if not slower than the current model (all float is the model
-   itself), and timed against fp32 once more.
+   together in one trial (past the budget when the budget is what ran out), kept if not slower than the current
+   model (all float is the model itself), and timed against fp32 once more.
 The trials are timed in this process, one after another: timing in parallel workers would measure contention.
 """
 from __future__ import annotations
@@ -199,10 +199,11 @@ def search_latency(prepared, plan: QuantPlan, table, config, reference, feed: di
                 break
         rest = [x for x in order if x in quantized and x not in cur_float]
         if cur_ms > fp32_ms and rest:
-            # 5. still slower with the trials or the order spent: the rest float together, one trial past the
-            # budget (the objective is an output not slower than fp32, and all float is the model itself)
+            # 5. still slower with the trials or the order spent: the rest float together, in one trial (past the
+            # budget when it is spent: the objective is an output not slower than fp32, and all float is the model)
+            if report["trials"] >= budget:
+                report["past_budget"] = 1
             rw, ms, before, fp32_ms = trial(cur_float + tuple(rest), "rest to float", rest)
-            report["past_budget"] = 1
             if rw is not None and ms <= before:
                 move(rw, rest, "rest to float", before, ms)
                 cur_model, cur_rw, cur_float, cur_ms = rw.model, rw, cur_float + tuple(rest), ms

@@ -493,3 +493,21 @@ def test_bfloat16_converts_only_ops_onnxruntime_cuda_runs_in_bfloat16():
     out22, _ = convert(_conv_bn_model(22), qpass.QuantConfig(float_type="bfloat16"))
     assert _elem(out22, "c") == BF and _elem(out22, "n") == F
     onnx.checker.check_model(out22, full_check=True)
+
+
+def test_a_tiny_channel_before_an_instance_normalization_stays_float32():
+    """A scale-invariant normalization brings a channel of tiny values back to O(1): there a flush to zero changes
+    the output however little of the tensor's sum it holds, so the count rule keeps p float32."""
+    x = helper.make_tensor_value_info("x", F, [1, 8, 16])
+    y = helper.make_tensor_value_info("y", F, [1, 8, 16])
+    s = np.ones((1, 8, 1), np.float32)
+    s[0, 0, 0] = 1e-8
+    inits = [numpy_helper.from_array(s, "s"), numpy_helper.from_array(np.ones(8, np.float32), "g"),
+             numpy_helper.from_array(np.zeros(8, np.float32), "b")]
+    nodes = [helper.make_node("Mul", ["x", "s"], ["p"], name="scale"),
+             helper.make_node("InstanceNormalization", ["p", "g", "b"], ["y"], epsilon=1e-25, name="norm")]
+    model = _model(nodes, [x], [y], inits)
+    rng = np.random.default_rng(6)
+    samples = [{"x": rng.normal(size=(1, 8, 16)).astype(np.float32)} for _ in range(4)]
+    res = qpass.quantize(model, samples, float_type="float16", validate=False)
+    assert "p" in res.report.calibration["half"]["measured_float32"] and _elem(res.model, "p") == F

@@ -68,7 +68,9 @@ def test_a_softmax_mask_fill_clamps_and_every_unmasked_row_is_unchanged():
         np.testing.assert_array_equal(got[:2], want[:2])  # exp(-16384 + s) is 0 in float32 as exp(-3.4e38) is
         s = feed["scores"][0, :2]
         np.testing.assert_allclose(got[0, :2], np.exp(s - s.max()) / np.exp(s - s.max()).sum(), rtol=1e-6)  # by hand
-        assert np.all(np.isfinite(got[2]))  # the row masked entirely stays finite
+        s2 = feed["scores"][2]  # the row masked entirely: finite, the softmax of its raw scores (fp32: uniform)
+        np.testing.assert_allclose(got[2], np.exp(s2 - s2.max()) / np.exp(s2 - s2.max()).sum(), rtol=5e-3)  # -16384 + s: ulp 0.002
+        np.testing.assert_allclose(want[2], 0.25)
 
 
 def test_a_fill_that_also_reaches_something_else_stays():
@@ -156,3 +158,19 @@ def test_a_mask_made_by_mul_clamps_and_a_temperature_does_not():
     np.testing.assert_array_equal(_run(out, feed)[0], want)
     out, res = SaturateMaskFills().apply(_mul_model("temperature"))
     assert not res.modified and _fill_value(out) == 1e5  # scores * 1e5 is a sharp Softmax, not a mask: left alone
+
+
+def test_a_fill_also_read_inside_an_if_body_stays():
+    """The fill feeds the masked Softmax and is also read by an If's branch (an outer-scope value): the pass does
+    not follow bodies, so the fill is left as it is (clamping it would change the branch's output)."""
+    model = _mask_model(fill_as="initializer")
+    branch = helper.make_graph([helper.make_node("Identity", ["fill"], ["z_then"])], "then", [],
+                               [helper.make_tensor_value_info("z_then", F, [])])
+    other = helper.make_graph([helper.make_node("Identity", ["zero"], ["z_else"])], "else", [],
+                              [helper.make_tensor_value_info("z_else", F, [])])
+    model.graph.input.append(helper.make_tensor_value_info("c", TensorProto.BOOL, []))
+    model.graph.node.append(helper.make_node("If", ["c"], ["z"], then_branch=branch, else_branch=other, name="if"))
+    model.graph.output.append(helper.make_tensor_value_info("z", F, []))
+    onnx.checker.check_model(model, full_check=True)
+    out, res = SaturateMaskFills().apply(model)
+    assert not res.modified and _fill_value(out) == LOWEST
