@@ -44,10 +44,8 @@ def unexportable_values(model: onnx.ModelProto) -> list[str]:
             if kind:
                 found.append(f"'{vi.name}' ({kind}{where})")
         for n in g.node:
-            for a in n.attribute:
-                subs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs) if a.type == onnx.AttributeProto.GRAPHS else []
-                for sub in subs:
-                    walk(sub, f" in a {n.op_type} body")
+            for sub in proto_bodies(n):
+                walk(sub, f" in a {n.op_type} body")
 
     walk(model.graph, "")
     return found
@@ -225,6 +223,17 @@ class Scope:
         return self.prefix + node_label(node)
 
 
+def proto_bodies(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    """The subgraphs an ONNX node holds in its attributes (If branches, Loop/Scan bodies), in attribute order."""
+    out: list[onnx.GraphProto] = []
+    for a in node.attribute:
+        if a.type == onnx.AttributeProto.GRAPH:
+            out.append(a.g)
+        elif a.type == onnx.AttributeProto.GRAPHS:
+            out.extend(a.graphs)
+    return out
+
+
 def bodies(node: gs.Node) -> list[tuple[str, gs.Graph]]:
     """The subgraphs a node holds as attributes, with their attribute names (If branches, Loop/Scan bodies)."""
     found = []
@@ -273,12 +282,8 @@ def op_types(model: onnx.ModelProto) -> set[str]:
     def walk(g: onnx.GraphProto) -> None:
         for n in g.node:
             found.add(n.op_type)
-            for a in n.attribute:
-                if a.type == onnx.AttributeProto.GRAPH:
-                    walk(a.g)
-                elif a.type == onnx.AttributeProto.GRAPHS:
-                    for sub in a.graphs:
-                        walk(sub)
+            for sub in proto_bodies(n):
+                walk(sub)
 
     walk(model.graph)
     return found

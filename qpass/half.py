@@ -225,7 +225,8 @@ def run(model: Any, calib: Any, *, config: QuantConfig, notes: list[str], output
                                f"{report.opset.get('output')} allow it where the measurements do"
                                + (" (bfloat16 needs opset 13 for most ops: --target-opset 13)"
                                   if cfg.float_type == "bfloat16" and (report.opset.get("output") or 0) < 13 else ""))
-    report.warnings += _kernel_opset_hint(records[0].skipped, report.opset.get("output"))
+    if cfg.float_type == "bfloat16":
+        report.warnings += _kernel_opset_hint(records[0].skipped, report.opset.get("output"))
     half_info: dict[str, Any] = {"type": cfg.float_type, "half_io": cfg.half_io,
                                  "measured_float32": dict(sorted(keep.items())),
                                  "mask_fills_clamped": clamped,
@@ -274,18 +275,19 @@ def run(model: Any, calib: Any, *, config: QuantConfig, notes: list[str], output
 
 
 def _kernel_opset_hint(skipped, opset) -> list[str]:
-    """A warning naming the nodes that stay float32 only because the runtime's bfloat16 kernel needs a newer opset."""
-    import re
+    """A warning naming the nodes left float32 whose op onnxruntime's CUDA provider runs in bfloat16 only from a
+    newer opset than the model's (``qpass.ops.CUDA_BFLOAT16_FROM``)."""
+    from .ops import CUDA_BFLOAT16_FROM
 
+    if opset is None:
+        return []
     later: dict[str, int] = {}
-    need = 0
     for s in skipped:
-        m = re.search(r"before opset (\d+)", s.reason)
-        if m:
+        if CUDA_BFLOAT16_FROM.get(s.op_type, 0) > opset:
             later[s.op_type] = later.get(s.op_type, 0) + 1
-            need = max(need, int(m.group(1)))
     if not later:
         return []
+    need = max(CUDA_BFLOAT16_FROM[op] for op in later)
     ops = ", ".join(f"{op} {n}" for op, n in sorted(later.items(), key=lambda kv: -kv[1]))
     return [f"{sum(later.values())} node(s) stay float32 because onnxruntime's CUDA provider runs them in bfloat16 only "
             f"from a newer opset than the model's {opset} ({ops}): --target-opset {need} converts them"]

@@ -24,6 +24,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..errors import CalibrationDataError
+from ..graph import proto_bodies
 
 #: If attributes -> the condition value that takes them
 BRANCHES = (("then_branch", True), ("else_branch", False))
@@ -33,16 +34,6 @@ def has_bodies(model: onnx.ModelProto) -> bool:
     """The top-level graph has a node holding a subgraph (If, Loop, Scan, ...)."""
     return any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in model.graph.node
                for a in n.attribute)
-
-
-def _subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
-    subs: list[onnx.GraphProto] = []
-    for a in node.attribute:
-        if a.type == onnx.AttributeProto.GRAPH:
-            subs.append(a.g)
-        elif a.type == onnx.AttributeProto.GRAPHS:
-            subs.extend(a.graphs)
-    return subs
 
 
 def defined(g: onnx.GraphProto) -> set[str]:
@@ -56,7 +47,7 @@ def defined_within(g: onnx.GraphProto) -> set[str]:
     """Names defined in a graph or any body nested in it."""
     names = defined(g)
     for n in g.node:
-        for sub in _subgraphs(n):
+        for sub in proto_bodies(n):
             names |= defined_within(sub)
     return names
 
@@ -65,7 +56,7 @@ def free_names(g: onnx.GraphProto) -> set[str]:
     """Outer-scope names a graph reads (its nodes' and its bodies' inputs that it does not define)."""
     reads = {i for n in g.node for i in n.input if i}
     for n in g.node:
-        for sub in _subgraphs(n):
+        for sub in proto_bodies(n):
             reads |= free_names(sub)
     reads |= {o.name for o in g.output}  # a branch may output an outer value as is
     return reads - defined(g)

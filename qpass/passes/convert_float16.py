@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from ..graph import proto_bodies
 from ..ops import CUDA_BFLOAT16_FROM
 from ..pass_manager import PassResult, Skip
 
@@ -90,21 +91,9 @@ def _graphs(graph: onnx.GraphProto):
     """The graph and every body in it, outermost first, as (graph, owner node or None)."""
     yield graph, None
     for node in graph.node:
-        for a in node.attribute:
-            subs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs) if a.type == onnx.AttributeProto.GRAPHS else []
-            for g in subs:
-                for inner, owner in _graphs(g):
-                    yield inner, owner if owner is not None else node
-
-
-def _bodies(node: onnx.NodeProto) -> list[onnx.GraphProto]:
-    out = []
-    for a in node.attribute:
-        if a.type == onnx.AttributeProto.GRAPH:
-            out.append(a.g)
-        elif a.type == onnx.AttributeProto.GRAPHS:
-            out.extend(a.graphs)
-    return out
+        for g in proto_bodies(node):
+            for inner, owner in _graphs(g):
+                yield inner, owner if owner is not None else node
 
 
 def value_types(model: onnx.ModelProto) -> dict[str, int]:
@@ -382,7 +371,7 @@ class Rewriter:
                         if role != "any":
                             wants[x].add(self.half if role == "follow" and _key(node) in self.d.half else FLOAT)
                         readers[x].append((g, node, i, role))
-                for a_body in _bodies(node):
+                for a_body in proto_bodies(node):
                     for out in a_body.output:
                         if self.types.get(out.name) == FLOAT:
                             wants[out.name].add(FLOAT)
@@ -522,13 +511,20 @@ class Rewriter:
         self.stats["casts"] += 1
 
 
-def _rename_value(g: onnx.GraphProto, old: str, new: str) -> None:
-    """Rename value ``old`` to ``new`` in the nodes of ``g`` and its bodies (not in graph outputs)."""
+def rename_reads(g: onnx.GraphProto, old: str, new: str) -> None:
+    """Nodes of ``g`` and its bodies that read value ``old`` read ``new`` instead."""
     for inner, _ in _graphs(g):
         for n in inner.node:
             for i, x in enumerate(n.input):
                 if x == old:
                     n.input[i] = new
+
+
+def _rename_value(g: onnx.GraphProto, old: str, new: str) -> None:
+    """Rename value ``old`` to ``new`` in the nodes of ``g`` and its bodies (not in graph outputs)."""
+    rename_reads(g, old, new)
+    for inner, _ in _graphs(g):
+        for n in inner.node:
             for i, x in enumerate(n.output):
                 if x == old:
                     n.output[i] = new

@@ -11,21 +11,13 @@ import onnx
 from onnx import TensorProto
 
 from ..pass_manager import PassResult
-from .convert_float16 import _graphs, value_types
+from .convert_float16 import _graphs, rename_reads, value_types
 
 FLOATS = frozenset({TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE})
 
 
 def _to(node: onnx.NodeProto) -> int | None:
     return next((a.i for a in node.attribute if a.name == "to"), None)
-
-
-def _rename_reads(g: onnx.GraphProto, old: str, new: str) -> None:
-    for inner, _ in _graphs(g):
-        for n in inner.node:
-            for i, x in enumerate(n.input):
-                if x == old:
-                    n.input[i] = new
 
 
 class MergeCasts:
@@ -72,7 +64,7 @@ class MergeCasts:
                     node.op_type = "Identity"
                     del node.attribute[:]
                 else:
-                    _rename_reads(g, out, src)
+                    rename_reads(g, out, src)
                     drop.add(node.output[0])
                 removed += 1
             types[node.output[0]] = to if to is not None else types.get(node.output[0])
