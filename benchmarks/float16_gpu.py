@@ -221,7 +221,8 @@ def latency_round_robin(paths: dict[str, Path], feed: dict, providers, repeats: 
 
 
 def placement(path: Path, feed: dict, providers) -> dict:
-    """Nodes by provider and Memcpy nodes, from onnxruntime's profiler over three runs."""
+    """Nodes by provider, Memcpy nodes and the op types run (after onnxruntime's fusions), from its profiler over
+    three runs."""
     with tempfile.TemporaryDirectory() as tmp:
         so = ort.SessionOptions()
         so.enable_profiling = True
@@ -242,8 +243,12 @@ def placement(path: Path, feed: dict, providers) -> dict:
     ops: dict[str, int] = {}
     for op, _prov in off.values():
         ops[op] = ops.get(op, 0) + 1
+    every: dict[str, int] = {}
+    for op, _prov in nodes.values():
+        every[op] = every.get(op, 0) + 1
     return {"nodes": len(nodes), "not_on_" + first: len(off), "off_ops": dict(sorted(ops.items())),
-            "memcpy": sum(1 for op, _ in nodes.values() if op.startswith("Memcpy"))}
+            "memcpy": sum(1 for op, _ in nodes.values() if op.startswith("Memcpy")),
+            "ops": dict(sorted(every.items(), key=lambda kv: -kv[1]))}
 
 
 def environment(providers) -> dict:

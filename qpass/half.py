@@ -220,13 +220,14 @@ def run(model: Any, calib: Any, *, config: QuantConfig, notes: list[str], output
     t = time.perf_counter()
     converted, records = convert(working, cfg, keep)
     times["convert"] = time.perf_counter() - t
-    if not records[0].stats.get("half_nodes"):
+    converted_record = _record(records, "convert_float16")
+    if not converted_record.stats.get("half_nodes"):
         report.warnings.append(f"nothing converted to {cfg.float_type}: no node's type constraints at opset "
                                f"{report.opset.get('output')} allow it where the measurements do"
                                + (" (bfloat16 needs opset 13 for most ops: --target-opset 13)"
                                   if cfg.float_type == "bfloat16" and (report.opset.get("output") or 0) < 13 else ""))
     if cfg.float_type == "bfloat16":
-        report.warnings += _kernel_opset_hint(records[0].skipped, report.opset.get("output"))
+        report.warnings += _kernel_opset_hint(converted_record.skipped, report.opset.get("output"))
     half_info: dict[str, Any] = {"type": cfg.float_type, "half_io": cfg.half_io,
                                  "measured_float32": dict(sorted(keep.items())),
                                  "mask_fills_clamped": clamped,
@@ -237,6 +238,13 @@ def run(model: Any, calib: Any, *, config: QuantConfig, notes: list[str], output
                                         calibrated=stats is not None)
     if samples is not None:
         samples = list(samples)[:cfg.max_val_samples]
+    random_fails = None
+    if samples and desc == "synthetic":
+        why = random_fails = _fails_on(original, samples[0][0])
+        if why:
+            report.warnings.append(f"not validated: the original model fails on random feeds ({why}); give --val "
+                                   "PATH (or --calib) with real inputs to check the conversion")
+            samples = None
     t = time.perf_counter()
     if samples and cfg.float_min_cosine > -1.0:
         from .search.float_fallback import fallback
@@ -255,6 +263,8 @@ def run(model: Any, calib: Any, *, config: QuantConfig, notes: list[str], output
     t = time.perf_counter()
     if not cfg.validate:
         report.warnings.append("not validated (validate = false / --no-validate)")
+    elif random_fails:
+        pass  # said above
     elif not samples:
         report.warnings.append("not validated: no held-out samples (give --val PATH or more calibration samples)")
     else:
@@ -272,6 +282,19 @@ def run(model: Any, calib: Any, *, config: QuantConfig, notes: list[str], output
         result.report_path = report.save(report_path_for(output))
     report.seconds = times
     return result
+
+
+def _fails_on(model: onnx.ModelProto, feed: dict) -> str | None:
+    """onnxruntime's first error line when ``model`` cannot run ``feed`` on the CPU, else None (random feeds of a
+    dynamic shape can be too short for a model: silero VAD's reflect Pad needs 2 samples or more)."""
+    from .runtime import make_session
+
+    session = make_session(model, what="model")
+    try:
+        session.run(None, feed)
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises several unrelated types
+        return str(exc).splitlines()[0][:300]
+    return None
 
 
 def _kernel_opset_hint(skipped, opset) -> list[str]:
@@ -293,8 +316,12 @@ def _kernel_opset_hint(skipped, opset) -> list[str]:
             f"from a newer opset than the model's {opset} ({ops}): --target-opset {need} converts them"]
 
 
+def _record(records: list[PassRecord], name: str) -> PassRecord | None:
+    return next((r for r in records if r.name == name), None)
+
+
 def _half_ops(records: list[PassRecord]) -> dict[str, int]:
-    rec = next((r for r in records if r.name == "convert_float16"), None)
+    rec = _record(records, "convert_float16")
     return dict(rec.stats.get("half_ops", {})) if rec is not None else {}
 
 

@@ -27,6 +27,7 @@ from .passes.qdq_params import CanonicalQDQParams
 from .passes.repair_qdq_axis import RepairQDQAxis
 from .passes.requantize_bias import RequantizeBias
 from .passes.requantize_moved import RequantizeMoved
+from .passes.rms_norm_divide import RmsNormDivide
 from .passes.single_reader_dq import SingleReaderDequantize
 from .passes.smooth_quant import SmoothQuant
 from .passes.weight_only import WeightOnlyQuantize
@@ -128,8 +129,10 @@ def float_passes(config: QuantConfig, *, keep_tensors: frozenset[str] = frozense
                  keep_nodes: tuple[str, ...] = ()) -> list:
     """The float16/bfloat16 mode's model-level passes (``apply(model) -> (model, PassResult)``): convert the float
     part to ``config.float_type`` keeping ``keep_tensors`` (measured out of range, or moved back by the fidelity
-    check) and ``keep_nodes`` in float32, then merge the Cast chains the boundaries leave."""
-    return [ConvertFloat16(config.float_type or "float16", half_io=config.half_io, block_ops=config.float_block_ops,
+    check) and ``keep_nodes`` in float32, then merge the Cast chains the boundaries leave. RMS normalizations are
+    first written as a division, the form whose float32 statistics onnxruntime fuses into one kernel."""
+    return [RmsNormDivide(),
+            ConvertFloat16(config.float_type or "float16", half_io=config.half_io, block_ops=config.float_block_ops,
                            keep_nodes=keep_nodes, keep_tensors=keep_tensors), MergeCasts()]
 
 

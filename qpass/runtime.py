@@ -37,6 +37,13 @@ def _ort():
     return onnxruntime
 
 
+#: CUDA provider options of every qpass session: cuDNN's heuristic convolution algorithm choice. The default
+#: (exhaustive) benchmarks every algorithm for each new input shape, and qpass's sessions run samples of many shapes
+#: once each: on the GPU machine the recognizer's float16 fidelity check (crops of many widths) had not finished after
+#: 120 s, its fp32 evaluation took 69 s with the heuristic choice and did not finish in 270 s without it
+CUDA_OPTIONS = {"cudnn_conv_algo_search": "HEURISTIC"}
+
+
 # ---------------------------------------------------------------------------------------------- providers
 def available_providers() -> list[str]:
     """The execution providers this onnxruntime build has."""
@@ -161,7 +168,8 @@ def make_session(model: onnx.ModelProto | ModelFile, providers: list[str] | None
     """An onnxruntime session for an in-memory model (through a temporary file with external data when its weights
     reach FILE_SESSION_BYTES) or a :class:`ModelFile` (from its path), on ``providers`` (default: the CPU).
 
-    ``level``: graph optimisation level, a key of :data:`LEVELS`; None keeps onnxruntime's default.
+    ``level``: graph optimisation level, a key of :data:`LEVELS`; None keeps onnxruntime's default. CUDA runs
+    with :data:`CUDA_OPTIONS`.
     ``threads``: intra-op threads (default: onnxruntime's, one per core). ``spin=False`` turns off the
     intra-op threads' spin-wait (for timing two sessions in turn). ``profile_prefix``: profile the session into
     files of that prefix (read them with :func:`profile_placement`). ``config``: session configuration entries
@@ -182,7 +190,7 @@ def make_session(model: onnx.ModelProto | ModelFile, providers: list[str] | None
         opts.profile_file_prefix = profile_prefix
     for key, value in (config or {}).items():
         opts.add_session_config_entry(key, str(value))
-    providers = providers or [CPU]
+    providers = [(p, dict(CUDA_OPTIONS)) if p == CUDA else p for p in (providers or [CPU])]
     try:
         if isinstance(model, ModelFile):
             return ort.InferenceSession(str(model.path), opts, providers=providers)

@@ -122,6 +122,17 @@ def test_session_options_follow_the_arguments(tmp_path):
         assert got == getattr(ort.GraphOptimizationLevel, level)
 
 
+def test_cuda_sessions_use_the_heuristic_convolution_search(monkeypatch):
+    """What onnxruntime is handed for CUDA (a stand-in session records it: CI has no GPU)."""
+    import onnxruntime as ort
+
+    seen = []
+    monkeypatch.setattr(ort, "InferenceSession", lambda model, opts, providers: seen.append(providers))
+    runtime.make_session(builders.conv_model(), runtime.with_cpu_fallback(runtime.CUDA))
+    runtime.make_session(builders.conv_model())
+    assert seen == [[(runtime.CUDA, {"cudnn_conv_algo_search": "HEURISTIC"}), runtime.CPU], [runtime.CPU]]
+
+
 def test_a_large_model_goes_through_a_file_with_external_data_and_is_not_mutated(monkeypatch):
     """The temporary-file path (large models, and the only one over 2 GB), exercised by lowering the threshold:
     same outputs, the weights written to external data, and the caller's model left as it was."""

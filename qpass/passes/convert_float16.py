@@ -2,11 +2,13 @@
 
 A model-level pass (it rewrites the ModelProto, bodies of If/Loop/Scan included, since onnx-graphsurgeon has no
 bfloat16 constants): each standard-domain node runs in half precision unless its op is blocked, a float tensor it
-reads or writes is named in ``keep_tensors`` (measured out of half range), or the op's schema at the model's opset
+reads or writes is named in ``keep_tensors`` (measured out of half range), a tensor it writes belongs to an RMS
+normalization's statistics (:func:`qpass.passes.rms_norm_divide.rms_statistics`), or the op's schema at the model's opset
 does not allow the half type for a float slot (Range, opset-13 DequantizeLinear, ...). Slots fixed to
 ``tensor(float)`` by the schema (Resize's scales) stay float32 on a half node. Initializers and ``Constant`` /
-``ConstantOfShape`` values follow their readers; a body's inputs and outputs keep their types, so the If/Loop/Scan
-node and every branch stay consistent (Casts inside the body). Graph inputs/outputs stay float32 unless
+``ConstantOfShape`` values follow their readers (a small one read in both types is stored twice). An If output is
+half when every branch makes it half (the branches' outputs follow); Loop/Scan bodies' inputs and outputs keep their
+types, so the node and its body stay consistent (Casts inside the body). Graph inputs/outputs stay float32 unless
 ``half_io``. Casts that undo each other are merged by :mod:`qpass.passes.merge_casts`.
 """
 from __future__ import annotations
@@ -32,6 +34,9 @@ FP16_TINY = 2.0 ** -25
 #: float16's smallest normal value: below it a value keeps fewer than 11 significant bits
 FP16_MIN_NORMAL = 2.0 ** -14
 CONTROL_FLOW = frozenset({"If", "Loop", "Scan"})
+#: a weight read both in half precision and in float32 is stored twice up to this many values (16 KB in float32),
+#: beyond it converted once and cast at run time
+SMALL_COPY_ELEMENTS = 4096
 #: ops whose float output type comes from an attribute or that draw random numbers: left in float32
 _GENERATORS = frozenset({"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "EyeLike",
                          "Multinomial", "Bernoulli"})
@@ -177,6 +182,7 @@ class ConvertFloat16:
         self.block_ops = frozenset(block_ops)
         self.keep_nodes = frozenset(keep_nodes)
         self.keep_tensors = frozenset(keep_tensors)
+        self.norm_statistics: set[str] = set()
 
     # ------------------------------------------------------------------------------------------ decisions
     def decide(self, model: onnx.ModelProto, types: dict[str, int]) -> Decision:
@@ -278,11 +284,14 @@ class ConvertFloat16:
                 if scale in unsafe_weights or (scale and self._small_scale(scale)):
                     reason = "scale below float16's normal range (precision lost)"
         if reason is None:
-            follows = [node.input[i] for (k, i), r in roles.items() if r == "follow" and k == "in"] + \
-                      [node.output[i] for (k, i), r in roles.items() if r == "follow" and k == "out"]
-            bad = [t for t in follows if t in self.keep_tensors or t in unsafe_weights]
+            written = [node.output[i] for (k, i), r in roles.items() if r == "follow" and k == "out"]
+            follows = [node.input[i] for (k, i), r in roles.items() if r == "follow" and k == "in"] + written
+            bad = [t for t in follows if t in self.keep_tensors or t in unsafe_weights] + \
+                  [t for t in written if t in self.norm_statistics]  # its readers may be half
             if bad:
-                why = unsafe_weights.get(bad[0], "its range measured outside float16's")
+                why = unsafe_weights.get(bad[0], "an RMS normalization's statistics, computed in float32"
+                                         if bad[0] in self.norm_statistics and bad[0] not in self.keep_tensors
+                                         else "its range measured outside float16's")
                 reason = f"tensor '{bad[0]}' stays float32 ({why})"
         if reason is not None:
             for i in floats_in:
@@ -321,9 +330,13 @@ class ConvertFloat16:
                     if int(np.prod(t.dims)) <= 4096:
                         self._scales[t.name] = numpy_helper.to_array(t).astype(np.float32)
         self.unsafe_weights_cache = self.unsafe_weights(model)
+        from .rms_norm_divide import rms_statistics  # (it reads graphs with this module's _graphs)
+
+        self.norm_statistics = rms_statistics(model)
         d = self.decide(model, types)
         stats = Rewriter(self, model, types, d).run()
         stats["half_nodes"] = len(d.half)
+        stats["rms_norm_float32"] = len(self.norm_statistics)
         ops: dict[str, int] = defaultdict(int)
         for g, _ in _graphs(model.graph):
             for n in g.node:
@@ -379,8 +392,11 @@ class Rewriter:
         for o in main_outputs:
             if self.types.get(o) == FLOAT:
                 wants[o].add(self.half if self.c.half_io else FLOAT)
-        # 2. the type each value is produced in
+        # 2. the type each value is produced in; a small weight wanted in both types gets a float32 copy (a value
+        # instead of a Cast kernel at every run)
         produced: dict[str, int] = {}
+        self.copies: dict[str, str] = {}
+        copies: list[tuple[onnx.GraphProto, onnx.NodeProto]] = []
         for g, owner in _graphs(self.model.graph):
             for vi in g.input:
                 if self.types.get(vi.name) == FLOAT:
@@ -395,6 +411,10 @@ class Rewriter:
                     continue
                 w = wants.get(t.name, set())
                 if self.half in w and t.name not in self.c.keep_tensors and t.name not in self.c.unsafe_weights_cache:
+                    if FLOAT in w and self._small(t) and t.name not in {vi.name for vi in g.input}:
+                        copy = numpy_helper.from_array(numpy_helper.to_array(t), self.fresh(f"{t.name}_fp32"))
+                        g.initializer.append(copy)
+                        self.copies[t.name] = copy.name
                     t.CopyFrom(half_tensor(t, self.half))
                     produced[t.name] = self.half
                     stats["weights"] += 1
@@ -408,6 +428,14 @@ class Rewriter:
                 if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and self.types.get(node.output[0]) == FLOAT:
                     w = wants.get(node.output[0], set())
                     if self.half in w and node.output[0] not in self.c.unsafe_weights_cache:
+                        if FLOAT in w and all(self._small(a.t) if a.name == "value" else len(a.floats) <= SMALL_COPY_ELEMENTS
+                                              for a in node.attribute):
+                            copy = onnx.NodeProto()
+                            copy.CopyFrom(node)
+                            copy.output[0] = self.fresh(f"{node.output[0]}_fp32")
+                            copy.name = self.fresh(f"{copy.output[0]}_Constant")
+                            copies.append((g, copy))
+                            self.copies[node.output[0]] = copy.output[0]
                         self._constant_to_half(node)
                         produced[node.output[0]] = self.half
                         stats["constants"] += 1
@@ -427,29 +455,69 @@ class Rewriter:
                         for a in node.attribute:
                             if a.name == "value" and a.t.data_type == FLOAT:
                                 a.t.CopyFrom(half_tensor(a.t, self.half))
+        for g, copy in copies:  # a Constant has no inputs: first in its graph
+            g.node.insert(0, copy)
+            produced[copy.output[0]] = FLOAT
+        stats["float32_copies"] = len(self.copies)
         # values read from an enclosing scope that the producer loop did not see (none expected): float32
         self.produced = produced
+        self._if_outputs_follow_branches(produced)
         # 3. Casts before readers whose wanted type differs, one per (graph, value, type)
         for g, _owner in _graphs(self.model.graph):
             self._cast_inputs(g, produced)
-        # 4. outputs: the main graph's as asked (half_io), every body's as before (float32)
+        # 4. outputs: the main graph's as asked (half_io), an If branch's as its If's output, other bodies' float32
         for g, owner in _graphs(self.model.graph):
-            want = self.half if owner is None and self.c.half_io else FLOAT
-            for o in g.output:
+            for j, o in enumerate(g.output):
                 if self.types.get(o.name) != FLOAT:
                     continue
+                if owner is None:
+                    want = self.half if self.c.half_io else FLOAT
+                elif owner.op_type == "If" and j < len(owner.output):
+                    want = produced.get(owner.output[j], FLOAT)
+                else:
+                    want = FLOAT
                 have = produced.get(o.name, FLOAT)
                 if have != want:
                     self._cast_output(g, o.name, have, want)
-                if owner is None and want != FLOAT:
+                    o = g.output[j]
+                if want != FLOAT:
                     o.type.tensor_type.elem_type = want
-                    stats["io"] += 1
+                    if owner is None:
+                        stats["io"] += 1
         # 5. declared value_info follows the new types
         for g, _ in _graphs(self.model.graph):
             for vi in g.value_info:
                 if vi.name in produced and vi.type.HasField("tensor_type"):
                     vi.type.tensor_type.elem_type = produced[vi.name]
         return stats
+
+    @staticmethod
+    def _small(t: TensorProto) -> bool:
+        """A weight small enough to be stored twice (float32 and half) rather than cast at run time."""
+        return int(np.prod(t.dims)) <= SMALL_COPY_ELEMENTS
+
+    def _if_outputs_follow_branches(self, produced: dict[str, int]) -> None:
+        """An If output that every branch makes in half precision is half (no Cast to float32 at the end of each
+        branch and back after the If). Repeated until nothing changes: a branch may return a nested If's output."""
+        schema = _schema(helper.make_node("If", ["c"], ["y"]), opset_of(self.model))
+        allowed = {t for c in (schema.type_constraints if schema else []) for t in c.allowed_type_strs}
+        if _TYPE_STR[self.half] not in allowed:  # If-13 has no bfloat16 outputs, If-16 has
+            return
+        ifs = [n for g, _ in _graphs(self.model.graph) for n in g.node
+               if n.op_type == "If" and n.domain in ("", "ai.onnx")]
+        changed = True
+        while changed:
+            changed = False
+            for node in reversed(ifs):  # nested Ifs first
+                bodies = proto_bodies(node)
+                for j, out in enumerate(node.output):
+                    if not out or self.types.get(out) != FLOAT or produced.get(out) == self.half:
+                        continue
+                    if bodies and all(j < len(b.output) and produced.get(b.output[j].name) == self.half
+                                      for b in bodies):
+                        produced[out] = self.half
+                        self.stats["if_outputs"] = self.stats.get("if_outputs", 0) + 1
+                        changed = True
 
     def _constant_to_half(self, node: onnx.NodeProto) -> None:
         for a in node.attribute:
@@ -478,6 +546,9 @@ class Rewriter:
                 want = self.half if role == "follow" and nid in self.d.half else FLOAT
                 have = produced.get(x, FLOAT)
                 if have == want:
+                    continue
+                if want == FLOAT and x in self.copies:
+                    node.input[i] = self.copies[x]
                     continue
                 key = (x, want)
                 if key not in casts:

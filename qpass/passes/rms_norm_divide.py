@@ -1,0 +1,141 @@
+"""RMS normalizations written as a division: `Mul(x, Reciprocal(Sqrt(v))) -> Div(x, Sqrt(v))`, v = Add(ReduceMean(Pow(x, 2)), eps).
+
+A model-level pass of the float16/bfloat16 mode, run before :mod:`qpass.passes.convert_float16`. Exporters write
+an RMS normalization (Llama-style language models) as ``x * rsqrt(mean(x^2) + eps)``, and ONNX has no Rsqrt before
+opset 23: PyTorch's exporter emits ``Reciprocal(Sqrt(.))`` and a Mul. The division computes the same value with one
+rounding fewer, and it is the form onnxruntime fuses into one SimplifiedLayerNormalization kernel, float16 input and
+output with float32 statistics included, when the statistics are float32 between two Casts. That is what the
+conversion then does: :func:`rms_statistics` names the chain's tensors (Pow to Div), which it keeps in float32
+(``x^2`` of a language model's residual stream is past float16's range anyway). Only chains whose Reciprocal and
+intermediate values have no other reader are rewritten; every graph of the model, bodies included.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from ..pass_manager import PassResult
+from .convert_float16 import _graphs
+
+
+@dataclass
+class RmsChain:
+    """One RMS normalization's nodes: Pow(x, 2) -> ReduceMean -> Add(eps) -> Sqrt, then ``div`` = Div(x, Sqrt), or
+    ``reciprocal`` -> ``mul`` = Mul(x, Reciprocal(Sqrt)) before the rewrite."""
+
+    x: str
+    pow: onnx.NodeProto
+    mean: onnx.NodeProto
+    add: onnx.NodeProto
+    sqrt: onnx.NodeProto
+    div: onnx.NodeProto | None = None
+    reciprocal: onnx.NodeProto | None = None
+    mul: onnx.NodeProto | None = None
+
+    def tensors(self) -> list[str]:
+        """The chain's outputs from x^2 to the normalized x."""
+        last = self.div if self.div is not None else self.mul
+        return [self.pow.output[0], self.mean.output[0], self.add.output[0], self.sqrt.output[0]] + \
+            ([self.reciprocal.output[0]] if self.reciprocal is not None else []) + [last.output[0]]
+
+
+def _constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """Small constant values of every graph (initializers and Constant nodes): names are unique across scopes, so a
+    name a body reads from an enclosing scope resolves here too."""
+    out: dict[str, np.ndarray] = {}
+    for g, _ in _graphs(model.graph):
+        for t in g.initializer:
+            if int(np.prod(t.dims)) <= 16:
+                out[t.name] = numpy_helper.to_array(t)
+        for n in g.node:
+            if n.op_type == "Constant" and n.domain in ("", "ai.onnx"):
+                for a in n.attribute:
+                    if a.name == "value" and int(np.prod(a.t.dims)) <= 16:
+                        out[n.output[0]] = numpy_helper.to_array(a.t)
+                    elif a.name == "value_float":
+                        out[n.output[0]] = np.array(a.f, np.float32)
+    return out
+
+
+def _chains(g: onnx.GraphProto, consts: dict[str, np.ndarray]) -> list[RmsChain]:
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for n in g.node:
+        for x in n.input:
+            if x:
+                readers.setdefault(x, []).append(n)
+    outputs = {o.name for o in g.output}
+
+    def only_reader(name: str, op: str) -> onnx.NodeProto | None:
+        r = readers.get(name, [])
+        if len(r) == 1 and r[0].op_type == op and r[0].domain in ("", "ai.onnx") and name not in outputs:
+            return r[0]
+        return None
+
+    found = []
+    for p in g.node:
+        if p.op_type != "Pow" or p.domain not in ("", "ai.onnx") or len(p.input) < 2:
+            continue
+        e = consts.get(p.input[1])
+        if e is None or e.size != 1 or float(e.reshape(-1)[0]) != 2.0:
+            continue
+        x = p.input[0]
+        mean = only_reader(p.output[0], "ReduceMean")
+        add = mean and only_reader(mean.output[0], "Add")
+        if add is None or not any(i in consts and consts[i].size == 1 for i in add.input if i != mean.output[0]):
+            continue
+        sqrt = only_reader(add.output[0], "Sqrt")
+        if sqrt is None:
+            continue
+        tail = readers.get(sqrt.output[0], [])
+        if len(tail) != 1 or sqrt.output[0] in outputs:
+            continue
+        t = tail[0]
+        if t.op_type == "Div" and list(t.input) == [x, sqrt.output[0]]:
+            found.append(RmsChain(x, p, mean, add, sqrt, div=t))
+        elif t.op_type == "Reciprocal":
+            mul = only_reader(t.output[0], "Mul")
+            if mul is not None and sorted(mul.input) == sorted([x, t.output[0]]):
+                found.append(RmsChain(x, p, mean, add, sqrt, reciprocal=t, mul=mul))
+    return found
+
+
+def rms_chains(model: onnx.ModelProto) -> list[RmsChain]:
+    """The RMS normalizations of every graph of ``model``, in either form."""
+    consts = _constants(model)
+    return [c for g, _ in _graphs(model.graph) for c in _chains(g, consts)]
+
+
+def rms_statistics(model: onnx.ModelProto) -> set[str]:
+    """The tensors of every RMS normalization in the division form, from x^2 to the normalized x: kept float32."""
+    return {t for c in rms_chains(model) if c.div is not None for t in c.tensors()}
+
+
+class RmsNormDivide:
+    """Rewrite ``Mul(x, Reciprocal(Sqrt(v)))`` of an RMS normalization as ``Div(x, Sqrt(v))``."""
+
+    role = "rewrite"
+    name = "rms_norm_divide"
+
+    def apply(self, model: onnx.ModelProto) -> tuple[onnx.ModelProto, PassResult]:
+        rewritten = 0
+        consts = _constants(model)
+        for g, _ in _graphs(model.graph):
+            drop = []
+            for c in _chains(g, consts):
+                if c.reciprocal is None:
+                    continue
+                c.mul.op_type = "Div"
+                del c.mul.input[:]
+                c.mul.input.extend([c.x, c.sqrt.output[0]])
+                drop.append(c.reciprocal)
+                rewritten += 1
+            for n in drop:
+                g.node.remove(n)
+            names = {n.output[0] for n in drop}
+            keep = [vi for vi in g.value_info if vi.name not in names]
+            del g.value_info[:]
+            g.value_info.extend(keep)
+        return model, PassResult(bool(rewritten), (), {"rewritten": rewritten})

@@ -1,0 +1,88 @@
+"""RMS normalization as a division, its statistics kept float32 by the float16 conversion."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import qpass
+from qpass.half import convert
+from qpass.passes.rms_norm_divide import RmsNormDivide, rms_chains, rms_statistics
+
+F, H = TensorProto.FLOAT, TensorProto.FLOAT16
+
+
+def _rms_model(form: str = "reciprocal", exponent: float = 2.0, extra_reader: bool = False) -> onnx.ModelProto:
+    """y = w * x * rsqrt(mean(x^2, -1) + eps) + 0 (a Llama RMSNorm as PyTorch's exporter writes it), x [1, 4, 8]."""
+    inits = [numpy_helper.from_array(np.array(exponent, np.float32), "two"),
+             numpy_helper.from_array(np.array([-1], np.int64), "axes"),
+             numpy_helper.from_array(np.array(1e-6, np.float32), "eps"),
+             numpy_helper.from_array(np.linspace(0.5, 2.0, 8).astype(np.float32), "w")]
+    nodes = [helper.make_node("Pow", ["x", "two"], ["sq"]),
+             helper.make_node("ReduceMean", ["sq", "axes"], ["ms"], keepdims=1),
+             helper.make_node("Add", ["ms", "eps"], ["ms_eps"]),
+             helper.make_node("Sqrt", ["ms_eps"], ["rms"])]
+    if form == "reciprocal":
+        nodes += [helper.make_node("Reciprocal", ["rms"], ["inv"]), helper.make_node("Mul", ["x", "inv"], ["n"])]
+    else:
+        nodes += [helper.make_node("Div", ["x", "rms"], ["n"])]
+    nodes += [helper.make_node("Mul", ["w", "n"], ["y"])]
+    outputs = [helper.make_tensor_value_info("y", F, [1, 4, 8])]
+    if extra_reader:  # the reciprocal is also read elsewhere: left alone
+        nodes.append(helper.make_node("Identity", ["inv"], ["inv_out"]))
+        outputs.append(helper.make_tensor_value_info("inv_out", F, None))
+    g = helper.make_graph(nodes, "rms", [helper.make_tensor_value_info("x", F, [1, 4, 8])], outputs, inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)], ir_version=9)
+
+
+def _run(m, x):
+    return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+
+
+def _x():
+    x = np.random.default_rng(0).normal(0, 1, (1, 4, 8)).astype(np.float32)
+    x[0, 0, 3] = 3000.0  # a massive activation: x^2 = 9e6, past float16's range
+    return x
+
+
+def test_reciprocal_form_becomes_a_division_with_the_same_values():
+    m = _rms_model()
+    x = _x()
+    want = _run(m, x)[0]
+    out, res = RmsNormDivide().apply(m)
+    assert res.stats == {"rewritten": 1}
+    assert [n.op_type for n in out.graph.node] == ["Pow", "ReduceMean", "Add", "Sqrt", "Div", "Mul"]
+    onnx.checker.check_model(out, full_check=True)
+    np.testing.assert_allclose(_run(out, x)[0], want, rtol=1e-6)
+    by_hand = np.linspace(0.5, 2.0, 8) * x / np.sqrt((x.astype(np.float64) ** 2).mean(-1, keepdims=True) + 1e-6)
+    np.testing.assert_allclose(_run(out, x)[0], by_hand, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kw", [dict(exponent=3.0), dict(extra_reader=True)])
+def test_not_an_rms_normalization_is_left_alone(kw):
+    m = _rms_model(**kw)
+    before = m.SerializeToString()
+    out, res = RmsNormDivide().apply(m)
+    assert not res.modified and out.SerializeToString() == before
+
+
+def test_float16_keeps_the_statistics_float32_between_two_casts():
+    """The form onnxruntime fuses on CUDA (SimplifiedLayerNormalization): Cast(x) -> Pow .. Div in float32 ->
+    Cast -> Mul(w) in float16; the massive activation's square (9e6) never meets float16."""
+    x = _x()
+    m = _rms_model()
+    want = _run(m, x)[0]
+    out, records = convert(m, qpass.QuantConfig(float_type="float16", half_io=True))
+    onnx.checker.check_model(out, full_check=True)
+    ops = [n.op_type for n in out.graph.node]
+    assert ops == ["Cast", "Pow", "ReduceMean", "Add", "Sqrt", "Div", "Cast", "Mul"], ops
+    first = out.graph.node[0]
+    assert [n.op_type for n in out.graph.node if first.output[0] in n.input] == ["Pow", "Div"]  # x cast once
+    types = {vi.name: vi.type.tensor_type.elem_type for vi in onnx.shape_inference.infer_shapes(out).graph.value_info}
+    assert all(types[t] == F for t in ("sq", "ms", "ms_eps", "rms", "n"))
+    assert rms_statistics(out) == {"sq", "ms", "ms_eps", "rms", "n"} and len(rms_chains(out)) == 1
+    got = _run(out, x.astype(np.float16))[0].astype(np.float32)
+    assert np.all(np.isfinite(got))
+    np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-3)
