@@ -190,12 +190,14 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, calib: Data = None, *, 
                            dump_dir=dump_dir, name=name, samples=corrections)
     if cfg.float_type is not None:  # weight-only (or static) output, then its float remainder to half precision
         from .half import convert as to_half, float_tensors, measured_keep, zero_sensitive
+        from .io import annotate_shapes
 
         t = time.perf_counter()
         stats = half_stats
         keep = measured_keep(stats, float_tensors(prepared.model), cfg.float_type,
                              zero_sensitive(prepared.model)) if stats is not None else {}
         half_model, half_records = to_half(rewritten.model, cfg, keep)
+        annotate_shapes(half_model)
         times["float16"] = time.perf_counter() - t
         rewritten = stages.Rewritten(half_model, list(rewritten.records) + half_records, rewritten.quantized_nodes,
                                      rewritten.info)

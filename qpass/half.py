@@ -24,7 +24,7 @@ from .calib.sources import calibration_data, validation_data
 from .calib.table import CalibrationTable
 from .config import QuantConfig
 from .errors import VerificationError
-from .io import save_model
+from .io import annotate_shapes, save_model
 from .opset import apply_opset_policy
 from .pass_manager import PassRecord
 from .passes.convert_float16 import FP16_MAX, WEIGHT_FLUSH_SHARE, value_types
@@ -256,6 +256,7 @@ def run(model: Any, calib: Any, *, config: QuantConfig, notes: list[str], output
         if not found.report["met"]:
             report.warnings.append(f"{cfg.float_type}: fidelity check not met ({found.report['note']})")
     times["fallback"] = time.perf_counter() - t
+    half_info["shapes_annotated"] = annotate_shapes(converted)
     report.passes = records
     report.quantized_nodes = _half_ops(records)
     report.calibration = {**info, "half": half_info}

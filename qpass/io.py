@@ -335,6 +335,24 @@ def infer_shapes_skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
         return sk
 
 
+def annotate_shapes(model: onnx.ModelProto) -> int:
+    """Write the main graph's inferred value types and shapes (:func:`infer_shapes_skeleton`) into ``model``'s
+    value_info, in place; returns how many entries were written. onnxruntime's graph fusions read shapes from
+    there: MiniLM's Add + LayerNormalization pairs become SkipLayerNormalization only when the Add's input
+    shapes are known (measured on its CPU provider: 0 fusions without value_info, 6 with)."""
+    inferred = infer_shapes_skeleton(model).graph
+    known = {o.name for o in list(model.graph.input) + list(model.graph.output)} | \
+        {t.name for t in model.graph.initializer}
+    entries = [vi for vi in inferred.value_info
+               if vi.name not in known and vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type
+               and vi.type.tensor_type.HasField("shape")]
+    names = {vi.name for vi in entries}
+    kept = [vi for vi in model.graph.value_info if vi.name not in names]  # what inference could not say stays
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(kept + entries)
+    return len(entries)
+
+
 def initializer_bytes(model: onnx.ModelProto) -> int:
     """Bytes of the main graph's initializers' data (from their shapes: nothing is serialised or copied)."""
     return sum(tensor_bytes(t) for t in model.graph.initializer)

@@ -61,3 +61,25 @@ def test_shared_model_has_no_cast_round_trips_and_converts_to_bfloat16(name):
     bf, records = convert(model, qpass.QuantConfig(float_type="bfloat16"))
     onnx.checker.check_model(bf, full_check=True)
     assert _conv(records).stats["weights"] > 0 and _no_cast_pairs(bf)
+
+
+def test_float16_output_carries_shapes_so_onnxruntime_fuses_skip_layer_normalization(tmp_path):
+    """MiniLM's residual Add + LayerNormalization pairs become SkipLayerNormalization in onnxruntime's optimizer only
+    when the Add's input shapes are in the model's value_info (qpass writes the inferred ones)."""
+    import collections
+
+    from qpass.io import annotate_shapes
+
+    def fused(model) -> int:
+        opts = ort.SessionOptions()
+        opts.optimized_model_filepath = str(tmp_path / "opt.onnx")
+        ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        return collections.Counter(n.op_type for n in onnx.load(tmp_path / "opt.onnx").graph.node)[
+            "SkipLayerNormalization"]
+
+    original = load_model(SHARED_MODELS / "minilm_l6_v2.onnx")
+    assert not original.graph.value_info and fused(original) == 0
+    res = qpass.quantize(original, None, float_type="float16", validate=False)
+    assert res.report.calibration["half"]["shapes_annotated"] > 100 and fused(res.model) >= 6
+    annotated = load_model(SHARED_MODELS / "minilm_l6_v2.onnx")
+    assert annotate_shapes(annotated) > 100 and fused(annotated) >= 6

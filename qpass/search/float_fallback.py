@@ -96,16 +96,18 @@ def added_error(reference: onnx.ModelProto, model: onnx.ModelProto, samples: lis
 
     in_model = set(made)
     tensors = [o for n in reference.graph.node for o in n.output if o and o in in_model and types.get(o) is not None]
-    ref_s = make_session(augmented_model(reference, [t for t in tensors if t not in outputs]), providers, what=None)
-    got_s = make_session(augmented_model(model, [t for t in tensors if t not in outputs]), providers, what=None)
+    extra = [t for t in tensors if t not in outputs]
+    ref_s = make_session(augmented_model(reference, extra), providers, what=None)
+    fetched, as_fetched = bfloat16_as_float32(augmented_model(model, []), extra, types)
+    got_s = make_session(fetched, providers, what=None)
     names = [o.name for o in ref_s.get_outputs()]
     got_names = {o.name for o in got_s.get_outputs()}
-    names = [n for n in names if n in got_names]
+    names = [n for n in names if as_fetched.get(n, n) in got_names]
     num: dict[str, float] = {}
     den: dict[str, float] = {}
     for feed, _ in samples[:LAYER_SAMPLES]:
         ref = dict(zip(names, ref_s.run(names, feed)))
-        got = dict(zip(names, got_s.run(names, _feed_for(got_s, feed))))
+        got = dict(zip(names, got_s.run([as_fetched.get(n, n) for n in names], _feed_for(got_s, feed))))
         for n in names:
             r, g = np.asarray(ref[n]), np.asarray(got[n])
             if r.dtype.kind != "f" or r.shape != g.shape:
@@ -126,6 +128,27 @@ def added_error(reference: onnx.ModelProto, model: onnx.ModelProto, samples: lis
         e = err[out]
         added[out] = float("inf") if e == float("inf") and before != float("inf") else max(0.0, e - before)
     return added
+
+
+def bfloat16_as_float32(model: onnx.ModelProto, tensors: list[str], types: dict[str, int]
+                        ) -> tuple[onnx.ModelProto, dict[str, str]]:
+    """``model`` (changed in place) with ``tensors`` as extra outputs; a bfloat16 one through a Cast to float32
+    (onnxruntime's Python binding cannot return bfloat16 arrays), named in the returned map."""
+    renamed: dict[str, str] = {}
+    existing = {o.name for o in model.graph.output}
+    for t in tensors:
+        if t in existing:
+            continue
+        if types.get(t) == onnx.TensorProto.BFLOAT16:
+            out = f"{t}__qpass_fp32"
+            model.graph.node.append(onnx.helper.make_node("Cast", [t], [out], to=onnx.TensorProto.FLOAT,
+                                                          name=f"{out}_Cast"))
+            model.graph.output.append(onnx.ValueInfoProto(name=out))
+            renamed[t] = out
+        else:
+            model.graph.output.append(onnx.ValueInfoProto(name=t))
+        existing.add(t)
+    return model, renamed
 
 
 def check_providers(config: QuantConfig) -> list[str]:

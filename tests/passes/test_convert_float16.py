@@ -586,3 +586,21 @@ def test_a_small_weight_read_in_both_types_is_stored_twice_instead_of_cast(as_co
     x = np.array([[2.0, 1.0, 4.0]], np.float32)
     (y,) = _run(out, {"x": x})
     np.testing.assert_allclose(y, 2 * x * np.array([0.5, -3.0, 1e-3], np.float32), rtol=1e-3)
+
+
+def test_added_error_reads_bfloat16_tensors_through_a_cast():
+    """onnxruntime's Python binding returns no bfloat16 arrays ("No corresponding Numpy type"): the per-node error
+    of a bfloat16 model is read through Casts to float32. Here m is x rounded to bfloat16 (8 significant bits)."""
+    from qpass.search.float_fallback import added_error
+
+    x = helper.make_tensor_value_info("x", F, [1, 64])
+    y = helper.make_tensor_value_info("y", F, [1, 64])
+    reference = _model([helper.make_node("Identity", ["x"], ["m"]), helper.make_node("Identity", ["m"], ["y"])],
+                       [x], [y])
+    bf16 = _model([helper.make_node("Cast", ["x"], ["m"], to=BF), helper.make_node("Cast", ["m"], ["y"], to=F)],
+                  [x], [y])
+    v = np.random.default_rng(0).uniform(1, 2, (1, 64)).astype(np.float32)
+    err = added_error(reference, bf16, [({"x": v}, None)], ["CPUExecutionProvider"])
+    bits = (v.view(np.uint32) + 0x7FFF + ((v.view(np.uint32) >> 16) & 1)) >> 16 << 16  # round to nearest even
+    want = np.linalg.norm(bits.view(np.float32) - v) / np.linalg.norm(v)
+    assert err["m"] == pytest.approx(float(want), rel=1e-6) and 0 < err["m"] < 2 ** -8
