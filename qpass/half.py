@@ -253,7 +253,9 @@ def run(model: Any, calib: Any, *, config: QuantConfig, notes: list[str], output
         half_info["fidelity"] = found.report
         if found.model is not None:
             converted, records = found.model, found.records
-        if not found.report["met"]:
+        if found.report.get("runnable") is False:
+            report.warnings.append(f"{cfg.float_type}: fidelity check not run: {found.report['note']}")
+        elif not found.report["met"]:
             report.warnings.append(f"{cfg.float_type}: fidelity check not met ({found.report['note']})")
     times["fallback"] = time.perf_counter() - t
     half_info["shapes_annotated"] = annotate_shapes(converted)

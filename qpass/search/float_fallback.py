@@ -166,7 +166,15 @@ def fallback(reference: onnx.ModelProto, converted: onnx.ModelProto, config: Qua
     providers = check_providers(config)
     target = float(config.float_min_cosine)
     ref_s = make_session(reference, providers, what=None)
-    first = check(ref_s, make_session(converted, providers, what=None), samples)
+    try:
+        converted_s = make_session(converted, providers, what=None)
+    except Exception as exc:  # noqa: BLE001 - a provider without the half kernels (bfloat16 on the CPU)
+        why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return Found(None, [], {"target_cosine_min": target, "samples": len(samples), "provider": providers[0],
+                                "met": False, "runnable": False, "moves": [], "trials": 0,
+                                "note": f"onnxruntime's {providers[0]} cannot run the converted model ({why[:300]}); "
+                                        "check it where a provider has the kernels (CUDA for bfloat16)"})
+    first = check(ref_s, converted_s, samples)
     report = {"target_cosine_min": target, "samples": len(samples), "provider": providers[0], "start": first,
               "moves": [], "trials": 0}
     if _met(first, target):

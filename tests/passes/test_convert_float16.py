@@ -604,3 +604,19 @@ def test_added_error_reads_bfloat16_tensors_through_a_cast():
     bits = (v.view(np.uint32) + 0x7FFF + ((v.view(np.uint32) >> 16) & 1)) >> 16 << 16  # round to nearest even
     want = np.linalg.norm(bits.view(np.float32) - v) / np.linalg.norm(v)
     assert err["m"] == pytest.approx(float(want), rel=1e-6) and 0 < err["m"] < 2 ** -8
+
+
+def test_bfloat16_on_a_cpu_only_check_is_reported_not_run_instead_of_a_traceback():
+    """onnxruntime's CPU provider has no bfloat16 Add: the conversion is written, and the report says the fidelity
+    check could not run there (it did crash with onnxruntime's NOT_IMPLEMENTED)."""
+    x = helper.make_tensor_value_info("x", F, [1, 8])
+    y = helper.make_tensor_value_info("y", F, [1, 8])
+    m = _model([helper.make_node("Add", ["x", "x"], ["a"], name="add"), helper.make_node("Relu", ["a"], ["y"])],
+               [x], [y])
+    samples = [{"x": np.full((1, 8), i + 0.5, np.float32)} for i in range(4)]
+    res = qpass.quantize(m, samples, val=samples, float_type="bfloat16", latency=False, per_layer=False,
+                         providers=("cpu",))
+    fid = res.report.calibration["half"]["fidelity"]
+    assert fid["runnable"] is False and "CPUExecutionProvider cannot run" in fid["note"]
+    assert any(w.startswith("bfloat16: fidelity check not run") for w in res.report.warnings)
+    assert _elem(res.model, "a") == BF
