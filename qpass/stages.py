@@ -185,6 +185,18 @@ def load_calibration(path: str | os.PathLike, quant_plan: QuantPlan, config: Qua
                               "method": (config or QuantConfig()).method, "synthetic": table.synthetic})
 
 
+def rms_division(rewritten: Rewritten) -> Rewritten:
+    """A weight-only output's RMS normalizations written as a division (:mod:`qpass.passes.rms_norm_divide`), the
+    form onnxruntime fuses into one SimplifiedLayerNormalization kernel (its float part is not quantized)."""
+    from .passes.rms_norm_divide import RmsNormDivide
+
+    t = time.perf_counter()
+    model, result = RmsNormDivide().apply(rewritten.model)
+    record = PassRecord(RmsNormDivide.name, time.perf_counter() - t, result.modified, tuple(result.skipped),
+                        dict(result.stats), RmsNormDivide.role)
+    return Rewritten(model, list(rewritten.records) + [record], rewritten.quantized_nodes, rewritten.info)
+
+
 def rewrite(prepared: Prepared, quant_plan: QuantPlan, table: CalibrationTable, config: QuantConfig | None = None, *,
             dump_dir: str | os.PathLike | None = None, name: str = "<ModelProto>",
             samples: list | None = None) -> Rewritten:

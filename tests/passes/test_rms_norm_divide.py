@@ -86,3 +86,28 @@ def test_float16_keeps_the_statistics_float32_between_two_casts():
     got = _run(out, x.astype(np.float16))[0].astype(np.float32)
     assert np.all(np.isfinite(got))
     np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-3)
+
+
+def test_weight_only_output_writes_its_rms_normalization_as_a_division():
+    """Weight-only int4 quantizes the MatMul after the norm and leaves the norm float, written as a division (one
+    SimplifiedLayerNormalization for onnxruntime); the same output with the division undone by hand."""
+    m = _rms_model()
+    m.graph.node.append(helper.make_node("MatMul", ["y", "proj"], ["z"], name="proj_mm"))
+    m.graph.initializer.append(
+        numpy_helper.from_array(np.random.default_rng(1).normal(0, 0.1, (8, 64)).astype(np.float32), "proj"))
+    del m.graph.output[:]
+    m.graph.output.append(helper.make_tensor_value_info("z", F, [1, 4, 64]))
+    m.opset_import[0].version = 21
+    res = qpass.quantize(m, None, weight_only="int4", block_size=8, validate=False)
+    ops = [n.op_type for n in res.model.graph.node]
+    assert "Reciprocal" not in ops and ops.count("Div") == 1 and "DequantizeLinear" in ops
+    assert next(r for r in res.report.passes if r.name == "rms_norm_divide").stats == {"rewritten": 1}
+    undone = onnx.ModelProto()
+    undone.CopyFrom(res.model)
+    div = next(n for n in undone.graph.node if n.op_type == "Div")
+    at = list(undone.graph.node).index(div)
+    x_name, rms = div.input
+    div.op_type, div.input[1] = "Mul", "inv"
+    undone.graph.node.insert(at, helper.make_node("Reciprocal", [rms], ["inv"]))
+    x = _x()
+    np.testing.assert_allclose(_run(res.model, x)[0], _run(undone, x)[0], rtol=1e-4, atol=1e-4)
