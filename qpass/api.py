@@ -188,8 +188,6 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, calib: Data = None, *, 
     else:
         rewritten = _timed(times, "quantize", stages.rewrite, prepared, qplan, calibrated.table, cfg,
                            dump_dir=dump_dir, name=name, samples=corrections)
-    if cfg.weight_only and cfg.float_type is None:  # (the float16 conversion does the same)
-        rewritten = stages.rms_division(rewritten)
     if cfg.float_type is not None:  # weight-only (or static) output, then its float remainder to half precision
         from .half import convert as to_half, float_tensors, measured_keep, zero_sensitive
         from .io import annotate_shapes

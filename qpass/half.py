@@ -292,11 +292,14 @@ def _fails_on(model: onnx.ModelProto, feed: dict) -> str | None:
     dynamic shape can be too short for a model: silero VAD's reflect Pad needs 2 samples or more)."""
     from .runtime import make_session
 
-    session = make_session(model, what="model")
+    try:
+        session = make_session(model, what=None)
+    except Exception:  # noqa: BLE001 - not loadable on the CPU (a CUDA-only op): the check itself will say
+        return None
     try:
         session.run(None, feed)
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises several unrelated types
-        return str(exc).splitlines()[0][:300]
+        return (str(exc).splitlines() or [type(exc).__name__])[0][:300]
     return None
 
 

@@ -270,7 +270,8 @@ def keep_value_info_of(model: onnx.ModelProto, original: "onnx.ModelProto | froz
     qpass infers every shape for its own analysis; writing them all into the output is not neutral: given a
     fully annotated MiniLM, onnxruntime 1.32 fuses Add + LayerNormalization into SkipLayerNormalization,
     which ran at 2.05 ms against 0.50 + ~0.3 ms unfused on this CPU (docs/benchmark-notes.md). The output
-    describes what the input described, and the runtime infers the rest as it does for the fp32 model."""
+    describes what the input described, and the runtime infers the rest as it does for the fp32 model. The
+    float16 mode's outputs, meant for GPUs, get every inferred shape instead (:func:`annotate_shapes`)."""
     described = set(original) if isinstance(original, (set, frozenset)) else {vi.name for vi in original.graph.value_info}
     kept = [vi for vi in model.graph.value_info if vi.name in described]
     if len(kept) != len(model.graph.value_info):
@@ -339,7 +340,8 @@ def annotate_shapes(model: onnx.ModelProto) -> int:
     """Write the main graph's inferred value types and shapes (:func:`infer_shapes_skeleton`) into ``model``'s
     value_info, in place; returns how many entries were written. onnxruntime's graph fusions read shapes from
     there: MiniLM's Add + LayerNormalization pairs become SkipLayerNormalization only when the Add's input
-    shapes are known (measured on its CPU provider: 0 fusions without value_info, 6 with)."""
+    shapes are known (0 fusions without value_info, 6 with). On CUDA that made qpass's float16 MiniLM faster; on
+    the CPU the fused kernel is slower (:func:`keep_value_info_of`), so only the float16 mode calls this."""
     inferred = infer_shapes_skeleton(model).graph
     known = {o.name for o in list(model.graph.input) + list(model.graph.output)} | \
         {t.name for t in model.graph.initializer}

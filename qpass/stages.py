@@ -104,7 +104,10 @@ def prepare(model: onnx.ModelProto, config: QuantConfig | None = None, *, name: 
     if absent:
         warnings.append(f"exclude_before: no node of op type {', '.join(absent)} in the model (op types are "
                         "case-sensitive, e.g. HardSwish); it changed nothing")
-    return Prepared(manager.last_export or wg.export(), reference, records, opset, warnings,
+    prepared = manager.last_export or wg.export()
+    if config.weight_only:
+        records.append(_rms_division(prepared))
+    return Prepared(prepared, reference, records, opset, warnings,
                     frozenset(wg.outer_initializers), frozenset(vi.name for vi in model.graph.value_info))
 
 
@@ -185,16 +188,17 @@ def load_calibration(path: str | os.PathLike, quant_plan: QuantPlan, config: Qua
                               "method": (config or QuantConfig()).method, "synthetic": table.synthetic})
 
 
-def rms_division(rewritten: Rewritten) -> Rewritten:
-    """A weight-only output's RMS normalizations written as a division (:mod:`qpass.passes.rms_norm_divide`), the
-    form onnxruntime fuses into one SimplifiedLayerNormalization kernel (its float part is not quantized)."""
+def _rms_division(model: onnx.ModelProto) -> PassRecord:
+    """Weight-only: the model's RMS normalizations written as a division, in place (:mod:`qpass.passes.rms_norm_divide`),
+    the form onnxruntime fuses into one SimplifiedLayerNormalization kernel (the float part is not quantized; every
+    rewrite, the precision search's trials included, starts from it)."""
     from .passes.rms_norm_divide import RmsNormDivide
 
     t = time.perf_counter()
-    model, result = RmsNormDivide().apply(rewritten.model)
-    record = PassRecord(RmsNormDivide.name, time.perf_counter() - t, result.modified, tuple(result.skipped),
-                        dict(result.stats), RmsNormDivide.role)
-    return Rewritten(model, list(rewritten.records) + [record], rewritten.quantized_nodes, rewritten.info)
+    _, result = RmsNormDivide().apply(model)
+    verify_model(model)
+    return PassRecord(RmsNormDivide.name, time.perf_counter() - t, result.modified, tuple(result.skipped),
+                      dict(result.stats), RmsNormDivide.role)
 
 
 def rewrite(prepared: Prepared, quant_plan: QuantPlan, table: CalibrationTable, config: QuantConfig | None = None, *,

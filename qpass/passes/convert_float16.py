@@ -484,12 +484,32 @@ class Rewriter:
                     o.type.tensor_type.elem_type = want
                     if owner is None:
                         stats["io"] += 1
+        self._drop_unread_copies()
         # 5. declared value_info follows the new types
         for g, _ in _graphs(self.model.graph):
             for vi in g.value_info:
                 if vi.name in produced and vi.type.HasField("tensor_type"):
                     vi.type.tensor_type.elem_type = produced[vi.name]
         return stats
+
+    def _drop_unread_copies(self) -> None:
+        """Remove the float32 copies nothing reads (a branch output wanted in float32 before its If went half)."""
+        read = {x for g, _ in _graphs(self.model.graph) for n in g.node for x in n.input} | \
+            {o.name for g, _ in _graphs(self.model.graph) for o in g.output}
+        unread = {c for c in self.copies.values() if c not in read}
+        if not unread:
+            return
+        for g, _ in _graphs(self.model.graph):
+            keep_i = [t for t in g.initializer if t.name not in unread]
+            if len(keep_i) != len(g.initializer):
+                del g.initializer[:]
+                g.initializer.extend(keep_i)
+            keep_n = [n for n in g.node if not (n.op_type == "Constant" and n.output and n.output[0] in unread)]
+            if len(keep_n) != len(g.node):
+                del g.node[:]
+                g.node.extend(keep_n)
+        self.copies = {k: v for k, v in self.copies.items() if v not in unread}
+        self.stats["float32_copies"] = len(self.copies)
 
     @staticmethod
     def _small(t: TensorProto) -> bool:
@@ -511,7 +531,8 @@ class Rewriter:
             for node in reversed(ifs):  # nested Ifs first
                 bodies = proto_bodies(node)
                 for j, out in enumerate(node.output):
-                    if not out or self.types.get(out) != FLOAT or produced.get(out) == self.half:
+                    if not out or self.types.get(out) != FLOAT or produced.get(out) == self.half \
+                            or out in self.c.keep_tensors:  # measured out of range: stays float32
                         continue
                     if bodies and all(j < len(b.output) and produced.get(b.output[j].name) == self.half
                                       for b in bodies):
@@ -568,6 +589,23 @@ class Rewriter:
         inner = self.fresh(f"{name}_{'fp32' if have == FLOAT else self.c.dtype}")
         init = next((t for t in g.initializer if t.name == name), None)
         input_names = {v.name for v in g.input}
+        if init is not None and name not in input_names:
+            # an initializer that is also an output keeps its name there: the converted weight is renamed for its
+            # readers, and the output is its float32 copy, or a Cast of it
+            init.name = inner
+            rename_reads(g, name, inner)
+            self.produced[inner], self.produced[name] = have, want
+            copy = self.copies.pop(name, None)
+            if copy is not None and want == FLOAT:
+                for t in g.initializer:
+                    if t.name == copy:
+                        t.name = name
+                rename_reads(g, copy, name)
+                self.copies[inner] = name
+                return
+            g.node.append(helper.make_node("Cast", [inner], [name], to=want, name=self.fresh(f"{name}_Cast")))
+            self.stats["casts"] += 1
+            return
         if init is not None or name in input_names or not any(name in n.output for n in g.node):
             # a graph input, initializer or outer value passed through: cast a copy
             g.node.append(helper.make_node("Cast", [name], [inner], to=want, name=self.fresh(f"{inner}_Cast")))

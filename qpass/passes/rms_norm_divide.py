@@ -6,8 +6,10 @@ opset 23: PyTorch's exporter emits ``Reciprocal(Sqrt(.))`` and a Mul. The divisi
 rounding fewer, and it is the form onnxruntime fuses into one SimplifiedLayerNormalization kernel, float16 input and
 output with float32 statistics included, when the statistics are float32 between two Casts. That is what the
 conversion then does: :func:`rms_statistics` names the chain's tensors (Pow to Div), which it keeps in float32
-(``x^2`` of a language model's residual stream is past float16's range anyway). Only chains whose Reciprocal and
-intermediate values have no other reader are rewritten; every graph of the model, bodies included.
+(``x^2`` of a language model's residual stream is past float16's range anyway). A decomposed LayerNorm's second
+half (x = Sub(input, mean)) is the same chain and is kept float32 too. Only chains whose Reciprocal and
+intermediate values have no other reader (in the graph or in a body reading it) are rewritten; every graph of the
+model, bodies included.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from ..graph import proto_bodies
 from ..pass_manager import PassResult
 from .convert_float16 import _graphs
 
@@ -66,11 +69,14 @@ def _chains(g: onnx.GraphProto, consts: dict[str, np.ndarray]) -> list[RmsChain]
         for x in n.input:
             if x:
                 readers.setdefault(x, []).append(n)
-    outputs = {o.name for o in g.output}
+    escaping = {o.name for o in g.output}
+    # values a body of this graph reads from it (an If branch reading the reciprocal): not the chain's alone
+    escaping |= {x for n in g.node for body in proto_bodies(n) for inner, _ in _graphs(body) for m in inner.node
+                for x in m.input}
 
     def only_reader(name: str, op: str) -> onnx.NodeProto | None:
         r = readers.get(name, [])
-        if len(r) == 1 and r[0].op_type == op and r[0].domain in ("", "ai.onnx") and name not in outputs:
+        if len(r) == 1 and r[0].op_type == op and r[0].domain in ("", "ai.onnx") and name not in escaping:
             return r[0]
         return None
 
@@ -90,7 +96,7 @@ def _chains(g: onnx.GraphProto, consts: dict[str, np.ndarray]) -> list[RmsChain]
         if sqrt is None:
             continue
         tail = readers.get(sqrt.output[0], [])
-        if len(tail) != 1 or sqrt.output[0] in outputs:
+        if len(tail) != 1 or sqrt.output[0] in escaping:
             continue
         t = tail[0]
         if t.op_type == "Div" and list(t.input) == [x, sqrt.output[0]]:

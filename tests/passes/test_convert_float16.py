@@ -620,3 +620,66 @@ def test_bfloat16_on_a_cpu_only_check_is_reported_not_run_instead_of_a_traceback
     assert fid["runnable"] is False and "CPUExecutionProvider cannot run" in fid["note"]
     assert any(w.startswith("bfloat16: fidelity check not run") for w in res.report.warnings)
     assert _elem(res.model, "a") == BF
+
+
+def test_an_if_output_measured_out_of_range_stays_float32():
+    """y = If(c, x + 1 - 1, same): y measured past float16's range stays float32 although both branches could be
+    half (it was made float16 and came out inf on x = 1e5)."""
+    def branch(n):
+        return helper.make_graph([helper.make_node("Add", ["x", "one"], [n + "a"]),
+                                  helper.make_node("Sub", [n + "a", "one"], [n + "o"])], n, [],
+                                 [helper.make_tensor_value_info(n + "o", F, [1, 8])])
+
+    m = _model([helper.make_node("If", ["c"], ["y"], then_branch=branch("t"), else_branch=branch("e")),
+                helper.make_node("Relu", ["y"], ["z"])],
+               [helper.make_tensor_value_info("c", TensorProto.BOOL, []), helper.make_tensor_value_info("x", F, [1, 8])],
+               [helper.make_tensor_value_info("z", F, [1, 8])],
+               inits=[numpy_helper.from_array(np.array(1.0, np.float32), "one")])
+    out, _ = convert(m, qpass.QuantConfig(float_type="float16"), keep_tensors={"y": "measured", "z": "measured"})
+    assert _elem(out, "y") == F
+    (z,) = _run(out, {"c": np.array(True), "x": np.full((1, 8), 1e5, np.float32)})
+    np.testing.assert_array_equal(z, np.full((1, 8), 1e5, np.float32))
+
+
+def test_an_initializer_that_is_also_an_output_keeps_its_name_and_float32_values():
+    """k is read by a half Mul and is a graph output: the output stays 'k' in float32 (its float32 copy), the Mul
+    reads the converted weight under a new name, and no float32 copy is left unread."""
+    k = numpy_helper.from_array(np.array([[0.5, -3.0]], np.float32), "k")
+    m = _model([helper.make_node("Mul", ["x", "k"], ["y"])], [helper.make_tensor_value_info("x", F, [1, 2])],
+               [helper.make_tensor_value_info("y", F, [1, 2]), helper.make_tensor_value_info("k", F, [1, 2])], [k])
+    out, _ = convert(m, qpass.QuantConfig(float_type="float16"))
+    onnx.checker.check_model(out, full_check=True)
+    assert [o.name for o in out.graph.output] == ["y", "k"]
+    inits = {t.name: t.data_type for t in out.graph.initializer}
+    assert inits["k"] == F and len(inits) == 2 and H in inits.values()
+    y, kk = _run(out, {"x": np.array([[2.0, 1.0]], np.float32)})
+    np.testing.assert_array_equal(kk, [[0.5, -3.0]])
+    np.testing.assert_allclose(y, [[1.0, -3.0]], rtol=1e-3)
+
+
+def test_a_float32_copy_that_nothing_reads_is_dropped():
+    """A branch's small Constant is an If output wanted in float32 until the If's output went half: no copy stays."""
+    def branch(n):
+        kk = numpy_helper.from_array(np.array([[1.0, 2.0]], np.float32), n + "v")
+        return helper.make_graph([helper.make_node("Constant", [], [n + "k"], value=kk),
+                                  helper.make_node("Mul", ["x", n + "k"], [n + "m"])], n, [],
+                                 [helper.make_tensor_value_info(n + "k", F, [1, 2])])
+
+    m = _model([helper.make_node("If", ["c"], ["y"], then_branch=branch("t"), else_branch=branch("e")),
+                helper.make_node("Relu", ["y"], ["z"])],
+               [helper.make_tensor_value_info("c", TensorProto.BOOL, []), helper.make_tensor_value_info("x", F, [1, 2])],
+               [helper.make_tensor_value_info("z", F, [1, 2])])
+    out, records = convert(m, qpass.QuantConfig(float_type="float16"))
+    onnx.checker.check_model(out, full_check=True)
+    assert _conv(records).stats["float32_copies"] == 0
+    for a in next(n for n in out.graph.node if n.op_type == "If").attribute:
+        assert sum(n.op_type == "Constant" for n in a.g.node) == 1
+
+
+def test_the_random_feed_probe_leaves_a_model_the_cpu_cannot_load_to_the_check():
+    from qpass.half import _fails_on
+
+    g = helper.make_graph([helper.make_node("NoSuchOp", ["x"], ["y"], domain="com.example")], "g",
+                          [helper.make_tensor_value_info("x", F, [1, 2])], [helper.make_tensor_value_info("y", F, [1, 2])])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)])
+    assert _fails_on(m, {"x": np.zeros((1, 2), np.float32)}) is None

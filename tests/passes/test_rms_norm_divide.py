@@ -102,6 +102,8 @@ def test_weight_only_output_writes_its_rms_normalization_as_a_division():
     ops = [n.op_type for n in res.model.graph.node]
     assert "Reciprocal" not in ops and ops.count("Div") == 1 and "DequantizeLinear" in ops
     assert next(r for r in res.report.passes if r.name == "rms_norm_divide").stats == {"rewritten": 1}
+    searched = qpass.quantize(m, None, weight_only="int4", block_size=8, target_cosine=0.9999999, latency=False)
+    assert searched.report.search and "Reciprocal" not in [n.op_type for n in searched.model.graph.node]
     undone = onnx.ModelProto()
     undone.CopyFrom(res.model)
     div = next(n for n in undone.graph.node if n.op_type == "Div")
@@ -111,3 +113,18 @@ def test_weight_only_output_writes_its_rms_normalization_as_a_division():
     undone.graph.node.insert(at, helper.make_node("Reciprocal", [rms], ["inv"]))
     x = _x()
     np.testing.assert_allclose(_run(res.model, x)[0], _run(undone, x)[0], rtol=1e-4, atol=1e-4)
+
+
+def test_a_reciprocal_also_read_inside_an_if_branch_is_left_alone():
+    """The branch reads the reciprocal from the outer scope: removing it would leave the branch reading nothing."""
+    m = _rms_model()
+    then_b = helper.make_graph([helper.make_node("Identity", ["inv"], ["t_out"])], "then", [],
+                               [helper.make_tensor_value_info("t_out", F, [1, 4, 1])])
+    else_b = helper.make_graph([helper.make_node("Identity", ["y"], ["e_out"])], "else", [],
+                               [helper.make_tensor_value_info("e_out", F, [1, 4, 8])])
+    m.graph.input.append(helper.make_tensor_value_info("c", TensorProto.BOOL, []))
+    m.graph.node.append(helper.make_node("If", ["c"], ["w_out"], then_branch=then_b, else_branch=else_b))
+    m.graph.output.append(helper.make_tensor_value_info("w_out", F, [1, 4, None]))
+    out, res = RmsNormDivide().apply(m)
+    assert res.stats == {"rewritten": 0} and "Reciprocal" in [n.op_type for n in out.graph.node]
+    onnx.checker.check_model(out, full_check=True)
