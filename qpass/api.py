@@ -373,19 +373,12 @@ def _clamp_mask_fills(prepared: stages.Prepared, cfg: QuantConfig) -> list[str]:
     """Weight-only + float16: clamp the prepared model's Softmax mask fills (passes/saturate_mask_fills.py) before
     its float remainder is measured, as the float16 mode does; the reference keeps the original values. Static int8
     is left alone (the fills' Q/DQ ranges would change)."""
-    if cfg.float_type != "float16" or not cfg.weight_only:
+    if not cfg.weight_only:
         return []
-    from .passes.saturate_mask_fills import SaturateMaskFills
+    from .half import clamp_mask_fills
 
-    names = SaturateMaskFills().find(prepared.model)
-    if not names:
-        return []
-    if prepared.model is prepared.reference:
-        work = onnx.ModelProto()
-        work.CopyFrom(prepared.model)
-        prepared.model = work
-    SaturateMaskFills().apply(prepared.model, names)
-    return sorted(names)
+    prepared.model, names = clamp_mask_fills(prepared.model, cfg, in_place=prepared.model is not prepared.reference)
+    return names
 
 
 def half_statistics(model: onnx.ModelProto, qplan: QuantPlan) -> dict[str, tuple[str, ...]]:

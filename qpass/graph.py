@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx import numpy_helper
 from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter, check_duplicate_node_names, update_import_domains
 from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
 from onnx_graphsurgeon.logger import G_LOGGER
@@ -231,6 +232,41 @@ def proto_bodies(node: onnx.NodeProto) -> list[onnx.GraphProto]:
             out.append(a.g)
         elif a.type == onnx.AttributeProto.GRAPHS:
             out.extend(a.graphs)
+    return out
+
+
+def proto_graphs(graph: onnx.GraphProto):
+    """``graph`` and every body nested in it, outermost first, as (graph, the node owning it or None)."""
+    yield graph, None
+    for node in graph.node:
+        for g in proto_bodies(node):
+            for inner, owner in proto_graphs(g):
+                yield inner, owner if owner is not None else node
+
+
+def read_in_bodies(graph: onnx.GraphProto) -> set[str]:
+    """Names the bodies nested in ``graph``'s nodes read: their nodes' inputs and the values they return as is (an
+    outer value a rewrite of ``graph`` must not remove or rename alone)."""
+    return {x for inner, owner in proto_graphs(graph) if owner is not None
+            for x in [i for n in inner.node for i in n.input] + [o.name for o in inner.output] if x}
+
+
+def constant_tensors(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    """The constant values of every graph of ``model`` by name: initializers and ``Constant`` nodes' values
+    (``value_float(s)`` as float tensors). Names are unique across scopes, so a body's read of an outer constant
+    resolves here too."""
+    out: dict[str, onnx.TensorProto] = {}
+    for g, _ in proto_graphs(model.graph):
+        out.update((t.name, t) for t in g.initializer)
+        for n in g.node:
+            if n.op_type != "Constant" or n.domain not in ("", "ai.onnx") or not n.output:
+                continue
+            for a in n.attribute:
+                if a.name == "value":
+                    out[n.output[0]] = a.t
+                elif a.name in ("value_float", "value_floats"):
+                    values = np.array(a.f if a.name == "value_float" else list(a.floats), np.float32)
+                    out[n.output[0]] = numpy_helper.from_array(values, n.output[0])
     return out
 
 

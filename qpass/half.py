@@ -23,10 +23,10 @@ from .calib.half_range import HalfRange
 from .calib.sources import calibration_data, validation_data
 from .calib.table import CalibrationTable
 from .config import QuantConfig
-from .errors import VerificationError
+from .graph import constant_tensors
 from .io import annotate_shapes, save_model
 from .opset import apply_opset_policy
-from .pass_manager import PassRecord
+from .pass_manager import PassRecord, run_model_passes
 from .passes.convert_float16 import FP16_MAX, WEIGHT_FLUSH_SHARE, value_types
 from .recipes import float_passes
 from .report import Report
@@ -54,9 +54,10 @@ ZERO_PRESERVING = frozenset({"Sqrt", "Abs", "Relu", "Cast", "Reshape", "Transpos
                              "AveragePool", "GlobalAveragePool", "Resize", "Neg"})
 
 
-def _clamp_mask_fills(model: onnx.ModelProto, cfg: QuantConfig) -> tuple[onnx.ModelProto, list[str]]:
-    """For float16: a copy of ``model`` with its Softmax mask fills clamped (passes/saturate_mask_fills.py) and the
-    constants clamped; the model itself otherwise (bfloat16 holds float32's range)."""
+def clamp_mask_fills(model: onnx.ModelProto, cfg: QuantConfig, *, in_place: bool = False
+                     ) -> tuple[onnx.ModelProto, list[str]]:
+    """For float16: ``model`` with its Softmax mask fills clamped (passes/saturate_mask_fills.py), a copy unless
+    ``in_place``, and the constants clamped; the model itself otherwise (bfloat16 holds float32's range)."""
     if cfg.float_type != "float16":
         return model, []
     from .passes.saturate_mask_fills import SaturateMaskFills
@@ -64,8 +65,10 @@ def _clamp_mask_fills(model: onnx.ModelProto, cfg: QuantConfig) -> tuple[onnx.Mo
     names = SaturateMaskFills().find(model)
     if not names:
         return model, []
-    work = onnx.ModelProto()
-    work.CopyFrom(model)
+    work = model
+    if not in_place:
+        work = onnx.ModelProto()
+        work.CopyFrom(model)
     work, result = SaturateMaskFills().apply(work, names)
     return work, list(result.stats["constants"])
 
@@ -86,9 +89,7 @@ def zero_sensitive(model: onnx.ModelProto) -> set[str]:
     exponent is not a non-negative constant (followed back through ops that keep a zero a zero): there a value
     flushed to 0 turns a finite result into inf or NaN."""
     producer = {o: n for n in model.graph.node for o in n.output if o}
-    consts = {t.name: t for t in model.graph.initializer}
-    consts.update({n.output[0]: a.t for n in model.graph.node if n.op_type == "Constant" for a in n.attribute
-                   if a.name == "value"})
+    consts = constant_tensors(model)
 
     def non_negative_constant(name: str) -> bool:
         t = consts.get(name)
@@ -139,29 +140,20 @@ def convert(model: onnx.ModelProto, config: QuantConfig, keep_tensors: dict[str,
     """A converted copy of ``model`` (the recipe's float passes, each verified), and the pass records."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    records = []
-    for p in float_passes(config, keep_tensors=frozenset(keep_tensors), keep_nodes=_node_names(model, config, keep_nodes)):
-        t = time.perf_counter()
-        out, result = p.apply(out)
-        try:
-            verify_model(out)
-        except VerificationError as exc:
-            raise VerificationError(f"after pass '{p.name}': {exc.message}", subject=exc.subject, hint=exc.hint) from exc
-        records.append(PassRecord(p.name, time.perf_counter() - t, result.modified, tuple(result.skipped),
-                                  dict(result.stats), p.role))
-    return out, records
+    passes = float_passes(config, keep_tensors=frozenset(keep_tensors), keep_nodes=_node_names(model, config, keep_nodes))
+    return run_model_passes(out, passes, verify=verify_model)
 
 
 def _node_names(model: onnx.ModelProto, config: QuantConfig, extra: tuple[str, ...]) -> tuple[str, ...]:
     """Names of the nodes (all scopes) that ``float_keep_nodes`` (names or full-match patterns) names, and ``extra``."""
     import re
 
-    from .passes.convert_float16 import _graphs
+    from .graph import proto_graphs
 
     patterns = [re.compile(p) for p in config.float_keep_nodes]
     names = set(extra)
     if patterns:
-        for g, _ in _graphs(model.graph):
+        for g, _ in proto_graphs(model.graph):
             names.update(n.name for n in g.node if n.name and any(p.fullmatch(n.name) for p in patterns))
     return tuple(sorted(names))
 
@@ -186,7 +178,7 @@ def run(model: Any, calib: Any, *, config: QuantConfig, notes: list[str], output
         original, report.opset, upgraded = apply_opset_policy(original, cfg, name)
         report.warnings += upgraded
     specs = input_specs(original)
-    working, clamped = _clamp_mask_fills(original, cfg)
+    working, clamped = clamp_mask_fills(original, cfg)
     tensors = float_tensors(working)
     held: list = []
     stats = None
@@ -238,13 +230,11 @@ def run(model: Any, calib: Any, *, config: QuantConfig, notes: list[str], output
                                         calibrated=stats is not None)
     if samples is not None:
         samples = list(samples)[:cfg.max_val_samples]
-    random_fails = None
-    if samples and desc == "synthetic":
-        why = random_fails = _fails_on(original, samples[0][0])
-        if why:
-            report.warnings.append(f"not validated: the original model fails on random feeds ({why}); give --val "
-                                   "PATH (or --calib) with real inputs to check the conversion")
-            samples = None
+    random_fails = _fails_on(original, samples[0][0]) if samples and desc == "synthetic" else None
+    if random_fails:
+        report.warnings.append(f"not validated: the original model fails on random feeds ({random_fails}); give "
+                               "--val PATH (or --calib) with real inputs to check the conversion")
+        samples = None
     t = time.perf_counter()
     if samples and cfg.float_min_cosine > -1.0:
         from .search.float_fallback import fallback
@@ -266,10 +256,9 @@ def run(model: Any, calib: Any, *, config: QuantConfig, notes: list[str], output
     t = time.perf_counter()
     if not cfg.validate:
         report.warnings.append("not validated (validate = false / --no-validate)")
-    elif random_fails:
-        pass  # said above
     elif not samples:
-        report.warnings.append("not validated: no held-out samples (give --val PATH or more calibration samples)")
+        if not random_fails:  # (that warning is above)
+            report.warnings.append("not validated: no held-out samples (give --val PATH or more calibration samples)")
     else:
         report.validation = stages.evaluate(original, converted, samples, desc, cfg)
         report.warnings.extend(report.validation["findings"])

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import onnx
 import onnx_graphsurgeon as gs
 
-from .errors import PassError, QpassError
+from .errors import PassError, QpassError, VerificationError
 
 if TYPE_CHECKING:
     from .calib.table import CalibrationTable
@@ -82,6 +82,23 @@ class PassRecord:
 
 
 Exporter = Callable[[gs.Graph], onnx.ModelProto]
+
+
+def run_model_passes(model: onnx.ModelProto, passes: Sequence, *, verify: Callable[[onnx.ModelProto], None]
+                     ) -> tuple[onnx.ModelProto, list[PassRecord]]:
+    """Run model-level passes (``apply(model) -> (model, PassResult)``, on the ModelProto itself, in place) in
+    order, verifying after each: a failure names the pass. Returns the model and the pass records."""
+    records = []
+    for p in passes:
+        t = time.perf_counter()
+        model, result = p.apply(model)
+        try:
+            verify(model)
+        except VerificationError as exc:
+            raise VerificationError(f"after pass '{p.name}': {exc.message}", subject=exc.subject, hint=exc.hint) from exc
+        records.append(PassRecord(p.name, time.perf_counter() - t, result.modified, tuple(result.skipped),
+                                  dict(result.stats), p.role))
+    return model, records
 
 
 class PassManager:

@@ -28,7 +28,7 @@ from .graph import WorkingGraph, node_label, op_types, producer, used_quant_ops
 from .io import inferred_view, initializer_bytes, keep_value_info_of, load_model, model_bytes
 from .ops import INT16_MIN_OPSET
 from .opset import apply_opset_policy
-from .pass_manager import PassContext, PassManager, PassRecord
+from .pass_manager import PassContext, PassManager, PassRecord, run_model_passes
 from .plan.bind import bind
 from .plan.policy import build_plan, dependency_stages
 from .plan.spec import QuantPlan
@@ -105,8 +105,11 @@ def prepare(model: onnx.ModelProto, config: QuantConfig | None = None, *, name: 
         warnings.append(f"exclude_before: no node of op type {', '.join(absent)} in the model (op types are "
                         "case-sensitive, e.g. HardSwish); it changed nothing")
     prepared = manager.last_export or wg.export()
-    if config.weight_only:
-        records.append(_rms_division(prepared))
+    if config.weight_only:  # its float part is not quantized: the RMS norms in the form onnxruntime fuses, before
+        # every rewrite (the precision search's trials included)
+        from .passes.rms_norm_divide import RmsNormDivide
+
+        records += run_model_passes(prepared, [RmsNormDivide()], verify=verify_model)[1]
     return Prepared(prepared, reference, records, opset, warnings,
                     frozenset(wg.outer_initializers), frozenset(vi.name for vi in model.graph.value_info))
 
@@ -186,19 +189,6 @@ def load_calibration(path: str | os.PathLike, quant_plan: QuantPlan, config: Qua
                                    subject=str(path), hint="the table was made for another model or config")
     return Calibrated(table, {"source": str(path), "samples": table.samples, "tensors": len(table),
                               "method": (config or QuantConfig()).method, "synthetic": table.synthetic})
-
-
-def _rms_division(model: onnx.ModelProto) -> PassRecord:
-    """Weight-only: the model's RMS normalizations written as a division, in place (:mod:`qpass.passes.rms_norm_divide`),
-    the form onnxruntime fuses into one SimplifiedLayerNormalization kernel (the float part is not quantized; every
-    rewrite, the precision search's trials included, starts from it)."""
-    from .passes.rms_norm_divide import RmsNormDivide
-
-    t = time.perf_counter()
-    _, result = RmsNormDivide().apply(model)
-    verify_model(model)
-    return PassRecord(RmsNormDivide.name, time.perf_counter() - t, result.modified, tuple(result.skipped),
-                      dict(result.stats), RmsNormDivide.role)
 
 
 def rewrite(prepared: Prepared, quant_plan: QuantPlan, table: CalibrationTable, config: QuantConfig | None = None, *,

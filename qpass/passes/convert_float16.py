@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ..graph import proto_bodies
+from ..graph import proto_bodies, proto_graphs
 from ..ops import CUDA_BFLOAT16_FROM
 from ..pass_manager import PassResult, Skip
 
@@ -92,15 +92,6 @@ def unsafe_values(values: np.ndarray, dtype: int) -> str | None:
     return None
 
 
-def _graphs(graph: onnx.GraphProto):
-    """The graph and every body in it, outermost first, as (graph, owner node or None)."""
-    yield graph, None
-    for node in graph.node:
-        for g in proto_bodies(node):
-            for inner, owner in _graphs(g):
-                yield inner, owner if owner is not None else node
-
-
 def value_types(model: onnx.ModelProto) -> dict[str, int]:
     """Element type of every named value of the model, its bodies included (names are unique across scopes in
     ONNX), from shape inference of the skeleton, the declared inputs/outputs, initializers and Constant values."""
@@ -109,7 +100,7 @@ def value_types(model: onnx.ModelProto) -> dict[str, int]:
     types: dict[str, int] = {}
     inferred = infer_shapes_skeleton(model)
     for m in (inferred, model):
-        for g, _ in _graphs(m.graph):
+        for g, _ in proto_graphs(m.graph):
             for vi in list(g.value_info) + list(g.input) + list(g.output):
                 if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type:
                     types.setdefault(vi.name, vi.type.tensor_type.elem_type)
@@ -189,7 +180,7 @@ class ConvertFloat16:
         opset = opset_of(model)
         d = Decision()
         unsafe_weights = self.unsafe_weights_cache
-        for g, _owner in _graphs(model.graph):
+        for g, _owner in proto_graphs(model.graph):
             for node in g.node:
                 self._decide_node(node, opset, types, d, unsafe_weights)
         return d
@@ -197,7 +188,7 @@ class ConvertFloat16:
     def unsafe_weights(self, model: onnx.ModelProto) -> dict[str, str]:
         """Float initializers and Constant values that cannot be held in the half type, with the reason."""
         out = {}
-        for g, _ in _graphs(model.graph):
+        for g, _ in proto_graphs(model.graph):
             for t in g.initializer:
                 if t.data_type == FLOAT:
                     why = unsafe_values(numpy_helper.to_array(t), self.half)
@@ -324,13 +315,13 @@ class ConvertFloat16:
         """Rewrite ``model`` in place; returns it and what was done."""
         types = value_types(model)
         self._scales = {}
-        for g, _ in _graphs(model.graph):
+        for g, _ in proto_graphs(model.graph):
             for t in g.initializer:
                 if t.data_type == FLOAT and t.name:
                     if int(np.prod(t.dims)) <= 4096:
                         self._scales[t.name] = numpy_helper.to_array(t).astype(np.float32)
         self.unsafe_weights_cache = self.unsafe_weights(model)
-        from .rms_norm_divide import rms_statistics  # (it reads graphs with this module's _graphs)
+        from .rms_norm_divide import rms_statistics  # (it imports this module's helpers)
 
         self.norm_statistics = rms_statistics(model)
         d = self.decide(model, types)
@@ -338,7 +329,7 @@ class ConvertFloat16:
         stats["half_nodes"] = len(d.half)
         stats["rms_norm_float32"] = len(self.norm_statistics)
         ops: dict[str, int] = defaultdict(int)
-        for g, _ in _graphs(model.graph):
+        for g, _ in proto_graphs(model.graph):
             for n in g.node:
                 if _key(n) in d.half:
                     ops[n.op_type] += 1
@@ -356,7 +347,7 @@ class Rewriter:
         self.new_types: dict[str, int] = {}
         self.counter = 0
         self.used = set()
-        for g, _ in _graphs(model.graph):
+        for g, _ in proto_graphs(model.graph):
             self.used.update(x for n in g.node for x in list(n.input) + list(n.output))
             self.used.update(t.name for t in g.initializer)
             self.used.update(v.name for v in list(g.input) + list(g.output))
@@ -376,7 +367,7 @@ class Rewriter:
         # 1. what each float value is wanted as, by its readers (all scopes)
         wants: dict[str, set[int]] = defaultdict(set)
         readers: dict[str, list] = defaultdict(list)
-        for g, _ in _graphs(self.model.graph):
+        for g, _ in proto_graphs(self.model.graph):
             for node in g.node:
                 for i, x in enumerate(node.input):
                     if x and self.types.get(x) == FLOAT:
@@ -397,7 +388,7 @@ class Rewriter:
         produced: dict[str, int] = {}
         self.copies: dict[str, str] = {}
         copies: list[tuple[onnx.GraphProto, onnx.NodeProto]] = []
-        for g, owner in _graphs(self.model.graph):
+        for g, owner in proto_graphs(self.model.graph):
             for vi in g.input:
                 if self.types.get(vi.name) == FLOAT:
                     if owner is None and self.c.half_io and vi.name not in {t.name for t in g.initializer}:
@@ -463,10 +454,10 @@ class Rewriter:
         self.produced = produced
         self._if_outputs_follow_branches(produced)
         # 3. Casts before readers whose wanted type differs, one per (graph, value, type)
-        for g, _owner in _graphs(self.model.graph):
+        for g, _owner in proto_graphs(self.model.graph):
             self._cast_inputs(g, produced)
         # 4. outputs: the main graph's as asked (half_io), an If branch's as its If's output, other bodies' float32
-        for g, owner in _graphs(self.model.graph):
+        for g, owner in proto_graphs(self.model.graph):
             for j, o in enumerate(g.output):
                 if self.types.get(o.name) != FLOAT:
                     continue
@@ -486,7 +477,7 @@ class Rewriter:
                         stats["io"] += 1
         self._drop_unread_copies()
         # 5. declared value_info follows the new types
-        for g, _ in _graphs(self.model.graph):
+        for g, _ in proto_graphs(self.model.graph):
             for vi in g.value_info:
                 if vi.name in produced and vi.type.HasField("tensor_type"):
                     vi.type.tensor_type.elem_type = produced[vi.name]
@@ -494,12 +485,12 @@ class Rewriter:
 
     def _drop_unread_copies(self) -> None:
         """Remove the float32 copies nothing reads (a branch output wanted in float32 before its If went half)."""
-        read = {x for g, _ in _graphs(self.model.graph) for n in g.node for x in n.input} | \
-            {o.name for g, _ in _graphs(self.model.graph) for o in g.output}
+        read = {x for g, _ in proto_graphs(self.model.graph) for n in g.node for x in n.input} | \
+            {o.name for g, _ in proto_graphs(self.model.graph) for o in g.output}
         unread = {c for c in self.copies.values() if c not in read}
         if not unread:
             return
-        for g, _ in _graphs(self.model.graph):
+        for g, _ in proto_graphs(self.model.graph):
             keep_i = [t for t in g.initializer if t.name not in unread]
             if len(keep_i) != len(g.initializer):
                 del g.initializer[:]
@@ -523,7 +514,7 @@ class Rewriter:
         allowed = {t for c in (schema.type_constraints if schema else []) for t in c.allowed_type_strs}
         if _TYPE_STR[self.half] not in allowed:  # If-13 has no bfloat16 outputs, If-16 has
             return
-        ifs = [n for g, _ in _graphs(self.model.graph) for n in g.node
+        ifs = [n for g, _ in proto_graphs(self.model.graph) for n in g.node
                if n.op_type == "If" and n.domain in ("", "ai.onnx")]
         changed = True
         while changed:
@@ -622,7 +613,7 @@ class Rewriter:
 
 def rename_reads(g: onnx.GraphProto, old: str, new: str) -> None:
     """Nodes of ``g`` and its bodies that read value ``old`` read ``new`` instead."""
-    for inner, _ in _graphs(g):
+    for inner, _ in proto_graphs(g):
         for n in inner.node:
             for i, x in enumerate(n.input):
                 if x == old:
@@ -632,7 +623,7 @@ def rename_reads(g: onnx.GraphProto, old: str, new: str) -> None:
 def _rename_value(g: onnx.GraphProto, old: str, new: str) -> None:
     """Rename value ``old`` to ``new`` in the nodes of ``g`` and its bodies (not in graph outputs)."""
     rename_reads(g, old, new)
-    for inner, _ in _graphs(g):
+    for inner, _ in proto_graphs(g):
         for n in inner.node:
             for i, x in enumerate(n.output):
                 if x == old:

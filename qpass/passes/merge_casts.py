@@ -11,7 +11,8 @@ import onnx
 from onnx import TensorProto
 
 from ..pass_manager import PassResult
-from .convert_float16 import _graphs, rename_reads, value_types
+from ..graph import proto_graphs, read_in_bodies
+from .convert_float16 import rename_reads, value_types
 
 FLOATS = frozenset({TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE})
 
@@ -32,7 +33,7 @@ class MergeCasts:
         changed = True
         while changed:
             changed = False
-            for g, _ in _graphs(model.graph):
+            for g, _ in proto_graphs(model.graph):
                 m, r = self._graph(g, types)
                 merged, removed = merged + m, removed + r
                 changed = changed or bool(m or r)
@@ -41,6 +42,7 @@ class MergeCasts:
     def _graph(self, g: onnx.GraphProto, types: dict[str, int]) -> tuple[int, int]:
         producer = {o: n for n in g.node for o in n.output if o}
         outputs = {o.name for o in g.output}
+        in_bodies = read_in_bodies(g)
         merged = removed = 0
         drop: set[str] = set()  # output names of the Casts removed
         for node in list(g.node):
@@ -56,7 +58,7 @@ class MergeCasts:
                 src = first.input[0]
                 merged += 1
                 if not any(src_ in (first.output[0],) for n in g.node for src_ in n.input) and \
-                        first.output[0] not in outputs and not _read_in_bodies(g, first.output[0]):
+                        first.output[0] not in outputs and first.output[0] not in in_bodies:
                     drop.add(first.output[0])
             if types.get(src) == to and to is not None:
                 out = node.output[0]
@@ -65,6 +67,8 @@ class MergeCasts:
                     del node.attribute[:]
                 else:
                     rename_reads(g, out, src)
+                    if out in in_bodies:
+                        in_bodies.add(src)
                     drop.add(node.output[0])
                 removed += 1
             types[node.output[0]] = to if to is not None else types.get(node.output[0])
@@ -74,9 +78,3 @@ class MergeCasts:
             g.node.extend(kept)
         return merged, removed
 
-
-def _read_in_bodies(g: onnx.GraphProto, name: str) -> bool:
-    for inner, owner in _graphs(g):
-        if owner is not None and any(name in n.input for n in inner.node):
-            return True
-    return False

@@ -19,9 +19,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from ..graph import proto_bodies
+from ..graph import constant_tensors, proto_graphs, read_in_bodies
 from ..pass_manager import PassResult
-from .convert_float16 import _graphs
 
 
 @dataclass
@@ -45,34 +44,22 @@ class RmsChain:
             ([self.reciprocal.output[0]] if self.reciprocal is not None else []) + [last.output[0]]
 
 
-def _constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    """Small constant values of every graph (initializers and Constant nodes): names are unique across scopes, so a
-    name a body reads from an enclosing scope resolves here too."""
-    out: dict[str, np.ndarray] = {}
-    for g, _ in _graphs(model.graph):
-        for t in g.initializer:
-            if int(np.prod(t.dims)) <= 16:
-                out[t.name] = numpy_helper.to_array(t)
-        for n in g.node:
-            if n.op_type == "Constant" and n.domain in ("", "ai.onnx"):
-                for a in n.attribute:
-                    if a.name == "value" and int(np.prod(a.t.dims)) <= 16:
-                        out[n.output[0]] = numpy_helper.to_array(a.t)
-                    elif a.name == "value_float":
-                        out[n.output[0]] = np.array(a.f, np.float32)
-    return out
+def _scalar(consts: dict[str, onnx.TensorProto], name: str) -> float | None:
+    """The value of constant ``name`` when it holds one element, else None."""
+    t = consts.get(name)
+    if t is None or int(np.prod(t.dims)) != 1:
+        return None
+    return float(numpy_helper.to_array(t).reshape(-1)[0])
 
 
-def _chains(g: onnx.GraphProto, consts: dict[str, np.ndarray]) -> list[RmsChain]:
+def _chains(g: onnx.GraphProto, consts: dict[str, onnx.TensorProto]) -> list[RmsChain]:
     readers: dict[str, list[onnx.NodeProto]] = {}
     for n in g.node:
         for x in n.input:
             if x:
                 readers.setdefault(x, []).append(n)
-    escaping = {o.name for o in g.output}
-    # values a body of this graph reads from it (an If branch reading the reciprocal): not the chain's alone
-    escaping |= {x for n in g.node for body in proto_bodies(n) for inner, _ in _graphs(body) for m in inner.node
-                for x in m.input}
+    # graph outputs, and values a body reads (an If branch reading the reciprocal): not the chain's alone
+    escaping = {o.name for o in g.output} | read_in_bodies(g)
 
     def only_reader(name: str, op: str) -> onnx.NodeProto | None:
         r = readers.get(name, [])
@@ -84,13 +71,12 @@ def _chains(g: onnx.GraphProto, consts: dict[str, np.ndarray]) -> list[RmsChain]
     for p in g.node:
         if p.op_type != "Pow" or p.domain not in ("", "ai.onnx") or len(p.input) < 2:
             continue
-        e = consts.get(p.input[1])
-        if e is None or e.size != 1 or float(e.reshape(-1)[0]) != 2.0:
+        if _scalar(consts, p.input[1]) != 2.0:
             continue
         x = p.input[0]
         mean = only_reader(p.output[0], "ReduceMean")
         add = mean and only_reader(mean.output[0], "Add")
-        if add is None or not any(i in consts and consts[i].size == 1 for i in add.input if i != mean.output[0]):
+        if add is None or not any(_scalar(consts, i) is not None for i in add.input if i != mean.output[0]):
             continue
         sqrt = only_reader(add.output[0], "Sqrt")
         if sqrt is None:
@@ -110,8 +96,8 @@ def _chains(g: onnx.GraphProto, consts: dict[str, np.ndarray]) -> list[RmsChain]
 
 def rms_chains(model: onnx.ModelProto) -> list[RmsChain]:
     """The RMS normalizations of every graph of ``model``, in either form."""
-    consts = _constants(model)
-    return [c for g, _ in _graphs(model.graph) for c in _chains(g, consts)]
+    consts = constant_tensors(model)
+    return [c for g, _ in proto_graphs(model.graph) for c in _chains(g, consts)]
 
 
 def rms_statistics(model: onnx.ModelProto) -> set[str]:
@@ -127,21 +113,22 @@ class RmsNormDivide:
 
     def apply(self, model: onnx.ModelProto) -> tuple[onnx.ModelProto, PassResult]:
         rewritten = 0
-        consts = _constants(model)
-        for g, _ in _graphs(model.graph):
-            drop = []
+        consts = constant_tensors(model)
+        for g, _ in proto_graphs(model.graph):
+            dropped = set()  # the Reciprocals' outputs
             for c in _chains(g, consts):
                 if c.reciprocal is None:
                     continue
                 c.mul.op_type = "Div"
                 del c.mul.input[:]
                 c.mul.input.extend([c.x, c.sqrt.output[0]])
-                drop.append(c.reciprocal)
-                rewritten += 1
-            for n in drop:
-                g.node.remove(n)
-            names = {n.output[0] for n in drop}
-            keep = [vi for vi in g.value_info if vi.name not in names]
-            del g.value_info[:]
-            g.value_info.extend(keep)
+                dropped.add(c.reciprocal.output[0])
+            if not dropped:
+                continue
+            rewritten += len(dropped)
+            nodes = [n for n in g.node if not (n.op_type == "Reciprocal" and n.output[0] in dropped)]
+            infos = [vi for vi in g.value_info if vi.name not in dropped]
+            del g.node[:], g.value_info[:]
+            g.node.extend(nodes)
+            g.value_info.extend(infos)
         return model, PassResult(bool(rewritten), (), {"rewritten": rewritten})

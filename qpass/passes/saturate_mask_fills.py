@@ -22,6 +22,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
+from ..graph import read_in_bodies
 from ..pass_manager import PassResult
 
 #: a mask fill is written as ±this: float16's max / 4, so fill + score stays within float16's range / 2
@@ -65,12 +66,7 @@ class SaturateMaskFills:
             for i, x in enumerate(n.input):
                 if x:
                     readers.setdefault(x, []).append((n, i))
-        from .convert_float16 import _graphs
-
-        outputs = {o.name for o in g.output}
-        for body, owner in _graphs(g):  # a value read inside a body: not followed there, so not a mask
-            if owner is not None:
-                outputs |= {x for n in body.node for x in n.input} | {o.name for o in body.output}
+        outputs = {o.name for o in g.output} | read_in_bodies(g)  # read in a body: not followed there, not a mask
         producer = {o: n for n in g.node for o in n.output if o}
         ones = {t.name for t in g.initializer if t.data_type == TensorProto.FLOAT and t.dims in ([], [1])
                 and np.all(numpy_helper.to_array(t) == 1)}

@@ -98,7 +98,7 @@ def added_error(reference: onnx.ModelProto, model: onnx.ModelProto, samples: lis
     tensors = [o for n in reference.graph.node for o in n.output if o and o in in_model and types.get(o) is not None]
     extra = [t for t in tensors if t not in outputs]
     ref_s = make_session(augmented_model(reference, extra), providers, what=None)
-    fetched, as_fetched = bfloat16_as_float32(augmented_model(model, []), extra, types)
+    fetched, as_fetched = bfloat16_as_float32(model, extra, types)
     got_s = make_session(fetched, providers, what=None)
     names = [o.name for o in ref_s.get_outputs()]
     got_names = {o.name for o in got_s.get_outputs()}
@@ -132,8 +132,9 @@ def added_error(reference: onnx.ModelProto, model: onnx.ModelProto, samples: lis
 
 def bfloat16_as_float32(model: onnx.ModelProto, tensors: list[str], types: dict[str, int]
                         ) -> tuple[onnx.ModelProto, dict[str, str]]:
-    """``model`` (changed in place) with ``tensors`` as extra outputs; a bfloat16 one through a Cast to float32
-    (onnxruntime's Python binding cannot return bfloat16 arrays), named in the returned map."""
+    """A copy of ``model`` with ``tensors`` as extra outputs; a bfloat16 one through a Cast to float32 (onnxruntime's
+    Python binding cannot return bfloat16 arrays), named in the returned map."""
+    model = augmented_model(model, [])
     renamed: dict[str, str] = {}
     existing = {o.name for o in model.graph.output}
     for t in tensors:

@@ -173,9 +173,9 @@ def test_if_output_is_half_only_when_every_branch_makes_it_half(else_kept_float3
 
 
 def _no_cast_pairs(model: onnx.ModelProto) -> bool:
-    from qpass.passes.convert_float16 import _graphs
+    from qpass.graph import proto_graphs
 
-    for g, _ in _graphs(model.graph):
+    for g, _ in proto_graphs(model.graph):
         made = {o: n for n in g.node for o in n.output}
         for n in g.node:
             if n.op_type == "Cast" and n.input[0] in made and made[n.input[0]].op_type == "Cast":
