@@ -91,7 +91,10 @@ def convert(kind: str, name: str, src: str, dst: str, shared: Path, providers=("
         info = {"measured_float32": len(half.get("measured_float32", {})),
                 "fidelity_met": half.get("fidelity", {}).get("met"),
                 "fallback_trials": half.get("fidelity", {}).get("trials"),
-                "fidelity_provider": half.get("fidelity", {}).get("provider")}
+                "fidelity_provider": half.get("fidelity", {}).get("provider"),
+                "fallback_moved": [len(m["tensors"]) for m in half.get("fidelity", {}).get("moves", [])],
+                "fidelity_cosine_min": (half.get("fidelity", {}).get("end")
+                                        or half.get("fidelity", {}).get("start", {})).get("cosine_min")}
     elif kind in ("occ_default", "occ_keep_io"):
         from onnxconverter_common import float16
 

@@ -280,7 +280,7 @@ class ConvertFloat16:
             bad = [t for t in follows if t in self.keep_tensors or t in unsafe_weights] + \
                   [t for t in written if t in self.norm_statistics]  # its readers may be half
             if bad:
-                why = unsafe_weights.get(bad[0], "an RMS normalization's statistics, computed in float32"
+                why = unsafe_weights.get(bad[0], "a normalization's statistics, computed in float32"
                                          if bad[0] in self.norm_statistics and bad[0] not in self.keep_tensors
                                          else "its range measured outside float16's")
                 reason = f"tensor '{bad[0]}' stays float32 ({why})"
@@ -321,9 +321,11 @@ class ConvertFloat16:
                     if int(np.prod(t.dims)) <= 4096:
                         self._scales[t.name] = numpy_helper.to_array(t).astype(np.float32)
         self.unsafe_weights_cache = self.unsafe_weights(model)
-        from .rms_norm_divide import rms_statistics  # (it imports this module's helpers)
+        from .rms_norm_divide import layer_norm_tensors, rms_statistics  # (it imports this module's helpers)
 
         self.norm_statistics = rms_statistics(model)
+        if self.half == TensorProto.BFLOAT16:
+            self.norm_statistics |= layer_norm_tensors(model)
         d = self.decide(model, types)
         stats = Rewriter(self, model, types, d).run()
         stats["half_nodes"] = len(d.half)

@@ -105,6 +105,60 @@ def rms_statistics(model: onnx.ModelProto) -> set[str]:
     return {t for c in rms_chains(model) if c.div is not None for t in c.tensors()}
 
 
+def layer_norm_tensors(model: onnx.ModelProto) -> set[str]:
+    """The tensors of each decomposed LayerNorm in the division form from its mean to the normalized x:
+    ``mean = ReduceMean(i)``, ``x = Sub(i, mean)`` and the statistics chain of ``x`` (:func:`rms_statistics`); the
+    affine Mul (gamma) and Add (beta) after it are not included. The bfloat16 mode keeps them float32, so one Cast
+    of ``i`` feeds both the mean and the centering: onnxruntime's CUDA provider has no bfloat16 ReduceMean before
+    opset 18, and onnxruntime fuses a LayerNorm whose centering runs in bfloat16 while its mean is float32, or whose
+    gamma and beta are float32 while its input is bfloat16, into a LayerNormalization of mixed types that no CUDA
+    kernel runs (the session does not load). This form fuses into one bfloat16 LayerNormalization."""
+    consts = constant_tensors(model)
+    out: set[str] = set()
+    for g, _ in proto_graphs(model.graph):
+        made = {o: n for n in g.node for o in n.output if o}
+        for c in _chains(g, consts):
+            sub = made.get(c.x)
+            if c.div is None or sub is None or sub.op_type != "Sub" or len(sub.input) != 2:
+                continue
+            mean = made.get(sub.input[1])
+            if mean is None or mean.op_type != "ReduceMean" or mean.input[0] != sub.input[0]:
+                continue
+            out.update([mean.output[0], c.x] + c.tensors())
+    return out
+
+
+def layer_norm_boundary(model: onnx.ModelProto) -> set[str]:
+    """The input of each decomposed LayerNorm of :func:`layer_norm_tensors` and the outputs of its affine Mul (by a
+    constant, gamma) and Add (of a constant, beta), where each is its predecessor's only reader. The bfloat16 mode's
+    fidelity check does not move these to float32: onnxruntime fuses a LayerNorm whose input is float32 (or cast to
+    float32 for it) and whose gamma and beta are of another type than that input into a LayerNormalization that its
+    CUDA provider does not run."""
+    consts = constant_tensors(model)
+    out: set[str] = set()
+    for g, _ in proto_graphs(model.graph):
+        made = {o: n for n in g.node for o in n.output if o}
+        readers: dict[str, list[onnx.NodeProto]] = {}
+        for n in g.node:
+            for x in n.input:
+                if x:
+                    readers.setdefault(x, []).append(n)
+        for c in _chains(g, consts):
+            sub = made.get(c.x)
+            mean = made.get(sub.input[1]) if sub is not None and sub.op_type == "Sub" and len(sub.input) == 2 else None
+            if c.div is None or mean is None or mean.op_type != "ReduceMean" or mean.input[0] != sub.input[0]:
+                continue
+            out.add(sub.input[0])
+            last = c.div
+            for op in ("Mul", "Add"):
+                r = readers.get(last.output[0], [])
+                if len(r) != 1 or r[0].op_type != op or not any(i in consts for i in r[0].input if i != last.output[0]):
+                    break
+                last = r[0]
+                out.add(last.output[0])
+    return out
+
+
 class RmsNormDivide:
     """Rewrite ``Mul(x, Reciprocal(Sqrt(v)))`` of an RMS normalization as ``Div(x, Sqrt(v))``."""
 

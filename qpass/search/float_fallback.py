@@ -3,9 +3,11 @@ target (or an output has inf/NaN), the converted nodes that add the most error m
 
 The error a node adds is measured, not bisected: both models run on the validation samples with every main-graph
 float tensor as an extra output; a node's added error is its output's relative error (||half - fp32|| / ||fp32||)
-less the largest of its inputs'. A step keeps the outputs of the ``MOVE_SHARE`` worst nodes (at least one) in
-float32 (qpass.half.convert with those tensors kept: their producers and readers run in float32) and checks again,
-for at most ``search_budget`` trials. Tensors inside If/Loop/Scan bodies cannot be fetched from onnxruntime; their
+less the largest of its inputs'. A step keeps the outputs of the worst nodes in float32 (qpass.half.convert with
+those tensors kept: their producers and readers run in float32) and checks again, for at most ``search_budget``
+trials. The first step moves ``MOVE_SHARE`` of the converted nodes (at least one) and each later step twice as many
+as the one before, so a model whose error is spread over many nodes (bfloat16's 8-bit significand) still reaches
+the target within a few trials, at worst with every node moved back. Tensors inside If/Loop/Scan bodies cannot be fetched from onnxruntime; their
 nodes are not candidates (an If's own outputs are). bfloat16 tensors are fetched through Casts to float32.
 """
 from __future__ import annotations
@@ -20,7 +22,7 @@ from ..config import QuantConfig
 from ..passes.convert_float16 import value_types
 from ..runtime import CUDA, augmented_model, available_providers, make_session, with_cpu_fallback
 
-#: share of the converted main-graph nodes moved back to float32 per step
+#: share of the converted main-graph nodes moved back to float32 by the first step (each later step doubles it)
 MOVE_SHARE = 0.05
 #: samples the per-node error is measured on
 LAYER_SAMPLES = 4
@@ -152,6 +154,11 @@ def bfloat16_as_float32(model: onnx.ModelProto, tensors: list[str], types: dict[
     return model, renamed
 
 
+def step_size(half_nodes: int, trial: int) -> int:
+    """Nodes moved back by step ``trial`` (0-based): ``MOVE_SHARE`` of the converted nodes, doubled each step."""
+    return max(1, int(MOVE_SHARE * half_nodes * 2 ** trial))
+
+
 def check_providers(config: QuantConfig) -> list[str]:
     """Where the check runs: CUDA when this onnxruntime has it and the configuration's providers allow it (half
     arithmetic as deployed), else the CPU, whose provider computes most float16 ops in float32 between Casts of its
@@ -166,9 +173,9 @@ def fallback(reference: onnx.ModelProto, converted: onnx.ModelProto, config: Qua
     """Check ``converted`` against ``reference``; move the worst nodes' outputs to float32 until the target is met."""
     providers = check_providers(config)
     target = float(config.float_min_cosine)
-    ref_s = make_session(reference, providers, what=None)
+    ref_s = make_session(reference, providers, what=None, level=None)  # onnxruntime's default level, as deployed
     try:
-        converted_s = make_session(converted, providers, what=None)
+        converted_s = make_session(converted, providers, what=None, level=None)
     except Exception as exc:  # noqa: BLE001 - a provider without the half kernels (bfloat16 on the CPU)
         if config.float_type != "bfloat16":  # float16 has kernels everywhere: a model that does not load is a bug
             raise
@@ -186,22 +193,39 @@ def fallback(reference: onnx.ModelProto, converted: onnx.ModelProto, config: Qua
     kept = dict(keep)
     model, records, result = None, [], first
     current = converted
+    first_half_nodes = None
+    pinned = set()
+    if config.float_type == "bfloat16":  # moves that would make onnxruntime fuse a LayerNorm it cannot run
+        from ..passes.rms_norm_divide import layer_norm_boundary
+
+        pinned = layer_norm_boundary(reference)
     for trial in range(config.search_budget):
         try:
             added = added_error(reference, current, samples, providers)
         except Exception as exc:  # noqa: BLE001 - the analysis is best effort; say why it stopped
             report["note"] = f"per-node error not measurable: {type(exc).__name__}: {str(exc).splitlines()[0]}"
             break
-        ranked = [t for t, e in sorted(added.items(), key=lambda kv: -kv[1]) if e > 0 and t not in kept]
+        ranked = [t for t, e in sorted(added.items(), key=lambda kv: -kv[1])
+                  if e > 0 and t not in kept and t not in pinned]
         if not ranked:
             report["note"] = "no converted main-graph node adds error left to move"
             break
-        half_nodes = len(added)
-        step = ranked[:max(1, int(MOVE_SHARE * half_nodes))]
+        if first_half_nodes is None:
+            first_half_nodes = len(added)
+        step = ranked[:step_size(first_half_nodes, trial)]
         for t in step:
             kept[t] = f"moved back by the fidelity check (trial {trial + 1}, added error {added[t]:.3g})"
-        current, records = convert(reference, config, kept)
-        result = check(ref_s, make_session(current, providers, what=None), samples)
+        candidate, candidate_records = convert(reference, config, kept)
+        try:
+            session = make_session(candidate, providers, what=None, level=None)
+        except Exception as exc:  # noqa: BLE001 - onnxruntime's fusions can make a mixed-type node it has no kernel for
+            why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            report["unloadable_trial"] = trial + 1
+            report["note"] = (f"trial {trial + 1}'s model does not load on {providers[0]} ({why[:300]}); the last "
+                              "model that loads is kept")
+            break
+        current, records = candidate, candidate_records
+        result = check(ref_s, session, samples)
         report["trials"] = trial + 1
         report["moves"].append({"tensors": step, "after": result})
         model = current

@@ -375,6 +375,64 @@ def test_fidelity_check_moves_the_node_that_adds_the_error_back():
     np.testing.assert_allclose(got, samples[0]["x"] * np.float32(1.0001) - samples[0]["x"], rtol=1e-3)
 
 
+def test_fidelity_check_reaches_the_target_when_the_error_is_spread_over_many_nodes():
+    """y = Concat_i(x * w_i - x), 20 branches with w_i = 1 + 1e-4 + 1e-5 * i: float16 rounds every w_i to 1, so
+    every branch is zero and each needs its Sub and its Mul back in float32 (40 moves; cosine sqrt(k/20) with k
+    branches fixed). Steps of a fixed 5 % (2 nodes) would move 16 in 8 trials; doubling steps (2, 4, 8, 16, 32)
+    reach the target within the budget, and the output equals the float32 one (by hand)."""
+    from qpass.search.float_fallback import step_size
+
+    n = 20
+    x = helper.make_tensor_value_info("x", F, [1, 8])
+    y = helper.make_tensor_value_info("y", F, [1, 8 * n])
+    nodes, inits = [], []
+    for i in range(n):
+        inits.append(numpy_helper.from_array(np.full(8, 1 + 1e-4 + 1e-5 * i, np.float32), f"w{i}"))
+        nodes += [helper.make_node("Mul", ["x", f"w{i}"], [f"m{i}"], name=f"mul{i}"),
+                  helper.make_node("Sub", [f"m{i}", "x"], [f"d{i}"], name=f"sub{i}")]
+    nodes.append(helper.make_node("Concat", [f"d{i}" for i in range(n)], ["y"], axis=1, name="cat"))
+    model = _model(nodes, [x], [y], inits)
+    rng = np.random.default_rng(5)
+    samples = [{"x": rng.uniform(1, 2, (1, 8)).astype(np.float32)} for _ in range(4)]
+    assert [step_size(41, t) for t in range(5)] == [2, 4, 8, 16, 32]
+    res = qpass.quantize(model, samples, val=samples, float_type="float16", latency=False, per_layer=False)
+    fid = res.report.calibration["half"]["fidelity"]
+    assert fid["start"]["cosine_min"]["y"] < 0.1
+    assert fid["met"] and 4 <= fid["trials"] <= 8
+    assert [len(m["tensors"]) for m in fid["moves"]][:3] == [2, 4, 8]
+    (got,) = _run(res.model, samples[0])
+    want = np.concatenate([samples[0]["x"] * np.float32(1 + 1e-4 + 1e-5 * i) - samples[0]["x"] for i in range(n)], 1)
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-7)
+
+
+def test_a_trial_whose_model_does_not_load_stops_the_check_and_keeps_the_last_model_that_loads():
+    """onnxruntime can fuse a converted model into a node it has no kernel for (a mixed-type LayerNormalization of
+    bfloat16 on CUDA). Planted here: every trial's model carries an op onnxruntime does not know. The check stops at
+    the first trial, says so, and returns no moved model (the first conversion stays); no traceback."""
+    from qpass.search.float_fallback import fallback
+
+    x = helper.make_tensor_value_info("x", F, [1, 8])
+    y = helper.make_tensor_value_info("y", F, [1, 8])
+    w = numpy_helper.from_array(np.full(8, 1.0001, np.float32), "w")
+    model = _model([helper.make_node("Mul", ["x", "w"], ["m"], name="mul"),
+                    helper.make_node("Sub", ["m", "x"], ["y"], name="sub")], [x], [y], [w])
+    cfg = qpass.QuantConfig(float_type="float16")
+    first, _ = convert(model, cfg)
+
+    def unloadable(reference, config, kept):
+        m, records = convert(reference, config, kept)
+        m.graph.node.append(helper.make_node("NoSuchOp", ["y"], ["z"], domain="qpass.test"))
+        m.opset_import.append(helper.make_opsetid("qpass.test", 1))
+        return m, records
+
+    rng = np.random.default_rng(4)
+    samples = [({"x": rng.uniform(1, 2, (1, 8)).astype(np.float32)}, None) for _ in range(2)]
+    found = fallback(model, first, cfg, samples, {}, unloadable)
+    assert found.model is None and found.records == []
+    assert found.report["unloadable_trial"] == 1 and found.report["met"] is False and found.report["trials"] == 0
+    assert "does not load" in found.report["note"]
+
+
 def test_half_io_model_is_validated_on_float32_data():
     samples = _overflow_data()
     res = qpass.quantize(_overflow_model(), samples, val=samples[:2], float_type="float16", half_io=True,

@@ -128,3 +128,52 @@ def test_a_reciprocal_also_read_inside_an_if_branch_is_left_alone():
     out, res = RmsNormDivide().apply(m)
     assert res.stats == {"rewritten": 0} and "Reciprocal" in [n.op_type for n in out.graph.node]
     onnx.checker.check_model(out, full_check=True)
+
+
+def _layer_norm_model() -> onnx.ModelProto:
+    """h = Relu(x); y = Relu(gamma * (h - mean(h)) / sqrt(var(h) + eps) + beta), a LayerNorm as exporters
+    decompose it, between two Relus (x [1, 4, 8], opset 13)."""
+    inits = [numpy_helper.from_array(np.array(2.0, np.float32), "two"),
+             numpy_helper.from_array(np.array(1e-5, np.float32), "eps"),
+             numpy_helper.from_array(np.linspace(0.5, 2.0, 8).astype(np.float32), "gamma"),
+             numpy_helper.from_array(np.linspace(-1.0, 1.0, 8).astype(np.float32), "beta")]
+    nodes = [helper.make_node("Relu", ["x"], ["h"]),
+             helper.make_node("ReduceMean", ["h"], ["mean"], axes=[-1], keepdims=1),
+             helper.make_node("Sub", ["h", "mean"], ["c"]),
+             helper.make_node("Pow", ["c", "two"], ["sq"]),
+             helper.make_node("ReduceMean", ["sq"], ["var"], axes=[-1], keepdims=1),
+             helper.make_node("Add", ["var", "eps"], ["var_eps"]),
+             helper.make_node("Sqrt", ["var_eps"], ["std"]),
+             helper.make_node("Div", ["c", "std"], ["n"]),
+             helper.make_node("Mul", ["n", "gamma"], ["scaled"]),
+             helper.make_node("Add", ["scaled", "beta"], ["ln"]),
+             helper.make_node("Relu", ["ln"], ["y"])]
+    g = helper.make_graph(nodes, "ln", [helper.make_tensor_value_info("x", F, [1, 4, 8])],
+                          [helper.make_tensor_value_info("y", F, [1, 4, 8])], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+
+
+def test_bfloat16_keeps_a_decomposed_layer_norm_float32_from_its_mean_to_the_normalized_x():
+    """bfloat16: onnxruntime's CUDA provider has no bfloat16 ReduceMean at opset 13, so the mean is float32; the
+    centering and the statistics stay float32 too, one Cast of the input feeding both the mean and the Sub, and one
+    Cast back before gamma and beta (bfloat16, like the Relus around): the form onnxruntime fuses into one
+    LayerNormalization of bfloat16 input, scale and bias. float16 keeps its form (centering in float16, statistics
+    float32)."""
+    from qpass.passes.rms_norm_divide import layer_norm_boundary, layer_norm_tensors
+
+    m = _layer_norm_model()
+    ln = {"mean", "c", "sq", "var", "var_eps", "std", "n"}
+    assert layer_norm_tensors(m) == ln
+    assert layer_norm_boundary(m) == {"h", "scaled", "ln"}  # what bfloat16's fidelity check does not move
+    out, _ = convert(m, qpass.QuantConfig(float_type="bfloat16", half_io=True))
+    onnx.checker.check_model(out, full_check=True)
+    types = {vi.name: vi.type.tensor_type.elem_type for vi in onnx.shape_inference.infer_shapes(out).graph.value_info}
+    assert all(types[t] == F for t in ln), {t: types[t] for t in ln}
+    assert types["h"] == types["scaled"] == types["ln"] == TensorProto.BFLOAT16
+    casts = [n for n in out.graph.node if n.op_type == "Cast"]
+    assert [(n.input[0], n.attribute[0].i) for n in casts] == [("h", F), ("n", TensorProto.BFLOAT16)]
+    readers = [n.op_type for n in out.graph.node if casts[0].output[0] in n.input]
+    assert sorted(readers) == ["ReduceMean", "Sub"]  # the Cast onnxruntime takes into the fused node
+    half, _ = convert(m, qpass.QuantConfig(float_type="float16", half_io=True))
+    ht = {vi.name: vi.type.tensor_type.elem_type for vi in onnx.shape_inference.infer_shapes(half).graph.value_info}
+    assert ht["mean"] == ht["c"] == ht["ln"] == H and ht["sq"] == ht["n"] == F
