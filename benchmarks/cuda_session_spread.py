@@ -6,8 +6,8 @@
 Per shared model: fp32, qpass's float16 (its check on the CPU provider, so the file does not depend on the GPU) and
 onnxruntime's converter's (``keep_io_types=True``). Each file is opened in ``--sessions`` independent CUDA sessions;
 every session runs once per round, in an order rotated by one each round, on the first calibration sample, after
-five warm-up runs each. This is repeated for each cuDNN convolution algorithm search (onnxruntime's default,
-EXHAUSTIVE, and HEURISTIC), since cuDNN picks an algorithm per session and shape. The JSON gives each session's
+five warm-up runs each. This is repeated for each of two cuDNN convolution algorithm searches (EXHAUSTIVE,
+onnxruntime's default, and HEURISTIC, qpass's), since cuDNN picks an algorithm per session and shape. The JSON gives each session's
 median, and per file the median of its sessions' medians and their range (max / min): two files whose ranges
 overlap are not told apart by this measurement.
 """

@@ -137,11 +137,24 @@ def measured_keep(stats, tensors: list[str], dtype: str, sensitive: set[str] | f
 
 def convert(model: onnx.ModelProto, config: QuantConfig, keep_tensors: dict[str, str] | set[str] = (),
             keep_nodes: tuple[str, ...] = ()) -> tuple[onnx.ModelProto, list[PassRecord]]:
-    """A converted copy of ``model`` (the recipe's float passes, each verified), and the pass records."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    passes = float_passes(config, keep_tensors=frozenset(keep_tensors), keep_nodes=_node_names(model, config, keep_nodes))
-    return run_model_passes(out, passes, verify=verify_model)
+    """A converted copy of ``model`` (the recipe's float passes, each verified), and the pass records. bfloat16: a
+    decomposed LayerNorm whose input came out float32 is converted again with its gamma and beta float32 too
+    (:func:`qpass.passes.rms_norm_divide.mixed_layer_norms`)."""
+    keep, nodes = frozenset(keep_tensors), _node_names(model, config, keep_nodes)
+    for _ in range(3):  # bfloat16: a LayerNorm left with a float32 input gets float32 gamma and beta (one more pass)
+        out = onnx.ModelProto()
+        out.CopyFrom(model)
+        converted, records = run_model_passes(out, float_passes(config, keep_tensors=keep, keep_nodes=nodes),
+                                              verify=verify_model)
+        if config.float_type != "bfloat16":
+            break
+        from .passes.rms_norm_divide import mixed_layer_norms
+
+        mixed = mixed_layer_norms(model, converted)
+        if not mixed:
+            break
+        keep = keep | mixed
+    return converted, records
 
 
 def _node_names(model: onnx.ModelProto, config: QuantConfig, extra: tuple[str, ...]) -> tuple[str, ...]:

@@ -329,7 +329,7 @@ class ConvertFloat16:
         d = self.decide(model, types)
         stats = Rewriter(self, model, types, d).run()
         stats["half_nodes"] = len(d.half)
-        stats["rms_norm_float32"] = len(self.norm_statistics)
+        stats["norm_statistics_float32"] = len(self.norm_statistics)
         ops: dict[str, int] = defaultdict(int)
         for g, _ in proto_graphs(model.graph):
             for n in g.node:

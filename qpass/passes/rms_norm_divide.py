@@ -105,37 +105,30 @@ def rms_statistics(model: onnx.ModelProto) -> set[str]:
     return {t for c in rms_chains(model) if c.div is not None for t in c.tensors()}
 
 
-def layer_norm_tensors(model: onnx.ModelProto) -> set[str]:
-    """The tensors of each decomposed LayerNorm in the division form from its mean to the normalized x:
-    ``mean = ReduceMean(i)``, ``x = Sub(i, mean)`` and the statistics chain of ``x`` (:func:`rms_statistics`); the
-    affine Mul (gamma) and Add (beta) after it are not included. The bfloat16 mode keeps them float32, so one Cast
-    of ``i`` feeds both the mean and the centering: onnxruntime's CUDA provider has no bfloat16 ReduceMean before
-    opset 18, and onnxruntime fuses a LayerNorm whose centering runs in bfloat16 while its mean is float32, or whose
-    gamma and beta are float32 while its input is bfloat16, into a LayerNormalization of mixed types that no CUDA
-    kernel runs (the session does not load). This form fuses into one bfloat16 LayerNormalization."""
-    consts = constant_tensors(model)
-    out: set[str] = set()
-    for g, _ in proto_graphs(model.graph):
-        made = {o: n for n in g.node for o in n.output if o}
-        for c in _chains(g, consts):
-            sub = made.get(c.x)
-            if c.div is None or sub is None or sub.op_type != "Sub" or len(sub.input) != 2:
-                continue
-            mean = made.get(sub.input[1])
-            if mean is None or mean.op_type != "ReduceMean" or mean.input[0] != sub.input[0]:
-                continue
-            out.update([mean.output[0], c.x] + c.tensors())
-    return out
+@dataclass
+class LayerNormParts:
+    """A decomposed LayerNorm in the division form: its ``input`` i, its ``statistics`` (``mean = ReduceMean(i)``,
+    ``x = Sub(i, mean)`` and the chain of ``x`` from x^2 to the normalized x) and its ``affine`` outputs (the Mul by
+    a constant, gamma, and the Add of a constant, beta, after it, where each is its predecessor's only reader)."""
+
+    input: str
+    statistics: list[str]
+    affine: list[str]
 
 
-def layer_norm_boundary(model: onnx.ModelProto) -> set[str]:
-    """The input of each decomposed LayerNorm of :func:`layer_norm_tensors` and the outputs of its affine Mul (by a
-    constant, gamma) and Add (of a constant, beta), where each is its predecessor's only reader. The bfloat16 mode's
-    fidelity check does not move these to float32: onnxruntime fuses a LayerNorm whose input is float32 (or cast to
-    float32 for it) and whose gamma and beta are of another type than that input into a LayerNormalization that its
-    CUDA provider does not run."""
+def layer_norms(model: onnx.ModelProto) -> list[LayerNormParts]:
+    """The decomposed LayerNorms of every graph of ``model`` whose mean reads the centered input.
+
+    The bfloat16 mode keeps their ``statistics`` float32 (:func:`layer_norm_tensors`), so one Cast of the input feeds
+    both the mean and the centering, and their ``affine`` part in the input's type: onnxruntime's CUDA provider has
+    no bfloat16 ReduceMean before opset 18, and onnxruntime's LayerNorm fusion takes such a Cast and the one after
+    the division into its LayerNormalization. Measured on an H200 (docs/gpu-validation.md, fourth run): a LayerNorm
+    whose centering runs in bfloat16 while its mean is float32, or whose gamma and beta are float32 while its input
+    is a bfloat16 tensor cast for it, becomes a node of mixed types that no CUDA kernel runs, and the session does
+    not load; mean to division float32 with gamma and beta bfloat16 loads. A float32 input with bfloat16 gamma and
+    beta is the same mix the other way round (not measured): :func:`mixed_layer_norms` finds it."""
     consts = constant_tensors(model)
-    out: set[str] = set()
+    out: list[LayerNormParts] = []
     for g, _ in proto_graphs(model.graph):
         made = {o: n for n in g.node for o in n.output if o}
         readers: dict[str, list[onnx.NodeProto]] = {}
@@ -148,15 +141,38 @@ def layer_norm_boundary(model: onnx.ModelProto) -> set[str]:
             mean = made.get(sub.input[1]) if sub is not None and sub.op_type == "Sub" and len(sub.input) == 2 else None
             if c.div is None or mean is None or mean.op_type != "ReduceMean" or mean.input[0] != sub.input[0]:
                 continue
-            out.add(sub.input[0])
-            last = c.div
+            affine, last = [], c.div
             for op in ("Mul", "Add"):
                 r = readers.get(last.output[0], [])
                 if len(r) != 1 or r[0].op_type != op or not any(i in consts for i in r[0].input if i != last.output[0]):
                     break
                 last = r[0]
-                out.add(last.output[0])
+                affine.append(last.output[0])
+            out.append(LayerNormParts(sub.input[0], [mean.output[0], c.x] + c.tensors(), affine))
     return out
+
+
+def layer_norm_tensors(model: onnx.ModelProto) -> set[str]:
+    """The statistics of every decomposed LayerNorm (:func:`layer_norms`): kept float32 in the bfloat16 mode."""
+    return {t for ln in layer_norms(model) for t in ln.statistics}
+
+
+def layer_norm_boundary(model: onnx.ModelProto) -> set[str]:
+    """The input and the affine outputs of every decomposed LayerNorm (:func:`layer_norms`): the bfloat16 mode's
+    fidelity check does not move them to float32 itself (gamma and beta alone would give a float32 scale to a
+    bfloat16 input; the input alone can leave a Cast onnxruntime takes into the fused node)."""
+    return {t for ln in layer_norms(model) for t in [ln.input] + ln.affine}
+
+
+def mixed_layer_norms(original: onnx.ModelProto, converted: onnx.ModelProto) -> set[str]:
+    """The affine outputs of ``original``'s decomposed LayerNorms that are half in ``converted`` while the
+    LayerNorm's input is float32 there (a float32 graph input, the output of an op kept float32): the tensors to
+    keep float32 too, so the whole LayerNorm is float32 (:func:`layer_norms`)."""
+    from .convert_float16 import value_types
+
+    types = value_types(converted)
+    return {a for ln in layer_norms(original) if types.get(ln.input) == onnx.TensorProto.FLOAT
+            for a in ln.affine if types.get(a) not in (None, onnx.TensorProto.FLOAT)}
 
 
 class RmsNormDivide:

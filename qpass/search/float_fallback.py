@@ -5,9 +5,16 @@ The error a node adds is measured, not bisected: both models run on the validati
 float tensor as an extra output; a node's added error is its output's relative error (||half - fp32|| / ||fp32||)
 less the largest of its inputs'. A step keeps the outputs of the worst nodes in float32 (qpass.half.convert with
 those tensors kept: their producers and readers run in float32) and checks again, for at most ``search_budget``
-trials. The first step moves ``MOVE_SHARE`` of the converted nodes (at least one) and each later step twice as many
-as the one before, so a model whose error is spread over many nodes (bfloat16's 8-bit significand) still reaches
-the target within a few trials, at worst with every node moved back. Tensors inside If/Loop/Scan bodies cannot be fetched from onnxruntime; their
+trials. The first step moves ``MOVE_SHARE`` of the measured half-precision nodes (at least one) and each later step
+twice as many as the one before, so a model whose error is spread over many nodes (bfloat16's 8-bit significand)
+reaches the target within a few trials where a fixed step would run out of budget; the last step may move more
+nodes than the target needed. Only nodes that add error are moved, and in bfloat16 never a LayerNorm's gamma or
+beta, or its input (:func:`qpass.passes.rms_norm_divide.layer_norm_boundary`).
+
+The check's sessions use onnxruntime's default graph optimizations, as a user's session does: its fusions can make
+a bfloat16 model it cannot run (a LayerNormalization of mixed types), which then shows here. A bfloat16 trial whose
+model does not load ends the search with the last model that loads; in float16 that is an error, as it is for the
+first conversion. Tensors inside If/Loop/Scan bodies cannot be fetched from onnxruntime; their
 nodes are not candidates (an If's own outputs are). bfloat16 tensors are fetched through Casts to float32.
 """
 from __future__ import annotations
@@ -99,6 +106,7 @@ def added_error(reference: onnx.ModelProto, model: onnx.ModelProto, samples: lis
     in_model = set(made)
     tensors = [o for n in reference.graph.node for o in n.output if o and o in in_model and types.get(o) is not None]
     extra = [t for t in tensors if t not in outputs]
+    # basic optimizations: every tensor is fetched as an output, so later fusions would change nothing measured
     ref_s = make_session(augmented_model(reference, extra), providers, what=None)
     fetched, as_fetched = bfloat16_as_float32(model, extra, types)
     got_s = make_session(fetched, providers, what=None)
@@ -219,6 +227,8 @@ def fallback(reference: onnx.ModelProto, converted: onnx.ModelProto, config: Qua
         try:
             session = make_session(candidate, providers, what=None, level=None)
         except Exception as exc:  # noqa: BLE001 - onnxruntime's fusions can make a mixed-type node it has no kernel for
+            if config.float_type != "bfloat16":  # float16 has kernels everywhere: a model that does not load is a bug
+                raise
             why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             report["unloadable_trial"] = trial + 1
             report["note"] = (f"trial {trial + 1}'s model does not load on {providers[0]} ({why[:300]}); the last "

@@ -383,15 +383,7 @@ def test_fidelity_check_reaches_the_target_when_the_error_is_spread_over_many_no
     from qpass.search.float_fallback import step_size
 
     n = 20
-    x = helper.make_tensor_value_info("x", F, [1, 8])
-    y = helper.make_tensor_value_info("y", F, [1, 8 * n])
-    nodes, inits = [], []
-    for i in range(n):
-        inits.append(numpy_helper.from_array(np.full(8, 1 + 1e-4 + 1e-5 * i, np.float32), f"w{i}"))
-        nodes += [helper.make_node("Mul", ["x", f"w{i}"], [f"m{i}"], name=f"mul{i}"),
-                  helper.make_node("Sub", [f"m{i}", "x"], [f"d{i}"], name=f"sub{i}")]
-    nodes.append(helper.make_node("Concat", [f"d{i}" for i in range(n)], ["y"], axis=1, name="cat"))
-    model = _model(nodes, [x], [y], inits)
+    model = _spread_model(n)
     rng = np.random.default_rng(5)
     samples = [{"x": rng.uniform(1, 2, (1, 8)).astype(np.float32)} for _ in range(4)]
     assert [step_size(41, t) for t in range(5)] == [2, 4, 8, 16, 32]
@@ -405,32 +397,81 @@ def test_fidelity_check_reaches_the_target_when_the_error_is_spread_over_many_no
     np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-7)
 
 
-def test_a_trial_whose_model_does_not_load_stops_the_check_and_keeps_the_last_model_that_loads():
-    """onnxruntime can fuse a converted model into a node it has no kernel for (a mixed-type LayerNormalization of
-    bfloat16 on CUDA). Planted here: every trial's model carries an op onnxruntime does not know. The check stops at
-    the first trial, says so, and returns no moved model (the first conversion stays); no traceback."""
+def _spread_model(n: int = 20) -> onnx.ModelProto:
+    """y = Concat_i(x * w_i - x), w_i = 1 + 1e-4 + 1e-5 * i: float16 rounds every w_i to 1 (every branch zero)."""
+    x = helper.make_tensor_value_info("x", F, [1, 8])
+    y = helper.make_tensor_value_info("y", F, [1, 8 * n])
+    nodes, inits = [], []
+    for i in range(n):
+        inits.append(numpy_helper.from_array(np.full(8, 1 + 1e-4 + 1e-5 * i, np.float32), f"w{i}"))
+        nodes += [helper.make_node("Mul", ["x", f"w{i}"], [f"m{i}"], name=f"mul{i}"),
+                  helper.make_node("Sub", [f"m{i}", "x"], [f"d{i}"], name=f"sub{i}")]
+    nodes.append(helper.make_node("Concat", [f"d{i}" for i in range(n)], ["y"], axis=1, name="cat"))
+    return _model(nodes, [x], [y], inits)
+
+
+def _fallback_with_float16_models(model, float_type, convert_fn, n_samples=4):
+    """qpass.search.float_fallback.fallback under a ``float_type`` configuration, the models it checks made in
+    float16 by ``convert_fn`` (the CPU provider has no bfloat16 kernels: the bfloat16-only branches are tested so)."""
     from qpass.search.float_fallback import fallback
 
-    x = helper.make_tensor_value_info("x", F, [1, 8])
-    y = helper.make_tensor_value_info("y", F, [1, 8])
-    w = numpy_helper.from_array(np.full(8, 1.0001, np.float32), "w")
-    model = _model([helper.make_node("Mul", ["x", "w"], ["m"], name="mul"),
-                    helper.make_node("Sub", ["m", "x"], ["y"], name="sub")], [x], [y], [w])
-    cfg = qpass.QuantConfig(float_type="float16")
-    first, _ = convert(model, cfg)
+    half = qpass.QuantConfig(float_type="float16")
+    first, _ = convert(model, half)
+    rng = np.random.default_rng(5)
+    samples = [({"x": rng.uniform(1, 2, (1, 8)).astype(np.float32)}, None) for _ in range(n_samples)]
+    return fallback(model, first, qpass.QuantConfig(float_type=float_type), samples, {},
+                    lambda reference, _config, kept: convert_fn(reference, half, kept))
 
-    def unloadable(reference, config, kept):
+
+def _unloadable_from(trial: int):
+    """A convert callable whose models from call ``trial`` on carry an op onnxruntime does not know."""
+    calls = []
+
+    def convert_fn(reference, config, kept):
+        calls.append(1)
         m, records = convert(reference, config, kept)
-        m.graph.node.append(helper.make_node("NoSuchOp", ["y"], ["z"], domain="qpass.test"))
-        m.opset_import.append(helper.make_opsetid("qpass.test", 1))
+        if len(calls) >= trial:
+            m.graph.node.append(helper.make_node("NoSuchOp", ["y"], ["z"], domain="qpass.test"))
+            m.opset_import.append(helper.make_opsetid("qpass.test", 1))
         return m, records
+    return convert_fn
 
-    rng = np.random.default_rng(4)
-    samples = [({"x": rng.uniform(1, 2, (1, 8)).astype(np.float32)}, None) for _ in range(2)]
-    found = fallback(model, first, cfg, samples, {}, unloadable)
-    assert found.model is None and found.records == []
-    assert found.report["unloadable_trial"] == 1 and found.report["met"] is False and found.report["trials"] == 0
-    assert "does not load" in found.report["note"]
+
+def test_a_bfloat16_trial_whose_model_does_not_load_ends_the_check_with_the_last_model_that_loads():
+    """onnxruntime can fuse a bfloat16 model into a node it has no kernel for (a mixed-type LayerNormalization on
+    CUDA). Planted: trial 2's model carries an op onnxruntime does not know. The check stops there, says so, and
+    returns trial 1's model and records (2 tensors moved); no traceback."""
+    found = _fallback_with_float16_models(_spread_model(), "bfloat16", _unloadable_from(2))
+    r = found.report
+    assert r["unloadable_trial"] == 2 and r["trials"] == 1 and len(r["moves"]) == 1 and r["met"] is False
+    assert "does not load" in r["note"]
+    assert found.model is not None and found.records
+    assert "NoSuchOp" not in [n.op_type for n in found.model.graph.node]
+    kept_float = [t for t in r["moves"][0]["tensors"] if _elem(found.model, t) == F]
+    assert len(kept_float) == 2 == len(r["moves"][0]["tensors"])
+    first = _fallback_with_float16_models(_spread_model(), "bfloat16", _unloadable_from(1))
+    assert first.model is None and first.report["unloadable_trial"] == 1 and first.report["trials"] == 0
+
+
+def test_a_float16_trial_whose_model_does_not_load_is_an_error():
+    """float16 has kernels on every provider: a trial model that does not load is a bug, raised, not absorbed."""
+    with pytest.raises(Exception, match="NoSuchOp"):
+        _fallback_with_float16_models(_spread_model(), "float16", _unloadable_from(1))
+
+
+def test_bfloat16_check_does_not_move_a_layer_norms_input_gamma_or_beta(monkeypatch):
+    """In bfloat16, the tensors qpass.passes.rms_norm_divide.layer_norm_boundary names are never moved (they would
+    leave a LayerNorm of mixed types). Planted: the spread model's Sub outputs
+    (which add the most error) named as such; float16 moves them first."""
+    import qpass.passes.rms_norm_divide as rnd
+
+    pinned = {f"d{i}" for i in range(20)}
+    monkeypatch.setattr(rnd, "layer_norm_boundary", lambda model: pinned)
+    moved = lambda found: {t for m in found.report["moves"] for t in m["tensors"]}  # noqa: E731
+    bf = _fallback_with_float16_models(_spread_model(), "bfloat16", convert)
+    assert bf.report["moves"] and not moved(bf) & pinned
+    fp = _fallback_with_float16_models(_spread_model(), "float16", convert)
+    assert moved(fp) & pinned
 
 
 def test_half_io_model_is_validated_on_float32_data():

@@ -177,3 +177,36 @@ def test_bfloat16_keeps_a_decomposed_layer_norm_float32_from_its_mean_to_the_nor
     half, _ = convert(m, qpass.QuantConfig(float_type="float16", half_io=True))
     ht = {vi.name: vi.type.tensor_type.elem_type for vi in onnx.shape_inference.infer_shapes(half).graph.value_info}
     assert ht["mean"] == ht["c"] == ht["ln"] == H and ht["sq"] == ht["n"] == F
+
+
+@pytest.mark.parametrize("where", ["graph_input", "kept_producer"])
+def test_bfloat16_layer_norm_with_a_float32_input_is_float32_through_gamma_and_beta(where):
+    """A LayerNorm whose input stays float32 (a float32 graph input read directly, or the output of a node kept
+    float32) gets float32 gamma and beta too: one pass of the conversion leaves them bfloat16 (the mix onnxruntime
+    fuses into a node CUDA does not run), qpass.half.convert converts again with them kept."""
+    from qpass.pass_manager import run_model_passes
+    from qpass.passes.rms_norm_divide import mixed_layer_norms
+    from qpass.recipes import float_passes
+    from qpass.verify import verify_model
+
+    m = _layer_norm_model()
+    m.graph.node.append(helper.make_node("MatMul", ["y", "proj"], ["z"]))  # a heavy op after it: bfloat16
+    m.graph.initializer.append(numpy_helper.from_array(np.eye(8, dtype=np.float32), "proj"))
+    m.graph.output[0].CopyFrom(helper.make_tensor_value_info("z", F, [1, 4, 8]))
+    keep = {"h"} if where == "kept_producer" else set()
+    if where == "graph_input":  # the LayerNorm reads x itself
+        for n in m.graph.node:
+            n.input[:] = ["x" if i == "h" else i for i in n.input]
+        del m.graph.node[0]
+    cfg = qpass.QuantConfig(float_type="bfloat16")
+    once = onnx.ModelProto()
+    once.CopyFrom(m)
+    once, _ = run_model_passes(once, float_passes(cfg, keep_tensors=frozenset(keep), keep_nodes=()), verify=verify_model)
+    assert mixed_layer_norms(m, once) == {"scaled", "ln"}
+    out, _ = convert(m, cfg, keep)
+    onnx.checker.check_model(out, full_check=True)
+    assert mixed_layer_norms(m, out) == set()
+    types = {vi.name: vi.type.tensor_type.elem_type for vi in onnx.shape_inference.infer_shapes(out).graph.value_info}
+    assert all(types[t] == F for t in ("mean", "c", "n", "scaled", "ln"))
+    matmul = next(n for n in out.graph.node if n.op_type == "MatMul")
+    assert types[matmul.input[0]] == TensorProto.BFLOAT16  # the MatMul after it still runs in bfloat16
