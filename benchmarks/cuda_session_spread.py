@@ -18,13 +18,12 @@ import json
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import onnxruntime as ort
 
 from . import evaluate as ev
-from .float16_gpu import _cast_feed, _first_feed, convert, environment
+from .float16_gpu import _first_feed, convert, environment, rotated_medians
 
 SEARCHES = ("EXHAUSTIVE", "HEURISTIC")
 
@@ -34,18 +33,7 @@ def timed_sessions(paths: dict[str, Path], sessions: int, feed: dict, search: st
     providers = [("CUDAExecutionProvider", {"cudnn_conv_algo_search": search}), "CPUExecutionProvider"]
     made = {f"{label}#{k}": ort.InferenceSession(str(p), providers=providers)
             for label, p in paths.items() for k in range(sessions)}
-    feeds = {k: _cast_feed(s, feed) for k, s in made.items()}
-    labels = list(made)
-    for _ in range(5):
-        for k in labels:
-            made[k].run(None, feeds[k])
-    times: dict[str, list[float]] = {k: [] for k in labels}
-    for r in range(repeats):
-        for k in labels[r % len(labels):] + labels[:r % len(labels)]:
-            t = time.perf_counter()
-            made[k].run(None, feeds[k])
-            times[k].append(time.perf_counter() - t)
-    per_session = {k: round(statistics.median(v) * 1e3, 4) for k, v in times.items()}
+    per_session = rotated_medians(made, feed, repeats)
     per_file = {}
     for label in paths:
         ms = [v for k, v in per_session.items() if k.split("#")[0] == label]

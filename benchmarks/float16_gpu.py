@@ -208,8 +208,14 @@ def _cast_feed(sess, feed: dict) -> dict:
 def latency_round_robin(paths: dict[str, Path], feed: dict, providers, repeats: int) -> dict[str, float]:
     """Median ms of each model in ``paths`` (label -> file): every round runs each model once, in an order rotated
     by one each round (so no model always follows the same one), after five warm-up runs each."""
-    labels = list(paths)
-    sessions = {k: ort.InferenceSession(str(paths[k]), providers=list(providers)) for k in labels}
+    sessions = {k: ort.InferenceSession(str(p), providers=list(providers)) for k, p in paths.items()}
+    return rotated_medians(sessions, feed, repeats)
+
+
+def rotated_medians(sessions: dict, feed: dict, repeats: int) -> dict[str, float]:
+    """Median ms of each session (label -> InferenceSession) on ``feed`` (cast to its input types): five warm-up
+    runs each, then ``repeats`` rounds in which every session runs once, in an order rotated by one each round."""
+    labels = list(sessions)
     feeds = {k: _cast_feed(sessions[k], feed) for k in labels}
     for _ in range(5):
         for k in labels:
