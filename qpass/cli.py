@@ -307,7 +307,8 @@ def print_search(console: Console, s: dict) -> None:
         if s.get("opset"):
             console.print(f"  opset {s['opset']['from']} -> {s['opset']['to']} for the 16-bit moves", highlight=False)
         for m in s.get("moves", []):
-            console.print(f"  {m['node']} ({m['op_type']}) -> {m.get('to', 'float')}: worst cosine {_num(m['before']['cosine_min'])} -> "
+            more = f" and {len(m['group']) - 1} more" if m.get("group") else ""
+            console.print(f"  {m['node']} ({m['op_type']}){more} -> {m.get('to', 'float')}: worst cosine {_num(m['before']['cosine_min'])} -> "
                           f"{_num(m['after']['cosine_min'])}, {m['bytes_before']} -> {m['bytes_after']} bytes",
                           highlight=False, soft_wrap=True)
     ratio = s.get("latency_ratio") or {}

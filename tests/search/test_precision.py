@@ -276,3 +276,52 @@ def test_widen_and_its_table():
     assert got.get("input").max == 1.0  # still an 8-bit pair
     assert table.get(PLANTED).max == 5.0  # the table itself unchanged
     assert table_for(table, plan) is table
+
+
+def _linear_chain(layers: int = 16, width: int = 32) -> onnx.ModelProto:
+    """y = x W_1 ... W_n with random orthogonal W_i (the norm kept): every layer's activation quantization adds about
+    the same error, none stands out (opset 21, so 16-bit moves need no upgrade)."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(7)
+    inits, nodes, prev = [], [], "x"
+    for i in range(layers):
+        w = np.linalg.qr(rng.normal(size=(width, width)))[0].astype(np.float32)
+        inits.append(numpy_helper.from_array(w, f"w{i}"))
+        out = "y" if i == layers - 1 else f"h{i}"
+        nodes.append(helper.make_node("MatMul", [prev, f"w{i}"], [out], name=f"mm{i}"))
+        prev = out
+    g = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, width])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, width])], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+
+
+def test_spread_error_is_reached_by_growing_group_moves(monkeypatch):
+    """16 layers that each add the same error (one calibration sample 30 times larger makes every min-max range
+    coarse for 8 bits, fine for 16): a target 60 % of the way from the int8 output's worst cosine to the all-16-bit
+    one needs about 10 layers at 16 bits. Single moves (2 trials a step) move at most 4 in a budget of 8; the
+    search's growing groups (1, then 2, 4, 8 nodes) move up to 15 and meet it, each group a recorded move."""
+    model = _linear_chain()
+    rng = np.random.default_rng(8)
+    calib = [{"x": rng.normal(size=(1, 32)).astype(np.float32) * (30.0 if i == 0 else 1.0)} for i in range(16)]
+    val = [{"x": rng.normal(size=(1, 32)).astype(np.float32)} for _ in range(8)]
+    kw = dict(val=val, latency=False, per_layer=False, method="minmax")
+    start = qpass.quantize(model, calib, **kw).report.validation["outputs"][0]["cosine_min"]
+    ceiling = qpass.quantize(model, calib, activation_type="uint16", **kw).report.validation["outputs"][0]["cosine_min"]
+    assert ceiling > start  # 16-bit activations help (else the test proves nothing)
+    target = start + 0.6 * (ceiling - start)
+    res = qpass.quantize(model, calib, target_cosine=float(target), search_budget=8, **{**kw, "per_layer": True})
+    s = res.report.search
+    assert s["met"] is True and s["trials"] <= 8
+    groups = [len(m.get("group", [m])) for m in s["moves"]]
+    assert groups == [2 ** i for i in range(len(groups))] and len(groups) >= 3
+    moved = set(s["widened"]) | set(s["floated"])
+    assert len(moved) == sum(groups) > 4
+    assert {(g["node"], g["to"]) for m in s["moves"] for g in m.get("group", [m])} == \
+        {(n, "16-bit") for n in s["widened"]} | {(n, "float") for n in s["floated"]}
+    import qpass.search.precision as precision
+
+    monkeypatch.setattr(precision, "GROUP_GROWTH", 1)  # single moves only: the same budget does not reach it
+    single = qpass.quantize(model, calib, target_cosine=float(target), search_budget=8,
+                            **{**kw, "per_layer": True}).report.search
+    assert single["met"] is False and len(set(single["widened"]) | set(single["floated"])) <= 4
