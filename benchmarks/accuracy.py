@@ -106,7 +106,10 @@ def run(models: list[str], variants: list[str], shared: Path = SHARED, log=print
                 if result.report.search and "met" in result.report.search:  # the precision search's moves and time
                     found = result.report.search
                     row["search"] = {"met": found["met"], "trials": found["trials"], "seconds": found.get("seconds"),
-                                     "moves": [m["node"] for m in found["moves"]], "start": found.get("start"),
+                                     "moves": [m["node"] for m in found["moves"]],
+                                     "group_sizes": [len(m.get("group", [m])) for m in found["moves"]],
+                                     "widened": len(found.get("widened", [])), "floated": len(found.get("floated", [])),
+                                     "latency_ratio": found.get("latency_ratio"), "start": found.get("start"),
                                      "end": found.get("end"), "bytes": [m["bytes_after"] for m in found["moves"]]}
                     log(f"  search: {json.dumps(row['search'])}")
                 rows.append(row)
