@@ -81,6 +81,7 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, calib: Data = None, *, 
     or tensor.
     """
     cfg = (config or QuantConfig()).replace(**overrides) if overrides else (config or QuantConfig())
+    asked = cfg  # before resolve(): a collapse rescue starts from what was asked
     cfg, notes = resolve(cfg, has_data=calib is not None or load_calib is not None)
     if (eval_fn is None) != (max_metric_drop is None) or (max_metric_drop is not None and not (
             isinstance(max_metric_drop, (int, float)) and not isinstance(max_metric_drop, bool) and max_metric_drop >= 0)):
@@ -250,6 +251,24 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, calib: Data = None, *, 
     del reference
     if spilled is not None:
         spilled[0].cleanup()
+    wider = _collapse_rescue(asked, cfg, report, searching, plan=plan, load_calib=load_calib, calib=calib, val=val)
+    if wider is not None:
+        _release()
+        rescued = quantize(model, calib, config=wider, output=None, val=val, save_calib=save_calib,
+                           save_plan=save_plan, dump_dir=dump_dir, progress=progress)
+        if rescued.passed:
+            rescued.report.warnings.insert(0, (
+                f"8-bit activations broke the output ({_broken(report.validation)}); quantized again with "
+                f"{wider.activation_type} activations (opset {rescued.report.opset.get('output')}, weights int8) and "
+                f"kept ({_broken(rescued.report.validation)}). onnxruntime's CPU provider runs 16-bit Q/DQ with float "
+                "kernels (the speed is in the validation's latency); --no-collapse-rescue fails instead"))
+            rescued.report.search = {**(rescued.report.search or {}), "collapse_rescue": {
+                "activation_type": wider.activation_type, "first": report.validation.get("outputs"),
+                "first_failures": report.validation["tolerance_failures"]}}
+            return _save_result(rescued, model, output, wider)
+        report.warnings.append(f"16-bit activations ({wider.activation_type}) were tried and broke the output too: "
+                               + "; ".join((rescued.report.validation or {}).get("tolerance_failures", [])[:1]))
+        del rescued
     result = QuantizeResult(rewritten.model, report, plan=qplan)
     if output is not None:
         report.output = str(output)
@@ -388,6 +407,54 @@ def half_statistics(model: onnx.ModelProto, qplan: QuantPlan) -> dict[str, tuple
 
     asked = qplan.with_overrides().statistics
     return {t: tuple(dict.fromkeys((*asked.get(t, ()), "halfrange"))) for t in float_tensors(model)}
+
+
+def _collapse_rescue(asked: QuantConfig, cfg: QuantConfig, report: Report, searching: bool, *, plan, load_calib,
+                     calib, val) -> QuantConfig | None:
+    """The configuration to quantize again with when static quantization with 8-bit activations broke the output
+    (the collapse check failed): ``asked`` with 16-bit activations at opset >= 21 (their ranges min-max, as
+    ``auto`` chooses at 16 bits); None when the run is not such a case (weight-only, float16, integer operators,
+    16-bit already, a given plan or calibration table, a search, explicit minimums, data that cannot be read
+    twice) or ``collapse_rescue`` is off."""
+    from .search.precision import WIDER
+
+    v = report.validation or {}
+    explicit = any(x is not None for x in (cfg.min_cosine, cfg.min_sqnr, cfg.min_top1))
+    if not (cfg.collapse_rescue and cfg.collapse_check) or explicit or v.get("passed", True) or searching:
+        return None
+    if cfg.weight_only or cfg.float_type is not None or cfg.format != "qdq" or cfg.activation_type not in WIDER:
+        return None
+    if plan is not None or load_calib is not None:
+        return None
+    if any(d is not None and not isinstance(d, (str, os.PathLike, list, tuple)) for d in (calib, val)):
+        return None  # an iterator of feeds is read once
+    opset = max(cfg.target_opset or 0, (report.opset or {}).get("output") or 0, 21)
+    return asked.replace(activation_type=WIDER[cfg.activation_type], target_opset=opset, collapse_rescue=False)
+
+
+def _broken(validation: dict | None) -> str:
+    """Each validated output in a few words: perplexity against fp32's and top-1 agreement for a language model's
+    scores, SQNR for another output."""
+    parts = []
+    for o in (validation or {}).get("outputs", []):
+        if "perplexity_fp32" in o:
+            parts.append(f"'{o['output']}': perplexity {o['perplexity_fp32']:.2f} -> {o['perplexity_quantized']:.2f}"
+                         + (f", top-1 agreement {o['top1_agreement']:.3f}" if "top1_agreement" in o else ""))
+        else:
+            sq = o.get("sqnr_db")
+            parts.append(f"'{o['output']}': SQNR {sq:.1f} dB" if isinstance(sq, float) else f"'{o['output']}': SQNR {sq}")
+    return "; ".join(parts)
+
+
+def _save_result(result: QuantizeResult, model, output, cfg: QuantConfig) -> QuantizeResult:
+    """Write ``result`` to ``output`` (atomically, its report beside it), as :func:`quantize` does."""
+    if output is not None:
+        result.report.output = str(output)
+        result.output_path = save_model(result.model, output,
+                                        input_path=None if isinstance(model, onnx.ModelProto) else model,
+                                        external_data=cfg.external_data)
+        result.report_path = result.report.save(report_path_for(output))
+    return result
 
 
 def _latency_ratio(validation: dict | None) -> float | None:

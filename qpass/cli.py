@@ -174,6 +174,9 @@ def _validation_args(p: argparse.ArgumentParser) -> None:
     _config_option(p, "--allow-collapse", dest="collapse_check", action="store_const", const=False,
                    help="with no --min-* set, do not fail (exit 1) an output that validation shows broken "
                         "(a language model's perplexity over 1.5x fp32's, another output under 10 dB SQNR)")
+    _config_option(p, "--no-collapse-rescue", dest="collapse_rescue", action="store_const", const=False,
+                   help="static mode: when 8-bit activations break the output, fail as the collapse check says "
+                        "instead of quantizing again with 16-bit activations")
     _config_option(p, "--min-cosine", type=float, metavar="C", help="exit 1 if an output's mean cosine to fp32 is below C")
     _config_option(p, "--min-sqnr", type=float, metavar="DB", help="exit 1 if an output's SQNR is below DB")
     _config_option(p, "--min-top1", type=float, metavar="A", help="exit 1 if an output's top-1 agreement is below A")

@@ -130,6 +130,9 @@ class QuantConfig:
         min_top1: if set, a validated output top-1 agreement below this fails the run (exit 1).
         collapse_check: with no minimum set, a validated output that is broken rather than degraded fails the run
             (exit 1): a language model's perplexity over 1.5x fp32's, another output under 10 dB SQNR.
+        collapse_rescue: static quantization with 8-bit activations whose output the collapse check finds broken is
+            quantized again with 16-bit activations (uint16/int16 Q/DQ, opset 21, the weights still int8) and that
+            output is kept when it is not broken (a warning says so); False: the run fails as the check says.
         providers: execution providers to validate on ("cpu", "cuda"); empty: CPU, and CUDA when available.
         validate: compare the result with the original on onnxruntime (False: the report says it was not validated).
         per_layer: rank the layers by the error they add (one more run per validation sample).
@@ -267,6 +270,7 @@ class QuantConfig:
     min_sqnr: float | None = None
     min_top1: float | None = None
     collapse_check: bool = True
+    collapse_rescue: bool = True
     providers: tuple[str, ...] = ()
     validate: bool = True
     per_layer: bool = True
@@ -438,6 +442,8 @@ class QuantConfig:
             raise bad("validate", self.validate, "true or false")
         if not isinstance(self.collapse_check, bool):
             raise bad("collapse_check", self.collapse_check, "true or false")
+        if not isinstance(self.collapse_rescue, bool):
+            raise bad("collapse_rescue", self.collapse_rescue, "true or false")
         if not isinstance(self.per_channel, bool):
             raise bad("per_channel", self.per_channel, "true or false")
         if self.equalize is not None and not isinstance(self.equalize, bool):

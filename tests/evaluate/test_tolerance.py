@@ -63,9 +63,59 @@ def test_a_broken_output_fails_the_run_and_names_the_layer(tmp_path, capsys):
     path = _outlier_model(tmp_path)
     r = qpass.quantize(path, tmp_path / "calib.npz", val=tmp_path / "val.npz", latency=False)
     assert r.report.validation["outputs"][0]["sqnr_db"] < COLLAPSE_SQNR_DB and not r.passed
+    # the 16-bit rescue was tried: channel 0's range breaks that too, so the 8-bit output and its failure stand
+    assert r.report.config["activation_type"] == "uint8"
+    assert any(w.startswith("16-bit activations (uint16) were tried and broke the output too") for w in r.report.warnings)
     args = ["run", str(path), "--calib", str(tmp_path / "calib.npz"), "--val", str(tmp_path / "val.npz"),
             "-o", str(tmp_path / "q.onnx"), "--quiet"]
     assert main(args) == 1
     err = capsys.readouterr().err
     assert "is broken" in err and "mm (MatMul)" in err and "--allow-collapse" in err
     assert main([*args, "--allow-collapse"]) == 0
+
+
+def _spread_chain(tmp_path):
+    """y = x W_1 ... W_8 (random orthogonal W_i, opset 17); one calibration sample 30 times larger makes every
+    min-max range coarse for 8 bits (the output is noise) and fine for 16."""
+    rng = np.random.default_rng(7)
+    inits, nodes, prev = [], [], "x"
+    for i in range(8):
+        inits.append(numpy_helper.from_array(np.linalg.qr(rng.normal(size=(32, 32)))[0].astype(np.float32), f"w{i}"))
+        out = "y" if i == 7 else f"h{i}"
+        nodes.append(helper.make_node("MatMul", [prev, f"w{i}"], [out], name=f"mm{i}"))
+        prev = out
+    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 32])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 32])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, tmp_path / "chain.onnx")
+    x = rng.normal(0, 1, (48, 32)).astype(np.float32)
+    x[0] *= 30.0
+    np.savez(tmp_path / "calib.npz", x=x[:32])
+    np.savez(tmp_path / "val.npz", x=x[32:])
+    return tmp_path / "chain.onnx"
+
+
+def test_a_broken_static_output_is_quantized_again_with_16_bit_activations(tmp_path, capsys):
+    """8-bit activations break the chain's output (SQNR under 10 dB); the run quantizes it again with uint16
+    activations at opset 21 (weights int8), keeps that output (not broken) with a warning, exits 0; with
+    --no-collapse-rescue it fails as before."""
+    path = _spread_chain(tmp_path)
+    data = dict(val=tmp_path / "val.npz", latency=False)
+    first = qpass.quantize(path, tmp_path / "calib.npz", collapse_rescue=False, **data)
+    assert first.report.validation["outputs"][0]["sqnr_db"] < COLLAPSE_SQNR_DB and not first.passed
+    r = qpass.quantize(path, tmp_path / "calib.npz", **data)
+    assert r.passed and r.report.config["activation_type"] == "uint16" and r.report.opset["output"] == 21
+    assert r.report.validation["outputs"][0]["sqnr_db"] > COLLAPSE_SQNR_DB
+    assert r.report.warnings[0].startswith("8-bit activations broke the output")
+    rescue = r.report.search["collapse_rescue"]
+    assert rescue["activation_type"] == "uint16" and rescue["first"][0]["sqnr_db"] < COLLAPSE_SQNR_DB
+    q = {n.input[0] for n in r.model.graph.node if n.op_type == "QuantizeLinear"}
+    zps = {n.input[2] for n in r.model.graph.node if n.op_type == "QuantizeLinear" and len(n.input) > 2}
+    inits = {t.name: t.data_type for t in r.model.graph.initializer}
+    assert q and {inits[z] for z in zps} == {TensorProto.UINT16}
+    args = ["run", str(path), "--calib", str(tmp_path / "calib.npz"), "--val", str(tmp_path / "val.npz"),
+            "-o", str(tmp_path / "q.onnx"), "--no-latency", "--quiet"]
+    assert main(args) == 0 and (tmp_path / "q.onnx").exists()
+    assert main([*args, "--no-collapse-rescue"]) == 1
+    assert "is broken" in capsys.readouterr().err
