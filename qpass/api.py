@@ -254,9 +254,18 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, calib: Data = None, *, 
     wider = _collapse_rescue(asked, cfg, report, searching, plan=plan, load_calib=load_calib, calib=calib, val=val)
     if wider is not None:
         _release()
-        rescued = quantize(model, calib, config=wider, output=None, val=val, save_calib=save_calib,
-                           save_plan=save_plan, dump_dir=dump_dir, progress=progress)
-        if rescued.passed:
+        t = time.perf_counter()
+        side = tempfile.TemporaryDirectory(prefix="qpass-rescue-")  # its table replaces save_calib only when kept
+        with side:
+            rescued = quantize(model, calib, config=wider, output=None, val=val,
+                               save_calib=Path(side.name) / "table.json" if save_calib is not None else None,
+                               dump_dir=Path(dump_dir) / "collapse_rescue" if dump_dir is not None else None,
+                               progress=progress)
+            kept = rescued.passed
+            if kept and save_calib is not None:
+                os.replace(Path(side.name) / "table.json", save_calib)
+        times["collapse_rescue"] = time.perf_counter() - t
+        if kept:
             rescued.report.warnings.insert(0, (
                 f"8-bit activations broke the output ({_broken(report.validation)}); quantized again with "
                 f"{wider.activation_type} activations (opset {rescued.report.opset.get('output')}, weights int8) and "
@@ -264,7 +273,10 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, calib: Data = None, *, 
                 "kernels (the speed is in the validation's latency); --no-collapse-rescue fails instead"))
             rescued.report.search = {**(rescued.report.search or {}), "collapse_rescue": {
                 "activation_type": wider.activation_type, "first": report.validation.get("outputs"),
-                "first_failures": report.validation["tolerance_failures"]}}
+                "first_failures": report.validation["tolerance_failures"],
+                "first_seconds": {k: round(v, 3) for k, v in times.items() if k != "collapse_rescue"}}}
+            if save_plan is not None and rescued.plan is not None:
+                rescued.plan.save(save_plan)
             return _save_result(rescued, model, output, wider)
         report.warnings.append(f"16-bit activations ({wider.activation_type}) were tried and broke the output too: "
                                + "; ".join((rescued.report.validation or {}).get("tolerance_failures", [])[:1]))
@@ -412,17 +424,21 @@ def half_statistics(model: onnx.ModelProto, qplan: QuantPlan) -> dict[str, tuple
 def _collapse_rescue(asked: QuantConfig, cfg: QuantConfig, report: Report, searching: bool, *, plan, load_calib,
                      calib, val) -> QuantConfig | None:
     """The configuration to quantize again with when static quantization with 8-bit activations broke the output
-    (the collapse check failed): ``asked`` with 16-bit activations at opset >= 21 (their ranges min-max, as
-    ``auto`` chooses at 16 bits); None when the run is not such a case (weight-only, float16, integer operators,
-    16-bit already, a given plan or calibration table, a search, explicit minimums, data that cannot be read
-    twice) or ``collapse_rescue`` is off."""
+    (the collapse check failed): ``asked`` with 16-bit activations at opset >= 21 (ranges by ``asked``'s method:
+    ``auto`` chooses min-max at 16 bits); None when the run is not such a case (weight-only, dynamic, float16,
+    integer operators, 16-bit already, a ``target_opset`` below 21, a given plan or calibration table, a search,
+    explicit minimums, data that cannot be read twice) or ``collapse_rescue`` is off. An ``activation_type`` of
+    8 bits given explicitly is rescued too (it is the default)."""
     from .search.precision import WIDER
 
     v = report.validation or {}
     explicit = any(x is not None for x in (cfg.min_cosine, cfg.min_sqnr, cfg.min_top1))
     if not (cfg.collapse_rescue and cfg.collapse_check) or explicit or v.get("passed", True) or searching:
         return None
-    if cfg.weight_only or cfg.float_type is not None or cfg.format != "qdq" or cfg.activation_type not in WIDER:
+    if cfg.weight_only or cfg.dynamic or cfg.float_type is not None or cfg.format != "qdq" or \
+            cfg.activation_type not in WIDER:
+        return None
+    if asked.target_opset is not None and asked.target_opset < 21:  # an opset the user pinned below 16-bit Q/DQ's
         return None
     if plan is not None or load_calib is not None:
         return None
@@ -450,9 +466,11 @@ def _save_result(result: QuantizeResult, model, output, cfg: QuantConfig) -> Qua
     """Write ``result`` to ``output`` (atomically, its report beside it), as :func:`quantize` does."""
     if output is not None:
         result.report.output = str(output)
+        t = time.perf_counter()
         result.output_path = save_model(result.model, output,
                                         input_path=None if isinstance(model, onnx.ModelProto) else model,
                                         external_data=cfg.external_data)
+        result.report.seconds["save"] = time.perf_counter() - t
         result.report_path = result.report.save(report_path_for(output))
     return result
 

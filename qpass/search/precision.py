@@ -8,7 +8,8 @@ each node adds; a ranked op that is not a plan node stands for the compute node(
 again on the kept model for the next step. After a kept move that leaves the target unmet, the next step moves a
 group twice the size of the last (the first 2, 4, 8... nodes of the ranking, one trial): where the error is spread
 over many layers (a detector whose 0.99 mask IoU took 64 of its 85 Convs at 16 bits) a budget of 8 trials reaches
-over 60 nodes instead of 8, while a model with one bad layer still has it found and moved alone first. The trials of a step are independent: with ``search_workers`` > 1 they run
+over 60 nodes instead of 4, while a model with one bad layer still has it found and moved alone first. A group that
+does not help sends the search back to single moves (only its first node counts as tried). The trials of a step are independent: with ``search_workers`` > 1 they run
 in a process pool on the stage artifacts (prepared model, plan, table), and the moves do not depend on the worker count.
 
 A node's first move is to 16-bit activations (the activations it reads and the quantized outputs it writes get
@@ -284,6 +285,14 @@ def run_trial(prepared, config: QuantConfig, overrides: tuple, moved: tuple, tab
                  rewritten.quantized_nodes, rewritten.info, metric)
 
 
+def _kinds(step: tuple) -> dict[str, int]:
+    """How many of a group's (node, kind) moves are of each kind."""
+    out: dict[str, int] = {}
+    for _, k in step:
+        out[k] = out.get(k, 0) + 1
+    return out
+
+
 def split(moves: tuple) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(nodes moved to float, nodes moved to 16 bits and not later to float) of ``moves`` ((node, kind) pairs)."""
     floated = tuple(dict.fromkeys(n for n, k in moves if k == FLOAT))
@@ -406,15 +415,19 @@ def search(prepared, plan: QuantPlan, table: CalibrationTable, config: QuantConf
                     corrections, provider, eval_fn if target.metric is not None else None)
             trials = pool.map(run_trial, args, steps)
             report["trials"] += len(trials)
-            scored = [{"node": t.node, "to": step[0][1], **({"nodes": len(step)} if len(step) > 1 else {}),
+            scored = [{"node": t.node, "to": step[0][1], **({"nodes": len(step), "kinds": _kinds(step)} if len(step) > 1 else {}),
                        **summary(t.outputs, t.metric), **({"error": t.info["error"]} if "error" in t.info else {})}
                       for t, step in zip(trials, steps)]
             best = max(range(len(trials)), key=lambda i: (trials[i].model is not None, target.score(trials[i].outputs, trials[i].metric), -i))
             kept, row = trials[best], picks[best][1]
-            tried.update(p for step in steps for p in step)
+            grouped = len(steps) == 1 and len(steps[0]) > 1
+            tried.update([steps[0][0]] if grouped else [p for step in steps for p in step])
             if kept.model is None or target.score(kept.outputs, kept.metric) < target.score(outputs, metric):
                 report["rejected"].append({"before": summary(outputs, metric), "candidates": scored})
+                group = 1  # a group that did not help: single moves again, its other nodes still untried
                 continue  # no candidate helped: the next ranked ones are tried on the same model
+            if grouped:
+                tried.update(steps[0])
             op = next((n.op_type for n in current.plan.with_overrides().nodes if n.node == kept.node), None)
             report["moves"].append({
                 "node": kept.node, "op_type": op, "to": steps[best][0][1], "ranked": row.get("node"),

@@ -119,3 +119,27 @@ def test_a_broken_static_output_is_quantized_again_with_16_bit_activations(tmp_p
     assert main(args) == 0 and (tmp_path / "q.onnx").exists()
     assert main([*args, "--no-collapse-rescue"]) == 1
     assert "is broken" in capsys.readouterr().err
+
+
+def test_the_rescue_leaves_dynamic_runs_pinned_opsets_and_the_side_files_of_a_kept_refusal(tmp_path):
+    """No rescue for dynamic quantization or a target_opset pinned below 21; when the 16-bit attempt breaks too, the
+    plan and table files are the 8-bit run's (the result's)."""
+    path = _outlier_model(tmp_path)
+    data = dict(val=tmp_path / "val.npz", latency=False)
+    dyn = qpass.quantize(path, tmp_path / "calib.npz", dynamic=True, **data)
+    assert not any("16-bit activations" in w for w in dyn.report.warnings)
+    (tmp_path / "chain").mkdir()
+    chain = _spread_chain(tmp_path / "chain")
+    pinned = qpass.quantize(chain, tmp_path / "chain" / "calib.npz", val=tmp_path / "chain" / "val.npz", latency=False,
+                            target_opset=17)
+    assert not pinned.passed and pinned.report.opset["output"] == 17 and "collapse_rescue" not in (pinned.report.search or {})
+    plan, table = tmp_path / "plan.json", tmp_path / "table.json"
+    r = qpass.quantize(path, tmp_path / "calib.npz", save_plan=plan, save_calib=table, **data)
+    assert not r.passed and r.report.config["activation_type"] == "uint8"
+    import json
+
+    saved = json.loads(plan.read_text())
+    assert {t["spec"]["dtype"] for t in saved["tensors"].values()} == {"uint8"}
+    alone = tmp_path / "table_8bit.json"
+    qpass.quantize(path, tmp_path / "calib.npz", save_calib=alone, collapse_rescue=False, **data)
+    assert json.loads(table.read_text()) == json.loads(alone.read_text())

@@ -325,3 +325,35 @@ def test_spread_error_is_reached_by_growing_group_moves(monkeypatch):
     single = qpass.quantize(model, calib, target_cosine=float(target), search_budget=8,
                             **{**kw, "per_layer": True}).report.search
     assert single["met"] is False and len(set(single["widened"]) | set(single["floated"])) <= 4
+
+
+def test_a_group_that_does_not_help_sends_the_search_back_to_single_moves(monkeypatch):
+    """Planted: the first group trial's rewrite fails. The step is rejected, the next step is a single move again
+    (2 candidates), and only the group's first node counts as tried: its other nodes still get their 16-bit move."""
+    import qpass.search.precision as precision
+
+    model = _linear_chain()
+    rng = np.random.default_rng(8)
+    calib = [{"x": rng.normal(size=(1, 32)).astype(np.float32) * (30.0 if i == 0 else 1.0)} for i in range(16)]
+    val = [{"x": rng.normal(size=(1, 32)).astype(np.float32)} for _ in range(8)]
+    original, failed = precision.run_trial, []
+
+    def run_trial(*args):
+        move = args[-1]
+        if len(move) > 1 and not failed:
+            failed.append(move)
+            trial = original(*args)
+            trial.model, trial.info["error"] = None, "planted rewrite failure"
+            return trial
+        return original(*args)
+
+    monkeypatch.setattr(precision, "run_trial", run_trial)
+    s = qpass.quantize(model, calib, val=val, latency=False, method="minmax", collapse_rescue=False,
+                       target_cosine=0.99999, search_budget=8).report.search
+    (group,) = failed
+    assert len(group) == 2 and s["rejected"][0]["candidates"][0]["nodes"] == 2
+    after = [c for r in s["rejected"][1:] + s["moves"][1:] for c in r["candidates"]]
+    assert after and "nodes" not in after[0]  # single candidates again
+    second = group[1][0]
+    tried = [(c["node"], c["to"]) for r in s["rejected"] + s["moves"] for c in r["candidates"] if "nodes" not in c]
+    assert (second, "float") not in tried or tried.index((second, "16-bit")) < tried.index((second, "float"))
