@@ -281,16 +281,8 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, calib: Data = None, *, 
         report.warnings.append(f"16-bit activations ({wider.activation_type}) were tried and broke the output too: "
                                + "; ".join((rescued.report.validation or {}).get("tolerance_failures", [])[:1]))
         del rescued
-    result = QuantizeResult(rewritten.model, report, plan=qplan)
-    if output is not None:
-        report.output = str(output)
-        result.output_path = _timed(times, "save", save_model, rewritten.model, output,
-                                    input_path=None if isinstance(model, onnx.ModelProto) else model,
-                                    external_data=cfg.external_data)
-        report.seconds = times
-        result.report_path = report.save(report_path_for(output))
     report.seconds = times
-    return result
+    return _save_result(QuantizeResult(rewritten.model, report, plan=qplan), model, output, cfg)
 
 
 def _imported(model, original: onnx.ModelProto, name: str, cfg: QuantConfig, notes: list[str], *, output, val, calib,
@@ -463,7 +455,8 @@ def _broken(validation: dict | None) -> str:
 
 
 def _save_result(result: QuantizeResult, model, output, cfg: QuantConfig) -> QuantizeResult:
-    """Write ``result`` to ``output`` (atomically, its report beside it), as :func:`quantize` does."""
+    """Write ``result`` to ``output`` (atomically, its report beside it, the save's seconds in it); ``model`` is the
+    input (never written over)."""
     if output is not None:
         result.report.output = str(output)
         t = time.perf_counter()

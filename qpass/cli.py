@@ -310,10 +310,7 @@ def print_search(console: Console, s: dict) -> None:
         if s.get("opset"):
             console.print(f"  opset {s['opset']['from']} -> {s['opset']['to']} for the 16-bit moves", highlight=False)
         for m in s.get("moves", []):
-            kinds: dict[str, int] = {}
-            for g in m.get("group", []):
-                kinds[g["to"]] = kinds.get(g["to"], 0) + 1
-            to = ", ".join(f"{n} {k}" for k, n in kinds.items()) if kinds else m.get("to", "float")
+            to = ", ".join(f"{n} {k}" for k, n in m["kinds"].items()) if m.get("kinds") else m.get("to", "float")
             more = f" and {len(m['group']) - 1} more" if m.get("group") else ""
             console.print(f"  {m['node']} ({m['op_type']}){more} -> {to}: worst cosine {_num(m['before']['cosine_min'])} -> "
                           f"{_num(m['after']['cosine_min'])}, {m['bytes_before']} -> {m['bytes_after']} bytes",

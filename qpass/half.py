@@ -140,17 +140,15 @@ def convert(model: onnx.ModelProto, config: QuantConfig, keep_tensors: dict[str,
     """A converted copy of ``model`` (the recipe's float passes, each verified), and the pass records. bfloat16: a
     decomposed LayerNorm whose input came out float32 is converted again with its gamma and beta float32 too
     (:func:`qpass.passes.rms_norm_divide.mixed_layer_norms`)."""
+    from .passes.rms_norm_divide import mixed_layer_norms
+
     keep, nodes = frozenset(keep_tensors), _node_names(model, config, keep_nodes)
     for _ in range(3):  # bfloat16: a LayerNorm left with a float32 input gets float32 gamma and beta (one more pass)
         out = onnx.ModelProto()
         out.CopyFrom(model)
         converted, records = run_model_passes(out, float_passes(config, keep_tensors=keep, keep_nodes=nodes),
                                               verify=verify_model)
-        if config.float_type != "bfloat16":
-            break
-        from .passes.rms_norm_divide import mixed_layer_norms
-
-        mixed = mixed_layer_norms(model, converted)
+        mixed = mixed_layer_norms(model, converted) if config.float_type == "bfloat16" else set()
         if not mixed:
             break
         keep = keep | mixed

@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import re
 import time
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -285,14 +286,6 @@ def run_trial(prepared, config: QuantConfig, overrides: tuple, moved: tuple, tab
                  rewritten.quantized_nodes, rewritten.info, metric)
 
 
-def _kinds(step: tuple) -> dict[str, int]:
-    """How many of a group's (node, kind) moves are of each kind."""
-    out: dict[str, int] = {}
-    for _, k in step:
-        out[k] = out.get(k, 0) + 1
-    return out
-
-
 def split(moves: tuple) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(nodes moved to float, nodes moved to 16 bits and not later to float) of ``moves`` ((node, kind) pairs)."""
     floated = tuple(dict.fromkeys(n for n, k in moves if k == FLOAT))
@@ -415,7 +408,7 @@ def search(prepared, plan: QuantPlan, table: CalibrationTable, config: QuantConf
                     corrections, provider, eval_fn if target.metric is not None else None)
             trials = pool.map(run_trial, args, steps)
             report["trials"] += len(trials)
-            scored = [{"node": t.node, "to": step[0][1], **({"nodes": len(step), "kinds": _kinds(step)} if len(step) > 1 else {}),
+            scored = [{"node": t.node, "to": step[0][1], **({"nodes": len(step), "kinds": dict(Counter(k for _, k in step))} if len(step) > 1 else {}),
                        **summary(t.outputs, t.metric), **({"error": t.info["error"]} if "error" in t.info else {})}
                       for t, step in zip(trials, steps)]
             best = max(range(len(trials)), key=lambda i: (trials[i].model is not None, target.score(trials[i].outputs, trials[i].metric), -i))
@@ -431,7 +424,8 @@ def search(prepared, plan: QuantPlan, table: CalibrationTable, config: QuantConf
             op = next((n.op_type for n in current.plan.with_overrides().nodes if n.node == kept.node), None)
             report["moves"].append({
                 "node": kept.node, "op_type": op, "to": steps[best][0][1], "ranked": row.get("node"),
-                **({"group": [{"node": n, "to": k} for n, k in steps[best]]} if len(steps[best]) > 1 else {}),
+                **({"group": [{"node": n, "to": k} for n, k in steps[best]],
+                    "kinds": dict(Counter(k for _, k in steps[best]))} if len(steps[best]) > 1 else {}),
                 "added_noise_db": row.get("added_noise_db"), "before": summary(outputs, metric), "after": summary(kept.outputs, kept.metric),
                 "bytes_before": size, "bytes_after": kept.output_bytes, "candidates": scored})
             moved += steps[best]
