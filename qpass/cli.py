@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     _config_option(run, "--exclude-before", action="append", metavar="OP",
                      help="keep in float a compute node whose output only this op type reads (repeatable; "
                           "e.g. HardSwish, which onnxruntime fuses into a float Conv but has no integer kernel for)")
+    _config_option(run, "--quantize-before-log", dest="float_before_log", action="store_const", const=False,
+                     help="quantize the Conv/MatMul nodes that compute what a Log reads (an in-graph log spectrogram); "
+                          "default: they stay float")
     _config_option(run, "--smooth-quant", choices=SMOOTH_QUANT,
                    help="static 8-bit: migrate activation outliers into the MatMul/Gemm weights first (SmoothQuant, "
                         "strength searched per layer on the calibration data; default off)")

@@ -118,6 +118,11 @@ class QuantConfig:
             CPU provider runs Conv + HardSwish as one fp32 kernel, while an int8 Conv leaves the HardSwish in float
             between a DequantizeLinear and a QuantizeLinear (the orientation CNN: x1.77 fp32's latency by
             default, x0.97 with HardSwish here; docs/benchmark-notes.md).
+        float_before_log: a compute node whose output reaches a Log through linear and magnitude ops only (data
+            movement, Pad, Concat, Mul, Add, Sqrt, sums, Clip/Max, another Conv/MatMul; no activation function between)
+            stays in float, with at most two such compute nodes on a path: a log spectrogram computed in the graph
+            turns the absolute error of 8-bit values into unbounded relative error on its quiet bins (a music
+            transcription CNN's in-graph CQT: output SQNR 5 dB with it quantized, 30-40 dB kept float).
         target_opset: upgrade the model to this opset (onnx.version_converter) first.
         val_fraction: share of the calibration samples held out for validation when no
             separate validation data is given.
@@ -259,6 +264,7 @@ class QuantConfig:
     op_types: tuple[str, ...] = COMPUTE_OPS
     exclude_nodes: tuple[str, ...] = ()
     exclude_before: tuple[str, ...] = ()
+    float_before_log: bool = True
     target_opset: int | None = None
     val_fraction: float = 0.2
     max_val_samples: int = 64
@@ -457,6 +463,8 @@ class QuantConfig:
         if isinstance(self.exclude_before, str) or not all(isinstance(op, str) and op for op in self.exclude_before):
             raise bad("exclude_before", self.exclude_before, "a list of op types")
         object.__setattr__(self, "exclude_before", tuple(self.exclude_before))
+        if not isinstance(self.float_before_log, bool):
+            raise bad("float_before_log", self.float_before_log, "true or false")
         if isinstance(self.quantize_outputs, bool):
             object.__setattr__(self, "quantize_outputs", COMPUTE_OPS if self.quantize_outputs else ())
         object.__setattr__(self, "quantize_outputs", tuple(self.quantize_outputs))

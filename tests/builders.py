@@ -118,3 +118,49 @@ def residual_model(seed: int = 0) -> onnx.ModelProto:
                           helper.make_tensor_value_info("e", TensorProto.FLOAT, ["N", 5])],
                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 8, 8]),
                    helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 5])], inits)
+
+
+def log_spectrogram_model(*, relu_before_log: bool = False, bins: int = 16, frame: int = 64) -> onnx.ModelProto:
+    """audio[N,1,2048] -> two Convs (cosine and sine kernels, a short-time Fourier transform) -> re^2 + im^2 + 1e-6
+    -> Log -> Conv 1x1 (bins -> 4) -> Relu -> GlobalAveragePool -> y[N,4,1]: a log spectrogram computed in the graph.
+    ``relu_before_log``: a Relu on each transform's output (the Log's walk stops there)."""
+    n = np.arange(frame)
+    freqs = np.geomspace(2, frame / 2 - 1, bins)
+    window = np.hanning(frame)
+    cos = (np.cos(2 * np.pi * freqs[:, None] * n / frame) * window).astype(np.float32)[:, None, :]
+    sin = (np.sin(2 * np.pi * freqs[:, None] * n / frame) * window).astype(np.float32)[:, None, :]
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(cos, "Wre"), numpy_helper.from_array(sin, "Wim"),
+             numpy_helper.from_array(rng.normal(0, 0.3, (4, bins, 1)).astype(np.float32), "Wc"),
+             numpy_helper.from_array(np.float32(1e-6), "eps")]
+    nodes = [helper.make_node("Conv", ["audio", "Wre"], ["re0"], name="stft_re", strides=[frame // 2]),
+             helper.make_node("Conv", ["audio", "Wim"], ["im0"], name="stft_im", strides=[frame // 2])]
+    if relu_before_log:
+        nodes += [helper.make_node("Relu", ["re0"], ["re"], name="relu_re"),
+                  helper.make_node("Relu", ["im0"], ["im"], name="relu_im")]
+    else:
+        nodes += [helper.make_node("Identity", ["re0"], ["re"], name="id_re"),
+                  helper.make_node("Identity", ["im0"], ["im"], name="id_im")]
+    nodes += [helper.make_node("Mul", ["re", "re"], ["re2"], name="re2"),
+              helper.make_node("Mul", ["im", "im"], ["im2"], name="im2"),
+              helper.make_node("Add", ["re2", "im2"], ["power"], name="power"),
+              helper.make_node("Add", ["power", "eps"], ["power_eps"], name="power_eps"),
+              helper.make_node("Log", ["power_eps"], ["logspec"], name="log"),
+              helper.make_node("Conv", ["logspec", "Wc"], ["c"], name="classifier"),
+              helper.make_node("Relu", ["c"], ["r"], name="relu"),
+              helper.make_node("GlobalAveragePool", ["r"], ["y"], name="pool")]
+    return _model(nodes, [helper.make_tensor_value_info("audio", TensorProto.FLOAT, ["N", 1, 2048])],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 1])], inits)
+
+
+def tone_feeds(n: int = 24, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    """Audio windows for log_spectrogram_model: a few sine tones each, loudness from -40 to 0 dB, a little noise."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(2048)
+    out = []
+    for _ in range(n):
+        x = sum(rng.uniform(0.05, 1) * np.sin(2 * np.pi * rng.uniform(0.01, 0.45) * t + rng.uniform(0, 6.3))
+                for _ in range(rng.integers(1, 4)))
+        x = x / np.abs(x).max() * 10 ** rng.uniform(-2, 0) + rng.normal(0, 1e-4, t.shape)
+        out.append({"audio": x.astype(np.float32)[None, None, :]})
+    return out

@@ -12,7 +12,7 @@ import onnx_graphsurgeon as gs
 
 from ..config import QuantConfig
 from ..graph import Scope, is_float32, is_onnx_op, node_label, producer, scopes
-from ..ops import BIAS_OPS, RECURRENT, WEIGHT_CHANNEL_AXIS
+from ..ops import BIAS_OPS, LOG_PATH_OPS, RECURRENT, WEIGHT_CHANNEL_AXIS
 from ..pass_manager import Skip
 
 if TYPE_CHECKING:
@@ -70,6 +70,36 @@ def quantizable_scopes(graph: gs.Graph) -> list[Scope]:
     return [s for s in scopes(graph) if _calibrated(s, graph.opset)]
 
 
+#: how many compute nodes in a row a Log's walk marks (a spectrogram: a filter bank after a transform)
+LOG_PATH_COMPUTE = 2
+
+
+def log_feeders(graph: gs.Graph, op_types: tuple[str, ...] | frozenset[str]) -> dict[int, str]:
+    """id(node) -> the Log it feeds, for the compute nodes whose output reaches a Log of ``graph`` through
+    :data:`LOG_PATH_OPS` only, at most :data:`LOG_PATH_COMPUTE` compute nodes deep (config.float_before_log)."""
+    found: dict[int, str] = {}
+    for log in graph.nodes:
+        if log.op != "Log" or not is_onnx_op(log) or not log.inputs:
+            continue
+        stack: list[tuple[gs.Tensor, int]] = [(log.inputs[0], 0)]
+        seen: set[tuple[str, int]] = set()
+        while stack:
+            t, depth = stack.pop()
+            if not isinstance(t, gs.Variable) or len(t.inputs) != 1 or (t.name, depth) in seen:
+                continue
+            seen.add((t.name, depth))
+            p = t.inputs[0]
+            if not is_onnx_op(p):
+                continue
+            if p.op in op_types:
+                found.setdefault(id(p), log.name or "Log")
+                if depth + 1 < LOG_PATH_COMPUTE:
+                    stack.extend((i, depth + 1) for i in p.inputs)
+            elif p.op in LOG_PATH_OPS:
+                stack.extend((i, depth) for i in p.inputs)
+    return found
+
+
 def find_targets(graph: gs.Graph, config: QuantConfig) -> tuple[list[Target], list[Skip]]:
     """Targets in the top-level graph, If branches and Loop/Scan bodies, and the candidates skipped with a reason
     (recurrent ops; compute in a body calibration cannot follow).
@@ -90,6 +120,7 @@ def scope_targets(scope: Scope, config: QuantConfig) -> tuple[list[Target], list
     """The targets among one graph's own nodes (not its bodies'), and the candidates skipped there."""
     targets: list[Target] = []
     skips: list[Skip] = []
+    before_log = log_feeders(scope.graph, config.op_types) if config.float_before_log else {}
     for node in scope.graph.nodes:
         if node.op not in config.op_types:
             continue
@@ -110,6 +141,11 @@ def scope_targets(scope: Scope, config: QuantConfig) -> tuple[list[Target], list
             if readers and all(r.op in config.exclude_before for r in readers):
                 skip(f"its output is read only by {', '.join(sorted({r.op for r in readers}))} (exclude_before)")
                 continue
+        if id(node) in before_log:
+            skip(f"computes what Log '{before_log[id(node)]}' reads (through linear and magnitude ops): 8-bit error "
+                 "would be relative error without bound on its small values; kept in float (--quantize-before-log "
+                 "quantizes it)")
+            continue
         ins = node.inputs
         if len(ins) < 2:
             skip("fewer than two inputs")
