@@ -297,6 +297,23 @@ def scoped_labels(graph: gs.Graph) -> dict[int, tuple[str, Scope]]:
     return {id(n): (s.label(n), s) for s in scopes(graph) for n in s.graph.nodes}
 
 
+def constant_behind(t: gs.Tensor) -> gs.Constant | None:
+    """The constant ``t`` is, or that a Constant node (or an Identity chain of one) produces; None otherwise.
+    Exporters hold weights and fold parameters so (paddle2onnx: every BatchNormalization parameter)."""
+    if isinstance(t, gs.Constant):
+        return t
+    if not isinstance(t, gs.Variable) or len(t.inputs) != 1:
+        return None
+    node = t.inputs[0]
+    if not is_onnx_op(node):
+        return None
+    if node.op == "Constant" and isinstance(node.attrs.get("value"), gs.Constant):
+        return node.attrs["value"]
+    if node.op == "Identity" and node.inputs:
+        return constant_behind(node.inputs[0])
+    return None
+
+
 def producer(tensor: gs.Tensor) -> gs.Node | None:
     return tensor.inputs[0] if isinstance(tensor, gs.Variable) and tensor.inputs else None
 

@@ -17,6 +17,7 @@ from .passes.convert_float16 import ConvertFloat16
 from .passes.equalize_conv_chains import EqualizeConvChains
 from .passes.fold_batchnorm import FoldBatchNorm
 from .passes.fold_conv_bias_add import FoldConvBiasAdd
+from .passes.fold_conv_scale_mul import FoldConvScaleMul
 from .passes.fold_fake_quant_weights import FoldFakeQuantWeights
 from .passes.insert_dynamic import InsertDynamicQuantization
 from .passes.insert_qdq import InsertQDQ
@@ -78,7 +79,7 @@ def prepare_passes(config: QuantConfig) -> list[Pass]:
     """Folds and constants to initializers, before planning: the graph the plan and calibration see; with
     ``equalize`` (static mode; by default with per-tensor weights), cross-layer equalization of Conv chains after the
     folds (it needs the folded weights)."""
-    passes: list[Pass] = [ConstantsToInitializers(config.op_types), FoldBatchNorm(), FoldConvBiasAdd()]
+    passes: list[Pass] = [ConstantsToInitializers(config.op_types), FoldBatchNorm(), FoldConvScaleMul(), FoldConvBiasAdd()]
     equalize = (not config.per_channel) if config.equalize is None else config.equalize
     if equalize and not config.weight_only:
         passes.append(EqualizeConvChains())

@@ -12,27 +12,11 @@ from collections import Counter
 
 import onnx_graphsurgeon as gs
 
-from ..graph import NameAllocator, is_onnx_op
+from ..graph import NameAllocator, constant_behind, is_onnx_op
 from ..ops import WEIGHT_SLOTS
 from ..pass_manager import Pass, PassContext, PassResult
 from ..plan.targets import quantizable_scopes
 
-
-
-def _constant_value(t: gs.Tensor):
-    """The constant behind ``t`` if it is produced by a Constant node or an Identity of a constant."""
-    if isinstance(t, gs.Constant):
-        return t
-    if not isinstance(t, gs.Variable) or len(t.inputs) != 1:
-        return None
-    node = t.inputs[0]
-    if not is_onnx_op(node):
-        return None
-    if node.op == "Constant" and isinstance(node.attrs.get("value"), gs.Constant):
-        return node.attrs["value"]
-    if node.op == "Identity" and node.inputs:
-        return _constant_value(node.inputs[0])
-    return None
 
 
 class ConstantsToInitializers(Pass):
@@ -62,7 +46,7 @@ class ConstantsToInitializers(Pass):
                 t = node.inputs[i]
                 if isinstance(t, gs.Constant) or not isinstance(t, gs.Variable) or t.name in outputs:
                     continue
-                const = _constant_value(t)
+                const = constant_behind(t)
                 if const is None:
                     continue
                 # a fresh initializer only for this consumer slot; the old chain is removed by cleanup if unused

@@ -2,14 +2,15 @@
 
 Folding comes before weight quantization, so the int8 weights carry the normalisation (otherwise the
 per-channel scales describe the wrong weights and the BN runs in float after a quantized Conv).
-Only inference-mode BN nodes whose parameters are constants and whose input is read by nothing else.
+Only inference-mode BN nodes whose parameters are constants (initializers or Constant nodes) and whose input is
+read by nothing else.
 """
 from __future__ import annotations
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ..graph import NameAllocator, is_float32, is_onnx_op, node_label
+from ..graph import NameAllocator, constant_behind, is_float32, is_onnx_op, node_label
 from ..pass_manager import Pass, PassContext, PassResult, Skip
 
 
@@ -25,8 +26,8 @@ class FoldBatchNorm(Pass):
             if conv is None or conv.op != "Conv" or not is_onnx_op(conv):
                 continue
             label = node_label(bn)
-            params = bn.inputs[1:5]
-            if len(params) != 4 or not all(isinstance(p, gs.Constant) for p in params):
+            params = [constant_behind(p) for p in bn.inputs[1:5]]  # initializers or Constant nodes
+            if len(params) != 4 or not all(p is not None for p in params):
                 skipped.append(Skip(label, bn.op, "BatchNormalization with non-constant parameters not folded"))
                 continue
             if int(bn.attrs.get("training_mode", 0)) or len(bn.outputs) != 1:

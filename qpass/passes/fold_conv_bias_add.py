@@ -10,11 +10,11 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ..graph import NameAllocator, is_float32, is_onnx_op
+from ..graph import NameAllocator, constant_behind, is_float32, is_onnx_op
 from ..pass_manager import Pass, PassContext, PassResult
 
 
-def _channel_values(c: gs.Constant, out_rank: int, channels: int) -> np.ndarray | None:
+def channel_values(c: gs.Constant, out_rank: int, channels: int) -> np.ndarray | None:
     v = np.asarray(c.values)
     if v.dtype != np.float32 or v.ndim > out_rank:
         return None
@@ -42,11 +42,12 @@ class FoldConvBiasAdd(Pass):
             if add.op != "Add" or not is_onnx_op(add) or len(add.inputs) != 2 or len(add.outputs) != 1:
                 continue
             other = add.inputs[1] if add.inputs[0] is y else add.inputs[0]
-            if other is y or not isinstance(other, gs.Constant):
+            other = None if other is y else constant_behind(other)  # an initializer or a Constant node
+            if other is None:
                 continue
             channels = int(np.asarray(w.values).shape[0])
             rank = len(np.asarray(w.values).shape)  # conv output rank equals weight rank
-            values = _channel_values(other, rank, channels)
+            values = channel_values(other, rank, channels)
             if values is None:
                 continue
             has_bias = len(conv.inputs) > 2 and conv.inputs[2].name

@@ -1,4 +1,4 @@
-"""FoldBatchNorm and FoldConvBiasAdd: exact wiring, unchanged numerics, idempotence, and what they refuse."""
+"""FoldBatchNorm, FoldConvScaleMul and FoldConvBiasAdd: exact wiring, unchanged numerics, idempotence, and what they refuse."""
 from __future__ import annotations
 
 import numpy as np
@@ -12,6 +12,7 @@ from qpass.pass_manager import PassContext
 from qpass.passes.constants_to_initializers import ConstantsToInitializers
 from qpass.passes.fold_batchnorm import FoldBatchNorm
 from qpass.passes.fold_conv_bias_add import FoldConvBiasAdd
+from qpass.passes.fold_conv_scale_mul import FoldConvScaleMul
 from qpass.verify import verify_model
 
 RNG = np.random.default_rng(0)
@@ -111,3 +112,59 @@ def test_identity_of_an_initializer_becomes_a_weight():
     assert out.graph.node[0].input[1] in {t.name for t in out.graph.initializer}
     np.testing.assert_array_equal(_run(out, X), _run(model, X))
     assert not ConstantsToInitializers().run(wg.graph, PassContext()).modified
+
+
+def _as_constant_nodes(model, names):
+    """The same model with the initializers ``names`` moved into Constant nodes (as paddle2onnx writes them)."""
+    inits = {t.name: t for t in model.graph.initializer}
+    consts = [helper.make_node("Constant", [], [n], name=f"const_{n}", value=inits[n]) for n in names]
+    kept = [t for t in model.graph.initializer if t.name not in names]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    nodes = consts + list(model.graph.node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return model
+
+
+def test_batchnorm_with_parameters_in_constant_nodes_folds():
+    model = _as_constant_nodes(_bn_model(), ["s", "b", "m", "v"])
+    _, result, out = _apply(model, FoldBatchNorm())
+    assert result.stats == {"BatchNormalization": 1} and [n.op_type for n in out.graph.node] == ["Conv"]
+    np.testing.assert_allclose(_run(out, X), _run(model, X), rtol=1e-5, atol=1e-5)
+
+
+def _mul_add_model(scale_shape, *, constant_nodes=False):
+    """Conv -> Mul(scale) -> Add(bias): Paddle's LearnableAffineBlock on a Conv's output."""
+    k = numpy_helper.from_array(RNG.uniform(-2, 2, scale_shape).astype(np.float32), "k")
+    b = numpy_helper.from_array(np.float32(0.25), "lab_bias")
+    model = _conv_then(helper.make_node("Mul", ["k", "c"], ["m"], name="mul"), [k, b], out="y")
+    model.graph.node.append(helper.make_node("Add", ["m", "lab_bias"], ["y"], name="add"))
+    return _as_constant_nodes(model, ["k", "lab_bias"]) if constant_nodes else model
+
+
+@pytest.mark.parametrize("shape", [(1, 4, 1, 1), (4, 1, 1), (1,), ()])
+@pytest.mark.parametrize("constant_nodes", [False, True])
+def test_scale_mul_then_bias_add_fold_into_the_conv(shape, constant_nodes):
+    model = _mul_add_model(shape, constant_nodes=constant_nodes)
+    wg, result, _ = _apply(model, FoldConvScaleMul())
+    assert result.stats == {"Mul": 1}
+    assert FoldConvBiasAdd().run(wg.graph, PassContext()).stats == {"Add": 1}
+    out = wg.export()
+    verify_model(out)
+    assert [n.op_type for n in out.graph.node] == ["Conv"] and out.graph.node[0].output[0] == "y"
+    np.testing.assert_allclose(_run(out, X), _run(model, X), rtol=1e-5, atol=1e-5)
+    assert not FoldConvScaleMul().run(wg.graph, PassContext()).modified
+
+
+@pytest.mark.parametrize("shape", [(6,), (1, 4, 6, 6)])
+def test_scale_mul_that_is_not_per_channel_is_left_alone(shape):
+    _, result, out = _apply(_mul_add_model(shape), FoldConvScaleMul())
+    assert not result.modified and [n.op_type for n in out.graph.node] == ["Conv", "Mul", "Add"]
+
+
+def test_scale_mul_of_a_conv_output_read_elsewhere_is_left_alone():
+    model = _mul_add_model((1,))
+    model.graph.output.append(helper.make_tensor_value_info("c", TensorProto.FLOAT, None))
+    _, result, _ = _apply(model, FoldConvScaleMul())
+    assert not result.modified

@@ -1,0 +1,55 @@
+"""Conv(x, W[, b]) -> Mul(k) with k a per-channel or scalar constant => Conv(x, W * k, b * k).
+
+Paddle's LearnableAffineBlock (a scale and a bias after a Conv) and layer-scale factors write the scale as a
+separate Mul. Folded, the int8 weights carry it, the Conv's output (after the scale, and after the bias Add that
+fold_conv_bias_add then takes too) is the tensor quantized, and no float op sits between the integer Conv and its
+QuantizeLinear. Only a constant whose non-unit dimension is the channel axis (see fold_conv_bias_add).
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from ..graph import NameAllocator, constant_behind, is_float32, is_onnx_op
+from ..pass_manager import Pass, PassContext, PassResult
+from .fold_conv_bias_add import channel_values
+
+
+class FoldConvScaleMul(Pass):
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        new_name = NameAllocator(graph)
+        outputs = {t.name for t in graph.outputs}
+        folded = 0
+        for conv in [n for n in graph.nodes if n.op == "Conv" and is_onnx_op(n)]:
+            if not conv.outputs:
+                continue
+            y = conv.outputs[0]
+            w = conv.inputs[1] if len(conv.inputs) > 1 else None
+            if y.name in outputs or len(y.outputs) != 1 or not isinstance(w, gs.Constant) or not is_float32(w):
+                continue
+            mul = y.outputs[0]
+            if mul.op != "Mul" or not is_onnx_op(mul) or len(mul.inputs) != 2 or len(mul.outputs) != 1:
+                continue
+            other = mul.inputs[1] if mul.inputs[0] is y else mul.inputs[0]
+            other = None if other is y else constant_behind(other)  # an initializer or a Constant node
+            if other is None:
+                continue
+            wv = np.asarray(w.values, dtype=np.float32)
+            k = channel_values(other, wv.ndim, wv.shape[0])  # conv output rank equals weight rank
+            if k is None or not np.all(np.isfinite(k)):
+                continue
+            has_bias = len(conv.inputs) > 2 and conv.inputs[2].name
+            if has_bias and not isinstance(conv.inputs[2], gs.Constant):
+                continue
+            conv.inputs[1] = gs.Constant(new_name(f"{w.name}_scaled"),
+                                         (wv * k.reshape((-1,) + (1,) * (wv.ndim - 1))).astype(np.float32))
+            if has_bias:
+                b = np.asarray(conv.inputs[2].values, dtype=np.float32)
+                conv.inputs[2] = gs.Constant(new_name(f"{conv.name or w.name}_bias_scaled"), (b * k).astype(np.float32))
+            conv.outputs[0] = mul.outputs[0]
+            mul.inputs.clear()
+            mul.outputs.clear()
+            folded += 1
+        if folded:
+            graph.cleanup(remove_unused_graph_inputs=False).toposort()
+        return PassResult(modified=bool(folded), stats={"Mul": folded} if folded else {})
