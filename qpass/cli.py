@@ -20,7 +20,7 @@ examples:
   qpass run models/digits_cnn.onnx --calib models/digits/calib.npz
   qpass run model.onnx --calib samples/ -o model.int8.onnx      # a folder of .npz, one sample each
   qpass run model.onnx --calib calib.npz --val test.npz --min-cosine 0.99
-  qpass run old_opset11.onnx --calib calib/ --target-opset 13   # explicit upgrade for per-channel
+  qpass run old_opset11.onnx --calib calib/                     # upgraded to opset 13 for per-channel, with a warning
   qpass run model.onnx --calib calib/ --method entropy --save-calib table.json
   qpass run model.onnx --calib calib/ --save-plan plan.json --save-calib table.json
   qpass run model.onnx --load-plan plan.json --load-calib table.json --val calib/   # edited plan, no recalibration
@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a model holding Q/DQ (imported): the float model to validate it against (default: itself)")
     run.add_argument("--dump-dir", metavar="DIR", help="on a failing pass, write the model from just before it here")
     _config_option(run, "--target-opset", type=int, metavar="N", help="upgrade the model to opset N first (onnx.version_converter)")
+    _config_option(run, "--keep-opset", dest="opset_upgrade", action="store_const", const=False,
+                   help="refuse a model below the opset the run needs (13 for per-channel weights) instead of upgrading "
+                        "it with a warning")
     _config_option(run, "--format", choices=FORMATS,
                      help="qdq: QuantizeLinear/DequantizeLinear pairs (default); qop: integer operators (QLinearConv, ...)")
     _config_option(run, "--op-types", type=_csv, metavar="OPS", help="comma-separated compute ops to quantize (default Conv,ConvTranspose,MatMul,Gemm)")

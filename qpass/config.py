@@ -124,6 +124,9 @@ class QuantConfig:
             turns the absolute error of 8-bit values into unbounded relative error on its quiet bins (a music
             transcription CNN's in-graph CQT: output SQNR 5 dB with it quantized, 30-40 dB kept float).
         target_opset: upgrade the model to this opset (onnx.version_converter) first.
+        opset_upgrade: a model below the opset the run needs (13 for per-channel weights, 10 for QuantizeLinear) is
+            upgraded to it with onnx.version_converter, with a warning, when its inputs and outputs survive the
+            upgrade; the result is then validated against the original. False: refuse it, naming --target-opset.
         val_fraction: share of the calibration samples held out for validation when no
             separate validation data is given.
         max_calib_samples: use at most this many calibration samples.
@@ -266,6 +269,7 @@ class QuantConfig:
     exclude_before: tuple[str, ...] = ()
     float_before_log: bool = True
     target_opset: int | None = None
+    opset_upgrade: bool = True
     val_fraction: float = 0.2
     max_val_samples: int = 64
     max_calib_samples: int | None = None
@@ -463,6 +467,8 @@ class QuantConfig:
         if isinstance(self.exclude_before, str) or not all(isinstance(op, str) and op for op in self.exclude_before):
             raise bad("exclude_before", self.exclude_before, "a list of op types")
         object.__setattr__(self, "exclude_before", tuple(self.exclude_before))
+        if not isinstance(self.opset_upgrade, bool):
+            raise bad("opset_upgrade", self.opset_upgrade, "true or false")
         if not isinstance(self.float_before_log, bool):
             raise bad("float_before_log", self.float_before_log, "true or false")
         if isinstance(self.quantize_outputs, bool):

@@ -20,7 +20,7 @@ from .calib.data import input_specs
 from .calib.sources import validation_data
 from .config import QuantConfig
 from .errors import PassError, UnsupportedModelError
-from .graph import WorkingGraph
+from .graph import WorkingGraph, constant_behind, is_onnx_op, scopes
 from .io import inferred_view, keep_value_info_of, model_bytes
 from .opset import apply_opset_policy
 from .pass_manager import PassContext, PassManager
@@ -50,6 +50,7 @@ def run_import(original: onnx.ModelProto, cfg: QuantConfig, *, name: str, source
     report.warnings += more
     with inferred_view(model):
         wg = WorkingGraph(model)
+    _refuse_computed_scales(wg, name)
     repair = PassManager(import_repair_passes(cfg), export=wg.export, verify=verify_model, dump_dir=dump_dir)
     records = _run(repair, wg)
     imported = repair.last_export or wg.export()  # what the run validates against without a float reference
@@ -91,6 +92,19 @@ def run_import(original: onnx.ModelProto, cfg: QuantConfig, *, name: str, source
     times["validate"] = time.perf_counter() - t
     report.seconds = times
     return result, report, qplan, table
+
+
+def _refuse_computed_scales(wg: WorkingGraph, name: str) -> None:
+    """A QuantizeLinear/DequantizeLinear whose scale is computed at run time (dynamic quantization written out with
+    standard ops) has no range to import: refused, naming the node."""
+    for scope in scopes(wg.graph):
+        for node in scope.graph.nodes:
+            if node.op in ("QuantizeLinear", "DequantizeLinear") and is_onnx_op(node) and len(node.inputs) > 1:
+                if constant_behind(node.inputs[1]) is None and node.inputs[1].inputs and node.inputs[1].inputs[0].op != "Gather":
+                    raise UnsupportedModelError(
+                        f"{node.op} '{scope.label(node)}' computes its scale at run time (dynamic quantization written "
+                        "out); qpass imports Q/DQ whose scales are constants", subject=name,
+                        hint="give qpass the float model (qpass run --dynamic quantizes dynamically)")
 
 
 def _reads(node: onnx.NodeProto) -> set[str]:

@@ -1,5 +1,7 @@
-"""The opset policy: never changed silently; upgraded with onnx.version_converter only when asked, and only when the
-model's interface survives the upgrade."""
+"""The opset policy: never changed silently. A model below the opset the run needs (13 for per-channel weights, 10 for
+QuantizeLinear) is upgraded to it with onnx.version_converter, with a warning (``opset_upgrade``; the run validates the
+result against the original); ``target_opset`` upgrades further when asked. Either only when the model's interface
+survives the upgrade."""
 from __future__ import annotations
 
 import onnx
@@ -40,8 +42,9 @@ def interface_changes(before: onnx.ModelProto, after: onnx.ModelProto) -> list[s
 
 
 def apply_opset_policy(model: onnx.ModelProto, cfg: QuantConfig, name: str) -> tuple[onnx.ModelProto, dict, list[str]]:
-    """The model at the opset the run needs (upgraded only when ``target_opset`` asks), the opsets in and out, and
-    warnings; an opset too low for what the configuration asks raises :class:`OpsetError` naming the fix."""
+    """The model at the opset the run needs, the opsets in and out (``upgraded``: why, when qpass chose to), and
+    warnings; an opset too low for what the configuration asks, and not upgraded, raises :class:`OpsetError` naming the
+    fix."""
     opset = default_opset(model)
     info = {"input": opset, "output": opset}
     hint_up = f"rerun with --target-opset {PER_CHANNEL_MIN_OPSET} to upgrade it with onnx.version_converter"
@@ -62,29 +65,44 @@ def apply_opset_policy(model: onnx.ModelProto, cfg: QuantConfig, name: str) -> t
             raise OpsetError(f"model has opset {opset}; downgrading to {cfg.target_opset} is not supported",
                              subject=name, hint=f"use --target-opset {opset} or higher, or leave it out")
         if cfg.target_opset > opset:
-            from onnx import version_converter
-
-            try:
-                converted = version_converter.convert_version(model, cfg.target_opset)
-                converted.ir_version = max(converted.ir_version, min_ir_version(converted))
-                onnx.checker.check_model(converted, full_check=True)
-            except Exception as exc:  # noqa: BLE001 - the converter raises assorted types
-                raise OpsetError(f"onnx.version_converter could not upgrade opset {opset} -> {cfg.target_opset}: "
-                                 f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", subject=name) from None
-            changed = interface_changes(model, converted)
-            if changed:
-                raise OpsetError(f"onnx.version_converter changed the model's interface upgrading opset {opset} -> "
-                                 f"{cfg.target_opset}: {'; '.join(changed[:3])}", subject=name,
-                                 hint="the upgraded model would not take the same inputs or give the same outputs; "
-                                      "upgrade and check it yourself, or use --per-tensor (opset >= 10)")
+            converted = _upgrade(model, opset, cfg.target_opset, name, f"upgrading opset {opset} -> {cfg.target_opset}",
+                                 "upgrade and check it yourself, or use --per-tensor (opset >= 10)")
             info["output"] = cfg.target_opset
             return converted, info, [f"opset upgraded {opset} -> {cfg.target_opset} as asked (--target-opset)"]
         return model, info, []
-    if opset < QDQ_MIN_OPSET:
-        raise OpsetError(f"opset {opset} has no QuantizeLinear/DequantizeLinear (needs >= {QDQ_MIN_OPSET})",
-                         subject=name, hint=hint_up)
-    if cfg.per_channel and opset < PER_CHANNEL_MIN_OPSET:
-        raise OpsetError(f"opset {opset} is below {PER_CHANNEL_MIN_OPSET}, which per-channel DequantizeLinear needs; "
-                         "qpass never changes the opset silently", subject=name,
-                         hint=f"{hint_up}, or use --per-tensor")
-    return model, info, []
+    needed = PER_CHANNEL_MIN_OPSET if cfg.per_channel else QDQ_MIN_OPSET
+    if opset >= needed:
+        return model, info, []
+    why = ("per-channel DequantizeLinear" if cfg.per_channel else "QuantizeLinear/DequantizeLinear")
+    if not cfg.opset_upgrade:
+        raise OpsetError(f"opset {opset} is below {needed}, which {why} needs; --keep-opset asks not to upgrade it",
+                         subject=name, hint=f"{hint_up}" + (", or use --per-tensor" if cfg.per_channel and opset >= QDQ_MIN_OPSET else ""))
+    fallback = ("use --per-tensor, which needs only opset 10" if cfg.per_channel and opset >= QDQ_MIN_OPSET
+                else "upgrade the model yourself")
+    converted = _upgrade(model, opset, needed, name, f"upgrading opset {opset} -> {needed}, which {why} needs", fallback)
+    info["output"] = needed
+    info["upgraded"] = f"{why} needs opset {needed}"
+    return converted, info, [f"opset upgraded {opset} -> {needed}: {why} needs it (onnx.version_converter; inputs and "
+                             "outputs unchanged; the result is validated against the original). --keep-opset refuses "
+                             "instead" + (f", --per-tensor keeps opset {opset}" if cfg.per_channel and opset >= QDQ_MIN_OPSET else "")]
+
+
+def _upgrade(model: onnx.ModelProto, opset: int, target: int, name: str, what: str, hint: str) -> onnx.ModelProto:
+    """``model`` converted to ``target`` by onnx.version_converter, full-checked, with its interface unchanged; an
+    :class:`OpsetError` saying ``what`` failed otherwise."""
+    from onnx import version_converter
+
+    try:
+        converted = version_converter.convert_version(model, target)
+        converted.ir_version = max(converted.ir_version, min_ir_version(converted))
+        onnx.checker.check_model(converted, full_check=True)
+    except Exception as exc:  # noqa: BLE001 - the converter raises assorted types
+        raise OpsetError(f"onnx.version_converter failed {what}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", subject=name,
+                         hint=hint) from None
+    changed = interface_changes(model, converted)
+    if changed:
+        raise OpsetError(f"onnx.version_converter changed the model's interface {what}: {'; '.join(changed[:3])}",
+                         subject=name, hint="the upgraded model would not take the same inputs or give the same "
+                                            f"outputs; {hint}")
+    return converted

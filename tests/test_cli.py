@@ -319,20 +319,32 @@ def test_config_unknown_key(tmp_path, digits, capsys):
     assert listing(tmp_path) == before
 
 
-def test_opset11_per_channel_needs_target_opset(tmp_path, opset11, capsys):
+def test_opset11_with_keep_opset_is_refused_naming_target_opset(tmp_path, opset11, capsys):
     model, calib = opset11
     before_sha = sha256(model)
     before = listing(tmp_path)
-    rc, _, err = run_cli(capsys, "run", model, "--calib", calib, "-o", tmp_path / "out.onnx")
+    rc, _, err = run_cli(capsys, "run", model, "--calib", calib, "-o", tmp_path / "out.onnx", "--keep-opset")
     assert rc == 2
     assert_one_line_error(err, "conv11.onnx", "--target-opset", "11")
     assert sha256(model) == before_sha
     assert listing(tmp_path) == before
 
 
+def test_opset11_is_upgraded_to_13_with_a_warning(tmp_path, opset11, capsys):
+    model, calib = opset11
+    before_sha = sha256(model)
+    out = tmp_path / "out.onnx"
+    rc, _, err = run_cli(capsys, "run", model, "--calib", calib, "-o", out)
+    assert rc == 0, err
+    assert "opset upgraded 11 -> 13: per-channel DequantizeLinear needs it" in err
+    assert sha256(model) == before_sha and _default_opset(onnx.load(str(out))) == 13
+    report = json.loads(out.with_name("out.report.json").read_text())
+    assert report["opset"]["input"] == 11 and report["opset"]["output"] == 13 and "upgraded" in report["opset"]
+
+
 def test_opset11_subprocess(tmp_path, opset11):
     model, calib = opset11
-    proc = run_subprocess("run", model, "--calib", calib, "-o", tmp_path / "out.onnx", cwd=tmp_path)
+    proc = run_subprocess("run", model, "--calib", calib, "-o", tmp_path / "out.onnx", "--keep-opset", cwd=tmp_path)
     assert proc.returncode == 2
     assert_one_line_error(proc.stderr, "conv11.onnx", "--target-opset")
 

