@@ -2,7 +2,7 @@
 and with onnxruntime's quantize_static side by side, scored against their own fp32 output.
 
     python -m benchmarks.unseen [--models basic_pitch,ppocrv4_det,ppocrv4_rec,ppocr_cls] [--variants default,...]
-                                [--repeats 20] [--out f.json]
+                                [--repeats 40] [--out f.json]
 
 - basic_pitch: basic-pitch 0.4.0's music transcription CNN (``nmp.onnx``; a constant-Q transform and a Log in the
   graph). Data: synthetic polyphonic windows (harmonic notes with attack and decay), 32 for calibration and 48 from
@@ -210,7 +210,8 @@ def run_model(name: str, variants: list[str], shared: Path, repeats: int, tmp: P
                 res = qpass.quantize(src, calib, output=out, per_layer=False, latency=False, **QPASS_VARIANTS[v])
                 row["warnings"] = [w[:160] for w in res.report.warnings]
                 row["quantized_nodes"] = sum(res.report.quantized_nodes.values())
-                row["skipped_before_log"] = sum("Log '" in s.reason for s in res.report.skipped)
+                row["skipped_before_log"] = sum("Log '" in (s["reason"] if isinstance(s, dict) else s.reason)
+                                                for s in res.report.skipped)
             row["seconds"] = round(time.perf_counter() - t, 1)
             row.update(metrics(name, ref, _outputs(out, feeds), output_names))
             row["size"] = out.stat().st_size / src.stat().st_size
@@ -230,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", default=",".join(MEMBERS))
     ap.add_argument("--variants", default="default,onnxruntime")
     ap.add_argument("--shared", type=Path, default=SHARED)
-    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--repeats", type=int, default=40)
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
     variants = args.variants.split(",")

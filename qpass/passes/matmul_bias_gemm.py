@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ..graph import NameAllocator, is_onnx_op, node_label
+from ..graph import NameAllocator, constant_behind, is_onnx_op, node_label
 from ..pass_manager import Pass, PassContext, PassResult, Skip
 from ..qparams import int32_bias
 
@@ -29,7 +29,8 @@ def _dq_of(t: gs.Tensor) -> gs.Node | None:
 
 
 def _const(t: gs.Tensor) -> np.ndarray | None:
-    return np.asarray(t.values) if isinstance(t, gs.Constant) else None
+    c = constant_behind(t)  # an initializer or a Constant node (a TensorFlow or Paddle export's bias)
+    return None if c is None else np.asarray(c.values)
 
 
 def _plan(mm: gs.Node, graph_outputs: set[str]) -> tuple[gs.Node, tuple[np.ndarray, np.ndarray, int | None] | str] | None:

@@ -104,3 +104,14 @@ def test_per_tensor_weights_give_a_per_tensor_int32_bias_and_the_same_outputs():
     ref = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feed)[0]
     got = ort.InferenceSession(q.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feed)[0]
     assert np.abs(got - ref).max() < 0.1 * np.abs(ref).max()
+
+
+def test_a_bias_held_in_a_constant_node_becomes_the_gemm_bias_too():
+    """TensorFlow and Paddle exports hold a Dense's bias in a Constant node rather than an initializer."""
+    model = _dense_model()
+    b = next(i for i in model.graph.initializer if i.name == "b")
+    model.graph.node.insert(0, helper.make_node("Constant", [], ["b"], name="b_const", value=b))
+    model.graph.initializer.remove(b)
+    q = _quantize(model)
+    ops = [n.op_type for n in q.graph.node]
+    assert ops.count("Gemm") == 1 and "MatMul" not in ops and "Add" not in ops
