@@ -17,7 +17,7 @@ from .calib.data import input_specs, synthetic_samples
 from .calib.sources import calibration_data, keep_spread, take, validation_data
 from .calib.table import CalibrationTable
 from .config import QuantConfig
-from .errors import ConfigError, ModelLoadError, ModelSaveError, PlanError
+from .errors import ConfigError, ModelLoadError, ModelSaveError, OpsetError, PlanError
 from .graph import op_types
 from .io import initializer_bytes, model_bytes, same_file, save_model
 from .plan.importer import holds_qdq
@@ -257,11 +257,15 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, calib: Data = None, *, 
         t = time.perf_counter()
         side = tempfile.TemporaryDirectory(prefix="qpass-rescue-")  # its table replaces save_calib only when kept
         with side:
-            rescued = quantize(model, calib, config=wider, output=None, val=val,
-                               save_calib=Path(side.name) / "table.json" if save_calib is not None else None,
-                               dump_dir=Path(dump_dir) / "collapse_rescue" if dump_dir is not None else None,
-                               progress=progress)
-            kept = rescued.passed
+            try:
+                rescued = quantize(model, calib, config=wider, output=None, val=val,
+                                   save_calib=Path(side.name) / "table.json" if save_calib is not None else None,
+                                   dump_dir=Path(dump_dir) / "collapse_rescue" if dump_dir is not None else None,
+                                   progress=progress)
+            except OpsetError as exc:  # the upgrade to 16-bit Q/DQ's opset failed: the 8-bit result stands
+                rescued = None
+                report.warnings.append(f"16-bit activations could not be tried: {exc}")
+            kept = rescued is not None and rescued.passed
             if kept and save_calib is not None:
                 os.replace(Path(side.name) / "table.json", save_calib)
         times["collapse_rescue"] = time.perf_counter() - t
@@ -278,8 +282,9 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, calib: Data = None, *, 
             if save_plan is not None and rescued.plan is not None:
                 rescued.plan.save(save_plan)
             return _save_result(rescued, model, output, wider)
-        report.warnings.append(f"16-bit activations ({wider.activation_type}) were tried and broke the output too: "
-                               + "; ".join((rescued.report.validation or {}).get("tolerance_failures", [])[:1]))
+        if rescued is not None:
+            report.warnings.append(f"16-bit activations ({wider.activation_type}) were tried and broke the output "
+                                   "too: " + "; ".join((rescued.report.validation or {}).get("tolerance_failures", [])[:1]))
         del rescued
     report.seconds = times
     return _save_result(QuantizeResult(rewritten.model, report, plan=qplan), model, output, cfg)
@@ -358,8 +363,8 @@ def _search(report: Report, times: dict, prepared: stages.Prepared, qplan: Quant
                                    + "; ".join(found.report.get("failures", [])))
         if found.report.get("opset"):
             o = found.report["opset"]
-            report.warnings.append(f"precision search: the output is at opset {o['to']} (the model's {o['from']}, "
-                                   "upgraded by onnx.version_converter for its 16-bit activations)")
+            report.warnings.append(f"precision search: the output is at opset {o['to']} (the prepared model's "
+                                   f"{o['from']}, upgraded by onnx.version_converter for its 16-bit activations)")
             report.opset = {**(report.opset or {}), "output": o["to"]}
         model, plan = found.model, found.plan
         floated, widened = tuple(found.report["floated"]), tuple(found.report.get("widened", ()))
@@ -432,12 +437,16 @@ def _collapse_rescue(asked: QuantConfig, cfg: QuantConfig, report: Report, searc
         return None
     if asked.target_opset is not None and asked.target_opset < 21:  # an opset the user pinned below 16-bit Q/DQ's
         return None
+    if asked.target_opset is None and not asked.opset_upgrade and ((report.opset or {}).get("input") or 0) < 21:
+        return None  # --keep-opset: 16-bit Q/DQ would need an upgrade
     if plan is not None or load_calib is not None:
         return None
     if any(d is not None and not isinstance(d, (str, os.PathLike, list, tuple)) for d in (calib, val)):
         return None  # an iterator of feeds is read once
-    opset = max(cfg.target_opset or 0, (report.opset or {}).get("output") or 0, 21)
-    return asked.replace(activation_type=WIDER[cfg.activation_type], target_opset=opset, collapse_rescue=False)
+    if asked.target_opset is None:  # the opset policy upgrades to 21 as 16-bit Q/DQ needs, and says so
+        return asked.replace(activation_type=WIDER[cfg.activation_type], collapse_rescue=False)
+    return asked.replace(activation_type=WIDER[cfg.activation_type], target_opset=max(asked.target_opset, 21),
+                         collapse_rescue=False)
 
 
 def _broken(validation: dict | None) -> str:

@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "--per-tensor only)")
     _config_option(run, "--no-equalize", dest="equalize", action="store_const", const=False,
                      help="no cross-layer equalization")
-    _config_option(run, "--activation-type", choices=ACTIVATION_TYPES, help="uint8 asymmetric (default) or int8 symmetric; uint16/int16 need --target-opset 21 and run as float kernels on onnxruntime's CPU provider")
+    _config_option(run, "--activation-type", choices=ACTIVATION_TYPES, help="uint8 asymmetric (default) or int8 symmetric; uint16/int16 need opset 21 (an older model is upgraded, with a warning) and run as float kernels on onnxruntime's CPU provider")
     _config_option(run, "--exclude", dest="exclude_nodes", action="append", metavar="NAME", help="node name or regex never quantized (repeatable)")
     _config_option(run, "--exclude-before", action="append", metavar="OP",
                      help="keep in float a compute node whose output only this op type reads (repeatable; "

@@ -118,13 +118,15 @@ class QuantConfig:
             CPU provider runs Conv + HardSwish as one fp32 kernel, while an int8 Conv leaves the HardSwish in float
             between a DequantizeLinear and a QuantizeLinear (the orientation CNN: x1.77 fp32's latency by
             default, x0.97 with HardSwish here; docs/benchmark-notes.md).
-        float_before_log: a compute node whose output reaches a Log through linear and magnitude ops only (data
-            movement, Pad, Concat, Mul, Add, Sqrt, sums, Clip/Max, another Conv/MatMul; no activation function between)
-            stays in float, with at most two such compute nodes on a path: a log spectrogram computed in the graph
-            turns the absolute error of 8-bit values into unbounded relative error on its quiet bins (a music
-            transcription CNN's in-graph CQT: output SQNR 5 dB with it quantized, 30-40 dB kept float).
+        float_before_log: a compute node whose output reaches a Log (in its graph or in a body) through linear and
+            magnitude ops only stays in float: data movement, Pad, Concat, products, sums, Sqrt, a lower clamp
+            (Clip with no max, Max with a constant), an Add/Sub of two computed tensors only when both are
+            magnitudes (re^2 + im^2: a residual join stops the walk), up to two compute nodes in a row. A log
+            spectrogram computed in the graph turns the absolute error of 8-bit values into unbounded relative error
+            on its quiet bins (a music transcription CNN's in-graph CQT: output SQNR 5 dB quantized, 30-40 dB float).
         target_opset: upgrade the model to this opset (onnx.version_converter) first.
-        opset_upgrade: a model below the opset the run needs (13 for per-channel weights, 10 for QuantizeLinear) is
+        opset_upgrade: a model below the opset the run needs (13 for per-channel weights, 10 for QuantizeLinear, 21 for
+            16-bit activations) is
             upgraded to it with onnx.version_converter, with a warning, when its inputs and outputs survive the
             upgrade; the result is then validated against the original. False: refuse it, naming --target-opset.
         val_fraction: share of the calibration samples held out for validation when no

@@ -307,8 +307,14 @@ def constant_behind(t: gs.Tensor) -> gs.Constant | None:
     node = t.inputs[0]
     if not is_onnx_op(node):
         return None
-    if node.op == "Constant" and isinstance(node.attrs.get("value"), gs.Constant):
-        return node.attrs["value"]
+    if node.op == "Constant":
+        if isinstance(node.attrs.get("value"), gs.Constant):
+            return node.attrs["value"]
+        for key, dtype in (("value_float", np.float32), ("value_floats", np.float32), ("value_int", np.int64),
+                           ("value_ints", np.int64)):
+            if key in node.attrs:
+                return gs.Constant(f"{t.name}_value", np.asarray(node.attrs[key], dtype=dtype))
+        return None
     if node.op == "Identity" and node.inputs:
         return constant_behind(node.inputs[0])
     return None

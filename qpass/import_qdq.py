@@ -46,7 +46,8 @@ def run_import(original: onnx.ModelProto, cfg: QuantConfig, *, name: str, source
     times: dict[str, float] = {}
     t = time.perf_counter()
     report = Report(model=name, config=cfg.to_dict(), warnings=list(warnings or []))
-    model, report.opset, more = apply_opset_policy(original, cfg, name)
+    # the model's own Q/DQ say per channel or not: only QuantizeLinear's opset is needed
+    model, report.opset, more = apply_opset_policy(original, cfg.replace(per_channel=False), name)
     report.warnings += more
     with inferred_view(model):
         wg = WorkingGraph(model)
@@ -102,8 +103,9 @@ def _refuse_computed_scales(wg: WorkingGraph, name: str) -> None:
             if node.op in ("QuantizeLinear", "DequantizeLinear") and is_onnx_op(node) and len(node.inputs) > 1:
                 if constant_behind(node.inputs[1]) is None and node.inputs[1].inputs and node.inputs[1].inputs[0].op != "Gather":
                     raise UnsupportedModelError(
-                        f"{node.op} '{scope.label(node)}' computes its scale at run time (dynamic quantization written "
-                        "out); qpass imports Q/DQ whose scales are constants", subject=name,
+                        f"{node.op} '{scope.label(node)}': its scale is not a constant but computed by "
+                        f"{node.inputs[1].inputs[0].op} (e.g. dynamic quantization written out); qpass imports Q/DQ "
+                        "whose scales are constants", subject=name,
                         hint="give qpass the float model (qpass run --dynamic quantizes dynamically)")
 
 

@@ -1,5 +1,5 @@
 """The opset policy: never changed silently. A model below the opset the run needs (13 for per-channel weights, 10 for
-QuantizeLinear) is upgraded to it with onnx.version_converter, with a warning (``opset_upgrade``; the run validates the
+QuantizeLinear, 21 for 16-bit activations) is upgraded to it with onnx.version_converter, with a warning (``opset_upgrade``; the run validates the
 result against the original); ``target_opset`` upgrades further when asked. Either only when the model's interface
 survives the upgrade."""
 from __future__ import annotations
@@ -47,7 +47,6 @@ def apply_opset_policy(model: onnx.ModelProto, cfg: QuantConfig, name: str) -> t
     fix."""
     opset = default_opset(model)
     info = {"input": opset, "output": opset}
-    hint_up = f"rerun with --target-opset {PER_CHANNEL_MIN_OPSET} to upgrade it with onnx.version_converter"
     final = cfg.target_opset or opset
     if cfg.weight_only and final < BLOCKED_MIN_OPSET:
         raise OpsetError(f"weight-only {cfg.weight_only} writes block-wise DequantizeLinear, which needs opset "
@@ -56,7 +55,8 @@ def apply_opset_policy(model: onnx.ModelProto, cfg: QuantConfig, name: str) -> t
     if cfg.weight_only == "ternary" and final < INT2_MIN_OPSET:
         raise OpsetError(f"weight-only ternary writes int2 DequantizeLinear, which needs opset {INT2_MIN_OPSET}; the "
                          f"model would have {final}", subject=name, hint=f"use --target-opset {INT2_MIN_OPSET}")
-    if cfg.activation_type in SIXTEEN_BIT_TYPES and final < INT16_MIN_OPSET:
+    sixteen = cfg.activation_type in SIXTEEN_BIT_TYPES
+    if sixteen and final < INT16_MIN_OPSET and (cfg.target_opset is not None or not cfg.opset_upgrade):
         raise OpsetError(f"{cfg.activation_type} activations need QuantizeLinear from opset {INT16_MIN_OPSET}; "
                          f"the model would have {final}", subject=name,
                          hint=f"use --target-opset {INT16_MIN_OPSET} or an 8-bit --activation-type")
@@ -71,20 +71,23 @@ def apply_opset_policy(model: onnx.ModelProto, cfg: QuantConfig, name: str) -> t
             return converted, info, [f"opset upgraded {opset} -> {cfg.target_opset} as asked (--target-opset)"]
         return model, info, []
     needed = PER_CHANNEL_MIN_OPSET if cfg.per_channel else QDQ_MIN_OPSET
+    why = ("per-channel DequantizeLinear" if cfg.per_channel else "QuantizeLinear/DequantizeLinear")
+    if sixteen:
+        needed, why = INT16_MIN_OPSET, f"{cfg.activation_type} QuantizeLinear"
     if opset >= needed:
         return model, info, []
-    why = ("per-channel DequantizeLinear" if cfg.per_channel else "QuantizeLinear/DequantizeLinear")
     if not cfg.opset_upgrade:
         raise OpsetError(f"opset {opset} is below {needed}, which {why} needs; --keep-opset asks not to upgrade it",
-                         subject=name, hint=f"{hint_up}" + (", or use --per-tensor" if cfg.per_channel and opset >= QDQ_MIN_OPSET else ""))
-    fallback = ("use --per-tensor, which needs only opset 10" if cfg.per_channel and opset >= QDQ_MIN_OPSET
-                else "upgrade the model yourself")
+                         subject=name, hint=f"rerun with --target-opset {needed} to upgrade it with onnx.version_converter"
+                         + (", or use --per-tensor" if cfg.per_channel and not sixteen and opset >= QDQ_MIN_OPSET else ""))
+    per_tensor_helps = cfg.per_channel and not sixteen and opset >= QDQ_MIN_OPSET
+    fallback = "use --per-tensor, which needs only opset 10" if per_tensor_helps else "upgrade the model yourself"
     converted = _upgrade(model, opset, needed, name, f"upgrading opset {opset} -> {needed}, which {why} needs", fallback)
     info["output"] = needed
     info["upgraded"] = f"{why} needs opset {needed}"
     return converted, info, [f"opset upgraded {opset} -> {needed}: {why} needs it (onnx.version_converter; inputs and "
                              "outputs unchanged; the result is validated against the original). --keep-opset refuses "
-                             "instead" + (f", --per-tensor keeps opset {opset}" if cfg.per_channel and opset >= QDQ_MIN_OPSET else "")]
+                             "instead" + (f", --per-tensor keeps opset {opset}" if per_tensor_helps else "")]
 
 
 def _upgrade(model: onnx.ModelProto, opset: int, target: int, name: str, what: str, hint: str) -> onnx.ModelProto:

@@ -79,7 +79,8 @@ def prepare_passes(config: QuantConfig) -> list[Pass]:
     """Folds and constants to initializers, before planning: the graph the plan and calibration see; with
     ``equalize`` (static mode; by default with per-tensor weights), cross-layer equalization of Conv chains after the
     folds (it needs the folded weights)."""
-    passes: list[Pass] = [ConstantsToInitializers(config.op_types), FoldBatchNorm(), FoldConvScaleMul(), FoldConvBiasAdd()]
+    passes: list[Pass] = [ConstantsToInitializers(config.op_types), FoldBatchNorm(), FoldConvScaleMul(config.per_channel),
+                          FoldConvBiasAdd()]
     equalize = (not config.per_channel) if config.equalize is None else config.equalize
     if equalize and not config.weight_only:
         passes.append(EqualizeConvChains())

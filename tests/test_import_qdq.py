@@ -124,5 +124,24 @@ def test_a_scale_computed_at_run_time_is_refused_naming_the_node():
     model = builders._model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
                             [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
                             [numpy_helper.from_array(np.float32(127), "c127")])
-    with pytest.raises(qpass.errors.UnsupportedModelError, match="'dyn_q' computes its scale at run time"):
+    with pytest.raises(qpass.errors.UnsupportedModelError, match="'dyn_q': its scale is not a constant but computed by Div"):
         qpass.quantize(model, [{"x": np.ones((2, 3), np.float32)}])
+
+
+def test_a_scale_in_a_constant_node_of_value_float_is_imported():
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.integers(-127, 127, (4, 3, 3, 3)).astype(np.int8), "Wq"),
+             numpy_helper.from_array(np.float32(0.01), "ws"), numpy_helper.from_array(np.int8(0), "wz"),
+             numpy_helper.from_array(np.uint8(128), "xz")]
+    nodes = [helper.make_node("Constant", [], ["xs"], name="xs_const", value_float=0.02),
+             helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"], name="q_x"),
+             helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"]),
+             helper.make_node("DequantizeLinear", ["Wq", "ws", "wz"], ["W"]),
+             helper.make_node("Conv", ["xd", "W"], ["y"], name="conv", pads=[1, 1, 1, 1])]
+    model = builders._model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])], inits)
+    feeds = [{"x": rng.normal(size=(1, 3, 8, 8)).astype(np.float32)} for _ in range(4)]
+    r = qpass.quantize(model, feeds)
+    assert r.report.calibration["imported"] and r.report.quantized_nodes == {"Conv": 1} and r.passed

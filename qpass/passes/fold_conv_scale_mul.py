@@ -3,7 +3,8 @@
 Paddle's LearnableAffineBlock (a scale and a bias after a Conv) and layer-scale factors write the scale as a
 separate Mul. Folded, the int8 weights carry it, the Conv's output (after the scale, and after the bias Add that
 fold_conv_bias_add then takes too) is the tensor quantized, and no float op sits between the integer Conv and its
-QuantizeLinear. Only a constant whose non-unit dimension is the channel axis (see fold_conv_bias_add).
+QuantizeLinear. Only a constant whose non-unit dimension is the channel axis (see fold_conv_bias_add); with
+per-tensor weights only a uniform scale (one value per channel would widen the weight's single range).
 """
 from __future__ import annotations
 
@@ -16,6 +17,10 @@ from .fold_conv_bias_add import channel_values
 
 
 class FoldConvScaleMul(Pass):
+    def __init__(self, per_channel_weights: bool = True):
+        #: the weights get one scale per output channel; False: only a uniform scale folds
+        self.per_channel_weights = per_channel_weights
+
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         new_name = NameAllocator(graph)
         outputs = {t.name for t in graph.outputs}
@@ -37,6 +42,8 @@ class FoldConvScaleMul(Pass):
             wv = np.asarray(w.values, dtype=np.float32)
             k = channel_values(other, wv.ndim, wv.shape[0])  # conv output rank equals weight rank
             if k is None or not np.all(np.isfinite(k)):
+                continue
+            if not self.per_channel_weights and np.ptp(k) != 0:
                 continue
             has_bias = len(conv.inputs) > 2 and conv.inputs[2].name
             if has_bias and not isinstance(conv.inputs[2], gs.Constant):

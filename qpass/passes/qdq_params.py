@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ..graph import NameAllocator
+from ..graph import NameAllocator, constant_behind
 from ..pass_manager import Pass, PassContext, PassResult
 
 QDQ = ("QuantizeLinear", "DequantizeLinear")
@@ -22,10 +22,8 @@ def through_identity(t: gs.Tensor) -> gs.Tensor:
     seen = 0
     while isinstance(t, gs.Variable) and len(t.inputs) == 1 and t.inputs[0].op == "Identity" and seen < 64:
         t, seen = t.inputs[0].inputs[0], seen + 1
-    made = t.inputs[0] if isinstance(t, gs.Variable) and len(t.inputs) == 1 else None
-    if made is not None and made.op == "Constant" and isinstance(made.attrs.get("value"), gs.Constant):
-        return made.attrs["value"]
-    return t
+    value = constant_behind(t)  # a Constant node's value (value, value_float, ...)
+    return t if value is None else value
 
 
 class CanonicalQDQParams(Pass):

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import onnx_graphsurgeon as gs
 
 from ..config import QuantConfig
-from ..graph import Scope, is_float32, is_onnx_op, node_label, producer, scopes
+from ..graph import Scope, constant_behind, is_float32, is_onnx_op, node_label, producer, scopes
 from ..ops import BIAS_OPS, LOG_PATH_OPS, RECURRENT, WEIGHT_CHANNEL_AXIS
 from ..pass_manager import Skip
 
@@ -72,31 +72,53 @@ def quantizable_scopes(graph: gs.Graph) -> list[Scope]:
 
 #: how many compute nodes in a row a Log's walk marks (a spectrogram: a filter bank after a transform)
 LOG_PATH_COMPUTE = 2
+#: ops whose output is a magnitude (a square, a power, a sum of them): an Add or Sub of two of these (re^2 + im^2) is
+#: a power spectrum, one of anything else a residual join or a centring, where the walk stops
+MAGNITUDE_OPS = frozenset({"Mul", "Pow", "Abs", "Sqrt", "ReduceSum", "ReduceSumSquare", "ReduceL1", "ReduceL2",
+                           "ReduceMean"})
+
+
+def _walks_through(node: gs.Node) -> bool:
+    """Whether a Log's walk goes on upstream through ``node`` (one of LOG_PATH_OPS): not through a clamp from above
+    (Clip with a max, Min: a ReLU6 or a saturation is an activation function), nor through an Add/Sub of two computed
+    tensors unless both are magnitudes."""
+    if node.op == "Min":
+        return False
+    if node.op == "Clip":
+        return len(node.inputs) < 3 or not node.inputs[2].name  # a lower bound only (log(clip(x, eps)))
+    if node.op == "Max":
+        return any(isinstance(t, gs.Constant) for t in node.inputs)  # log(max(x, eps))
+    if node.op in ("Add", "Sub"):
+        computed = [t for t in node.inputs if not isinstance(t, gs.Constant) and constant_behind(t) is None]
+        return len(computed) < 2 or all(len(t.inputs) == 1 and t.inputs[0].op in MAGNITUDE_OPS for t in computed)
+    return True
 
 
 def log_feeders(graph: gs.Graph, op_types: tuple[str, ...] | frozenset[str]) -> dict[int, str]:
-    """id(node) -> the Log it feeds, for the compute nodes whose output reaches a Log of ``graph`` through
-    :data:`LOG_PATH_OPS` only, at most :data:`LOG_PATH_COMPUTE` compute nodes deep (config.float_before_log)."""
+    """id(node) -> the Log it feeds, for the compute nodes whose output reaches a Log (of ``graph`` or of a body in it)
+    through :data:`LOG_PATH_OPS` only (see :func:`_walks_through`), at most :data:`LOG_PATH_COMPUTE` compute nodes
+    deep (config.float_before_log)."""
     found: dict[int, str] = {}
-    for log in graph.nodes:
-        if log.op != "Log" or not is_onnx_op(log) or not log.inputs:
-            continue
-        stack: list[tuple[gs.Tensor, int]] = [(log.inputs[0], 0)]
-        seen: set[tuple[str, int]] = set()
-        while stack:
-            t, depth = stack.pop()
-            if not isinstance(t, gs.Variable) or len(t.inputs) != 1 or (t.name, depth) in seen:
+    for scope in scopes(graph):
+        for log in scope.graph.nodes:
+            if log.op != "Log" or not is_onnx_op(log) or not log.inputs:
                 continue
-            seen.add((t.name, depth))
-            p = t.inputs[0]
-            if not is_onnx_op(p):
-                continue
-            if p.op in op_types:
-                found.setdefault(id(p), log.name or "Log")
-                if depth + 1 < LOG_PATH_COMPUTE:
-                    stack.extend((i, depth + 1) for i in p.inputs)
-            elif p.op in LOG_PATH_OPS:
-                stack.extend((i, depth) for i in p.inputs)
+            stack: list[tuple[gs.Tensor, int]] = [(log.inputs[0], 0)]
+            seen: set[tuple[str, int]] = set()
+            while stack:
+                t, depth = stack.pop()
+                if not isinstance(t, gs.Variable) or len(t.inputs) != 1 or (t.name, depth) in seen:
+                    continue
+                seen.add((t.name, depth))
+                p = t.inputs[0]
+                if not is_onnx_op(p):
+                    continue
+                if p.op in op_types:
+                    found.setdefault(id(p), scope.label(log))
+                    if depth + 1 < LOG_PATH_COMPUTE:
+                        stack.extend((i, depth + 1) for i in p.inputs)
+                elif p.op in LOG_PATH_OPS and _walks_through(p):
+                    stack.extend((i, depth) for i in p.inputs)
     return found
 
 
@@ -108,19 +130,21 @@ def find_targets(graph: gs.Graph, config: QuantConfig) -> tuple[list[Target], li
     """
     targets: list[Target] = []
     skips: list[Skip] = []
+    before_log = log_feeders(graph, config.op_types) if config.float_before_log else {}
     for scope in quantizable_scopes(graph):
-        found, skipped = scope_targets(scope, config)
+        found, skipped = scope_targets(scope, config, before_log)
         targets += found
         skips += skipped
     skips.extend(subgraph_skips(graph, config))
     return targets, skips
 
 
-def scope_targets(scope: Scope, config: QuantConfig) -> tuple[list[Target], list[Skip]]:
-    """The targets among one graph's own nodes (not its bodies'), and the candidates skipped there."""
+def scope_targets(scope: Scope, config: QuantConfig, before_log: dict[int, str] | None = None) -> tuple[list[Target], list[Skip]]:
+    """The targets among one graph's own nodes (not its bodies'), and the candidates skipped there; ``before_log``:
+    :func:`log_feeders` of the whole model (a Log in a body can read an outer graph's Conv)."""
     targets: list[Target] = []
     skips: list[Skip] = []
-    before_log = log_feeders(scope.graph, config.op_types) if config.float_before_log else {}
+    before_log = before_log or {}
     for node in scope.graph.nodes:
         if node.op not in config.op_types:
             continue

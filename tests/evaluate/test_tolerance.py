@@ -108,6 +108,9 @@ def test_a_broken_static_output_is_quantized_again_with_16_bit_activations(tmp_p
     assert r.passed and r.report.config["activation_type"] == "uint16" and r.report.opset["output"] == 21
     assert r.report.validation["outputs"][0]["sqnr_db"] > COLLAPSE_SQNR_DB
     assert r.report.warnings[0].startswith("8-bit activations broke the output")
+    # the upgrade 17 -> 21 is the opset policy's, said as such (the user asked for no opset)
+    assert "upgraded" in r.report.opset and any(w.startswith("opset upgraded 17 -> 21: uint16 QuantizeLinear needs it")
+                                                for w in r.report.warnings)
     rescue = r.report.search["collapse_rescue"]
     assert rescue["activation_type"] == "uint16" and rescue["first"][0]["sqnr_db"] < COLLAPSE_SQNR_DB
     q = {n.input[0] for n in r.model.graph.node if n.op_type == "QuantizeLinear"}
@@ -133,6 +136,9 @@ def test_the_rescue_leaves_dynamic_runs_pinned_opsets_and_the_side_files_of_a_ke
     pinned = qpass.quantize(chain, tmp_path / "chain" / "calib.npz", val=tmp_path / "chain" / "val.npz", latency=False,
                             target_opset=17)
     assert not pinned.passed and pinned.report.opset["output"] == 17 and "collapse_rescue" not in (pinned.report.search or {})
+    kept = qpass.quantize(chain, tmp_path / "chain" / "calib.npz", val=tmp_path / "chain" / "val.npz", latency=False,
+                          opset_upgrade=False)  # --keep-opset: 16-bit Q/DQ would need opset 21
+    assert not kept.passed and kept.report.opset["output"] == 17 and "collapse_rescue" not in (kept.report.search or {})
     plan, table = tmp_path / "plan.json", tmp_path / "table.json"
     r = qpass.quantize(path, tmp_path / "calib.npz", save_plan=plan, save_calib=table, **data)
     assert not r.passed and r.report.config["activation_type"] == "uint8"

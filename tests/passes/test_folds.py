@@ -168,3 +168,10 @@ def test_scale_mul_of_a_conv_output_read_elsewhere_is_left_alone():
     model.graph.output.append(helper.make_tensor_value_info("c", TensorProto.FLOAT, None))
     _, result, _ = _apply(model, FoldConvScaleMul())
     assert not result.modified
+
+
+def test_with_per_tensor_weights_only_a_uniform_scale_folds():
+    _, result, _ = _apply(_mul_add_model((1, 4, 1, 1)), FoldConvScaleMul(per_channel_weights=False))
+    assert not result.modified  # four different values would widen the one weight range
+    _, result, _ = _apply(_mul_add_model((1,)), FoldConvScaleMul(per_channel_weights=False))
+    assert result.stats == {"Mul": 1}

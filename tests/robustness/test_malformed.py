@@ -126,3 +126,12 @@ def test_a_value_that_is_not_a_tensor_is_refused_with_a_typed_error():
         helper.make_tensor_type_proto(TensorProto.FLOAT, None))))
     with pytest.raises(UnsupportedModelError, match="optional"):
         qpass.quantize(m2, builders.feeds(m2, 4))
+
+
+def test_sixteen_bit_activations_upgrade_to_opset_21_loudly_or_are_refused_with_keep_opset():
+    m = builders.conv_model()  # opset 13
+    r = qpass.quantize(m, builders.feeds(m, 4), activation_type="uint16")
+    assert r.report.opset["output"] == 21 and any("uint16 QuantizeLinear needs it" in w for w in r.report.warnings)
+    assert not any("--per-tensor keeps" in w for w in r.report.warnings)  # per-tensor weights would not help here
+    with pytest.raises(OpsetError, match="--target-opset 21"):
+        qpass.quantize(m, builders.feeds(m, 4), activation_type="uint16", opset_upgrade=False)

@@ -79,7 +79,7 @@ def test_planted_bad_layer_moved_first_and_target_met(planted, tmp_path):
         PLANTED: "uint16", "/4/MaxPool_output_0": "uint16", "/5/Flatten_output_0": "uint16"}
     assert [n["node"] for n in saved["nodes"]] == ["/0/Conv", "/2/Conv", "/6/Gemm", "/8/Gemm"]
     assert [w for w in res.report.warnings if "precision search" in w] == [
-        "precision search: the output is at opset 21 (the model's 13, upgraded by onnx.version_converter for its "
+        "precision search: the output is at opset 21 (the prepared model's 13, upgraded by onnx.version_converter for its "
         "16-bit activations)"]
     # the final model runs and agrees with fp32 on the test split's argmax at least as often as the planted one
     import onnxruntime as ort
