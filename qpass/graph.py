@@ -317,7 +317,37 @@ def constant_behind(t: gs.Tensor) -> gs.Constant | None:
         return None
     if node.op == "Identity" and node.inputs:
         return constant_behind(node.inputs[0])
+    if node.op in ("Reshape", "Unsqueeze", "Squeeze") and node.inputs:
+        value = _reshaped_constant(node)
+        return None if value is None else gs.Constant(f"{t.name}_value", value)
     return None
+
+
+def _reshaped_constant(node: gs.Node) -> np.ndarray | None:
+    """The value of a Reshape/Unsqueeze/Squeeze of a constant by constant shape or axes (a bias an exporter reshaped to
+    [1, C, 1, 1]); None when any of them is not constant."""
+    data = constant_behind(node.inputs[0])
+    if data is None:
+        return None
+    x = np.asarray(data.values)
+    arg = constant_behind(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1].name else None
+    if len(node.inputs) > 1 and node.inputs[1].name and arg is None:
+        return None
+    try:
+        if node.op == "Reshape":
+            if arg is None or int(node.attrs.get("allowzero", 0)):
+                return None
+            shape = [x.shape[i] if d == 0 else int(d) for i, d in enumerate(np.asarray(arg.values).ravel())]
+            return x.reshape(shape)
+        axes = np.asarray(arg.values).ravel().tolist() if arg is not None else node.attrs.get("axes")
+        if node.op == "Unsqueeze":
+            rank = x.ndim + len(axes)
+            for a in sorted(int(a) % rank for a in axes):
+                x = np.expand_dims(x, a)
+            return x
+        return np.squeeze(x) if axes is None else np.squeeze(x, axis=tuple(int(a) % x.ndim for a in axes))
+    except (ValueError, TypeError, IndexError):
+        return None
 
 
 def producer(tensor: gs.Tensor) -> gs.Node | None:

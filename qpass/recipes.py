@@ -16,8 +16,7 @@ from .passes.contrib_matmul_nbits import ContribMatMulNBits
 from .passes.convert_float16 import ConvertFloat16
 from .passes.equalize_conv_chains import EqualizeConvChains
 from .passes.fold_batchnorm import FoldBatchNorm
-from .passes.fold_conv_bias_add import FoldConvBiasAdd
-from .passes.fold_conv_scale_mul import FoldConvScaleMul
+from .passes.fold_conv_affine import FoldConvAffine
 from .passes.fold_fake_quant_weights import FoldFakeQuantWeights
 from .passes.insert_dynamic import InsertDynamicQuantization
 from .passes.insert_qdq import InsertQDQ
@@ -79,8 +78,7 @@ def prepare_passes(config: QuantConfig) -> list[Pass]:
     """Folds and constants to initializers, before planning: the graph the plan and calibration see; with
     ``equalize`` (static mode; by default with per-tensor weights), cross-layer equalization of Conv chains after the
     folds (it needs the folded weights)."""
-    passes: list[Pass] = [ConstantsToInitializers(config.op_types), FoldBatchNorm(), FoldConvScaleMul(config.per_channel),
-                          FoldConvBiasAdd()]
+    passes: list[Pass] = [ConstantsToInitializers(config.op_types), FoldBatchNorm(), FoldConvAffine(config.per_channel)]
     equalize = (not config.per_channel) if config.equalize is None else config.equalize
     if equalize and not config.weight_only:
         passes.append(EqualizeConvChains())

@@ -18,11 +18,11 @@ def test_map_f1_mask_iou_and_ctc_text_agreement_by_hand():
     ref = [[np.array([[0.9, 0.1, 0.5, 0.2]], np.float32)]]
     got = [[np.array([[0.8, 0.4, 0.1, 0.2]], np.float32)]]
     # above 0.3: ref {0, 2}, got {0, 1}: F1 = 2*1 / (2 + 2)
-    assert metrics("basic_pitch", ref, got, ["note"]) == {"F1@0.3 note": 0.5}
+    assert metrics("music", ref, got, ["note"]) == {"F1@0.3 note": 0.5}
     # the same maps as a detector's: intersection 1, union 3
-    assert metrics("ppocrv4_det", ref, got, ["map"])["mask IoU"] == 1 / 3
+    assert metrics("det", ref, got, ["map"])["mask IoU"] == 1 / 3
     frames = lambda ks: np.eye(4, dtype=np.float32)[ks][None]  # noqa: E731 - one-hot CTC frames [1, T, C]
     r = [[frames([1, 1, 0, 2])], [frames([3, 0, 3, 3])]]
     g = [[frames([1, 0, 0, 2])], [frames([3, 3, 3, 3])]]  # same text "1 2"; "3 3" read as "3"
-    m = metrics("ppocrv4_rec", r, g, ["probs"])
+    m = metrics("rec", r, g, ["probs"])
     assert m["text agreement"] == 0.5 and m["frame agreement"] == 6 / 8

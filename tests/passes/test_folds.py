@@ -175,3 +175,39 @@ def test_with_per_tensor_weights_only_a_uniform_scale_folds():
     assert not result.modified  # four different values would widen the one weight range
     _, result, _ = _apply(_mul_add_model((1,)), FoldConvScaleMul(per_channel_weights=False))
     assert result.stats == {"Mul": 1}
+
+
+def test_bias_scale_bias_in_any_order_folds_into_one_conv_even_through_a_reshaped_constant_bias():
+    """PP-OCRv5's form: Conv -> Add(Reshape(Constant bias, [1, C, 1, 1])) -> Mul(scale) -> Add(bias)."""
+    from qpass.passes.fold_conv_affine import FoldConvAffine
+
+    b = numpy_helper.from_array(RNG.normal(0, 1, 4).astype(np.float32), "b_flat")
+    shape = numpy_helper.from_array(np.array([1, 4, 1, 1], np.int64), "b_shape")
+    k = numpy_helper.from_array(np.float32(1.5), "k")
+    b2 = numpy_helper.from_array(np.float32(-0.25), "b2")
+    model = _conv_then(helper.make_node("Reshape", ["b_flat", "b_shape"], ["b4"], name="reshape"),
+                       [b, shape, k, b2], conv_bias=False, out="y")
+    model.graph.node.extend([helper.make_node("Add", ["c", "b4"], ["a1"], name="bias"),
+                             helper.make_node("Mul", ["a1", "k"], ["m"], name="scale"),
+                             helper.make_node("Add", ["m", "b2"], ["y"], name="bias2")])
+    model = _as_constant_nodes(model, ["b_flat", "b_shape"])
+    wg, result, out = _apply(model, FoldConvAffine())
+    assert result.stats == {"Add": 2, "Mul": 1}
+    assert [n.op_type for n in out.graph.node] == ["Conv"] and out.graph.node[0].output[0] == "y"
+    np.testing.assert_allclose(_run(out, X), _run(model, X), rtol=1e-5, atol=1e-5)
+    assert not FoldConvAffine().run(wg.graph, PassContext()).modified
+
+
+def test_constant_behind_reads_reshape_unsqueeze_and_squeeze_of_constants():
+    import onnx_graphsurgeon as gs
+    from qpass.graph import constant_behind
+
+    c = gs.Constant("c", np.arange(6, dtype=np.float32))
+    def out_of(op, *extra, **attrs):
+        y = gs.Variable(f"{op}_y")
+        gs.Node(op, inputs=[c, *extra], outputs=[y], attrs=attrs)
+        return constant_behind(y)
+    assert out_of("Reshape", gs.Constant("s", np.array([0, 3, -1][1:], np.int64))).values.shape == (3, 2)
+    assert out_of("Unsqueeze", gs.Constant("a", np.array([0, 2], np.int64))).values.shape == (1, 6, 1)
+    assert out_of("Unsqueeze", axes=[-1]).values.shape == (6, 1)  # opset < 13: axes as an attribute
+    assert out_of("Reshape", gs.Variable("dynamic_shape")) is None
