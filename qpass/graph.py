@@ -342,10 +342,16 @@ def _reshaped_constant(node: gs.Node) -> np.ndarray | None:
         axes = np.asarray(arg.values).ravel().tolist() if arg is not None else node.attrs.get("axes")
         if node.op == "Unsqueeze":
             rank = x.ndim + len(axes)
+            if not all(-rank <= int(a) < rank for a in axes):
+                return None
             for a in sorted(int(a) % rank for a in axes):
                 x = np.expand_dims(x, a)
             return x
-        return np.squeeze(x) if axes is None else np.squeeze(x, axis=tuple(int(a) % x.ndim for a in axes))
+        if axes is None:
+            return np.squeeze(x)
+        if not all(-x.ndim <= int(a) < x.ndim for a in axes):
+            return None
+        return np.squeeze(x, axis=tuple(int(a) % x.ndim for a in axes))
     except (ValueError, TypeError, IndexError):
         return None
 

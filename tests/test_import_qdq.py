@@ -145,3 +145,26 @@ def test_a_scale_in_a_constant_node_of_value_float_is_imported():
     feeds = [{"x": rng.normal(size=(1, 3, 8, 8)).astype(np.float32)} for _ in range(4)]
     r = qpass.quantize(model, feeds)
     assert r.report.calibration["imported"] and r.report.quantized_nodes == {"Conv": 1} and r.passed
+
+
+def test_many_scales_behind_reshaped_constants_each_keep_their_own_value():
+    """60 Q/DQ pairs whose scales are Reshape(Constant): each reads back its own scale (a cache keyed by the
+    transient value objects once handed one pair another's), so the import computes what the model computes."""
+    from onnx import TensorProto, helper
+
+    nodes, outs = [], []
+    for i, s in enumerate(np.linspace(0.05, 5, 60).tolist()):
+        nodes += [helper.make_node("Constant", [], [f"sc{i}"], value=numpy_helper.from_array(np.array([s], np.float32))),
+                  helper.make_node("Reshape", [f"sc{i}", "shp"], [f"s{i}"]),
+                  helper.make_node("QuantizeLinear", ["x", f"s{i}"], [f"q{i}"]),
+                  helper.make_node("DequantizeLinear", [f"q{i}", f"s{i}"], [f"d{i}"]),
+                  helper.make_node("Relu", [f"d{i}"], [f"y{i}"])]
+        outs.append(helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, [4]))
+    model = builders._model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])], outs,
+                            [numpy_helper.from_array(np.array([1], np.int64), "shp")])
+    x = np.array([0.3, 1.7, 5.0, -9.0], np.float32)
+
+    def run(m):
+        return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    got = run(qpass.quantize(model, [{"x": x}]).model)
+    assert all(np.array_equal(a, b) for a, b in zip(run(model), got))

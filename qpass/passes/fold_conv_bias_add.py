@@ -26,30 +26,39 @@ def channel_values(c: gs.Constant, out_rank: int, channels: int) -> np.ndarray |
     return None
 
 
+def conv_and_constant_after(conv: gs.Node, op: str, outputs: set[str]) -> tuple[gs.Node, gs.Constant, np.ndarray] | None:
+    """(the ``op`` node, the Conv's weight, the per-channel values of the op's constant) when ``conv``'s output is read
+    only by an ``op`` (Add or Mul) of it and a constant with one value per channel (or one value), the Conv's weight is
+    a float32 constant and its output is not a graph output; None otherwise."""
+    if not conv.outputs:
+        return None
+    y = conv.outputs[0]
+    w = conv.inputs[1] if len(conv.inputs) > 1 else None
+    if y.name in outputs or len(y.outputs) != 1 or not isinstance(w, gs.Constant) or not is_float32(w):
+        return None
+    node = y.outputs[0]
+    if node.op != op or not is_onnx_op(node) or len(node.inputs) != 2 or len(node.outputs) != 1:
+        return None
+    other = node.inputs[1] if node.inputs[0] is y else node.inputs[0]
+    other = None if other is y else constant_behind(other)  # an initializer, a Constant node, a reshaped constant
+    if other is None:
+        return None
+    shape = np.asarray(w.values).shape  # the Conv output's rank equals the weight's
+    values = channel_values(other, len(shape), int(shape[0]))
+    return None if values is None or not np.all(np.isfinite(values)) else (node, w, values)
+
+
 class FoldConvBiasAdd(Pass):
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         new_name = NameAllocator(graph)
         outputs = {t.name for t in graph.outputs}
         folded = 0
         for conv in [n for n in graph.nodes if n.op == "Conv" and is_onnx_op(n)]:
-            if not conv.outputs:
+            found = conv_and_constant_after(conv, "Add", outputs)
+            if found is None:
                 continue
-            y = conv.outputs[0]
-            w = conv.inputs[1] if len(conv.inputs) > 1 else None
-            if y.name in outputs or len(y.outputs) != 1 or not isinstance(w, gs.Constant) or not is_float32(w):
-                continue
-            add = y.outputs[0]
-            if add.op != "Add" or not is_onnx_op(add) or len(add.inputs) != 2 or len(add.outputs) != 1:
-                continue
-            other = add.inputs[1] if add.inputs[0] is y else add.inputs[0]
-            other = None if other is y else constant_behind(other)  # an initializer or a Constant node
-            if other is None:
-                continue
+            add, w, values = found
             channels = int(np.asarray(w.values).shape[0])
-            rank = len(np.asarray(w.values).shape)  # conv output rank equals weight rank
-            values = channel_values(other, rank, channels)
-            if values is None:
-                continue
             has_bias = len(conv.inputs) > 2 and conv.inputs[2].name
             if has_bias and not isinstance(conv.inputs[2], gs.Constant):
                 continue

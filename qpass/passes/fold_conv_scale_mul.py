@@ -11,9 +11,9 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ..graph import NameAllocator, constant_behind, is_float32, is_onnx_op
+from ..graph import NameAllocator, is_onnx_op
 from ..pass_manager import Pass, PassContext, PassResult
-from .fold_conv_bias_add import channel_values
+from .fold_conv_bias_add import conv_and_constant_after
 
 
 class FoldConvScaleMul(Pass):
@@ -26,23 +26,11 @@ class FoldConvScaleMul(Pass):
         outputs = {t.name for t in graph.outputs}
         folded = 0
         for conv in [n for n in graph.nodes if n.op == "Conv" and is_onnx_op(n)]:
-            if not conv.outputs:
+            found = conv_and_constant_after(conv, "Mul", outputs)
+            if found is None:
                 continue
-            y = conv.outputs[0]
-            w = conv.inputs[1] if len(conv.inputs) > 1 else None
-            if y.name in outputs or len(y.outputs) != 1 or not isinstance(w, gs.Constant) or not is_float32(w):
-                continue
-            mul = y.outputs[0]
-            if mul.op != "Mul" or not is_onnx_op(mul) or len(mul.inputs) != 2 or len(mul.outputs) != 1:
-                continue
-            other = mul.inputs[1] if mul.inputs[0] is y else mul.inputs[0]
-            other = None if other is y else constant_behind(other)  # an initializer or a Constant node
-            if other is None:
-                continue
+            mul, w, k = found
             wv = np.asarray(w.values, dtype=np.float32)
-            k = channel_values(other, wv.ndim, wv.shape[0])  # conv output rank equals weight rank
-            if k is None or not np.all(np.isfinite(k)):
-                continue
             if not self.per_channel_weights and np.ptp(k) != 0:
                 continue
             has_bias = len(conv.inputs) > 2 and conv.inputs[2].name

@@ -32,7 +32,7 @@ class CanonicalQDQParams(Pass):
         names = NameAllocator(graph)
         scalars: dict[str, gs.Constant] = {}
         known = graph.tensors()
-        copies: dict[int, gs.Constant] = {}
+        copies: dict[str, gs.Constant] = {}  # by the tensor read: constant_behind makes a new value object per call
         for node in graph.nodes:
             if node.op not in QDQ:
                 continue
@@ -43,8 +43,8 @@ class CanonicalQDQParams(Pass):
                 if not isinstance(src, gs.Constant):
                     continue
                 if known.get(src.name) is not src:  # a Constant node's value: an initializer of its own name
-                    src = copies.setdefault(id(src), gs.Constant(names(node.inputs[i].name or "constant"),
-                                                                 np.asarray(src.values)))
+                    src = copies.setdefault(node.inputs[i].name, gs.Constant(names(node.inputs[i].name or "constant"),
+                                                                             np.asarray(src.values)))
                 if i == 0 and node.op == "QuantizeLinear":  # a fake-quantized weight given by a Constant node
                     if src is not node.inputs[0]:
                         node.inputs[0] = src

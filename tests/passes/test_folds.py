@@ -211,3 +211,5 @@ def test_constant_behind_reads_reshape_unsqueeze_and_squeeze_of_constants():
     assert out_of("Unsqueeze", gs.Constant("a", np.array([0, 2], np.int64))).values.shape == (1, 6, 1)
     assert out_of("Unsqueeze", axes=[-1]).values.shape == (6, 1)  # opset < 13: axes as an attribute
     assert out_of("Reshape", gs.Variable("dynamic_shape")) is None
+    assert out_of("Squeeze", gs.Constant("bad_axis", np.array([3], np.int64))) is None  # invalid: left to the checker
+    assert out_of("Unsqueeze", gs.Constant("bad_axes", np.array([5], np.int64))) is None
