@@ -85,9 +85,10 @@ def apply_opset_policy(model: onnx.ModelProto, cfg: QuantConfig, name: str) -> t
     converted = _upgrade(model, opset, needed, name, f"upgrading opset {opset} -> {needed}, which {why} needs", fallback)
     info["output"] = needed
     info["upgraded"] = f"{why} needs opset {needed}"
+    checked = "; the result is validated against the model as given" if cfg.validate else ""
     return converted, info, [f"opset upgraded {opset} -> {needed}: {why} needs it (onnx.version_converter; inputs and "
-                             "outputs unchanged; the result is validated against the original). --keep-opset refuses "
-                             "instead" + (f", --per-tensor keeps opset {opset}" if per_tensor_helps else "")]
+                             f"outputs unchanged{checked}). --keep-opset refuses instead"
+                             + (f", --per-tensor keeps opset {opset}" if per_tensor_helps else "")]
 
 
 def _upgrade(model: onnx.ModelProto, opset: int, target: int, name: str, what: str, hint: str) -> onnx.ModelProto:
