@@ -123,12 +123,12 @@ class QuantConfig:
             (Clip with no max, Max with a constant), an Add/Sub of two computed tensors only when both are
             magnitudes (re^2 + im^2: a residual join stops the walk), up to two compute nodes in a row. A log
             spectrogram computed in the graph turns the absolute error of 8-bit values into unbounded relative error
-            on its quiet bins (a music transcription CNN's in-graph CQT: output SQNR 5 dB quantized, 30-40 dB float).
+            on its quiet bins (measured: docs/benchmark-notes.md).
         target_opset: upgrade the model to this opset (onnx.version_converter) first.
         opset_upgrade: a model below the opset the run needs (13 for per-channel weights, 10 for QuantizeLinear, 21 for
-            16-bit activations) is
-            upgraded to it with onnx.version_converter, with a warning, when its inputs and outputs survive the
-            upgrade; the result is then validated against the original. False: refuse it, naming --target-opset.
+            16-bit activations) is upgraded to it with onnx.version_converter, with a warning, when its inputs and
+            outputs survive the upgrade; the result is then validated against the original. False: refuse it,
+            naming --target-opset.
         val_fraction: share of the calibration samples held out for validation when no
             separate validation data is given.
         max_calib_samples: use at most this many calibration samples.

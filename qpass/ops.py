@@ -24,11 +24,11 @@ RECURRENT = frozenset({"LSTM", "GRU", "RNN"})
 DATA_MOVEMENT = frozenset({"Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Identity", "MaxPool",
                            "Slice", "Gather", "Resize", "SpaceToDepth", "DepthToSpace", "Expand", "Tile"})
 #: ops that keep a small value small on the way to a Log (data movement, linear ops, products, sums, magnitudes,
-#: clamps): a compute node reaching a Log through these only computes a quantity the Log reads
+#: lower clamps): a compute node reaching a Log through these only computes a quantity the Log reads
 #: (config.float_before_log)
 LOG_PATH_OPS = DATA_MOVEMENT | frozenset({"Pad", "Concat", "Split", "Neg", "Abs", "Mul", "Add", "Sub", "Div", "Sqrt",
                                           "Pow", "ReduceSum", "ReduceSumSquare", "ReduceMean", "ReduceL1", "ReduceL2",
-                                          "Clip", "Max", "Min", "Cast"})
+                                          "Clip", "Max", "Cast"})
 #: activations that only clip the producer's range: quantizing their output keeps the range tight
 RANGE_FOLDING = frozenset({"Relu", "Clip"})
 #: joins and pooling that run on integers when all their inputs are quantized (config.neighbour_ops)

@@ -1,7 +1,7 @@
 """The opset policy: never changed silently. A model below the opset the run needs (13 for per-channel weights, 10 for
-QuantizeLinear, 21 for 16-bit activations) is upgraded to it with onnx.version_converter, with a warning (``opset_upgrade``; the run validates the
-result against the original); ``target_opset`` upgrades further when asked. Either only when the model's interface
-survives the upgrade."""
+QuantizeLinear, 21 for 16-bit activations) is upgraded to it with onnx.version_converter, with a warning
+(``opset_upgrade``; the run validates the result against the original); ``target_opset`` upgrades further when asked.
+Either only when the model's interface survives the upgrade."""
 from __future__ import annotations
 
 import onnx
@@ -76,11 +76,11 @@ def apply_opset_policy(model: onnx.ModelProto, cfg: QuantConfig, name: str) -> t
         needed, why = INT16_MIN_OPSET, f"{cfg.activation_type} QuantizeLinear"
     if opset >= needed:
         return model, info, []
+    per_tensor_helps = cfg.per_channel and not sixteen and opset >= QDQ_MIN_OPSET
     if not cfg.opset_upgrade:
         raise OpsetError(f"opset {opset} is below {needed}, which {why} needs; --keep-opset asks not to upgrade it",
                          subject=name, hint=f"rerun with --target-opset {needed} to upgrade it with onnx.version_converter"
-                         + (", or use --per-tensor" if cfg.per_channel and not sixteen and opset >= QDQ_MIN_OPSET else ""))
-    per_tensor_helps = cfg.per_channel and not sixteen and opset >= QDQ_MIN_OPSET
+                         + (", or use --per-tensor" if per_tensor_helps else ""))
     fallback = "use --per-tensor, which needs only opset 10" if per_tensor_helps else "upgrade the model yourself"
     converted = _upgrade(model, opset, needed, name, f"upgrading opset {opset} -> {needed}, which {why} needs", fallback)
     info["output"] = needed

@@ -26,11 +26,11 @@ def channel_values(c: gs.Constant, out_rank: int, channels: int) -> np.ndarray |
     return None
 
 
-def conv_and_constant_after(conv: gs.Node, op: str, outputs: set[str]) -> tuple[gs.Node, gs.Constant, np.ndarray] | None:
+def _conv_and_constant_after(conv: gs.Node, op: str, outputs: set[str]) -> tuple[gs.Node, gs.Constant, np.ndarray] | None:
     """(the ``op`` node, the Conv's weight, the per-channel values of the op's constant) when ``conv``'s output is read
     only by an ``op`` (Add or Mul) of it and a constant with one value per channel (or one value), the Conv's weight is
-    a float32 constant and its output is not a graph output; None otherwise."""
-    if not conv.outputs:
+    a float32 constant, its bias (if any) a constant and its output not a graph output; None otherwise."""
+    if not conv.outputs or (len(conv.inputs) > 2 and conv.inputs[2].name and not isinstance(conv.inputs[2], gs.Constant)):
         return None
     y = conv.outputs[0]
     w = conv.inputs[1] if len(conv.inputs) > 1 else None
@@ -48,30 +48,43 @@ def conv_and_constant_after(conv: gs.Node, op: str, outputs: set[str]) -> tuple[
     return None if values is None or not np.all(np.isfinite(values)) else (node, w, values)
 
 
-class FoldConvBiasAdd(Pass):
+class FoldAfterConv(Pass):
+    """A Conv whose output only ``op`` (with a per-channel constant) reads takes the op into its weight and bias
+    (:meth:`fold`); the op's output becomes the Conv's."""
+
+    op = ""
+
+    def fold(self, conv: gs.Node, w: gs.Constant, values: np.ndarray, new_name: NameAllocator) -> bool:
+        """Rewrite ``conv``'s weight and bias to include the op with ``values``; False: leave it."""
+        raise NotImplementedError
+
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         new_name = NameAllocator(graph)
         outputs = {t.name for t in graph.outputs}
         folded = 0
         for conv in [n for n in graph.nodes if n.op == "Conv" and is_onnx_op(n)]:
-            found = conv_and_constant_after(conv, "Add", outputs)
-            if found is None:
+            found = _conv_and_constant_after(conv, self.op, outputs)
+            if found is None or not self.fold(conv, found[1], found[2], new_name):
                 continue
-            add, w, values = found
-            channels = int(np.asarray(w.values).shape[0])
-            has_bias = len(conv.inputs) > 2 and conv.inputs[2].name
-            if has_bias and not isinstance(conv.inputs[2], gs.Constant):
-                continue
-            old = np.asarray(conv.inputs[2].values, dtype=np.float32) if has_bias else np.zeros(channels, np.float32)
-            bias = gs.Constant(new_name(f"{conv.name or w.name}_bias"), (old + values).astype(np.float32))
-            if has_bias:
-                conv.inputs[2] = bias
-            else:
-                conv.inputs.append(bias)
-            conv.outputs[0] = add.outputs[0]
-            add.inputs.clear()
-            add.outputs.clear()
+            node = found[0]
+            conv.outputs[0] = node.outputs[0]
+            node.inputs.clear()
+            node.outputs.clear()
             folded += 1
         if folded:
             graph.cleanup(remove_unused_graph_inputs=False).toposort()
-        return PassResult(modified=bool(folded), stats={"Add": folded} if folded else {})
+        return PassResult(modified=bool(folded), stats={self.op: folded} if folded else {})
+
+
+class FoldConvBiasAdd(FoldAfterConv):
+    op = "Add"
+
+    def fold(self, conv: gs.Node, w: gs.Constant, values: np.ndarray, new_name: NameAllocator) -> bool:
+        has_bias = len(conv.inputs) > 2 and conv.inputs[2].name
+        old = np.asarray(conv.inputs[2].values, dtype=np.float32) if has_bias else np.zeros(len(values), np.float32)
+        bias = gs.Constant(new_name(f"{conv.name or w.name}_bias"), (old + values).astype(np.float32))
+        if has_bias:
+            conv.inputs[2] = bias
+        else:
+            conv.inputs.append(bias)
+        return True

@@ -11,40 +11,24 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ..graph import NameAllocator, is_onnx_op
-from ..pass_manager import Pass, PassContext, PassResult
-from .fold_conv_bias_add import conv_and_constant_after
+from ..graph import NameAllocator
+from .fold_conv_bias_add import FoldAfterConv
 
 
-class FoldConvScaleMul(Pass):
+class FoldConvScaleMul(FoldAfterConv):
+    op = "Mul"
+
     def __init__(self, per_channel_weights: bool = True):
         #: the weights get one scale per output channel; False: only a uniform scale folds
         self.per_channel_weights = per_channel_weights
 
-    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        new_name = NameAllocator(graph)
-        outputs = {t.name for t in graph.outputs}
-        folded = 0
-        for conv in [n for n in graph.nodes if n.op == "Conv" and is_onnx_op(n)]:
-            found = conv_and_constant_after(conv, "Mul", outputs)
-            if found is None:
-                continue
-            mul, w, k = found
-            wv = np.asarray(w.values, dtype=np.float32)
-            if not self.per_channel_weights and np.ptp(k) != 0:
-                continue
-            has_bias = len(conv.inputs) > 2 and conv.inputs[2].name
-            if has_bias and not isinstance(conv.inputs[2], gs.Constant):
-                continue
-            conv.inputs[1] = gs.Constant(new_name(f"{w.name}_scaled"),
-                                         (wv * k.reshape((-1,) + (1,) * (wv.ndim - 1))).astype(np.float32))
-            if has_bias:
-                b = np.asarray(conv.inputs[2].values, dtype=np.float32)
-                conv.inputs[2] = gs.Constant(new_name(f"{conv.name or w.name}_bias_scaled"), (b * k).astype(np.float32))
-            conv.outputs[0] = mul.outputs[0]
-            mul.inputs.clear()
-            mul.outputs.clear()
-            folded += 1
-        if folded:
-            graph.cleanup(remove_unused_graph_inputs=False).toposort()
-        return PassResult(modified=bool(folded), stats={"Mul": folded} if folded else {})
+    def fold(self, conv: gs.Node, w: gs.Constant, k: np.ndarray, new_name: NameAllocator) -> bool:
+        if not self.per_channel_weights and np.ptp(k) != 0:
+            return False
+        wv = np.asarray(w.values, dtype=np.float32)
+        conv.inputs[1] = gs.Constant(new_name(f"{w.name}_scaled"),
+                                     (wv * k.reshape((-1,) + (1,) * (wv.ndim - 1))).astype(np.float32))
+        if len(conv.inputs) > 2 and conv.inputs[2].name:
+            b = np.asarray(conv.inputs[2].values, dtype=np.float32)
+            conv.inputs[2] = gs.Constant(new_name(f"{conv.name or w.name}_bias_scaled"), (b * k).astype(np.float32))
+        return True

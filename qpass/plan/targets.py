@@ -80,10 +80,8 @@ MAGNITUDE_OPS = frozenset({"Mul", "Pow", "Abs", "Sqrt", "ReduceSum", "ReduceSumS
 
 def _walks_through(node: gs.Node) -> bool:
     """Whether a Log's walk goes on upstream through ``node`` (one of LOG_PATH_OPS): not through a clamp from above
-    (Clip with a max, Min: a ReLU6 or a saturation is an activation function), nor through an Add/Sub of two computed
-    tensors unless both are magnitudes."""
-    if node.op == "Min":
-        return False
+    (Clip with a max: a ReLU6 is an activation function), nor through an Add/Sub of two computed tensors unless both
+    are magnitudes."""
     if node.op == "Clip":
         return len(node.inputs) < 3 or not node.inputs[2].name  # a lower bound only (log(clip(x, eps)))
     if node.op == "Max":
