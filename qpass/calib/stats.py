@@ -8,7 +8,8 @@ A range (:class:`TensorRange`, kind ``"range"``) is one kind; :class:`Gram` (``"
 JSON (``schema_version`` 1, as before any other kind existed)::
 
     {"schema_version": 1, "samples": N, "synthetic": false,
-     "ranges": {tensor: {"min": .., "max": .., "method": .., "samples": .., ["observed_min": .., "observed_max": ..]}},
+     "ranges": {tensor: {"min": .., "max": .., "method": .., "samples": .., ["observed_min": .., "observed_max": ..],
+                         ["alternatives": {method: [min, max]}]}},
      "statistics": {tensor: {kind: {field: value, ...}}}}
 
 ``"statistics"`` holds every kind but ranges and is written only when there is one, so a table of ranges alone
@@ -42,19 +43,33 @@ class TensorRange:
     samples: int = 0
     observed_min: float | None = None
     observed_max: float | None = None
+    #: ranges other methods would have given from the same histogram: ((method, min, max), ...)
+    alternatives: tuple[tuple[str, float, float], ...] = ()
 
     kind: ClassVar[str] = RANGE
+
+    def alternative(self, method: str) -> tuple[float, float] | None:
+        """The range ``method`` gives for this tensor's data: its own, min-max from the observed range, or one
+        computed beside it (``alternatives``); None when unknown."""
+        if method == self.method:
+            return self.min, self.max
+        if method == "minmax":
+            return None if self.observed_min is None else (self.observed_min, self.observed_max)
+        return next(((lo, hi) for m, lo, hi in self.alternatives if m == method), None)
 
     def to_dict(self) -> dict:
         d = {"min": self.min, "max": self.max, "method": self.method, "samples": self.samples}
         if self.observed_min is not None:
             d["observed_min"], d["observed_max"] = self.observed_min, self.observed_max
+        if self.alternatives:
+            d["alternatives"] = {m: [lo, hi] for m, lo, hi in self.alternatives}
         return d
 
     @classmethod
     def from_dict(cls, v: Mapping) -> "TensorRange":
+        alt = tuple((str(m), float(lo), float(hi)) for m, (lo, hi) in dict(v.get("alternatives") or {}).items())
         return cls(float(v["min"]), float(v["max"]), str(v.get("method", "minmax")), int(v.get("samples", 0)),
-                   _opt(v.get("observed_min")), _opt(v.get("observed_max")))
+                   _opt(v.get("observed_min")), _opt(v.get("observed_max")), alt)
 
 
 def _opt(x) -> float | None:

@@ -36,6 +36,14 @@ def default_providers() -> list[str]:
     return ["cpu"] + (["cuda"] if PROVIDERS["cuda"] in available_providers() else [])
 
 
+def first_provider(providers) -> str:
+    """The first of ``providers`` (keys or onnxruntime names; empty: the default ones) this onnxruntime has; the
+    provider :func:`validate`'s top-level ``outputs`` come from."""
+    have = available_providers()
+    return next((PROVIDERS.get(k, k) for k in (list(providers) or default_providers()) if PROVIDERS.get(k, k) in have),
+                PROVIDERS["cpu"])
+
+
 # ---------------------------------------------------------------------------------------------- metrics
 @dataclass
 class OutputStats:

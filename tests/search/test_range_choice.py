@@ -1,0 +1,146 @@
+"""auto's clipping rule chosen on held-out data: rare large values that carry the signal keep min-max; an outlier
+seen only in calibration keeps percentile; the table and plan swap; when the choice runs at all."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import qpass
+from qpass import stages
+from qpass.calib.stats import TensorRange
+from qpass.calib.table import CalibrationTable
+from qpass.config import QuantConfig
+from qpass.errors import ConfigError
+from qpass.search.range_choice import RULES, applies, with_rule
+
+SIDE = 64  # 4 x 64 x 64 = 16,384 values a sample: one value in it is under percentile 99.99's 0.01 %
+
+
+def pointwise_conv() -> onnx.ModelProto:
+    """x[N,4,64,64] -> Conv 1x1 (a fixed channel mix) -> y."""
+    w = (np.eye(4) + 0.1 * np.arange(16).reshape(4, 4) / 16).astype(np.float32).reshape(4, 4, 1, 1)
+    nodes = [helper.make_node("Conv", ["x", "W"], ["y"], name="mix")]
+    graph = helper.make_graph(nodes, "mix", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, SIDE, SIDE])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, SIDE, SIDE])],
+                              [numpy_helper.from_array(w, "W")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    return model
+
+
+def gaussian(n: int, seed: int, spike: float = 0.0, spikes_in: range | None = None) -> list[dict]:
+    """``n`` samples of N(0, 1); the samples in ``spikes_in`` (default all) hold one value ``spike`` each."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        x = rng.normal(0, 1, (1, 4, SIDE, SIDE)).astype(np.float32)
+        if spike and (spikes_in is None or i in spikes_in):
+            x[0, rng.integers(4), rng.integers(SIDE), rng.integers(SIDE)] = spike
+        out.append({"x": x})
+    return out
+
+
+def run(tmp_path, calib, val=None, **kw):
+    # no collapse rescue: percentile's output here is broken on purpose (SQNR ~1 dB), and is what is compared
+    return qpass.quantize(pointwise_conv(), calib, val=val, output=tmp_path / "q.onnx", latency=False,
+                          per_layer=False, collapse_rescue=False, **kw)
+
+
+def worst_sqnr(result) -> float:
+    return min(float(o["sqnr_db"]) for o in result.report.validation["outputs"])
+
+
+def test_rare_values_that_carry_the_signal_keep_min_max(tmp_path):
+    """One value of 300 per sample (0.006 % of the values, most of the energy): percentile clips it away, min-max
+    keeps it; the choice measures that on the held-out split and keeps a rule that keeps the spike."""
+    calib = gaussian(20, 0, spike=300.0)
+    chosen = run(tmp_path, calib)
+    info = chosen.report.calibration["range_choice"]
+    assert info["rule"] != "percentile"
+    assert info["tensors"] == 1  # the Conv's input (its output is the graph's)
+    scores = info["worst_output_sqnr_db"]
+    assert set(scores) == set(RULES)
+    assert scores[info["rule"]] >= scores["percentile"] + 10  # percentile loses the spikes' energy
+    plain = run(tmp_path, calib, range_choice=False)
+    assert "range_choice" not in plain.report.calibration
+    assert worst_sqnr(chosen) >= worst_sqnr(plain) + 10
+    assert worst_sqnr(plain) == pytest.approx(scores["percentile"], abs=1e-3)  # the same held-out samples
+    methods = {t["range_of"]: t["spec"]["method"] for t in chosen.report.plan["tensors"].values()}
+    assert set(methods.values()) == {info["rule"]}  # the plan says which rule made the ranges
+
+
+def test_an_outlier_seen_only_in_calibration_keeps_percentile(tmp_path):
+    """One calibration sample holds 1e4 at one position; the held-out data is clean: min-max's range is 2,000 times
+    too wide there and scores worst, and the default rule stays."""
+    calib = gaussian(20, 1, spike=1e4, spikes_in=range(1))
+    val = gaussian(4, 2)
+    res = run(tmp_path, calib, val=val)
+    info = res.report.calibration["range_choice"]
+    scores = info["worst_output_sqnr_db"]
+    assert scores["minmax"] < scores["percentile"] - 10
+    assert info["rule"] != "minmax"
+
+
+def test_a_margin_keeps_percentile_unless_beaten_by_it(tmp_path):
+    calib = gaussian(20, 0, spike=300.0)
+    res = run(tmp_path, calib, range_choice_margin_db=1000.0)
+    assert res.report.calibration["range_choice"]["rule"] == "percentile"
+
+
+def test_with_rule_swaps_only_the_named_ranges_and_their_plan_tensors():
+    cfg = QuantConfig(latency=False)
+    prepared = stages.prepare(pointwise_conv(), cfg)
+    plan = stages.plan(prepared, cfg)
+    table = stages.calibrate(prepared, plan, iter([(f, None) for f in gaussian(6, 3, spike=50.0)]), cfg).table
+    names = applies(cfg, plan, table)
+    assert names and all(table.get(n).method == "percentile" for n in names)
+    r = table.get(names[0])
+    assert r.alternative("minmax") == (r.observed_min, r.observed_max)
+    assert r.alternative("mse") is not None and r.alternative("entropy") is None
+    t2, p2 = with_rule(table, plan, names[:1], "minmax")
+    assert (t2.get(names[0]).min, t2.get(names[0]).max) == (r.observed_min, r.observed_max)
+    assert t2.get(names[0]).method == "minmax"
+    for n in names[1:]:
+        assert t2.get(n) == table.get(n)
+    assert table.get(names[0]) == r  # the input table is unchanged
+    for t in p2.tensors.values():
+        assert t.spec.method == ("minmax" if t.range_of == names[0] else plan.tensors[t.name].spec.method)
+    # the alternatives survive the table's JSON
+    back = CalibrationTable.from_json(table.to_json())
+    assert back.get(names[0]) == r and back.get(names[0]).alternatives == r.alternatives
+    assert "alternatives" in json.loads(table.to_json())["ranges"][names[0]]
+
+
+@pytest.mark.parametrize("change", [dict(method="percentile"), dict(op_methods={"Conv": "percentile"}),
+                                    dict(activation_type="uint16"), dict(range_choice=False)])
+def test_the_choice_runs_only_for_auto_at_8_bits(change):
+    cfg = QuantConfig(latency=False)
+    prepared = stages.prepare(pointwise_conv(), cfg)
+    plan = stages.plan(prepared, cfg)
+    table = stages.calibrate(prepared, plan, iter([(f, None) for f in gaussian(4, 4)]), cfg).table
+    assert applies(cfg, plan, table)
+    assert applies(cfg.replace(**change), plan, table) == []
+
+
+def test_no_choice_without_held_out_samples(tmp_path):
+    res = run(tmp_path, gaussian(20, 0, spike=300.0), val_fraction=0.0)
+    assert "range_choice" not in res.report.calibration
+
+
+@pytest.mark.parametrize("bad", [-1.0, math.nan, "1", True])
+def test_margin_must_be_a_number_at_least_zero(bad):
+    with pytest.raises(ConfigError, match="range_choice_margin_db"):
+        QuantConfig(range_choice_margin_db=bad)
+
+
+def test_a_range_without_alternatives_knows_its_own_and_min_max():
+    r = TensorRange(-1.0, 2.0, "percentile", 3, -5.0, 9.0)
+    assert r.alternative("percentile") == (-1.0, 2.0)
+    assert r.alternative("minmax") == (-5.0, 9.0)
+    assert r.alternative("mse") is None
+    assert TensorRange(0.0, 1.0, "percentile").alternative("minmax") is None
