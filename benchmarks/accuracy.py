@@ -58,6 +58,10 @@ VARIANTS: dict[str, dict] = {
     # precision search (opt-in): it needs a validation split, so these hold out 20 % of the calibration data;
     # "val20" is the default on that same calibration split, the baseline to compare them with
     "val20": {"val_fraction": 0.2},
+    "val20_no_range_choice": {"val_fraction": 0.2, "range_choice": False},
+    # a small calibration set (16 samples, 4 of them held out): what a percentile of 12 samples clips
+    "calib16": {"val_fraction": 0.2, "max_calib_samples": 16},
+    "calib16_no_range_choice": {"val_fraction": 0.2, "max_calib_samples": 16, "range_choice": False},
     "val20_minmax": {"val_fraction": 0.2, "method": "minmax"},
     "val20_mse": {"val_fraction": 0.2, "method": "mse"},
     "search_cos": {"val_fraction": 0.2, "target_cosine": 0.999},
@@ -100,6 +104,9 @@ def run(models: list[str], variants: list[str], shared: Path = SHARED, log=print
                 if lat:  # validation's quantized / fp32 latency ratio (alternated medians)
                     row["latency_ratio"] = lat.get("ratio")
                 row["size_bytes"] = result.report.sizes.get("output_bytes")
+                if result.report.calibration.get("range_choice"):
+                    row["range_choice"] = result.report.calibration["range_choice"]
+                    log(f"  range choice: {json.dumps(row['range_choice'])}")
                 outs = (result.report.validation or {}).get("outputs") or []
                 if outs:  # qpass's own check on its held-out split: the worst output
                     row["validation_sqnr_db"] = min(float(o["sqnr_db"]) for o in outs)

@@ -66,6 +66,7 @@ KIND = {"basic_pitch": "music", "ppocrv4_det": "det", "ppocrv5_det": "det", "ppo
 QPASS_VARIANTS = {
     "default": {},
     "quantize_before_log": {"float_before_log": False},
+    "no_range_choice": {"range_choice": False},
     "minmax": {"method": "minmax"},
     "mse": {"method": "mse"},
     "conv_mse": {"op_methods": {"Conv": "mse", "ConvTranspose": "mse"}},
@@ -325,6 +326,8 @@ def run_model(name: str, variants: list[str], shared: Path, repeats: int, tmp: P
                 res = qpass.quantize(src, calib, output=out, per_layer=False, latency=False, **QPASS_VARIANTS[v])
                 row["warnings"] = [w[:160] for w in res.report.warnings]
                 row["quantized_nodes"] = sum(res.report.quantized_nodes.values())
+                if res.report.calibration.get("range_choice"):
+                    row["range_choice"] = res.report.calibration["range_choice"]
                 outs = (res.report.validation or {}).get("outputs") or []
                 if outs:  # qpass's own check on its held-out split, the worst output
                     row["validation SQNR dB"] = min(float(o["sqnr_db"]) for o in outs)

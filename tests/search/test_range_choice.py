@@ -144,3 +144,18 @@ def test_a_range_without_alternatives_knows_its_own_and_min_max():
     assert r.alternative("minmax") == (-5.0, 9.0)
     assert r.alternative("mse") is None
     assert TensorRange(0.0, 1.0, "percentile").alternative("minmax") is None
+
+
+def test_the_saved_table_and_plan_are_the_chosen_ones(tmp_path):
+    """--save-calib / --save-plan keep the kept rule's ranges: loading them writes the same model, without a choice."""
+    calib = gaussian(20, 0, spike=300.0)
+    first = qpass.quantize(pointwise_conv(), calib, output=tmp_path / "a.onnx", latency=False, per_layer=False,
+                           collapse_rescue=False, save_calib=tmp_path / "t.json", save_plan=tmp_path / "p.json")
+    rule = first.report.calibration["range_choice"]["rule"]
+    assert rule != "percentile"
+    saved = json.loads((tmp_path / "t.json").read_text())["ranges"]
+    assert {r["method"] for r in saved.values()} == {rule}
+    again = qpass.quantize(pointwise_conv(), calib, output=tmp_path / "b.onnx", latency=False, per_layer=False,
+                           collapse_rescue=False, load_calib=tmp_path / "t.json", plan=tmp_path / "p.json")
+    assert "range_choice" not in again.report.calibration
+    assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
