@@ -17,6 +17,7 @@ from .calib.data import input_specs, synthetic_samples
 from .calib.sources import calibration_data, keep_spread, take, validation_data
 from .calib.table import CalibrationTable
 from .config import QuantConfig
+from .evaluate.validate import first_provider
 from .errors import ConfigError, ModelLoadError, ModelSaveError, OpsetError, PlanError
 from .graph import op_types
 from .io import initializer_bytes, model_bytes, same_file, save_model
@@ -24,7 +25,6 @@ from .plan.importer import holds_qdq
 from .plan.spec import QuantPlan
 from .recipes import resolve, smooths
 from .report import Report
-from .evaluate.validate import first_provider
 from .search import range_choice
 from .search.executors import TrialExecutor, require_ray
 from .search.latency import search_latency

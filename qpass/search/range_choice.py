@@ -4,9 +4,9 @@ held-out split's worst-output SQNR, from one calibration.
 ``auto`` clips the activations a Conv/ConvTranspose reads or writes at the 99.99th percentile. That is the best
 rule on some CNNs and the worst on others (measured, docs/benchmark-notes.md): whether the values beyond the
 percentile carry the signal depends on the model. The percentile observer keeps the observed min/max and the MSE
-range of its histogram beside its own range, so each rule is a rewrite of the same table; each is validated on the
-held-out samples (the reference run once, outputs only) and the best kept. Another rule must beat percentile's SQNR by ``margin_db`` to
-replace it.
+range of its histogram beside its own range, so each rule is a rewrite of the same table; each is scored on the
+held-out samples (the reference run once, outputs only) and the best kept. Another rule must beat percentile's SQNR
+by ``margin_db`` to replace it.
 """
 from __future__ import annotations
 

@@ -159,3 +159,4 @@ def test_the_saved_table_and_plan_are_the_chosen_ones(tmp_path):
                            collapse_rescue=False, load_calib=tmp_path / "t.json", plan=tmp_path / "p.json")
     assert "range_choice" not in again.report.calibration
     assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
+
