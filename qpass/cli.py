@@ -108,8 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "quantized at run time (DynamicQuantizeLinear -> MatMulInteger, standard ONNX); other ops float")
     _config_option(run, "--weight-only", choices=WEIGHT_ONLY_TYPES,
                    help="weight-only mode: MatMul/Gemm weights block-wise int4 (symmetric), uint4 (asymmetric), "
-                        "int8, nf4 (NormalFloat codebook) or ternary (int2, needs --target-opset 25), activations "
-                        "float (standard DequantizeLinear with block_size, opset 21)")
+                        "int8, nf4 (NormalFloat codebook) or ternary (int2, opset 25), activations "
+                        "float (standard DequantizeLinear with block_size, opset 21; an older model is upgraded with a warning)")
     _config_option(run, "--double-quant", action="store_const", const=True,
                    help="weight-only: store the block scales as uint8 with a float scale per output channel")
     _config_option(run, "--double-quant-form", choices=("cast-mul", "dequantize"),

@@ -135,9 +135,9 @@ class QuantConfig:
             on its quiet bins (measured: docs/benchmark-notes.md).
         target_opset: upgrade the model to this opset (onnx.version_converter) first.
         opset_upgrade: a model below the opset the run needs (13 for per-channel weights, 10 for QuantizeLinear, 21 for
-            16-bit activations) is upgraded to it with onnx.version_converter, with a warning, when its inputs and
-            outputs survive the upgrade; the result is then validated against the original. False: refuse it,
-            naming --target-opset.
+            16-bit activations and block-wise weight-only, 25 for ternary) is upgraded to it with onnx.version_converter,
+            with a warning, when its inputs and outputs survive the upgrade; the result is then validated against the
+            original. False: refuse it, naming --target-opset.
         val_fraction: share of the calibration samples held out for validation when no
             separate validation data is given.
         max_calib_samples: use at most this many calibration samples.

@@ -1,7 +1,8 @@
 """The opset policy: never changed silently. A model below the opset the run needs (13 for per-channel weights, 10 for
-QuantizeLinear, 21 for 16-bit activations) is upgraded to it with onnx.version_converter, with a warning
-(``opset_upgrade``; the run validates the result against the original); ``target_opset`` upgrades further when asked.
-Either only when the model's interface survives the upgrade."""
+QuantizeLinear, 21 for 16-bit activations and block-wise weight-only, 25 for ternary) is upgraded to it with
+onnx.version_converter, with a warning (``opset_upgrade``; the run validates the result against the original);
+``target_opset`` upgrades further when asked. Either only when the model's interface survives the upgrade (a dim the
+converter only made known is put back as declared)."""
 from __future__ import annotations
 
 import onnx
@@ -28,6 +29,29 @@ def interface(model: onnx.ModelProto) -> tuple[dict, dict]:
             {vi.name: sig(vi) for vi in model.graph.output})
 
 
+def keep_declared_dims(before: onnx.ModelProto, after: onnx.ModelProto) -> int:
+    """Give ``after``'s graph inputs and outputs the dims ``before`` declared where the converter only made an unknown
+    dim known (``[?, ?]`` -> ``[?, 384]``), so the interface stays as given; the number of dims put back. A dim that
+    changed value, a rank or a type that changed, is left for :func:`interface_changes` to report."""
+    put_back = 0
+    for old_list, new_list in ((before.graph.input, after.graph.input), (before.graph.output, after.graph.output)):
+        old = {vi.name: vi for vi in old_list}
+        for vi in new_list:
+            o = old.get(vi.name)
+            if o is None or not (o.type.HasField("tensor_type") and vi.type.HasField("tensor_type")):
+                continue
+            ot, nt = o.type.tensor_type, vi.type.tensor_type
+            if ot.elem_type != nt.elem_type or not (ot.HasField("shape") and nt.HasField("shape")):
+                continue
+            if len(ot.shape.dim) != len(nt.shape.dim):
+                continue
+            for od, nd in zip(ot.shape.dim, nt.shape.dim):
+                if not od.HasField("dim_value") and nd.HasField("dim_value"):
+                    nd.CopyFrom(od)
+                    put_back += 1
+    return put_back
+
+
 def interface_changes(before: onnx.ModelProto, after: onnx.ModelProto) -> list[str]:
     """How the inputs and outputs of ``after`` differ from those of ``before`` (empty when they do not)."""
     changes = []
@@ -48,13 +72,13 @@ def apply_opset_policy(model: onnx.ModelProto, cfg: QuantConfig, name: str) -> t
     opset = default_opset(model)
     info = {"input": opset, "output": opset}
     final = cfg.target_opset or opset
-    if cfg.weight_only and final < BLOCKED_MIN_OPSET:
-        raise OpsetError(f"weight-only {cfg.weight_only} writes block-wise DequantizeLinear, which needs opset "
-                         f"{BLOCKED_MIN_OPSET}; the model would have {final}", subject=name,
-                         hint=f"use --target-opset {BLOCKED_MIN_OPSET} (onnx.version_converter)")
-    if cfg.weight_only == "ternary" and final < INT2_MIN_OPSET:
-        raise OpsetError(f"weight-only ternary writes int2 DequantizeLinear, which needs opset {INT2_MIN_OPSET}; the "
-                         f"model would have {final}", subject=name, hint=f"use --target-opset {INT2_MIN_OPSET}")
+    if cfg.weight_only:
+        needed_wo, writes = ((INT2_MIN_OPSET, "int2 DequantizeLinear") if cfg.weight_only == "ternary"
+                             else (BLOCKED_MIN_OPSET, "block-wise DequantizeLinear"))
+        if final < needed_wo and (cfg.target_opset is not None or not cfg.opset_upgrade):
+            raise OpsetError(f"weight-only {cfg.weight_only} writes {writes}, which needs opset {needed_wo}; the model "
+                             f"would have {final}" + ("" if cfg.opset_upgrade else " (--keep-opset)"), subject=name,
+                             hint=f"use --target-opset {needed_wo} (onnx.version_converter)")
     sixteen = cfg.activation_type in SIXTEEN_BIT_TYPES
     if sixteen and final < INT16_MIN_OPSET and (cfg.target_opset is not None or not cfg.opset_upgrade):
         raise OpsetError(f"{cfg.activation_type} activations need QuantizeLinear from opset {INT16_MIN_OPSET}; "
@@ -74,9 +98,11 @@ def apply_opset_policy(model: onnx.ModelProto, cfg: QuantConfig, name: str) -> t
     why = ("per-channel DequantizeLinear" if cfg.per_channel else "QuantizeLinear/DequantizeLinear")
     if sixteen:
         needed, why = INT16_MIN_OPSET, f"{cfg.activation_type} QuantizeLinear"
+    if cfg.weight_only:
+        needed, why = needed_wo, f"weight-only {cfg.weight_only}'s {writes}"
     if opset >= needed:
         return model, info, []
-    per_tensor_helps = cfg.per_channel and not sixteen and opset >= QDQ_MIN_OPSET
+    per_tensor_helps = cfg.per_channel and not sixteen and not cfg.weight_only and opset >= QDQ_MIN_OPSET
     if not cfg.opset_upgrade:
         raise OpsetError(f"opset {opset} is below {needed}, which {why} needs; --keep-opset asks not to upgrade it",
                          subject=name, hint=f"rerun with --target-opset {needed} to upgrade it with onnx.version_converter"
@@ -98,6 +124,7 @@ def _upgrade(model: onnx.ModelProto, opset: int, target: int, name: str, what: s
 
     try:
         converted = version_converter.convert_version(model, target)
+        keep_declared_dims(model, converted)
         converted.ir_version = max(converted.ir_version, min_ir_version(converted))
         onnx.checker.check_model(converted, full_check=True)
     except Exception as exc:  # noqa: BLE001 - the converter raises assorted types

@@ -232,7 +232,7 @@ def sixteen_bit(prepared, config: QuantConfig) -> tuple[Any, dict]:
     """The prepared model the 16-bit moves rewrite (``prepared`` at opset >= 21, else a copy upgraded to 21 by
     onnx.version_converter, its interface and node labels unchanged), and what the report says; None (with the
     reason) when 16-bit moves cannot be made."""
-    from ..opset import interface_changes
+    from ..opset import interface_changes, keep_declared_dims
 
     opset = default_opset(prepared.model)
     info: dict[str, Any] = {"opset": opset}
@@ -250,6 +250,7 @@ def sixteen_bit(prepared, config: QuantConfig) -> tuple[Any, dict]:
 
     try:
         converted = version_converter.convert_version(prepared.model, INT16_MIN_OPSET)
+        keep_declared_dims(prepared.model, converted)
         converted.ir_version = max(converted.ir_version, min_ir_version(converted))
         onnx.checker.check_model(converted, full_check=True)
     except Exception as exc:  # noqa: BLE001 - the converter raises assorted types

@@ -127,9 +127,19 @@ def test_gptq_without_calibration_data_is_a_clear_error():
         qpass.quantize(_mlp(), weight_only="int4", algorithm="gptq", per_layer=False, latency=False)
 
 
-def test_opset_below_21_is_refused_with_the_fix():
+def test_opset_below_21_is_upgraded_loudly_or_refused_with_keep_opset():
+    """Block-wise DequantizeLinear needs opset 21: an opset-17 model is upgraded (onnx.version_converter) with a
+    warning and the reason in the report, validated against the model as given; --keep-opset refuses, naming the fix."""
+    res = qpass.quantize(_mlp(opset=17), weight_only="int4", per_layer=False, latency=False)
+    assert res.report.opset["input"] == 17 and res.report.opset["output"] == 21
+    assert "block-wise DequantizeLinear" in res.report.opset["upgraded"]
+    assert any(w.startswith("opset upgraded 17 -> 21") for w in res.report.warnings)
+    assert res.model.opset_import[0].version == 21 and res.passed
+    assert any(n.op_type == "DequantizeLinear" for n in res.model.graph.node)
     with pytest.raises(OpsetError, match="--target-opset 21"):
-        qpass.quantize(_mlp(opset=17), weight_only="int4", per_layer=False, latency=False)
+        qpass.quantize(_mlp(opset=17), weight_only="int4", opset_upgrade=False, per_layer=False, latency=False)
+    with pytest.raises(OpsetError, match="--target-opset 21"):  # a target below what the mode needs
+        qpass.quantize(_mlp(opset=17), weight_only="int4", target_opset=18, per_layer=False, latency=False)
 
 
 def test_the_output_is_not_quantized_twice():

@@ -113,7 +113,11 @@ def test_double_quant_int4_scales_are_uint8_codes_times_a_channel_scale(form, tm
 def test_ternary_writes_int2_at_opset_25_and_refuses_lower_opsets():
     model = _mlp()
     with pytest.raises(OpsetError, match="--target-opset 25"):
-        qpass.quantize(model, weight_only="ternary", block_size=B, per_layer=False, latency=False)
+        qpass.quantize(model, weight_only="ternary", block_size=B, opset_upgrade=False, per_layer=False, latency=False)
+    with pytest.raises(OpsetError, match="--target-opset 25"):
+        qpass.quantize(model, weight_only="ternary", block_size=B, target_opset=21, per_layer=False, latency=False)
+    upgraded = qpass.quantize(model, weight_only="ternary", block_size=B, per_layer=False, latency=False)
+    assert upgraded.report.opset["output"] == 25 and "int2 DequantizeLinear" in upgraded.report.opset["upgraded"]
     out = qpass.quantize(model, weight_only="ternary", block_size=B, target_opset=25, per_layer=False,
                          latency=False).model
     onnx.checker.check_model(out, full_check=True)
@@ -134,7 +138,8 @@ def test_nearest_only_types_refuse_gptq_and_the_cli_names_the_opset(tmp_path, ca
         qpass.quantize(_mlp(), weight_only="nf4", algorithm="gptq")
     path = tmp_path / "mlp.onnx"
     onnx.save(_mlp(), path)
-    rc = main(["run", str(path), "--weight-only", "ternary", "-o", str(tmp_path / "out.onnx"), "--no-per-layer"])
+    rc = main(["run", str(path), "--weight-only", "ternary", "--keep-opset", "-o", str(tmp_path / "out.onnx"),
+               "--no-per-layer"])
     err = capsys.readouterr().err
     assert rc == 2 and "--target-opset 25" in err and not (tmp_path / "out.onnx").exists()
 

@@ -135,3 +135,33 @@ def test_sixteen_bit_activations_upgrade_to_opset_21_loudly_or_are_refused_with_
     assert not any("--per-tensor keeps" in w for w in r.report.warnings)  # per-tensor weights would not help here
     with pytest.raises(OpsetError, match="--target-opset 21"):
         qpass.quantize(m, builders.feeds(m, 4), activation_type="uint16", opset_upgrade=False)
+
+
+def _with_output_dims(model: onnx.ModelProto, dims: list) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    shape = out.graph.output[0].type.tensor_type.shape
+    del shape.dim[:]
+    for d in dims:
+        dim = shape.dim.add()
+        if isinstance(d, int):
+            dim.dim_value = d
+        elif d is not None:
+            dim.dim_param = d
+    return out
+
+
+def test_an_upgrade_that_only_makes_a_dim_known_keeps_the_declared_interface():
+    """The converter's shape inference may make an unknown output dim known ([?, ?] -> [?, 384], MiniLM at 17 -> 21):
+    the declared dims are put back, so the interface is as given; a dim whose value changed is still reported."""
+    from qpass.opset import interface_changes, keep_declared_dims
+
+    before = _with_output_dims(builders.conv_model(), [None, "C", None, None])
+    after = _with_output_dims(builders.conv_model(), [None, 4, 8, 8])
+    assert keep_declared_dims(before, after) == 3
+    assert interface_changes(before, after) == []
+    assert [d.dim_param for d in after.graph.output[0].type.tensor_type.shape.dim] == ["", "C", "", ""]
+    fixed = _with_output_dims(builders.conv_model(), [None, 4, 8, 8])
+    changed = _with_output_dims(builders.conv_model(), [None, 5, 8, 8])
+    assert keep_declared_dims(fixed, changed) == 0
+    assert interface_changes(fixed, changed)  # 4 -> 5 is a change, not a refinement
