@@ -6,6 +6,7 @@ import gc
 import os
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -187,7 +188,8 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, calib: Data = None, *, 
     report.warnings += calibrated.info.pop("warnings", [])
     report.calibration, times["calibrate"] = calibrated.info, time.perf_counter() - t
     table, early = calibrated.table, None
-    choosing = (sequential is None and load_calib is None and needs_data and cfg.validate and corrections is None
+    choosing = (plan is None and sequential is None and load_calib is None and needs_data and cfg.validate
+                and corrections is None
                 and cfg.float_type is None and not table.synthetic and (val is not None or bool(held)))
     names = range_choice.applies(cfg, qplan, table) if choosing else []
     chosen = None
@@ -197,10 +199,15 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, calib: Data = None, *, 
         chosen = _timed(times, "range_choice", range_choice.choose, prepared, qplan, table, cfg,
                         spilled[1] if spilled is not None else prepared.reference, early[0], names,
                         provider=first_provider(cfg.providers), margin_db=cfg.range_choice_margin_db)
+    kept_rule = None
     if chosen is not None:
         report.calibration["range_choice"] = chosen.report(len(names))
+        for rule, error in chosen.errors.items():
+            report.warnings.append(f"range choice: the {rule} rule could not be scored ({error})")
         if chosen.rule != range_choice.RULES[0]:
+            kept_rule = chosen.rule
             table, qplan = chosen.table, chosen.plan
+            report.calibration["methods_used"] = dict(Counter(r.method for r in table.ranges.values()))
             if save_calib is not None:
                 table.save(save_calib)
             if save_plan is not None:
@@ -269,6 +276,11 @@ def quantize(model: str | os.PathLike | onnx.ModelProto, calib: Data = None, *, 
                                        desc, rewritten, corrections, sequential is not None, save_plan, metric,
                                        executor)
             del prepared
+            if kept_rule is not None:  # a plan the search made again from the configuration says percentile there
+                qplan = range_choice.relabel(qplan, names, kept_rule)
+                report.plan = qplan.with_overrides().to_dict()
+                if save_plan is not None:
+                    qplan.save(save_plan)
         report.warnings.extend(report.validation["findings"])
     times["validate"] = time.perf_counter() - t - times.get("search", 0.0)
     del reference

@@ -38,11 +38,15 @@ class RangeChoice:
     plan: QuantPlan
     scores: dict[str, float | None] = field(default_factory=dict)
     seconds: float = 0.0
+    errors: dict[str, str] = field(default_factory=dict)
 
     def report(self, tensors: int) -> dict:
-        return {"rule": self.rule, "tensors": tensors, "worst_output_sqnr_db": {
+        out = {"rule": self.rule, "tensors": tensors, "worst_output_sqnr_db": {
             k: (None if v is None else (round(v, 3) if math.isfinite(v) else str(v))) for k, v in self.scores.items()},
             "seconds": round(self.seconds, 3)}
+        if self.errors:
+            out["errors"] = dict(self.errors)
+        return out
 
 
 def applies(config: QuantConfig, plan: QuantPlan, table: CalibrationTable) -> list[str]:
@@ -80,36 +84,75 @@ def _float_outputs(session) -> list[str]:
     return [o.name for o in session.get_outputs() if o.type in ("tensor(float)", "tensor(float16)", "tensor(double)")]
 
 
-def reference_outputs(reference, samples: list, provider: str) -> tuple[list[str], list[list[np.ndarray]]]:
-    """The float outputs' names and ``reference``'s values of them on each sample (run once for every rule)."""
-    session = make_session(reference, with_cpu_fallback(provider), what=None, level=None)
-    names = _float_outputs(session)
-    return names, [session.run(names, feed) for feed, _ in samples]
+#: the reference outputs of the held-out split are kept for the three rules up to this many bytes; above it the
+#: reference runs again beside each rule (a segmentation or super-resolution model's outputs can be large)
+KEEP_REFERENCE_BYTES = 1 << 28
 
 
-def worst_sqnr(model, names: list[str], refs: list[list[np.ndarray]], samples: list, provider: str) -> float:
-    """The lowest SQNR (dB) over ``names`` of ``model`` against ``refs`` on ``samples`` (onnxruntime's default
+class _Reference:
+    """The reference model's float outputs on the held-out samples: kept once when small, else run per rule."""
+
+    def __init__(self, reference, samples: list, provider: str):
+        self.session = make_session(reference, with_cpu_fallback(provider), what=None, level=None)
+        self.names = _float_outputs(self.session)
+        self.samples = samples
+        self.kept: list | None = []
+        total = 0
+        for feed, _ in samples:
+            out = self.session.run(self.names, feed)
+            total += sum(np.asarray(o).nbytes for o in out)
+            if total > KEEP_REFERENCE_BYTES:
+                self.kept = None
+                break
+            self.kept.append(out)
+        if self.kept is not None:
+            self.session = None
+
+    def outputs(self):
+        if self.kept is not None:
+            yield from zip(self.samples, self.kept)
+            return
+        for feed, label in self.samples:
+            yield (feed, label), self.session.run(self.names, feed)
+
+
+def worst_sqnr(model, ref: _Reference, provider: str) -> float:
+    """The lowest SQNR (dB) over the reference's float outputs of ``model`` on its samples (onnxruntime's default
     optimisation level, as validation runs it)."""
     session = make_session(model, with_cpu_fallback(provider), what=None, level=None)
-    stats = {n: OutputStats(n) for n in names}
-    for (feed, _), ref in zip(samples, refs):
-        for n, r, o in zip(names, ref, session.run(names, typed_feed(session, feed))):
+    stats = {n: OutputStats(n) for n in ref.names}
+    for (feed, _), want in ref.outputs():
+        for n, r, o in zip(ref.names, want, session.run(ref.names, typed_feed(session, feed))):
             stats[n].add(r, o)
     return min(st.sqnr for st in stats.values())
+
+
+def relabel(plan: QuantPlan, names: list[str], rule: str) -> QuantPlan:
+    """``plan`` with the tensors on ``names`` that it labels percentile labelled ``rule`` (a plan made again from the
+    configuration, as the precision search's, after the choice kept ``rule``)."""
+    keep = set(names)
+    tensors = {n: (replace(t, spec=replace(t.spec, method=rule)) if t.range_of in keep and t.spec.method == "percentile"
+                   else t) for n, t in plan.tensors.items()}
+    return replace(plan, tensors=tensors)
 
 
 def choose(prepared, plan: QuantPlan, table: CalibrationTable, config: QuantConfig, reference, samples: list,
            names: list[str], *, provider: str, margin_db: float) -> RangeChoice | None:
     """Rewrite ``prepared`` once per rule in :data:`RULES` over ``names`` and keep the best by the worst output's
     SQNR on ``samples`` (another rule only when it beats percentile by ``margin_db``). None when no rule could be
-    scored (the percentile rewrite failed or the model has no float output)."""
+    scored: the reference or the percentile rewrite fails (the normal path then reports it), or the model has no
+    float output. A rule whose rewrite or run fails scores None, with its error in ``errors``."""
     from .. import stages
 
     t0 = time.perf_counter()
-    outputs, refs = reference_outputs(reference, samples, provider)
-    if not outputs:
+    try:
+        ref = _Reference(reference, samples, provider)
+    except Exception:  # noqa: BLE001 - validation runs the reference again and reports why it fails
+        return None
+    if not ref.names:
         return None
     scores: dict[str, float | None] = {}
+    errors: dict[str, str] = {}
     best: RangeChoice | None = None
     seen: list[dict] = []
     for rule in RULES:
@@ -120,11 +163,12 @@ def choose(prepared, plan: QuantPlan, table: CalibrationTable, config: QuantConf
         seen.append(ranges)
         try:
             rewritten = stages.rewrite(prepared, p, t, config)
-            score = worst_sqnr(rewritten.model, outputs, refs, samples, provider)
-        except Exception:  # noqa: BLE001 - a rule whose rewrite fails or does not run is not kept
+            score = worst_sqnr(rewritten.model, ref, provider)
+        except Exception as exc:  # noqa: BLE001 - a rule whose rewrite fails or does not run is not kept
             if rule == RULES[0]:
                 return None
             scores[rule] = None
+            errors[rule] = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
             continue
         scores[rule] = score
         if best is None:
@@ -132,5 +176,6 @@ def choose(prepared, plan: QuantPlan, table: CalibrationTable, config: QuantConf
         elif score >= scores[RULES[0]] + margin_db and score > scores[best.rule]:
             best = RangeChoice(rule, rewritten, t, p)
         del rewritten
+    best.errors = errors
     best.scores, best.seconds = scores, time.perf_counter() - t0
     return best

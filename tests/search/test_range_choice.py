@@ -160,3 +160,79 @@ def test_the_saved_table_and_plan_are_the_chosen_ones(tmp_path):
     assert "range_choice" not in again.report.calibration
     assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
 
+
+
+def test_a_given_plan_is_used_as_given(tmp_path):
+    calib = gaussian(20, 0, spike=300.0)
+    run(tmp_path, calib, range_choice=False, save_plan=tmp_path / "p.json")
+    res = run(tmp_path, calib, plan=tmp_path / "p.json")
+    assert "range_choice" not in res.report.calibration
+    assert {t["spec"]["method"] for t in res.report.plan["tensors"].values()} == {"percentile"}
+
+
+def test_a_reference_that_fails_on_the_held_out_data_leaves_it_to_validation(tmp_path):
+    """The original cannot run the given validation samples (a fixed Reshape after the Conv, samples of batch 2):
+    no onnxruntime exception escapes; validation reports it as before."""
+    base = pointwise_conv()
+    graph = base.graph
+    graph.node[0].output[0] = "c"
+    graph.node.append(helper.make_node("Reshape", ["c", "shape"], ["y"], name="flat"))
+    graph.initializer.append(numpy_helper.from_array(np.array([1, 4 * SIDE * SIDE], np.int64), "shape"))
+    del graph.output[:]
+    graph.output.append(helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4 * SIDE * SIDE]))
+    val = [{"x": np.concatenate([f["x"], f["x"]])} for f in gaussian(2, 5)]
+    res = qpass.quantize(base, gaussian(12, 0, spike=300.0), val=val, output=tmp_path / "q.onnx", latency=False,
+                         per_layer=False, collapse_rescue=False)
+    assert "range_choice" not in res.report.calibration
+    assert any("run failed" in f for f in res.report.validation["findings"])
+
+
+def three_convs() -> onnx.ModelProto:
+    """x -> Conv 1x1 -> c -> Conv 1x1 -> d -> Conv 1x1 -> y: x, c and d are calibrated."""
+    model = pointwise_conv()
+    g = model.graph
+    g.node[0].output[0] = "c"
+    g.node.extend([helper.make_node("Conv", ["c", "W"], ["d"], name="mix2"),
+                   helper.make_node("Conv", ["d", "W"], ["y"], name="mix3")])
+    return model
+
+
+def test_a_plan_made_again_by_the_search_keeps_the_kept_rules_label(tmp_path):
+    """The search re-plans from the configuration when it keeps a move (here one Conv to 16 bits): the 8-bit tensor
+    left is labelled with the kept rule, not percentile, in the report and the saved plan."""
+    res = qpass.quantize(three_convs(), gaussian(20, 0, spike=300.0), output=tmp_path / "q.onnx", latency=False,
+                         per_layer=False, collapse_rescue=False, target_cosine=0.99999999, search_budget=1,
+                         save_plan=tmp_path / "p.json")
+    rule = res.report.calibration["range_choice"]["rule"]
+    assert rule != "percentile" and len(res.report.search["moves"]) == 1
+    for plan in (res.report.plan, json.loads((tmp_path / "p.json").read_text())):
+        methods = {t["spec"]["method"] for t in plan["tensors"].values()}
+        assert rule in methods and "percentile" not in methods
+
+
+def test_large_reference_outputs_are_run_again_per_rule_with_the_same_scores(tmp_path, monkeypatch):
+    from qpass.search import range_choice
+
+    calib = gaussian(20, 0, spike=300.0)
+    kept = run(tmp_path, calib).report.calibration["range_choice"]["worst_output_sqnr_db"]
+    monkeypatch.setattr(range_choice, "KEEP_REFERENCE_BYTES", 0)
+    again = run(tmp_path, calib).report.calibration["range_choice"]["worst_output_sqnr_db"]
+    assert again == kept
+
+
+def test_a_rule_that_cannot_be_scored_is_reported(tmp_path, monkeypatch):
+    from qpass.search import range_choice
+
+    real, calls = range_choice.worst_sqnr, []
+
+    def second_fails(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("planted failure")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(range_choice, "worst_sqnr", second_fails)
+    res = run(tmp_path, gaussian(20, 0, spike=300.0))
+    info = res.report.calibration["range_choice"]
+    assert info["worst_output_sqnr_db"]["minmax"] is None and "planted failure" in info["errors"]["minmax"]
+    assert any("range choice: the minmax rule could not be scored (planted failure)" in w for w in res.report.warnings)
