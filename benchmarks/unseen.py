@@ -179,14 +179,7 @@ def _grey64(line: np.ndarray) -> np.ndarray:
     """A shared crop ([1, 3, 48, W], (p/255 - 0.5)/0.5) as ddddocr's input: grey p/255, height 64, [1, 1, 64, W']."""
     grey = line[0, 0] * 0.5 + 0.5
     h, w = grey.shape
-    nw = max(1, round(w * 64 / h))
-    ys, xs = np.linspace(0, h - 1, 64), np.linspace(0, w - 1, nw)
-    y0, x0 = np.floor(ys).astype(int), np.floor(xs).astype(int)
-    y1, x1 = np.minimum(y0 + 1, h - 1), np.minimum(x0 + 1, w - 1)
-    fy, fx = (ys - y0)[:, None], (xs - x0)[None, :]
-    top = grey[y0][:, x0] * (1 - fx) + grey[y0][:, x1] * fx
-    bottom = grey[y1][:, x0] * (1 - fx) + grey[y1][:, x1] * fx
-    return (top * (1 - fy) + bottom * fy).astype(np.float32)[None, None]
+    return _bilinear(grey, 64, max(1, round(w * 64 / h))).astype(np.float32)[None, None]
 
 
 def data(name: str, shared: Path, tmp: Path) -> tuple[str | Path, list[dict]]:
@@ -283,6 +276,13 @@ def _f1(a: np.ndarray, b: np.ndarray) -> float:
     return float(2 * np.sum(a & b) / max(1, a.sum() + b.sum()))
 
 
+def _ctc_agreement(ka: list[np.ndarray], kb: list[np.ndarray]) -> dict:
+    """Greedy CTC text agreement and frame (argmax) agreement of two lists of per-frame class indices."""
+    return {"text agreement": float(np.mean([tuple(ctc_greedy_indices(a)) == tuple(ctc_greedy_indices(b))
+                                             for a, b in zip(ka, kb)])),
+            "frame agreement": float(np.mean(np.concatenate([a == b for a, b in zip(ka, kb)])))}
+
+
 def metrics(kind: str, ref: list[list[np.ndarray]], got: list[list[np.ndarray]], output_names: list[str]) -> dict:
     """``kind``'s metrics (:data:`KIND`) of ``got`` against ``ref``: per sample, the outputs in order."""
     if kind == "music":
@@ -296,20 +296,14 @@ def metrics(kind: str, ref: list[list[np.ndarray]], got: list[list[np.ndarray]],
     r0, g0 = [r[0] for r in ref], [g[0] for g in got]
     if kind == "glyphs":
         return _box_agreement([yolox_boxes(a) for a in r0], [yolox_boxes(b) for b in g0])
-    if kind == "time_major_rec":
-        ka, kb = [a[:, 0].argmax(-1) for a in r0], [b[:, 0].argmax(-1) for b in g0]
-        return {"text agreement": float(np.mean([tuple(ctc_greedy_indices(a)) == tuple(ctc_greedy_indices(b))
-                                                 for a, b in zip(ka, kb)])),
-                "frame agreement": float(np.mean(np.concatenate([a == b for a, b in zip(ka, kb)])))}
+    if kind == "time_major_rec":  # logits [T, 1, C]
+        return _ctc_agreement([a[:, 0].argmax(-1) for a in r0], [b[:, 0].argmax(-1) for b in g0])
     if kind == "det":
         inter = sum(((a > 0.3) & (b > 0.3)).sum() for a, b in zip(r0, g0))
         union = sum(((a > 0.3) | (b > 0.3)).sum() for a, b in zip(r0, g0))
         return {"mask IoU": float(inter / union)}
-    if kind == "rec":
-        ka, kb = [a[0].argmax(-1) for a in r0], [b[0].argmax(-1) for b in g0]
-        return {"text agreement": float(np.mean([tuple(ctc_greedy_indices(a)) == tuple(ctc_greedy_indices(b))
-                                                 for a, b in zip(ka, kb)])),
-                "frame agreement": float(np.mean(np.concatenate([a == b for a, b in zip(ka, kb)])))}
+    if kind == "rec":  # logits [1, T, C]
+        return _ctc_agreement([a[0].argmax(-1) for a in r0], [b[0].argmax(-1) for b in g0])
     return {"top-1 agreement": float(np.mean([a.argmax() == b.argmax() for a, b in zip(r0, g0)]))}
 
 

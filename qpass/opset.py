@@ -89,7 +89,7 @@ def apply_opset_policy(model: onnx.ModelProto, cfg: QuantConfig, name: str) -> t
             raise OpsetError(f"model has opset {opset}; downgrading to {cfg.target_opset} is not supported",
                              subject=name, hint=f"use --target-opset {opset} or higher, or leave it out")
         if cfg.target_opset > opset:
-            converted = _upgrade(model, opset, cfg.target_opset, name, f"upgrading opset {opset} -> {cfg.target_opset}",
+            converted = upgrade(model, opset, cfg.target_opset, name, f"upgrading opset {opset} -> {cfg.target_opset}",
                                  "upgrade and check it yourself, or use --per-tensor (opset >= 10)")
             info["output"] = cfg.target_opset
             return converted, info, [f"opset upgraded {opset} -> {cfg.target_opset} as asked (--target-opset)"]
@@ -108,7 +108,7 @@ def apply_opset_policy(model: onnx.ModelProto, cfg: QuantConfig, name: str) -> t
                          subject=name, hint=f"rerun with --target-opset {needed} to upgrade it with onnx.version_converter"
                          + (", or use --per-tensor" if per_tensor_helps else ""))
     fallback = "use --per-tensor, which needs only opset 10" if per_tensor_helps else "upgrade the model yourself"
-    converted = _upgrade(model, opset, needed, name, f"upgrading opset {opset} -> {needed}, which {why} needs", fallback)
+    converted = upgrade(model, opset, needed, name, f"upgrading opset {opset} -> {needed}, which {why} needs", fallback)
     info["output"] = needed
     info["upgraded"] = f"{why} needs opset {needed}"
     checked = "; the result is validated against the model as given" if cfg.validate else ""
@@ -117,7 +117,7 @@ def apply_opset_policy(model: onnx.ModelProto, cfg: QuantConfig, name: str) -> t
                              + (f", --per-tensor keeps opset {opset}" if per_tensor_helps else "")]
 
 
-def _upgrade(model: onnx.ModelProto, opset: int, target: int, name: str, what: str, hint: str) -> onnx.ModelProto:
+def upgrade(model: onnx.ModelProto, opset: int, target: int, name: str, what: str, hint: str) -> onnx.ModelProto:
     """``model`` converted to ``target`` by onnx.version_converter, full-checked, with its interface unchanged; an
     :class:`OpsetError` saying ``what`` failed otherwise."""
     from onnx import version_converter

@@ -74,6 +74,16 @@ class CalibrationTable:
     def get(self, name: str) -> TensorRange | None:
         return self.statistics.get(name, RANGE)
 
+    def with_ranges(self, ranges: Mapping[str, TensorRange]) -> "CalibrationTable":
+        """A new table: this one's statistics, with ``ranges`` in place of those tensors' ranges (this one unchanged)."""
+        if not ranges:
+            return self
+        stats = Statistics(samples=self.statistics.samples, synthetic=self.statistics.synthetic)
+        for name in self.statistics:
+            for kind in self.statistics.kinds(name):
+                stats.set(name, kind, ranges[name] if kind == RANGE and name in ranges else self.statistics.get(name, kind))
+        return CalibrationTable(statistics=stats)
+
     def __len__(self) -> int:
         return len(self.ranges)
 

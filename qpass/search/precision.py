@@ -29,12 +29,12 @@ from typing import Any
 
 import onnx
 
-from ..calib.stats import RANGE, Statistics, TensorRange
+from ..calib.stats import TensorRange
 from ..calib.table import CalibrationTable
 from ..config import SIXTEEN_BIT_TYPES, QuantConfig
-from ..errors import QpassError
+from ..errors import OpsetError, QpassError
 from ..graph import proto_node_label
-from ..io import default_opset, min_ir_version, model_bytes
+from ..io import default_opset, model_bytes
 from ..ops import INT16_MIN_OPSET
 from ..plan.spec import QuantPlan
 from ..evaluate.validate import per_layer_error, validate
@@ -219,20 +219,14 @@ def table_for(table: CalibrationTable, plan: QuantPlan) -> CalibrationTable:
         r = table.get(name)
         if r is not None and r.observed_min is not None and (r.min, r.max) != (r.observed_min, r.observed_max):
             swap[name] = TensorRange(r.observed_min, r.observed_max, "minmax", r.samples, r.observed_min, r.observed_max)
-    if not swap:
-        return table
-    stats = Statistics(samples=table.statistics.samples, synthetic=table.statistics.synthetic)
-    for name in table.statistics:
-        for kind in table.statistics.kinds(name):
-            stats.set(name, kind, swap[name] if kind == RANGE and name in swap else table.statistics.get(name, kind))
-    return CalibrationTable(statistics=stats)
+    return table.with_ranges(swap)
 
 
 def sixteen_bit(prepared, config: QuantConfig) -> tuple[Any, dict]:
     """The prepared model the 16-bit moves rewrite (``prepared`` at opset >= 21, else a copy upgraded to 21 by
     onnx.version_converter, its interface and node labels unchanged), and what the report says; None (with the
     reason) when 16-bit moves cannot be made."""
-    from ..opset import interface_changes, keep_declared_dims
+    from ..opset import upgrade
 
     opset = default_opset(prepared.model)
     info: dict[str, Any] = {"opset": opset}
@@ -246,22 +240,15 @@ def sixteen_bit(prepared, config: QuantConfig) -> tuple[Any, dict]:
         return None, {**info, "reason": "integer operators (--format qop) take 8-bit activations only"}
     if opset >= INT16_MIN_OPSET:
         return prepared, info
-    from onnx import version_converter
-
-    try:
-        converted = version_converter.convert_version(prepared.model, INT16_MIN_OPSET)
-        keep_declared_dims(prepared.model, converted)
-        converted.ir_version = max(converted.ir_version, min_ir_version(converted))
-        onnx.checker.check_model(converted, full_check=True)
-    except Exception as exc:  # noqa: BLE001 - the converter raises assorted types
-        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        return None, {**info, "reason": f"onnx.version_converter could not upgrade opset {opset} -> "
-                                        f"{INT16_MIN_OPSET}: {text}"}
-    changed = interface_changes(prepared.model, converted)
+    try:  # the opset policy's own upgrade: converter, full check, interface kept
+        converted = upgrade(prepared.model, opset, INT16_MIN_OPSET, "prepared model",
+                            f"upgrading opset {opset} -> {INT16_MIN_OPSET}", "")
+    except OpsetError as exc:
+        return None, {**info, "reason": exc.message}
     lost = {proto_node_label(n) for n in prepared.model.graph.node} - {proto_node_label(n) for n in converted.graph.node}
-    if changed or lost:
-        what = "; ".join(changed[:2]) if changed else f"nodes {sorted(lost)[:3]} are gone"
-        return None, {**info, "reason": f"upgrading opset {opset} -> {INT16_MIN_OPSET} changes the model ({what})"}
+    if lost:
+        return None, {**info, "reason": f"upgrading opset {opset} -> {INT16_MIN_OPSET} changes the model "
+                                        f"(nodes {sorted(lost)[:3]} are gone)"}
     return replace(prepared, model=converted), {**info, "upgraded_to": INT16_MIN_OPSET}
 
 

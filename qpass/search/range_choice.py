@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from ..calib.stats import RANGE, Statistics, TensorRange
+from ..calib.stats import TensorRange
 from ..calib.table import CalibrationTable
 from ..config import SIXTEEN_BIT_TYPES, QuantConfig
 from ..evaluate.validate import OutputStats, typed_feed
@@ -69,15 +69,7 @@ def with_rule(table: CalibrationTable, plan: QuantPlan, names: list[str], rule: 
         got = r.alternative(rule)
         if got is not None and rule != r.method:
             swap[name] = TensorRange(got[0], got[1], rule, r.samples, r.observed_min, r.observed_max, r.alternatives)
-    if not swap:
-        return table, plan
-    stats = Statistics(samples=table.statistics.samples, synthetic=table.statistics.synthetic)
-    for name in table.statistics:
-        for kind in table.statistics.kinds(name):
-            stats.set(name, kind, swap[name] if kind == RANGE and name in swap else table.statistics.get(name, kind))
-    tensors = {n: (replace(t, spec=replace(t.spec, method=rule)) if t.range_of in swap else t)
-               for n, t in plan.tensors.items()}
-    return CalibrationTable(statistics=stats), replace(plan, tensors=tensors)
+    return table.with_ranges(swap), relabel(plan, list(swap), rule)
 
 
 def _float_outputs(session) -> list[str]:
@@ -128,8 +120,10 @@ def worst_sqnr(model, ref: _Reference, provider: str) -> float:
 
 
 def relabel(plan: QuantPlan, names: list[str], rule: str) -> QuantPlan:
-    """``plan`` with the tensors on ``names`` that it labels percentile labelled ``rule`` (a plan made again from the
-    configuration, as the precision search's, after the choice kept ``rule``)."""
+    """``plan`` with the tensors on ``names`` that it labels percentile labelled ``rule`` (the choice's rewrite, and a
+    plan made again from the configuration, as the precision search's, after the choice kept ``rule``)."""
+    if not names:
+        return plan
     keep = set(names)
     tensors = {n: (replace(t, spec=replace(t.spec, method=rule)) if t.range_of in keep and t.spec.method == "percentile"
                    else t) for n, t in plan.tensors.items()}
