@@ -11,7 +11,7 @@ compute nodes three ways, every trial a rewrite from that one table (no recalibr
 - ``alone``: every node alone quantized (the rest float, "quantize one layer at a time against the float model"),
   ranked by the worst output's SQNR lost (a trial per node).
 
-Then, for each ranking and each k, the first k nodes go to 16 bits together, and that model is scored on the model's
+Then, for each ranking and each k, the first k nodes go to 16 bits together (``--move float``: stay float), and that model is scored on the model's
 own task metric (benchmarks.evaluate) and validated (worst output cosine, latency ratio to fp32).
 """
 from __future__ import annotations
@@ -55,6 +55,8 @@ def main(argv=None) -> int:
     ap.add_argument("--ks", default="4,8,16,32")
     ap.add_argument("--rankings", default="noise,relief,alone")
     ap.add_argument("--shared", default=str(SHARED))
+    ap.add_argument("--move", choices=("16-bit", "float"), default="16-bit",
+                    help="what the first k nodes of a ranking become (float: excluded, as a float move of the search)")
     ap.add_argument("--out")
     args = ap.parse_args(argv)
     log = lambda s: print(s, flush=True)  # noqa: E731
@@ -113,15 +115,22 @@ def main(argv=None) -> int:
             for k in [int(x) for x in args.ks.split(",")]:
                 group = tuple(order[:k])
                 t = time.perf_counter()
-                gplan = plan_for(wide, cfg, (), (), group)
-                model = stages.rewrite(wide, gplan, table_for(table, gplan), cfg).model
+                if args.move == "float" and k >= len(nodes):
+                    log(f"k = {k}: every node float is the float model; not a trial")
+                    continue
+                if args.move == "float":
+                    gplan = plan_for(prepared, cfg, group)
+                    model = stages.rewrite(prepared, gplan, table, cfg).model
+                else:
+                    gplan = plan_for(wide, cfg, (), (), group)
+                    model = stages.rewrite(wide, gplan, table_for(table, gplan), cfg).model
                 out = Path(tmp) / f"{how}_{k}.onnx"
                 save_model(model, out)
                 gv = validate(reference, model, held, providers=["cpu"], per_layer=False, latency=True,
                               placement=False)
                 metrics = evaluate(args.model, out, shared=Path(args.shared), cache_dir=Path(tmp))
                 lat = (gv["providers"][0].get("latency") or {}).get("ratio")
-                row = {"ranking": how, "k": k, spec.primary: metrics[spec.primary], "worst_cos": worst_cos(gv["outputs"]),
+                row = {"ranking": how, "move": args.move, "k": k, spec.primary: metrics[spec.primary], "worst_cos": worst_cos(gv["outputs"]),
                        "worst_sqnr": worst_sqnr(gv["outputs"]), "latency_ratio": lat, "bytes": out.stat().st_size,
                        "seconds": round(time.perf_counter() - t, 1)}
                 result["groups"].append(row)
