@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     _config_option(run, "--no-single-reader-dq", dest="single_reader_dq", action="store_const", const=False,
                      help="do not give a DequantizeLinear read by several float ops (a GELU) a single reader "
                           "(by default an Add of 2**-60, so onnxruntime still fuses the GELU)")
+    _config_option(run, "--no-integer-hard-swish", dest="integer_hard_swish", action="store_const", const=False,
+                     help="leave hard-swish and hard-sigmoid gates between 8-bit Q/DQ in float (by default they are "
+                          "written as Add and Mul between Q/DQ pairs, which onnxruntime runs as integer kernels)")
     _config_option(run, "--method", choices=METHOD_CHOICES,
                      help="activation calibration method (default auto: percentile around Conv, min-max elsewhere; min-max everywhere with 16-bit activations)")
     _config_option(run, "--no-range-choice", dest="range_choice", action="store_const", const=False,

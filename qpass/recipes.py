@@ -20,6 +20,7 @@ from .passes.fold_conv_affine import FoldConvAffine
 from .passes.fold_fake_quant_weights import FoldFakeQuantWeights
 from .passes.insert_dynamic import InsertDynamicQuantization
 from .passes.insert_qdq import InsertQDQ
+from .passes.integer_hard_swish import IntegerHardSwish
 from .passes.lower_qop import LowerToQOperator
 from .passes.matmul_bias_gemm import MatMulBiasToGemm
 from .passes.merge_casts import MergeCasts
@@ -120,6 +121,8 @@ def rewrite_passes(config: QuantConfig) -> list[Pass]:
         passes += [LowerToQOperator(), Cleanup()]
     else:
         passes += [MatMulBiasToGemm()]
+        if config.integer_hard_swish:
+            passes += [IntegerHardSwish()]
     if config.single_reader_dq:
         passes += [SingleReaderDequantize()]
     return passes

@@ -66,12 +66,24 @@ def alternated_ms(models: dict, feed: dict, provider: str = "CPUExecutionProvide
     return {k: statistics.median(v) * 1e3 for k, v in times.items()}
 
 
+#: element-wise ops onnxruntime runs on the integers when every input is a uint8 DequantizeLinear's output and the
+#: output is quantized (with int8 it left them in float: qpass/passes/integer_hard_swish.py)
+INTEGER_BINARY = frozenset({"Mul", "Add"})
+
+
+def _uint8_dq(node: onnx.NodeProto | None, types: dict[str, int]) -> bool:
+    return (node is not None and node.op_type == "DequantizeLinear" and len(node.input) > 2
+            and types.get(node.input[2]) == onnx.TensorProto.UINT8)
+
+
 def float_islands(model: onnx.ModelProto, quantized: set[str]) -> list[str]:
     """The quantized compute nodes (``quantized``: plan node labels) that feed a float island of ``model``: an op
     that reads a DequantizeLinear's output and whose output a QuantizeLinear reads, not itself a plan node, nor
-    one onnxruntime runs on the integers (data movement, Relu/Clip, the joins and pools of ``NEIGHBOUR_OPS``).
+    one onnxruntime runs on the integers (data movement, Relu/Clip, the joins and pools of ``NEIGHBOUR_OPS``, a
+    Mul or Add of dequantized inputs only).
     In graph order."""
     weights = {t.name for t in model.graph.initializer}
+    zero_points = {t.name: t.data_type for t in model.graph.initializer}
     producer, readers = {}, {}
     for n in model.graph.node:
         for o in n.output:
@@ -88,6 +100,8 @@ def float_islands(model: onnx.ModelProto, quantized: set[str]) -> list[str]:
         to_q = any(r.op_type == "QuantizeLinear" for o in n.output for r in readers.get(o, []))
         if not (dq_in and to_q):
             continue
+        if n.op_type in INTEGER_BINARY and all(_uint8_dq(producer.get(i), zero_points) for i in n.input):
+            continue  # onnxruntime runs it as QLinearMul / QLinearAdd (an integer hard-swish's pieces)
         for t in dq_in:
             for label in _near(t, quantized, lambda x: [producer[x]] if x in producer else [], lambda m: list(m.input)):
                 if label not in found:

@@ -126,11 +126,15 @@ def _calib(n: int = 16) -> list[dict]:
 def test_float_islands_name_the_conv_before_hardswish():
     """conv_a's output is quantized, dequantized for the float HardSwish, quantized again for conv_b: an island fed
     by conv_a. The Relu after conv_b runs on the integers (not an island)."""
-    res = qpass.quantize(hardswish_model(), _calib(), validate=False)
+    res = qpass.quantize(hardswish_model(), _calib(), validate=False, integer_hard_swish=False)
     ops = [n.op_type for n in res.model.graph.node]
     assert "HardSwish" in ops and ops.count("QuantizeLinear") >= 3  # the island is there
     assert float_islands(res.model, {"conv_a", "conv_b", "conv_c"}) == ["conv_a"]
     assert float_islands(res.model, {"conv_b", "conv_c"}) == []  # conv_a not quantized: nothing to name
+    # by default the HardSwish is written as Add and Mul of dequantized inputs, which run as integer kernels
+    default = qpass.quantize(hardswish_model(), _calib(), validate=False).model
+    assert "HardSwish" not in [n.op_type for n in default.graph.node]
+    assert float_islands(default, {"conv_a", "conv_b", "conv_c"}) == []
 
 
 def test_latency_objective_end_to_end(tmp_path):
