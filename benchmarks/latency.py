@@ -116,7 +116,7 @@ EXTRA_VARIANTS = {
     "qpass qdq U8S8 exclude-before HardSwish": {"format": "qdq", "activation_type": "uint8",
                                                 "exclude_before": ("HardSwish",)},
     "qpass qdq U16S8": {"format": "qdq", "activation_type": "uint16", "target_opset": 21},
-    "qpass qdq U8S8 float hard-swish": {"format": "qdq", "activation_type": "uint8", "integer_hard_swish": False},
+    "qpass qdq U8S8 float hard-swish": {"format": "qdq", "activation_type": "uint8", "integer_hard_swish": "off"},
     # the latency objective needs validation samples (one feed to time on): 20 % of the 32 held out
     "qpass qdq U8S8 latency objective": {"format": "qdq", "activation_type": "uint8", "objective": "latency",
                                          "val_fraction": 0.2},

@@ -74,7 +74,8 @@ QPASS_VARIANTS = {
     "default": {},
     "quantize_before_log": {"float_before_log": False},
     "no_range_choice": {"range_choice": False},
-    "float_hard_swish": {"integer_hard_swish": False},
+    "float_hard_swish": {"integer_hard_swish": "off"},
+    "hard_swish_offsets": {"integer_hard_swish": "offsets"},
     "eight_bit": {"collapse_rescue": False},  # what 8-bit activations give where the rescue replaced them
     "outputs_quantized_readers": {"output_consumers": "quantized", "collapse_rescue": False},
     "equalize": {"equalize": True, "collapse_rescue": False},

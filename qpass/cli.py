@@ -11,7 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from . import __version__
-from .config import (ACTIVATION_TYPES, FORMATS, METHOD_CHOICES, OBJECTIVES, SMOOTH_QUANT, WEIGHT_ONLY_ALGORITHMS, WEIGHT_ONLY_MIXES,
+from .config import (ACTIVATION_TYPES, FORMATS, INTEGER_HARD_SWISH, METHOD_CHOICES, OBJECTIVES, SMOOTH_QUANT, WEIGHT_ONLY_ALGORITHMS, WEIGHT_ONLY_MIXES,
                      WEIGHT_ONLY_TIED, WEIGHT_ONLY_TYPES, QuantConfig)
 from .errors import QpassError
 
@@ -58,9 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     _config_option(run, "--no-single-reader-dq", dest="single_reader_dq", action="store_const", const=False,
                      help="do not give a DequantizeLinear read by several float ops (a GELU) a single reader "
                           "(by default an Add of 2**-60, so onnxruntime still fuses the GELU)")
-    _config_option(run, "--no-integer-hard-swish", dest="integer_hard_swish", action="store_const", const=False,
-                     help="leave hard-swish and hard-sigmoid gates between 8-bit Q/DQ in float (by default they are "
-                          "written as Add and Mul between Q/DQ pairs, which onnxruntime runs as integer kernels)")
+    _config_option(run, "--integer-hard-swish", choices=INTEGER_HARD_SWISH,
+                     help="hard-swish between uint8 Q/DQ written as Add and Mul between Q/DQ pairs, which onnxruntime "
+                          "runs as integer kernels: on (default; the gate's rounding is the only new error), offsets "
+                          "(also before a constant offset: one more rounding, faster, less accurate), off")
     _config_option(run, "--method", choices=METHOD_CHOICES,
                      help="activation calibration method (default auto: percentile around Conv, min-max elsewhere; min-max everywhere with 16-bit activations)")
     _config_option(run, "--no-range-choice", dest="range_choice", action="store_const", const=False,

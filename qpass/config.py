@@ -31,6 +31,8 @@ WEIGHT_TYPES = ("int8",)
 #: weight-only mode types: int4/int8 symmetric (zero point 0), uint4 asymmetric (zero point from the block's range),
 #: nf4 (QLoRA's NormalFloat codebook, block absmax), ternary ({-1, 0, 1} x block absmean, int2, opset 25)
 WEIGHT_ONLY_TYPES = ("int4", "uint4", "int8", "nf4", "ternary")
+#: hard-swish on integer kernels: the exact forms, also the offset form (one more rounding), or none
+INTEGER_HARD_SWISH = ("on", "offsets", "off")
 #: what the precision search optimises besides the accuracy target (qpass.search.latency)
 OBJECTIVES = ("accuracy", "latency")
 #: weight-only types rounded to the nearest level of their grid only (no GPTQ or scale search)
@@ -98,11 +100,13 @@ class QuantConfig:
         single_reader_dq: give a DequantizeLinear read by several float element-wise ops (a GELU's Div and Mul)
             one reader, an Add of 2**-60 (exact on every non-zero DQ value), so onnxruntime does not copy the DQ
             per reader and still fuses the pattern (Gelu). Measured on the shared OCR models: docs/benchmark-notes.md.
-        integer_hard_swish: a hard-swish or hard-sigmoid gate between 8-bit Q/DQ pairs (HardSwish, x * HardSigmoid(x),
-            x * Clip(x + 3, 0, 6) / 6, f * HardSigmoid(g)) is written as a dequantize scaled by the slope, an Add of
+        integer_hard_swish: "on": a hard-swish between uint8 Q/DQ pairs (HardSwish, x * HardSigmoid(x),
+            x * Clip(x + 3, 0, 6) / 6, times a constant) is written as a dequantize scaled by the slope, an Add of
             the offset, a saturating Q/DQ pair on [0, 1] (the clip) and a Mul, so onnxruntime runs QLinearAdd and
-            QLinearMul instead of float kernels between Q/DQ (the orientation CNN: x2.25 -> x0.92 fp32's time in a
-            profile; docs/benchmark-notes.md). The gate's rounding to 1/255 is the only new error.
+            QLinearMul instead of float kernels between Q/DQ (the orientation CNN: x1.30 -> x1.00 fp32's latency); the
+            gate's rounding to 1/255 is the only new error. "offsets": also a hard-swish followed by a constant offset
+            (a learnable affine block's bias, before a padded Conv), which costs one more rounding (measured faster
+            and less accurate on PP-OCRv4/v5, so not the default; docs/benchmark-notes.md). "off": left in float.
         activation_matmuls: also quantize both inputs of activation x activation MatMuls (attention's Q.K^T and
             softmax.V). Off by default.
         calib_batch_size: samples of equal shape concatenated into one onnxruntime run (results do not change).
@@ -272,7 +276,7 @@ class QuantConfig:
     activation_matmuls: bool = False
     neighbour_ops: tuple[str, ...] = NEIGHBOUR_OPS
     single_reader_dq: bool = True
-    integer_hard_swish: bool = True
+    integer_hard_swish: str = "on"
     bias: str = "int32"
     percentile: float = 99.99
     bins: int = 2048
@@ -467,8 +471,8 @@ class QuantConfig:
             raise bad("calib_ep", self.calib_ep, " or ".join(CALIB_EPS))
         if not isinstance(self.single_reader_dq, bool):
             raise bad("single_reader_dq", self.single_reader_dq, "true or false")
-        if not isinstance(self.integer_hard_swish, bool):
-            raise bad("integer_hard_swish", self.integer_hard_swish, "true or false")
+        if self.integer_hard_swish not in INTEGER_HARD_SWISH:
+            raise bad("integer_hard_swish", self.integer_hard_swish, " or ".join(INTEGER_HARD_SWISH))
         if not isinstance(self.validate, bool):
             raise bad("validate", self.validate, "true or false")
         if not isinstance(self.collapse_check, bool):

@@ -15,6 +15,7 @@ from .passes.contrib_gather_block_quantized import ContribGatherBlockQuantized
 from .passes.contrib_matmul_nbits import ContribMatMulNBits
 from .passes.convert_float16 import ConvertFloat16
 from .passes.equalize_conv_chains import EqualizeConvChains
+from .passes.fold_affine_into_conv import FoldAffineIntoConv
 from .passes.fold_batchnorm import FoldBatchNorm
 from .passes.fold_conv_affine import FoldConvAffine
 from .passes.fold_fake_quant_weights import FoldFakeQuantWeights
@@ -79,7 +80,8 @@ def prepare_passes(config: QuantConfig) -> list[Pass]:
     """Folds and constants to initializers, before planning: the graph the plan and calibration see; with
     ``equalize`` (static mode; by default with per-tensor weights), cross-layer equalization of Conv chains after the
     folds (it needs the folded weights)."""
-    passes: list[Pass] = [ConstantsToInitializers(config.op_types), FoldBatchNorm(), FoldConvAffine(config.per_channel)]
+    passes: list[Pass] = [ConstantsToInitializers(config.op_types), FoldBatchNorm(), FoldConvAffine(config.per_channel),
+                          FoldAffineIntoConv()]
     equalize = (not config.per_channel) if config.equalize is None else config.equalize
     if equalize and not config.weight_only:
         passes.append(EqualizeConvChains())
@@ -121,8 +123,8 @@ def rewrite_passes(config: QuantConfig) -> list[Pass]:
         passes += [LowerToQOperator(), Cleanup()]
     else:
         passes += [MatMulBiasToGemm()]
-        if config.integer_hard_swish:
-            passes += [IntegerHardSwish()]
+        if config.integer_hard_swish != "off":
+            passes += [IntegerHardSwish(offsets=config.integer_hard_swish == "offsets")]
     if config.single_reader_dq:
         passes += [SingleReaderDequantize()]
     return passes

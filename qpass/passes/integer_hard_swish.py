@@ -1,4 +1,4 @@
-"""x * hard_sigmoid(x) between uint8 Q/DQ => DQ(x, alpha-scaled) -> Add(beta) -> saturating Q/DQ on [0, 1] -> Mul(x).
+"""c * hard_swish(x) [+ b] between uint8 Q/DQ => DQ(x * alpha) -> Add(beta) -> Q/DQ [0, 1] -> Mul(x) [-> Q/DQ -> Add(b)].
 
 A hard-swish (``HardSwish(x)``, ``x * HardSigmoid(x)``, or ``x * Clip(x + 3, 0, 6) / 6`` written out) between a
 DequantizeLinear and a QuantizeLinear has no integer kernel on onnxruntime's CPU provider, so it runs as float ops
@@ -8,12 +8,16 @@ clip, then ``y = Q(DQ(x_q) * DQ(h))`` with the output's own QuantizeLinear, the 
 onnxruntime runs QLinearAdd and QLinearMul. Rounding the gate to 1/255 is the only new error: at most |x| / 510
 where the gate is neither 0 nor 1 (|x| < 3 for a hard-swish).
 
+A constant factor c > 0 after it (a learnable affine block's scale) goes into the output QuantizeLinear's scale
+(s_y / c, read back with s_y: exact). An offset b after that (the block's bias) needs one more rounding: the product
+is quantized on the exact range of x * gate(x) over x's grid, dequantized with its scale times c, and Add(b) runs
+as QLinearAdd into the output's QuantizeLinear.
+
 Only where every piece is certain: x and the output uint8 with scalar scales (onnxruntime fuses neither op with
-int8), alpha > 0 and beta > 0 scalar constants, a written-out clip with bounds 0 and u whose 1/u factor is there
-(the constant factors times u make 1), each intermediate read once and not a graph output, and the gate reading the
-same tensor it multiplies: a hard-sigmoid gate on another tensor (``f * HardSigmoid(g)``, squeeze-and-excitation)
-stays float, since its rounding error grows with |f|. Identity nodes (the runtime removes them) are looked through.
-Measurements: docs/benchmark-notes.md.
+int8), alpha > 0 and beta > 0 scalar constants, a written-out clip with bounds 0 and u (u going into c), each
+intermediate read once and not a graph output, and the gate reading the same tensor it multiplies: a hard-sigmoid
+gate on another tensor (``f * HardSigmoid(g)``, squeeze-and-excitation) stays float, since its rounding error grows
+with |f|. Identity nodes (the runtime removes them) are looked through. Measurements: docs/benchmark-notes.md.
 """
 from __future__ import annotations
 
@@ -135,7 +139,36 @@ def _grid(node: gs.Node) -> tuple[float, np.ndarray] | None:
     return float(params[0].reshape(())), params[1].reshape(())
 
 
+def _offset(island: _Island, y: gs.Variable) -> tuple[float | None, gs.Tensor]:
+    """(b, p) when ``y = Add(p, b)`` with ``b`` a scalar constant (a learnable affine block's bias after the
+    activation), the Add going to the island; else (None, y)."""
+    add = island._inner(y)
+    if add is None or add.op != "Add" or len(add.inputs) != 2:
+        return None, y
+    for p, b in ((add.inputs[0], add.inputs[1]), (add.inputs[1], add.inputs[0])):
+        value = _scalar(b)
+        if value is not None and _scalar(p) is None:
+            island.nodes.append(add)
+            return value, p
+    return None, y
+
+
+def _product_grid(x_grid: tuple[float, np.ndarray], gate: _Gate) -> tuple[float, np.ndarray] | None:
+    """A uint8 grid for ``x * gate(x)`` over every value of x's grid (its exact range, 0 included)."""
+    x = x_grid[0] * (np.arange(256, dtype=np.float64) - float(x_grid[1]))
+    h = x * np.clip(gate.alpha * x + gate.beta, 0.0, 1.0)
+    lo, hi = min(0.0, float(h.min())), max(0.0, float(h.max()))
+    if hi - lo <= 0:
+        return None
+    scale = (hi - lo) / GATE_STEPS
+    return scale, np.array(np.clip(np.round(-lo / scale), 0, 255), np.uint8)
+
+
 class IntegerHardSwish(Pass):
+    def __init__(self, offsets: bool = False):
+        #: also the form with a constant offset after the product, which costs one more rounding
+        self.offsets = offsets
+
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         new_name = NameAllocator(graph)
         outputs = {t.name for t in graph.outputs}
@@ -145,21 +178,65 @@ class IntegerHardSwish(Pass):
             if out_grid is None or _dq(y) is not None:
                 continue
             island = _Island(outputs)  # y itself is read by q alone, so its producer is the island's last node
-            if not island.factor(y) or len(island.inputs) != 1 or len(island.gates) != 1:
+            offset, product = _offset(island, y)
+            offset = offset or None  # an offset of 0 is none
+            if not island.factor(product) or len(island.inputs) != 1 or len(island.gates) != 1:
                 continue
-            gate, f = island.gates[0], island.inputs[0]
-            if abs(island.constant - 1.0) > 1e-5 or gate.alpha <= 0 or gate.beta <= 0:
+            gate, f, factor = island.gates[0], island.inputs[0], island.constant
+            if gate.alpha <= 0 or gate.beta <= 0 or factor <= 0:
                 continue
             if _dq(f).inputs[0] is not _dq(gate.g).inputs[0]:  # a gate on another tensor: see the docstring
                 continue
-            f_grid, g_grid = _grid(_dq(f)), _grid(_dq(gate.g))
-            if f_grid is None or g_grid is None:
+            x_grid = _grid(_dq(f))
+            if x_grid is None:
                 continue
-            _rewrite(graph, island, gate, f, y, g_grid, new_name)
+            if offset is None:
+                if abs(factor - 1.0) > 1e-6:  # y = c * x * gate: the output's QuantizeLinear divides by c
+                    q.inputs[1] = gs.Constant(new_name(f"{y.name}_scale_over_factor"),
+                                              np.array(out_grid[0] / factor, np.float32))
+                _rewrite(graph, island, gate, f, y, x_grid, new_name)
+            elif self.offsets:
+                h_grid = _product_grid(x_grid, gate)
+                if h_grid is None:
+                    continue
+                product_out = gs.Variable(new_name(f"{y.name}_product"), dtype=np.float32)
+                _rewrite(graph, island, gate, f, product_out, x_grid, new_name)
+                _add_offset(graph, product_out, y, factor, offset, h_grid, new_name)
+            else:
+                continue
             done += 1
         if done:
             graph.cleanup(remove_unused_graph_inputs=False).toposort()
         return PassResult(modified=bool(done), stats={"hard-sigmoid gates": done} if done else {})
+
+
+def _add_offset(graph: gs.Graph, product: gs.Variable, y: gs.Variable, factor: float, offset: float,
+                h_grid: tuple[float, np.ndarray], new_name: NameAllocator) -> None:
+    """y = factor * product + offset as Q(product) on ``h_grid`` -> DQ with the scale times ``factor`` -> Add(DQ(offset)),
+    which onnxruntime runs as QLinearAdd into y's own QuantizeLinear."""
+    base = y.name
+    h_q = gs.Variable(new_name(f"{base}_product_quantized"), dtype=np.uint8)
+    scaled = gs.Variable(new_name(f"{base}_product_scaled"), dtype=np.float32)
+    b = gs.Variable(new_name(f"{base}_offset"), dtype=np.float32)
+    zero = gs.Constant(new_name(f"{base}_product_zero_point"), h_grid[1])
+    # the offset as one uint8 code: 255 steps of |b| / 255 from zero point 0 (b > 0) or 255 (b < 0)
+    b_code = np.array(GATE_STEPS if offset > 0 else 0, np.uint8)
+    b_zero = np.array(0 if offset > 0 else GATE_STEPS, np.uint8)
+    graph.nodes.extend([
+        gs.Node("QuantizeLinear", new_name(f"{base}_product_QuantizeLinear"),
+                inputs=[product, gs.Constant(new_name(f"{base}_product_scale"), np.array(h_grid[0], np.float32)), zero],
+                outputs=[h_q]),
+        gs.Node("DequantizeLinear", new_name(f"{base}_product_DequantizeLinear"),
+                inputs=[h_q, gs.Constant(new_name(f"{base}_product_scale_times_factor"),
+                                         np.array(h_grid[0] * factor, np.float32)), zero],
+                outputs=[scaled]),
+        gs.Node("DequantizeLinear", new_name(f"{base}_offset_DequantizeLinear"),
+                inputs=[gs.Constant(new_name(f"{base}_offset_quantized"), b_code),
+                        gs.Constant(new_name(f"{base}_offset_scale"), np.array(abs(offset) / GATE_STEPS, np.float32)),
+                        gs.Constant(new_name(f"{base}_offset_zero_point"), b_zero)],
+                outputs=[b]),
+        gs.Node("Add", new_name(f"{base}_offset_Add"), inputs=[scaled, b], outputs=[y]),
+    ])
 
 
 def _rewrite(graph: gs.Graph, island: _Island, gate: _Gate, f: gs.Variable, y: gs.Variable,

@@ -16,6 +16,7 @@ from qpass.recipes import rewrite_passes
 
 RNG = np.random.default_rng(11)
 S_X, S_Y = 0.05, 0.04  # the input's grid covers [-6.4, 6.35] (uint8 zero point 128), the output's [-0.4, 9.8]
+K, B = 0.7, 0.3  # a learnable affine block's scale and bias
 
 
 def _scalar(name, value, dtype=np.float32):
@@ -38,7 +39,15 @@ def _island(form: str, qtype=np.uint8, out_scale=S_Y) -> list[onnx.NodeProto]:
         return add_clip + [helper.make_node("Div", ["c", "six"], ["h"]), mul("d", "h", "f")]
     if form == "x * Clip(x + 3, 0, 6) * (1/6)":
         return add_clip + [mul("c", "d", "m"), mul("m", "sixth", "f")]
-    if form == "x * Clip(x + 3, 0, 6) / 3":  # twice a hard-swish: not the pattern
+    if form == "HardSwish * k + b":  # Paddle's LearnableAffineBlock after the activation
+        return [helper.make_node("HardSwish", ["d"], ["h"]), mul("h", "k", "m"),
+                helper.make_node("Add", ["m", "b"], ["f"])]
+    if form == "x * Clip(x + 3, 0, 6) / 6 * k + b":
+        return add_clip + [mul("d", "c", "m"), helper.make_node("Div", ["m", "six"], ["h"]), mul("h", "k", "m2"),
+                           helper.make_node("Add", ["b", "m2"], ["f"])]
+    if form == "HardSwish * k":
+        return [helper.make_node("HardSwish", ["d"], ["h"]), mul("k", "h", "f")]
+    if form == "x * Clip(x + 3, 0, 6) / 3":  # twice a hard-swish: the output's QuantizeLinear divides by 2
         return add_clip + [mul("d", "c", "m"), helper.make_node("Div", ["m", "three"], ["f"])]
     if form == "x * HardSigmoid(x), slope -1/6":
         return [helper.make_node("HardSigmoid", ["d"], ["g"], alpha=-1 / 6, beta=0.5), mul("d", "g", "f")]
@@ -50,7 +59,8 @@ def _qdq_model(form: str, qtype=np.uint8, *, out_scale=S_Y, extra_output: str | 
     zx = 128 if qtype == np.uint8 else 0
     zy = 10 if qtype == np.uint8 else -118
     inits = [_scalar("sx", S_X), _scalar("zx", zx, qtype), _scalar("zy", zy, qtype),
-             _scalar("three", 3.0), _scalar("six", 6.0), _scalar("zero", 0.0), _scalar("sixth", 1 / 6)]
+             _scalar("three", 3.0), _scalar("six", 6.0), _scalar("zero", 0.0), _scalar("sixth", 1 / 6),
+             _scalar("k", K), _scalar("b", B)]
     inits.append(numpy_helper.from_array(np.asarray(out_scale, np.float32), "sy"))
     axis = {"axis": 1} if np.ndim(out_scale) else {}
     if axis:
@@ -71,9 +81,9 @@ def _qdq_model(form: str, qtype=np.uint8, *, out_scale=S_Y, extra_output: str | 
     return model
 
 
-def _rewritten(model: onnx.ModelProto):
+def _rewritten(model: onnx.ModelProto, offsets: bool = True):
     wg = WorkingGraph(model)
-    result = IntegerHardSwish().run(wg.graph, PassContext())
+    result = IntegerHardSwish(offsets=offsets).run(wg.graph, PassContext())
     return wg.export(), result
 
 
@@ -90,7 +100,8 @@ def _run(model, x, level=ort.GraphOptimizationLevel.ORT_ENABLE_ALL, name="yq"):
 
 
 FORMS = ["HardSwish", "HardSigmoid * x", "x * HardSigmoid, Paddle's slope", "x * Clip(x + 3, 0, 6) / 6",
-         "x * (Clip(x + 3, 0, 6) / 6)", "x * Clip(x + 3, 0, 6) * (1/6)"]
+         "x * (Clip(x + 3, 0, 6) / 6)", "x * Clip(x + 3, 0, 6) * (1/6)", "HardSwish * k + b",
+         "x * Clip(x + 3, 0, 6) / 6 * k + b", "HardSwish * k", "x * Clip(x + 3, 0, 6) / 3"]
 
 
 @pytest.mark.parametrize("form", FORMS)
@@ -100,7 +111,7 @@ def test_every_input_code_gives_the_float_forms_code_within_one_step(form):
     assert result.modified and result.stats == {"hard-sigmoid gates": 1}
     ops = [n.op_type for n in new.graph.node]
     assert not {"HardSwish", "HardSigmoid", "Clip", "Div"} & set(ops)
-    assert ops.count("Add") == 1 and ops.count("Mul") == 1
+    assert ops.count("Add") == 1 + form.endswith("+ b") and ops.count("Mul") == 1
     onnx.checker.check_model(new, full_check=True)
     x = _every_code()
     float_form = _run(model, x, ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
@@ -111,28 +122,42 @@ def test_every_input_code_gives_the_float_forms_code_within_one_step(form):
     # the clip is the gate's saturation: far below -3 the output is the code of 0, far above it is x
     d = x.ravel()
     gate = np.clip(d * (0.2 if "Paddle" in form else 1 / 6) + 0.5, 0, 1)
-    expect = np.clip(np.round(d * gate / S_Y) + 10, 0, 255)
+    k = K if "k" in form else 2.0 if form.endswith("/ 3") else 1.0
+    b = B if form.endswith("+ b") else 0.0
+    expect = np.clip(np.round((k * d * gate + b) / S_Y) + 10, 0, 255)
     assert np.abs(_run(new, x).ravel() - expect).max() <= 1
+
+
+def test_the_offset_form_waits_for_its_setting():
+    """By default (``integer_hard_swish="on"``) the form whose offset costs one more rounding stays float."""
+    model = _qdq_model("x * Clip(x + 3, 0, 6) / 6 * k + b")
+    new, result = _rewritten(model, offsets=False)
+    assert not result.modified and "Clip" in [n.op_type for n in new.graph.node]
+    assert _rewritten(_qdq_model("HardSwish * k"), offsets=False)[1].modified  # a factor alone is exact
+    on, offsets = (next(p for p in rewrite_passes(QuantConfig(integer_hard_swish=v)) if isinstance(p, IntegerHardSwish))
+                   for v in ("on", "offsets"))
+    assert not on.offsets and offsets.offsets
 
 
 def test_onnxruntime_runs_the_rewrite_with_integer_kernels(tmp_path):
     opts = ort.SessionOptions()
     opts.optimized_model_filepath = str(tmp_path / "opt.onnx")
-    for form in ("HardSwish", "x * Clip(x + 3, 0, 6) / 6"):
+    for form in ("HardSwish", "x * Clip(x + 3, 0, 6) / 6", "x * Clip(x + 3, 0, 6) / 6 * k + b", "HardSwish * k"):
         new, _ = _rewritten(_qdq_model(form))
         ort.InferenceSession(new.SerializeToString(), opts, providers=["CPUExecutionProvider"])
         ops = [n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node]
-        assert "QLinearAdd" in ops and "QLinearMul" in ops
+        assert ops.count("QLinearAdd") == 1 + form.endswith("+ b") and ops.count("QLinearMul") == 1, ops
         assert not {"HardSigmoid", "HardSwish", "Mul", "Add", "Clip"} & set(ops), ops
 
 
-@pytest.mark.parametrize("case", ["twice a hard-swish", "negative slope", "int8", "16-bit output", "per-channel output",
+@pytest.mark.parametrize("case", ["negative factor", "negative slope", "int8", "16-bit output", "per-channel output",
                                   "intermediate is a graph output"])
 def test_forms_that_are_not_certain_or_not_faster_are_left_alone(case):
     if case == "int8":  # onnxruntime 1.32 fuses neither QLinearAdd nor QLinearMul with int8: slower than float
         model = _qdq_model("HardSwish", np.int8)
-    elif case == "twice a hard-swish":
-        model = _qdq_model("x * Clip(x + 3, 0, 6) / 3")
+    elif case == "negative factor":
+        model = _qdq_model("HardSwish * k")
+        next(i for i in model.graph.initializer if i.name == "k").CopyFrom(_scalar("k", -K))
     elif case == "negative slope":
         model = _qdq_model("x * HardSigmoid(x), slope -1/6")
     elif case == "16-bit output":  # QLinearMul has no 16-bit kernel; the gate's 1/255 would cost 16-bit accuracy
@@ -197,7 +222,7 @@ def test_the_default_run_writes_it_and_the_option_turns_it_off(form):
     model = _conv_hard_swish_conv(form)
     feeds = [{"x": RNG.normal(0, 1, (1, 3, 8, 8)).astype(np.float32)} for _ in range(16)]
     on = qpass.quantize(model, feeds, val_fraction=0.0, validate=False).model
-    off = qpass.quantize(model, feeds, val_fraction=0.0, validate=False, integer_hard_swish=False).model
+    off = qpass.quantize(model, feeds, val_fraction=0.0, validate=False, integer_hard_swish="off").model
     ops_on, ops_off = [n.op_type for n in on.graph.node], [n.op_type for n in off.graph.node]
     assert "HardSwish" not in ops_on and "Clip" not in ops_on and ops_on.count("Mul") == 1
     assert ("HardSwish" if form == "HardSwish" else "Clip") in ops_off
@@ -209,13 +234,13 @@ def test_the_default_run_writes_it_and_the_option_turns_it_off(form):
     assert sqnr[1] > 25 and abs(sqnr[0] - sqnr[1]) < 1.0, sqnr
     wg = WorkingGraph(on)
     assert not IntegerHardSwish().run(wg.graph, PassContext()).modified  # a second run finds nothing
-    assert not any(isinstance(p, IntegerHardSwish) for p in rewrite_passes(QuantConfig(integer_hard_swish=False)))
+    assert not any(isinstance(p, IntegerHardSwish) for p in rewrite_passes(QuantConfig(integer_hard_swish="off")))
     assert not any(isinstance(p, IntegerHardSwish) for p in rewrite_passes(QuantConfig(format="qop")))
 
 
 def test_the_setting_is_checked():
     with pytest.raises(qpass.QpassError, match="integer_hard_swish"):
-        QuantConfig(integer_hard_swish="yes")
+        QuantConfig(integer_hard_swish=True)
 
 
 def test_identity_nodes_an_exporter_left_are_looked_through():

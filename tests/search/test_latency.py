@@ -126,7 +126,7 @@ def _calib(n: int = 16) -> list[dict]:
 def test_float_islands_name_the_conv_before_hardswish():
     """conv_a's output is quantized, dequantized for the float HardSwish, quantized again for conv_b: an island fed
     by conv_a. The Relu after conv_b runs on the integers (not an island)."""
-    res = qpass.quantize(hardswish_model(), _calib(), validate=False, integer_hard_swish=False)
+    res = qpass.quantize(hardswish_model(), _calib(), validate=False, integer_hard_swish="off")
     ops = [n.op_type for n in res.model.graph.node]
     assert "HardSwish" in ops and ops.count("QuantizeLinear") >= 3  # the island is there
     assert float_islands(res.model, {"conv_a", "conv_b", "conv_c"}) == ["conv_a"]
