@@ -93,7 +93,7 @@ class FoldAffineIntoConv(Pass):
                 new_b = gs.Constant(new_name(f"{base}_bias_affine"),
                                     (bias + np.float32(b) * w.reshape(w.shape[0], -1).sum(axis=1)).astype(np.float32))
                 conv.inputs[0], conv.inputs[1] = a, new_w
-                if has_bias:
+                if len(conv.inputs) > 2:  # a bias, or an empty name for none
                     conv.inputs[2] = new_b
                 else:
                     conv.inputs.append(new_b)

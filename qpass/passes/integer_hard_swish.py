@@ -58,6 +58,11 @@ def _scalar(t: gs.Tensor) -> float | None:
     return float(v.reshape(())) if v.size == 1 and v.dtype.kind == "f" else None
 
 
+def _rank(t: gs.Tensor) -> int:
+    c = constant_behind(t)
+    return 0 if c is None else np.asarray(c.values).ndim
+
+
 class _Island:
     """The float nodes between the DequantizeLinears and the QuantizeLinear, read as a product of factors."""
 
@@ -67,6 +72,7 @@ class _Island:
         self.inputs: list[gs.Variable] = []  # DequantizeLinear outputs used as plain factors
         self.gates: list[_Gate] = []
         self.constant = 1.0
+        self.rank = 0  # the highest rank of the constants taken in (a size-1 constant still broadcasts its rank)
 
     def _inner(self, t: gs.Tensor) -> gs.Node | None:
         """The producer of an intermediate: a default-domain op, its one output read once, not a graph output."""
@@ -80,6 +86,7 @@ class _Island:
         k = _scalar(t)
         if k is not None:
             self.constant *= k
+            self.rank = max(self.rank, _rank(t))
             return True
         if _dq(t) is not None:
             self.inputs.append(t)
@@ -97,6 +104,7 @@ class _Island:
             if not d:
                 return False
             self.constant /= d
+            self.rank = max(self.rank, _rank(n.inputs[1]))
             return self.factor(n.inputs[0])
         if n.op == "HardSwish" and _dq(n.inputs[0]) is not None:  # x * clip(x / 6 + 1 / 2, 0, 1)
             self.inputs.append(n.inputs[0])
@@ -124,6 +132,7 @@ class _Island:
         for g, b in ((add.inputs[0], add.inputs[1]), (add.inputs[1], add.inputs[0])):
             beta = _scalar(b)
             if beta is not None and _dq(g) is not None:
+                self.rank = max(self.rank, _rank(b))
                 self.nodes.append(add)
                 self.gates.append(_Gate(g, 1 / hi, beta / hi))
                 self.constant *= hi
@@ -132,7 +141,10 @@ class _Island:
 
 
 def _grid(node: gs.Node) -> tuple[float, np.ndarray] | None:
-    """(scale, zero point) of a per-tensor uint8 QuantizeLinear/DequantizeLinear, else None."""
+    """(scale, zero point) of a per-tensor uint8 QuantizeLinear/DequantizeLinear with its zero point written out (an
+    omitted one may mean another type: int8 from the input, or an opset-21 ``output_dtype``), else None."""
+    if len(node.inputs) < 3 or not node.inputs[2].name:
+        return None
     params = qdq_constants(node)
     if params is None or params[0].size != 1 or params[1].size != 1 or params[1].dtype != np.uint8:
         return None
@@ -148,6 +160,7 @@ def _offset(island: _Island, y: gs.Variable) -> tuple[float | None, gs.Tensor]:
     for p, b in ((add.inputs[0], add.inputs[1]), (add.inputs[1], add.inputs[0])):
         value = _scalar(b)
         if value is not None and _scalar(p) is None:
+            island.rank = max(island.rank, _rank(b))
             island.nodes.append(add)
             return value, p
     return None, y
@@ -188,8 +201,11 @@ class IntegerHardSwish(Pass):
             if _dq(f).inputs[0] is not _dq(gate.g).inputs[0]:  # a gate on another tensor: see the docstring
                 continue
             x_grid = _grid(_dq(f))
-            if x_grid is None:
-                continue
+            g_grid = _grid(_dq(gate.g))
+            if x_grid is None or g_grid is None or g_grid[0] != x_grid[0] or int(g_grid[1]) != int(x_grid[1]):
+                continue  # two dequantizations of one tensor on other grids: not one value
+            if island.rank > 1 and (f.shape is None or island.rank > len(f.shape)):
+                continue  # a constant of higher rank would broadcast the output to more dimensions
             if offset is None:
                 if abs(factor - 1.0) > 1e-6:  # y = c * x * gate: the output's QuantizeLinear divides by c
                     q.inputs[1] = gs.Constant(new_name(f"{y.name}_scale_over_factor"),

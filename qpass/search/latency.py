@@ -66,8 +66,8 @@ def alternated_ms(models: dict, feed: dict, provider: str = "CPUExecutionProvide
     return {k: statistics.median(v) * 1e3 for k, v in times.items()}
 
 
-#: element-wise ops onnxruntime runs on the integers when every input is a uint8 DequantizeLinear's output and the
-#: output is quantized (with int8 it left them in float: qpass/passes/integer_hard_swish.py)
+#: element-wise ops onnxruntime runs on the integers when every input is a uint8 DequantizeLinear's output and every
+#: reader of the output a uint8 QuantizeLinear (with int8 it left them in float: qpass/passes/integer_hard_swish.py)
 INTEGER_BINARY = frozenset({"Mul", "Add"})
 
 
@@ -100,7 +100,10 @@ def float_islands(model: onnx.ModelProto, quantized: set[str]) -> list[str]:
         to_q = any(r.op_type == "QuantizeLinear" for o in n.output for r in readers.get(o, []))
         if not (dq_in and to_q):
             continue
-        if n.op_type in INTEGER_BINARY and all(_uint8_dq(producer.get(i), zero_points) for i in n.input):
+        outs = [r for o in n.output for r in readers.get(o, [])]
+        if (n.op_type in INTEGER_BINARY and all(_uint8_dq(producer.get(i), zero_points) for i in n.input)
+                and all(r.op_type == "QuantizeLinear" and len(r.input) > 2
+                        and zero_points.get(r.input[2]) == onnx.TensorProto.UINT8 for r in outs)):
             continue  # onnxruntime runs it as QLinearMul / QLinearAdd (an integer hard-swish's pieces)
         for t in dq_in:
             for label in _near(t, quantized, lambda x: [producer[x]] if x in producer else [], lambda m: list(m.input)):

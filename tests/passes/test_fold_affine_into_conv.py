@@ -122,3 +122,14 @@ def test_paddle_style_block_quantizes_with_the_hard_swish_on_integer_kernels():
     ref = _run(model, x["x"])[0]
     got = _run(q, x["x"])[0]
     assert 10 * np.log10((ref ** 2).sum() / ((got - ref) ** 2).sum()) > 25
+
+
+def test_a_conv_whose_bias_is_an_empty_name_gets_the_folded_bias_in_its_place():
+    model = _model(("pointwise",), bias=False)
+    next(n for n in model.graph.node if n.op_type == "Conv").input.append("")  # [X, W, ""]: no bias, written out
+    new, result = _fold(model)
+    assert result.modified
+    conv = next(n for n in new.graph.node if n.op_type == "Conv")
+    assert len(conv.input) == 3 and conv.input[2]  # four inputs would not load (onnxruntime: INVALID_GRAPH)
+    x = RNG.normal(0, 1, (1, 4, 6, 6)).astype(np.float32)
+    np.testing.assert_allclose(_run(new, x)[0], _run(model, x)[0], rtol=1e-5, atol=1e-5)

@@ -260,3 +260,43 @@ def test_identity_nodes_an_exporter_left_are_looked_through():
     assert result.modified and not {"HardSigmoid", "Identity"} & {n.op_type for n in new.graph.node}
     x = _every_code()
     assert np.abs(_run(new, x) - _run(model, x, ort.GraphOptimizationLevel.ORT_DISABLE_ALL)).max() <= 1
+
+
+def test_a_negative_offset_and_a_shared_output_scale():
+    """b < 0 is one uint8 code below zero point 255; a second QuantizeLinear reading the same scale constant keeps it."""
+    model = _qdq_model("HardSwish * k + b")
+    next(i for i in model.graph.initializer if i.name == "b").CopyFrom(_scalar("b", -B))
+    model.graph.node.append(helper.make_node("QuantizeLinear", ["x", "sy", "zy"], ["xq2"]))
+    model.graph.output.append(helper.make_tensor_value_info("xq2", TensorProto.UINT8, [1, 4, 8, 8]))
+    new, result = _rewritten(model)
+    assert result.modified
+    x = _every_code()
+    d = x.ravel()
+    expect = np.clip(np.round((K * d * np.clip(d / 6 + 0.5, 0, 1) - B) / S_Y) + 10, 0, 255)
+    assert np.abs(_run(new, x).ravel() - expect).max() <= 1
+    assert np.array_equal(_run(new, x, name="xq2"), _run(model, x, name="xq2"))
+
+
+@pytest.mark.parametrize("case", ["the gate dequantized on another grid", "int8 without a zero point",
+                                  "a constant of higher rank"])
+def test_what_would_change_the_function_or_the_types_is_left_alone(case):
+    if case == "the gate dequantized on another grid":  # one tensor, two DQs: f and g are not one value
+        model = _qdq_model("HardSigmoid * x")
+        model.graph.initializer.append(_scalar("sx_half", S_X / 2))
+        g = model.graph
+        at = [n.op_type for n in g.node].index("HardSigmoid")
+        g.node.insert(at, helper.make_node("DequantizeLinear", ["xq", "sx_half", "zx"], ["d_half"]))
+        next(n for n in g.node if n.op_type == "HardSigmoid").input[0] = "d_half"
+    elif case == "int8 without a zero point":  # an omitted zero point would be read as uint8's
+        model = _qdq_model("HardSwish")  # the output stays uint8; the input becomes int8, its DQ without zero point
+        next(i for i in model.graph.initializer if i.name == "zx").CopyFrom(_scalar("zx", 0, np.int8))
+        del next(n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] == "xq").input[2]
+    else:  # a [1, 1, 1, 1, 1] factor makes the 4-D output 5-D
+        model = _qdq_model("HardSwish * k")
+        next(i for i in model.graph.initializer if i.name == "k").CopyFrom(
+            numpy_helper.from_array(np.full((1, 1, 1, 1, 1), K, np.float32), "k"))
+        model.graph.output[0].CopyFrom(helper.make_tensor_value_info("yq", TensorProto.UINT8, [1, 1, 4, 8, 8]))
+    onnx.checker.check_model(model)
+    new, result = _rewritten(model)
+    assert not result.modified
+    assert [n.op_type for n in new.graph.node] == [n.op_type for n in model.graph.node]

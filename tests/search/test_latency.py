@@ -203,3 +203,26 @@ def test_all_float_is_met_even_when_its_last_timing_is_a_hair_above_fp32(digits)
     r = res.report
     assert _integer_nodes(res.model) == set() and r["end"] == {"fp32_ms": 6.99, "ms": 7.0, "ratio": round(7 / 6.99, 4)}
     assert r["met"] is True and "no slower than fp32 by construction" in r["note"]
+
+
+def test_a_mul_of_dequantized_inputs_is_an_island_unless_its_output_is_quantized_to_uint8():
+    """Mul(DQ(u8), DQ(u8)) -> Q(u8) runs as QLinearMul; the same Mul into a uint16 QuantizeLinear stays float."""
+
+    def model(out_type):
+        inits = [numpy_helper.from_array(np.array(0.05, np.float32), "s"),
+                 numpy_helper.from_array(np.array(128, np.uint8), "z"),
+                 numpy_helper.from_array(np.array(0.001, np.float32), "s2"),
+                 numpy_helper.from_array(np.array(0, out_type), "z2"),
+                 numpy_helper.from_array(np.ones((4, 4, 1, 1), np.float32), "W")]
+        nodes = [helper.make_node("Conv", ["x", "W"], ["c"], name="conv"),
+                 helper.make_node("QuantizeLinear", ["c", "s", "z"], ["cq"]),
+                 helper.make_node("DequantizeLinear", ["cq", "s", "z"], ["d"]),
+                 helper.make_node("Mul", ["d", "d"], ["m"]),
+                 helper.make_node("QuantizeLinear", ["m", "s2", "z2"], ["mq"]),
+                 helper.make_node("DequantizeLinear", ["mq", "s2", "z2"], ["y"])]
+        graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])], inits)
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+
+    assert float_islands(model(np.uint8), {"conv"}) == []
+    assert float_islands(model(np.uint16), {"conv"}) == ["conv"]
