@@ -28,7 +28,7 @@ VARIANTS: dict[str, dict] = {
     "mse": {"method": "mse"},
     "entropy": {"method": "entropy"},
     "no_outputs": {"quantize_outputs": ()},
-    "float_hard_swish": {"integer_hard_swish": "off"},  # hard-swish / hard-sigmoid gates left in float
+    "float_hard_swish": {"integer_hard_swish": "off"},  # hard-swish left in float between Q/DQ
     "minmax_no_outputs": {"method": "minmax", "quantize_outputs": ()},
     "int8_act": {"activation_type": "int8"},
     "out_quantized": {"output_consumers": "quantized"},

@@ -223,7 +223,7 @@ class IntegerHardSwish(Pass):
             done += 1
         if done:
             graph.cleanup(remove_unused_graph_inputs=False).toposort()
-        return PassResult(modified=bool(done), stats={"hard-sigmoid gates": done} if done else {})
+        return PassResult(modified=bool(done), stats={"hard-swish": done} if done else {})
 
 
 def _add_offset(graph: gs.Graph, product: gs.Variable, y: gs.Variable, factor: float, offset: float,
