@@ -300,3 +300,22 @@ def test_what_would_change_the_function_or_the_types_is_left_alone(case):
     new, result = _rewritten(model)
     assert not result.modified
     assert [n.op_type for n in new.graph.node] == [n.op_type for n in model.graph.node]
+
+
+def test_the_command_line_option(tmp_path):
+    """``--integer-hard-swish off`` keeps the HardSwish; the default rewrites it; a wrong value exits 2."""
+    from qpass.cli import main
+
+    model = tmp_path / "hs.onnx"
+    onnx.save(_conv_hard_swish_conv(), str(model))
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=RNG.normal(0, 1, (16, 1, 3, 8, 8)).astype(np.float32)[:, 0])
+    ops = {}
+    for value in ("on", "off"):
+        out = tmp_path / f"hs.{value}.onnx"
+        assert main(["run", str(model), "--calib", str(calib), "-o", str(out), "--integer-hard-swish", value, "-q"]) == 0
+        ops[value] = [n.op_type for n in onnx.load(str(out)).graph.node]
+    assert "HardSwish" in ops["off"] and "HardSwish" not in ops["on"]
+    with pytest.raises(SystemExit) as exc:
+        main(["run", str(model), "--calib", str(calib), "--integer-hard-swish", "yes"])
+    assert exc.value.code == 2
