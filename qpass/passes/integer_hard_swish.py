@@ -9,9 +9,10 @@ onnxruntime runs QLinearAdd and QLinearMul. Rounding the gate to 1/255 is the on
 where the gate is neither 0 nor 1 (|x| < 3 for a hard-swish).
 
 A constant factor c > 0 after it (a learnable affine block's scale) goes into the output QuantizeLinear's scale
-(s_y / c, read back with s_y: exact). An offset b after that (the block's bias) needs one more rounding: the product
-is quantized on the exact range of x * gate(x) over x's grid, dequantized with its scale times c, and Add(b) runs
-as QLinearAdd into the output's QuantizeLinear.
+(s_y / c, read back with s_y: exact). An offset b after that (the block's bias) needs one more rounding, so that
+form is rewritten only with ``offsets`` (``--integer-hard-swish offsets``): the product is quantized on the exact
+range of x * gate(x) over x's grid, dequantized with its scale times c, and Add(b) runs as QLinearAdd into the
+output's QuantizeLinear.
 
 Only where every piece is certain: x and the output uint8 with scalar scales (onnxruntime fuses neither op with
 int8), alpha > 0 and beta > 0 scalar constants, a written-out clip with bounds 0 and u (u going into c), each
