@@ -323,6 +323,16 @@ def constant_behind(t: gs.Tensor) -> gs.Constant | None:
     return None
 
 
+def scalar_behind(t: gs.Tensor) -> tuple[float, int] | None:
+    """(value, rank) of a one-element finite float constant behind ``t`` (:func:`constant_behind`), else None; a
+    larger constant is judged by its shape and not loaded."""
+    c = constant_behind(t)
+    if c is None or int(np.prod(c.shape)) != 1:
+        return None
+    v = np.asarray(constant_values(c))
+    return (float(v.reshape(())), v.ndim) if v.dtype.kind == "f" and np.isfinite(v).all() else None
+
+
 def _reshaped_constant(node: gs.Node) -> np.ndarray | None:
     """The value of a Reshape/Unsqueeze/Squeeze of a constant by constant shape or axes (a bias an exporter reshaped to
     [1, C, 1, 1]); None when any of them is not constant."""

@@ -17,16 +17,13 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ..graph import NameAllocator, constant_behind, is_float32, is_onnx_op
+from ..graph import NameAllocator, is_float32, is_onnx_op, scalar_behind
 from ..pass_manager import Pass, PassContext, PassResult
 
 
 def _scalar(t: gs.Tensor) -> float | None:
-    c = constant_behind(t)
-    if c is None:
-        return None
-    v = np.asarray(c.values)
-    return float(v.reshape(())) if v.size == 1 and v.dtype == np.float32 and np.isfinite(v).all() else None
+    found = scalar_behind(t)
+    return None if found is None else found[0]
 
 
 def _split(node: gs.Node) -> tuple[gs.Tensor, float] | None:
@@ -86,14 +83,14 @@ class FoldAffineIntoConv(Pass):
                 continue
             for conv in list(y.outputs):
                 w = np.asarray(conv.inputs[1].values, dtype=np.float32)
-                has_bias = len(conv.inputs) > 2 and conv.inputs[2].name
+                has_bias = len(conv.inputs) > 2 and conv.inputs[2].name  # else no bias, or an empty name for none
                 bias = np.asarray(conv.inputs[2].values, dtype=np.float32) if has_bias else np.zeros(w.shape[0], np.float32)
                 base = conv.name or y.name
                 new_w = gs.Constant(new_name(f"{base}_weight_affine"), (w * np.float32(k)).astype(np.float32))
                 new_b = gs.Constant(new_name(f"{base}_bias_affine"),
                                     (bias + np.float32(b) * w.reshape(w.shape[0], -1).sum(axis=1)).astype(np.float32))
                 conv.inputs[0], conv.inputs[1] = a, new_w
-                if len(conv.inputs) > 2:  # a bias, or an empty name for none
+                if len(conv.inputs) > 2:
                     conv.inputs[2] = new_b
                 else:
                     conv.inputs.append(new_b)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ..graph import NameAllocator, constant_behind, is_onnx_op, qdq_constants
+from ..graph import NameAllocator, is_onnx_op, qdq_constants, scalar_behind
 from ..pass_manager import Pass, PassContext, PassResult
 
 #: the gate's grid: [0, 1] in 255 uint8 steps, saturating at both ends
@@ -52,16 +52,13 @@ def _dq(t: gs.Tensor) -> gs.Node | None:
 
 
 def _scalar(t: gs.Tensor) -> float | None:
-    c = constant_behind(t)
-    if c is None:
-        return None
-    v = np.asarray(c.values)
-    return float(v.reshape(())) if v.size == 1 and v.dtype.kind == "f" else None
+    found = scalar_behind(t)
+    return None if found is None else found[0]
 
 
 def _rank(t: gs.Tensor) -> int:
-    c = constant_behind(t)
-    return 0 if c is None else np.asarray(c.values).ndim
+    found = scalar_behind(t)
+    return 0 if found is None else found[1]
 
 
 class _Island:
@@ -75,7 +72,7 @@ class _Island:
         self.constant = 1.0
         self.rank = 0  # the highest rank of the constants taken in (a size-1 constant still broadcasts its rank)
 
-    def _inner(self, t: gs.Tensor) -> gs.Node | None:
+    def inner(self, t: gs.Tensor) -> gs.Node | None:
         """The producer of an intermediate: a default-domain op, its one output read once, not a graph output."""
         if not isinstance(t, gs.Variable) or len(t.inputs) != 1 or len(t.outputs) != 1 or t.name in self.outputs:
             return None
@@ -92,7 +89,7 @@ class _Island:
         if _dq(t) is not None:
             self.inputs.append(t)
             return True
-        n = self._inner(t)
+        n = self.inner(t)
         if n is None:
             return False
         self.nodes.append(n)
@@ -127,7 +124,7 @@ class _Island:
             hi = _scalar(clip.inputs[2]) if len(clip.inputs) > 2 and clip.inputs[2].name else None
         if lo != 0 or hi is None or hi <= 0:
             return False
-        add = self._inner(clip.inputs[0])
+        add = self.inner(clip.inputs[0])
         if add is None or add.op != "Add" or len(add.inputs) != 2:
             return False
         for g, b in ((add.inputs[0], add.inputs[1]), (add.inputs[1], add.inputs[0])):
@@ -155,7 +152,7 @@ def _grid(node: gs.Node) -> tuple[float, np.ndarray] | None:
 def _offset(island: _Island, y: gs.Variable) -> tuple[float | None, gs.Tensor]:
     """(b, p) when ``y = Add(p, b)`` with ``b`` a scalar constant (a learnable affine block's bias after the
     activation), the Add going to the island; else (None, y)."""
-    add = island._inner(y)
+    add = island.inner(y)
     if add is None or add.op != "Add" or len(add.inputs) != 2:
         return None, y
     for p, b in ((add.inputs[0], add.inputs[1]), (add.inputs[1], add.inputs[0])):
@@ -257,7 +254,9 @@ def _add_offset(graph: gs.Graph, product: gs.Variable, y: gs.Variable, factor: f
 
 
 def _rewrite(graph: gs.Graph, island: _Island, gate: _Gate, f: gs.Variable, y: gs.Variable,
-             g_grid: tuple[float, np.ndarray], new_name: NameAllocator) -> None:
+             x_grid: tuple[float, np.ndarray], new_name: NameAllocator) -> None:
+    """The island's nodes replaced by the gate (a slope-scaled DQ of x's codes, Add(beta), Q/DQ on [0, 1]) and
+    ``y = Mul(f, gate)``; ``x_grid`` is the grid of f and of the gate's input (the same codes)."""
     base = y.name
     top = np.array(GATE_STEPS, np.uint8)  # the code of 1.0 on the gate's grid, and of beta on beta's grid
     zero = gs.Constant(new_name(f"{base}_gate_zero_point"), np.array(0, np.uint8))
@@ -273,8 +272,8 @@ def _rewrite(graph: gs.Graph, island: _Island, gate: _Gate, f: gs.Variable, y: g
     graph.nodes.extend([
         gs.Node("DequantizeLinear", new_name(f"{base}_gate_scaled_DequantizeLinear"),
                 inputs=[_dq(gate.g).inputs[0],
-                        gs.Constant(new_name(f"{base}_gate_input_scale"), np.array(gate.alpha * g_grid[0], np.float32)),
-                        gs.Constant(new_name(f"{base}_gate_input_zero_point"), g_grid[1])],
+                        gs.Constant(new_name(f"{base}_gate_input_scale"), np.array(gate.alpha * x_grid[0], np.float32)),
+                        gs.Constant(new_name(f"{base}_gate_input_zero_point"), x_grid[1])],
                 outputs=[scaled]),
         gs.Node("DequantizeLinear", new_name(f"{base}_gate_offset_DequantizeLinear"),
                 inputs=[gs.Constant(new_name(f"{base}_gate_offset_quantized"), top),

@@ -82,8 +82,8 @@ def float_islands(model: onnx.ModelProto, quantized: set[str]) -> list[str]:
     one onnxruntime runs on the integers (data movement, Relu/Clip, the joins and pools of ``NEIGHBOUR_OPS``, a
     Mul or Add of dequantized inputs only).
     In graph order."""
-    weights = {t.name for t in model.graph.initializer}
-    zero_points = {t.name: t.data_type for t in model.graph.initializer}
+    types = {t.name: t.data_type for t in model.graph.initializer}  # the stored constants and their element types
+    weights = set(types)
     producer, readers = {}, {}
     for n in model.graph.node:
         for o in n.output:
@@ -101,9 +101,9 @@ def float_islands(model: onnx.ModelProto, quantized: set[str]) -> list[str]:
         if not (dq_in and to_q):
             continue
         outs = [r for o in n.output for r in readers.get(o, [])]
-        if (n.op_type in INTEGER_BINARY and all(_uint8_dq(producer.get(i), zero_points) for i in n.input)
+        if (n.op_type in INTEGER_BINARY and all(_uint8_dq(producer.get(i), types) for i in n.input)
                 and all(r.op_type == "QuantizeLinear" and len(r.input) > 2
-                        and zero_points.get(r.input[2]) == onnx.TensorProto.UINT8 for r in outs)):
+                        and types.get(r.input[2]) == onnx.TensorProto.UINT8 for r in outs)):
             continue  # onnxruntime runs it as QLinearMul / QLinearAdd (an integer hard-swish's pieces)
         for t in dq_in:
             for label in _near(t, quantized, lambda x: [producer[x]] if x in producer else [], lambda m: list(m.input)):
